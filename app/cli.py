@@ -1,0 +1,93 @@
+"""The `tuneboard` command: serve (web + worker), web, worker, migrate."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from app.config import Settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("data_dir", args.data_dir)) if v}
+    return Settings(**overrides)
+
+
+def _child_env(settings: Settings) -> dict[str, str]:
+    """Environment that gives a child process the same settings as this one."""
+    env = dict(os.environ, TUNEBOARD_DATA_DIR=str(settings.data_dir))
+    if settings.database_url:
+        env["TUNEBOARD_DATABASE_URL"] = settings.database_url
+    return env
+
+
+def cmd_migrate(settings: Settings) -> None:
+    from app.migrate import upgrade
+
+    upgrade(settings)
+    print(f"Database is up to date: {settings.sqlalchemy_url}")
+
+
+def cmd_web(settings: Settings) -> None:
+    import uvicorn
+
+    from app.main import create_app
+    from app.migrate import upgrade
+
+    settings.check_exposure()
+    upgrade(settings)
+    print(f"Tuneboard is listening on http://{settings.host}:{settings.port}", flush=True)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
+                timeout_graceful_shutdown=5)
+
+
+def cmd_worker(settings: Settings) -> None:
+    from worker.main import run_worker
+
+    run_worker(settings)
+
+
+def cmd_serve(settings: Settings) -> None:
+    """Web server and one worker together: the embedded default."""
+    from app.migrate import upgrade
+
+    settings.check_exposure()
+    upgrade(settings)  # before the worker starts, so both see the same schema
+    worker = subprocess.Popen([sys.executable, "-m", "worker"], env=_child_env(settings))
+    try:
+        cmd_web(settings)
+    finally:
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="tuneboard", description="Fine-tune language models from your browser.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--host", help="address to listen on (default 127.0.0.1; TUNEBOARD_HOST)")
+    common.add_argument("--port", type=int, help="port to listen on (default 8000; TUNEBOARD_PORT)")
+    common.add_argument("--data-dir", type=Path, help="where the database, datasets and models live (TUNEBOARD_DATA_DIR)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", parents=[common], help="web server and a worker together (what `make run` starts)")
+    commands.add_parser("web", parents=[common], help="the web server alone")
+    commands.add_parser("worker", parents=[common], help="a worker alone")
+    commands.add_parser("migrate", parents=[common], help="apply database migrations and exit")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = _settings(args)
+    {"serve": cmd_serve, "web": cmd_web, "worker": cmd_worker, "migrate": cmd_migrate}[args.command](settings)
+
+
+if __name__ == "__main__":
+    main()

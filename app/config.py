@@ -1,0 +1,86 @@
+"""Process settings: one validated class, read from TUNEBOARD_* environment variables."""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUNEBOARD_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    data_dir: Path = PROJECT_ROOT / "data"
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; defaults to SQLite at <data_dir>/tuneboard.db"
+    )
+    token: SecretStr | None = Field(
+        None, description="When set, every API call needs 'Authorization: Bearer <token>'."
+    )
+    max_upload_mb: float = Field(200, gt=0, description="Largest dataset file accepted, in MB.")
+    preview_rows: int = Field(10, ge=1, le=200)
+    validation_fraction: float = Field(0.1, ge=0, lt=1)
+    validation_max_rows: int = Field(500, ge=0)
+    split_seed: int = 42
+    default_max_length: int = Field(1024, ge=16)
+    worker_poll_seconds: float = Field(2.0, gt=0)
+    torch_threads: int | None = Field(None, ge=1, description="torch threads in the worker")
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'tuneboard.db'}"
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1_000_000)
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.data_dir / "datasets"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.data_dir / "tmp"
+
+    def ensure_dirs(self) -> None:
+        for folder in (self.data_dir, self.datasets_dir, self.models_dir, self.tmp_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def check_exposure(self) -> None:
+        """Refuse to listen beyond this machine without a token."""
+        if self.token is None and not is_loopback(self.host):
+            raise SystemExit(
+                f"Refusing to listen on {self.host} without a token: anyone who can reach this address "
+                "could upload data and start jobs. Set TUNEBOARD_TOKEN to a long random secret, "
+                "or listen on 127.0.0.1."
+            )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

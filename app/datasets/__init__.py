@@ -1,0 +1,1 @@
+"""Instruction datasets: format detection and validation, storage, statistics."""

@@ -1,0 +1,314 @@
+"""Detect a dataset's format, validate every row, and normalise it to one conversation form.
+
+Accepted:
+- Alpaca rows (`instruction`, optional `input`, `output`, optional `system`) as a JSON array or JSONL;
+- OpenAI-style chat rows (`{"messages": [{"role", "content"}, ...]}`) as JSONL or a JSON array;
+- ShareGPT rows (`{"conversations": [{"from", "value"}, ...]}`) as a JSON array or JSONL.
+
+The normalised row is `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`;
+Alpaca rows also keep `"alpaca": {"instruction", "input"}` so that the tutorial's
+"Instruction/Input/Answer" layout can be rebuilt exactly. Rows are numbered from 1: the element's
+position in a JSON array, the line number in JSONL.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_LISTED_ERRORS = 50
+
+FORMAT_LABELS = {
+    ("alpaca", "json"): "Alpaca (JSON array)",
+    ("alpaca", "jsonl"): "Alpaca (JSON Lines)",
+    ("openai", "json"): "OpenAI chat messages (JSON array)",
+    ("openai", "jsonl"): "OpenAI chat messages (JSON Lines)",
+    ("sharegpt", "json"): "ShareGPT conversations (JSON array)",
+    ("sharegpt", "jsonl"): "ShareGPT conversations (JSON Lines)",
+}
+
+OPENAI_ROLES = {"system", "user", "assistant"}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+@dataclass(frozen=True)
+class RowError:
+    row: int | None
+    field: str | None
+    message: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"row": self.row, "field": self.field, "message": self.message}
+
+
+class DatasetInvalid(Exception):
+    """The file cannot be used; `errors` holds the first problems and `total` counts all of them."""
+
+    def __init__(self, errors: list[RowError], total: int | None = None):
+        self.errors = errors[:MAX_LISTED_ERRORS]
+        self.total = total if total is not None else len(errors)
+        super().__init__(self.summary)
+
+    @property
+    def summary(self) -> str:
+        if self.total == 1:
+            return "The file has 1 problem."
+        listed = len(self.errors)
+        more = f"; the first {listed} are listed" if listed < self.total else ""
+        return f"The file has {self.total} problems{more}."
+
+
+@dataclass
+class ParsedDataset:
+    format: str
+    layout: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return FORMAT_LABELS[(self.format, self.layout)]
+
+
+def parse_dataset(raw: bytes) -> ParsedDataset:
+    """Parse and validate a whole file. Raises DatasetInvalid listing every problem found."""
+    text = _decode(raw)
+    stripped = text.lstrip()
+    if not stripped:
+        raise DatasetInvalid([RowError(None, None, "The file is empty: there are no rows to train on.")])
+
+    if stripped[0] == "[":
+        layout, records = "json", _json_array(text)
+    elif stripped[0] == "{":
+        layout, records = "jsonl", _json_lines(text)
+    else:
+        raise DatasetInvalid([_wrong_top_level(stripped)])
+
+    if not records:
+        raise DatasetInvalid([RowError(None, None, "The file holds no rows: the list is empty.")])
+
+    fmt = _detect_format(records)
+    normalise = {"alpaca": _alpaca_row, "openai": _openai_row, "sharegpt": _sharegpt_row}[fmt]
+    errors: list[RowError] = []
+    rows: list[dict[str, Any]] = []
+    for number, record in records:
+        row_errors: list[RowError] = []
+        row = normalise(number, record, row_errors)
+        if row_errors:
+            errors.extend(row_errors)
+        else:
+            rows.append(row)
+    if errors:
+        raise DatasetInvalid(errors, total=len(errors))
+    return ParsedDataset(format=fmt, layout=layout, rows=rows)
+
+
+def _decode(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DatasetInvalid(
+            [
+                RowError(
+                    None,
+                    None,
+                    f"The file is not UTF-8 text: byte 0x{raw[exc.start]:02x} at line {line} "
+                    f"(offset {exc.start}) cannot be decoded. Save the file as UTF-8 and upload it again.",
+                )
+            ]
+        ) from None
+
+
+def _wrong_top_level(stripped: str) -> RowError:
+    try:
+        value = json.loads(stripped)
+    except json.JSONDecodeError:
+        return RowError(
+            None, None, "The file is not JSON: expected a JSON array of rows or one JSON object per line."
+        )
+    return RowError(
+        None,
+        None,
+        f"Expected a JSON array of rows or one JSON object per line, but the file holds a single "
+        f"{_type_name(value)}.",
+    )
+
+
+def _json_array(text: str) -> list[tuple[int, Any]]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DatasetInvalid(
+            [RowError(None, None, f"The file is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}.")]
+        ) from None
+    return list(enumerate(value, start=1))
+
+
+def _json_lines(text: str) -> list[tuple[int, Any]]:
+    lines = text.splitlines()
+    non_blank = [(number, line) for number, line in enumerate(lines, start=1) if line.strip()]
+    # A single pretty-printed object spread over several lines is one JSON value, not JSON Lines.
+    if len(non_blank) > 1:
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None
+        if isinstance(whole, dict):
+            raise DatasetInvalid(
+                [
+                    RowError(
+                        None,
+                        None,
+                        "Expected a JSON array of rows or one JSON object per line, but the file holds a "
+                        f"single JSON object (with keys {', '.join(list(whole)[:5])}).",
+                    )
+                ]
+            )
+    records: list[tuple[int, Any]] = []
+    errors: list[RowError] = []
+    for number, line in non_blank:
+        try:
+            records.append((number, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            errors.append(RowError(number, None, f"This line is not valid JSON: {exc.msg} at column {exc.colno}."))
+    if errors:
+        raise DatasetInvalid(errors)
+    return records
+
+
+def _detect_format(records: list[tuple[int, Any]]) -> str:
+    """The format of the first row that is an object with a recognisable key."""
+    for number, record in records:
+        if not isinstance(record, dict):
+            continue
+        if "messages" in record:
+            return "openai"
+        if "conversations" in record:
+            return "sharegpt"
+        if "instruction" in record or "output" in record:
+            return "alpaca"
+        keys = ", ".join(sorted(record)[:8]) or "none"
+        raise DatasetInvalid(
+            [
+                RowError(
+                    number,
+                    None,
+                    f"Cannot tell the format from this row's keys ({keys}). Expected Alpaca "
+                    "(instruction, input, output), OpenAI chat (messages) or ShareGPT (conversations).",
+                )
+            ]
+        )
+    number, record = records[0]
+    raise DatasetInvalid([RowError(number, None, f"Each row must be a JSON object, not a {_type_name(record)}.")])
+
+
+def _type_name(value: Any) -> str:
+    return {
+        dict: "JSON object",
+        list: "JSON array",
+        str: "string",
+        bool: "boolean",
+        int: "number",
+        float: "number",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
+
+
+def _require_object(number: int, record: Any, errors: list[RowError]) -> bool:
+    if isinstance(record, dict):
+        return True
+    errors.append(RowError(number, None, f"Each row must be a JSON object, not a {_type_name(record)}."))
+    return False
+
+
+def _string_field(
+    number: int, record: dict, name: str, errors: list[RowError], *, required: bool, non_empty: bool = False
+) -> str:
+    if name not in record or record[name] is None:
+        if required:
+            errors.append(RowError(number, name, f"The field '{name}' is missing."))
+        return ""
+    value = record[name]
+    if not isinstance(value, str):
+        errors.append(RowError(number, name, f"'{name}' must be a string, not a {_type_name(value)}."))
+        return ""
+    if non_empty and not value.strip():
+        errors.append(RowError(number, name, f"'{name}' is empty."))
+    return value
+
+
+def _alpaca_row(number: int, record: Any, errors: list[RowError]) -> dict[str, Any]:
+    if not _require_object(number, record, errors):
+        return {}
+    instruction = _string_field(number, record, "instruction", errors, required=True, non_empty=True)
+    input_text = _string_field(number, record, "input", errors, required=False)
+    output = _string_field(number, record, "output", errors, required=True, non_empty=True)
+    system = _string_field(number, record, "system", errors, required=False)
+    user = instruction if not input_text.strip() else f"{instruction}\n\n{input_text}"
+    messages = [{"role": "system", "content": system}] if system.strip() else []
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    return {"messages": messages, "alpaca": {"instruction": instruction, "input": input_text}}
+
+
+def _turns(
+    number: int,
+    record: Any,
+    errors: list[RowError],
+    *,
+    key: str,
+    role_key: str,
+    text_key: str,
+    roles: dict[str, str],
+) -> dict[str, Any]:
+    if not _require_object(number, record, errors):
+        return {}
+    turns = record.get(key)
+    if not isinstance(turns, list):
+        what = "missing" if turns is None else f"a {_type_name(turns)}"
+        errors.append(RowError(number, key, f"'{key}' must be a list of messages, but it is {what}."))
+        return {}
+    if not turns:
+        errors.append(RowError(number, key, f"'{key}' is an empty list."))
+        return {}
+    messages = []
+    for index, turn in enumerate(turns):
+        where = f"{key}[{index}]"
+        if not isinstance(turn, dict):
+            errors.append(RowError(number, where, f"Each message must be a JSON object, not a {_type_name(turn)}."))
+            continue
+        role = turn.get(role_key)
+        if not isinstance(role, str):
+            errors.append(RowError(number, f"{where}.{role_key}", f"'{role_key}' must be a string naming the speaker."))
+            continue
+        if role not in roles:
+            expected = ", ".join(sorted(roles))
+            errors.append(
+                RowError(number, f"{where}.{role_key}", f"Unknown role '{role}' (expected one of: {expected}).")
+            )
+            continue
+        content = turn.get(text_key)
+        if not isinstance(content, str):
+            what = "missing" if content is None else f"a {_type_name(content)}"
+            errors.append(RowError(number, f"{where}.{text_key}", f"'{text_key}' must be a string, but it is {what}."))
+            continue
+        if roles[role] == "assistant" and not content.strip():
+            errors.append(RowError(number, f"{where}.{text_key}", "The assistant's answer is empty."))
+            continue
+        messages.append({"role": roles[role], "content": content})
+    if not errors and not any(m["role"] == "assistant" for m in messages):
+        errors.append(RowError(number, key, "The conversation has no assistant answer to learn from."))
+    return {"messages": messages}
+
+
+def _openai_row(number: int, record: Any, errors: list[RowError]) -> dict[str, Any]:
+    return _turns(
+        number, record, errors, key="messages", role_key="role", text_key="content",
+        roles={r: r for r in OPENAI_ROLES},
+    )
+
+
+def _sharegpt_row(number: int, record: Any, errors: list[RowError]) -> dict[str, Any]:
+    return _turns(
+        number, record, errors, key="conversations", role_key="from", text_key="value", roles=SHAREGPT_ROLES
+    )

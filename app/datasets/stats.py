@@ -1,0 +1,158 @@
+"""Dataset statistics that need no model weights: token lengths under a base model's prompt format
+(its `tokenizer.json` read by the `tokenizers` library, its chat template rendered by Jinja), rows that
+would be truncated, duplicates, and the train/validation split.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from app.datasets.split import validation_rows
+from app.prompts import instruction_prompt
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """What the statistics need from a model folder, without importing torch."""
+
+    folder: Path
+    chat_template: str | None
+    special_tokens: dict[str, str]
+
+    @property
+    def eos_token(self) -> str:
+        return self.special_tokens.get("eos_token", "")
+
+
+def _token_text(value: Any) -> str:
+    if isinstance(value, dict):
+        return value.get("content", "")
+    return value or ""
+
+
+@lru_cache(maxsize=8)
+def _tokenizer(path: str, mtime: float):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(path)
+
+
+def read_tokenizer_info(folder: Path) -> TokenizerInfo:
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    template = None
+    if (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    elif (folder / "chat_template.json").is_file():
+        template = json.loads((folder / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
+    else:
+        template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: use the default one
+        named = {t.get("name"): t.get("template") for t in template}
+        template = named.get("default") or next(iter(named.values()), None)
+    specials = {
+        key: _token_text(config.get(key))
+        for key in ("bos_token", "eos_token", "pad_token", "unk_token")
+        if config.get(key)
+    }
+    return TokenizerInfo(folder=folder, chat_template=template, special_tokens=specials)
+
+
+def render_texts(rows: list[dict[str, Any]], info: TokenizerInfo, prompt_format: str) -> list[str]:
+    """Each row as the full training text (prompt and answer) in the given prompt format."""
+    if prompt_format == "instruction":
+        texts = []
+        for row in rows:
+            prompt, answer = instruction_prompt(row)
+            texts.append(prompt + answer + info.eos_token)
+        return texts
+    if not info.chat_template:
+        raise ValueError(
+            "This model has no chat template; choose the tutorial's Instruction/Input/Answer layout instead."
+        )
+    # transformers' own renderer (sandboxed Jinja, the same code apply_chat_template uses); it does not
+    # import torch.
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    rendered, _ = render_jinja_template(
+        conversations=[row["messages"] for row in rows],
+        chat_template=info.chat_template,
+        **info.special_tokens,
+    )
+    return rendered
+
+
+def token_lengths(rows: list[dict[str, Any]], info: TokenizerInfo, prompt_format: str) -> list[int]:
+    tokenizer_path = info.folder / "tokenizer.json"
+    tokenizer = _tokenizer(str(tokenizer_path), tokenizer_path.stat().st_mtime)
+    texts = render_texts(rows, info, prompt_format)
+    encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
+    return [len(e.ids) for e in encodings]
+
+
+def percentile(sorted_values: list[int], q: float) -> int:
+    """Nearest-rank percentile of an already sorted list."""
+    if not sorted_values:
+        return 0
+    rank = max(1, -(-len(sorted_values) * q // 100))
+    return sorted_values[int(rank) - 1]
+
+
+def histogram(values: list[int], bins: int = 20) -> dict[str, list[int]]:
+    low, high = min(values), max(values)
+    width = max(1, -(-(high - low + 1) // bins))
+    edges = [low + i * width for i in range(bins + 1)]
+    counts = [0] * bins
+    for v in values:
+        counts[min((v - low) // width, bins - 1)] += 1
+    while len(counts) > 1 and counts[-1] == 0:
+        counts.pop()
+        edges.pop()
+    return {"edges": edges, "counts": counts}
+
+
+def length_stats(lengths: list[int], *, max_length: int) -> dict[str, Any]:
+    ordered = sorted(lengths)
+    over = [i + 1 for i, n in enumerate(lengths) if n > max_length]
+    return {
+        "rows": len(lengths),
+        "tokens": sum(lengths),
+        "min": ordered[0],
+        "p50": percentile(ordered, 50),
+        "p95": percentile(ordered, 95),
+        "max": ordered[-1],
+        "mean": round(statistics.fmean(ordered), 1),
+        "max_length": max_length,
+        "truncated": len(over),
+        "truncated_rows": over[:20],
+        "histogram": histogram(lengths),
+    }
+
+
+def duplicate_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rows whose whole conversation repeats an earlier row (row numbers are 1-based)."""
+    first_seen: dict[str, int] = {}
+    pairs = []
+    for number, row in enumerate(rows, start=1):
+        key = json.dumps(row["messages"], sort_keys=True, ensure_ascii=False)
+        if key in first_seen:
+            pairs.append({"row": number, "same_as": first_seen[key]})
+        else:
+            first_seen[key] = number
+    return {"count": len(pairs), "examples": pairs[:10]}
+
+
+def split_summary(n_rows: int, *, fraction: float, max_rows: int, seed: int) -> dict[str, Any]:
+    held_out = validation_rows(n_rows, fraction=fraction, max_rows=max_rows, seed=seed)
+    return {
+        "train": n_rows - len(held_out),
+        "validation": len(held_out),
+        "seed": seed,
+        "fraction": fraction,
+        "validation_rows": [i + 1 for i in held_out[:20]],
+    }

@@ -1,0 +1,152 @@
+"""Dataset files on disk and their database rows, kept consistent.
+
+A dataset folder `<data_dir>/datasets/<id>/` holds the file as uploaded (`original.json[l]`) and the
+normalised rows (`rows.jsonl`). Uploads are written to a staging folder under `<data_dir>/tmp/` and
+renamed into place inside the transaction that inserts the row, so a failure leaves neither.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.datasets import stats as dataset_stats
+from app.datasets.formats import ParsedDataset, parse_dataset
+from app.model_registry import ModelEntry
+from app.models import Dataset
+
+ROWS_FILE = "rows.jsonl"
+
+
+def dataset_dir(settings: Settings, dataset_id: int) -> Path:
+    return settings.datasets_dir / str(dataset_id)
+
+
+def clean_name(name: str | None, filename: str) -> str:
+    chosen = (name or "").strip() or Path(filename).stem or "dataset"
+    return " ".join(chosen.split())[:200]
+
+
+def create_dataset(
+    settings: Settings, *, session: Session, raw: bytes, filename: str, name: str | None = None
+) -> tuple[Dataset, ParsedDataset]:
+    """Validate and store an uploaded file. Raises DatasetInvalid (nothing stored) on bad input.
+
+    `session` must be a write session; it is committed here, after the folder is in place."""
+    parsed = parse_dataset(raw)
+    settings.ensure_dirs()
+    staging = Path(tempfile.mkdtemp(prefix="upload-", dir=settings.tmp_dir))
+    final: Path | None = None
+    try:
+        (staging / f"original.{parsed.layout}").write_bytes(raw)
+        with open(staging / ROWS_FILE, "w", encoding="utf-8") as out:
+            for row in parsed.rows:
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        dataset = Dataset(
+            name=clean_name(name, filename),
+            filename=Path(filename).name[:255] or "upload",
+            format=parsed.format,
+            layout=parsed.layout,
+            rows=len(parsed.rows),
+            size_bytes=len(raw),
+            sha256=hashlib.sha256(raw).hexdigest(),
+        )
+        session.add(dataset)
+        session.flush()
+        final = dataset_dir(settings, dataset.id)
+        if final.exists():  # left behind by a crash: no row owns this id any more
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        shutil.rmtree(staging, ignore_errors=True)
+        if final is not None:
+            shutil.rmtree(final, ignore_errors=True)
+        raise
+    return dataset, parsed
+
+
+def delete_dataset(settings: Settings, dataset: Dataset, *, session: Session) -> None:
+    folder = dataset_dir(settings, dataset.id)
+    session.delete(dataset)
+    session.flush()
+    # Move the folder aside first so that a failure to delete it can't leave a half-deleted dataset.
+    trash = settings.tmp_dir / f"deleted-{dataset.id}-{os.getpid()}"
+    if folder.exists():
+        os.replace(folder, trash)
+    session.commit()
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def list_datasets(*, session: Session) -> list[Dataset]:
+    return list(session.scalars(select(Dataset).order_by(Dataset.id.desc())))
+
+
+def load_rows(settings: Settings, dataset_id: int, limit: int | None = None) -> list[dict[str, Any]]:
+    rows = []
+    with open(dataset_dir(settings, dataset_id) / ROWS_FILE, encoding="utf-8") as f:
+        for line in f:
+            rows.append(json.loads(line))
+            if limit is not None and len(rows) >= limit:
+                break
+    return rows
+
+
+def dataset_summary(settings: Settings, dataset: Dataset) -> dict[str, Any]:
+    """Statistics that need no tokenizer: duplicates and the validation split (cached on disk)."""
+    cache = dataset_dir(settings, dataset.id) / "summary.json"
+    key = [settings.validation_fraction, settings.validation_max_rows, settings.split_seed]
+    if cache.is_file():
+        cached = json.loads(cache.read_text(encoding="utf-8"))
+        if cached.get("key") == key:
+            return cached["summary"]
+    rows = load_rows(settings, dataset.id)
+    summary = {
+        "duplicates": dataset_stats.duplicate_rows(rows),
+        "split": dataset_stats.split_summary(
+            len(rows),
+            fraction=settings.validation_fraction,
+            max_rows=settings.validation_max_rows,
+            seed=settings.split_seed,
+        ),
+    }
+    _write_json(cache, {"key": key, "summary": summary})
+    return summary
+
+
+def token_stats(
+    settings: Settings, dataset: Dataset, model: ModelEntry, *, max_length: int, prompt_format: str
+) -> dict[str, Any]:
+    """Token-length statistics of the whole dataset under a ready model's prompt format (cached)."""
+    tokenizer_file = model.tokenizer_file
+    if tokenizer_file is None:
+        raise ValueError(f"{model.name} is not ready yet.")
+    key = [model.id, str(model.folder), tokenizer_file.stat().st_mtime, prompt_format]
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+    cache = dataset_dir(settings, dataset.id) / f"lengths-{digest}.json"
+    lengths = None
+    if cache.is_file():
+        cached = json.loads(cache.read_text(encoding="utf-8"))
+        if cached.get("key") == key:
+            lengths = cached["lengths"]
+    if lengths is None:
+        info = dataset_stats.read_tokenizer_info(model.folder)
+        lengths = dataset_stats.token_lengths(load_rows(settings, dataset.id), info, prompt_format)
+        _write_json(cache, {"key": key, "lengths": lengths})
+    return dataset_stats.length_stats(lengths, max_length=max_length)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    staging = path.with_name(path.name + f".{os.getpid()}.tmp")
+    staging.write_text(json.dumps(value), encoding="utf-8")
+    os.replace(staging, path)

@@ -1,0 +1,30 @@
+"""Request-scoped dependencies: settings, database sessions, templates."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from fastapi import Request
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.db import Database
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_db(request: Request) -> Database:
+    return request.app.state.db
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    with request.app.state.db.session() as session:
+        yield session
+
+
+def get_write_session(request: Request) -> Iterator[Session]:
+    """A session whose transaction takes the write lock at BEGIN; routes commit explicitly."""
+    with request.app.state.db.write_session() as session:
+        yield session

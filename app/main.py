@@ -1,0 +1,76 @@
+"""The web application: FastAPI + Jinja2/htmx pages. It never imports torch (a test keeps it so)."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import HTTPException, RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+from sqlalchemy import text
+
+from app.config import PROJECT_ROOT, Settings, get_settings
+from app.db import Database
+from app.routes import auth, datasets_api, models_api, pages
+from app.security import AccessMiddleware, BodyLimitMiddleware
+from app.web import make_templates, render
+
+log = logging.getLogger("tuneboard.web")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    settings.ensure_dirs()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        app.state.db.dispose()
+
+    app = FastAPI(title="Tuneboard", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.db = Database(settings)
+    app.state.templates = make_templates()
+
+    app.add_middleware(BodyLimitMiddleware, settings=settings)
+    app.add_middleware(AccessMiddleware, settings=settings)  # outermost: runs first
+
+    app.mount("/static", StaticFiles(directory=PROJECT_ROOT / "static"), name="static")
+    app.mount("/examples", StaticFiles(directory=PROJECT_ROOT / "data" / "examples"), name="examples")
+    for module in (auth, pages, datasets_api, models_api):
+        app.include_router(module.router)
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict[str, str]:
+        with app.state.db.session() as session:
+            session.execute(text("SELECT 1"))
+        return {"status": "ok"}
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        if _wants_page(request):
+            message = exc.detail if isinstance(exc.detail, str) else "That request could not be completed."
+            return render(request, "error.html", {"status": exc.status_code, "message": message}, status=exc.status_code)
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        problems = [
+            {"row": None, "field": ".".join(str(p) for p in e["loc"] if p not in ("body", "query", "path")),
+             "message": e["msg"]}
+            for e in exc.errors()
+        ]
+        if _wants_page(request):
+            message = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
+            return render(request, "error.html", {"status": 422, "message": message}, status=422)
+        return JSONResponse({"detail": problems}, status_code=422)
+
+    return app
+
+
+def _wants_page(request: Request) -> bool:
+    path = request.url.path
+    return not path.startswith(("/api/", "/v1/")) and "text/html" in request.headers.get("accept", "")
+

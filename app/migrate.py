@@ -1,0 +1,20 @@
+"""Apply the alembic migrations (the only source of the schema)."""
+
+from __future__ import annotations
+
+from alembic import command
+from alembic.config import Config
+
+from app.config import PROJECT_ROOT, Settings
+
+
+def alembic_config(settings: Settings) -> Config:
+    config = Config(str(PROJECT_ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(PROJECT_ROOT / "migrations"))
+    config.set_main_option("sqlalchemy.url", settings.sqlalchemy_url.replace("%", "%%"))
+    return config
+
+
+def upgrade(settings: Settings) -> None:
+    settings.ensure_dirs()
+    command.upgrade(alembic_config(settings), "head")

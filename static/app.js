@@ -1,0 +1,76 @@
+// Tuneboard page behaviour that htmx attributes alone do not cover: drag-and-drop into the upload form,
+// a size check before sending, upload progress, and a visible message when a request fails.
+(function () {
+  "use strict";
+
+  function flash(message) {
+    var box = document.getElementById("flash");
+    if (!box) return;
+    box.textContent = message;
+    box.hidden = false;
+    clearTimeout(flash.timer);
+    flash.timer = setTimeout(function () { box.hidden = true; }, 6000);
+  }
+
+  function formatSize(bytes) {
+    if (bytes < 1000) return bytes + " B";
+    if (bytes < 1e6) return (bytes / 1e3).toFixed(1) + " kB";
+    return (bytes / 1e6).toFixed(1) + " MB";
+  }
+
+  function setupUpload() {
+    var form = document.getElementById("upload-form");
+    if (!form) return;
+    var input = form.querySelector("input[type=file]");
+    var zone = document.getElementById("dropzone");
+    var label = document.getElementById("dropzone-file");
+    var progress = document.getElementById("upload-progress");
+    var result = document.getElementById("upload-result");
+    var maxBytes = Number(form.dataset.maxBytes);
+
+    function showChosen() {
+      var file = input.files[0];
+      label.textContent = file ? file.name + " · " + formatSize(file.size) : "";
+    }
+    input.addEventListener("change", showChosen);
+    ["dragenter", "dragover"].forEach(function (type) {
+      zone.addEventListener(type, function (e) { e.preventDefault(); zone.classList.add("dragover"); });
+    });
+    ["dragleave", "drop"].forEach(function (type) {
+      zone.addEventListener(type, function () { zone.classList.remove("dragover"); });
+    });
+    zone.addEventListener("drop", function (e) {
+      e.preventDefault();
+      if (!e.dataTransfer.files.length) return;
+      input.files = e.dataTransfer.files;
+      showChosen();
+    });
+
+    form.addEventListener("htmx:confirm", function (e) {
+      var file = input.files[0];
+      if (file && file.size > maxBytes) {
+        e.preventDefault();
+        result.innerHTML = "";
+        var box = document.createElement("div");
+        box.className = "alert alert-error";
+        box.setAttribute("role", "alert");
+        box.textContent = file.name + " is " + formatSize(file.size) + ", over the " + form.dataset.maxMb +
+          " MB upload limit (TUNEBOARD_MAX_UPLOAD_MB). Nothing was sent.";
+        result.appendChild(box);
+      }
+    });
+    form.addEventListener("htmx:beforeRequest", function () { progress.value = 0; progress.hidden = false; });
+    form.addEventListener("htmx:xhr:progress", function (e) {
+      if (e.detail.lengthComputable) progress.value = (e.detail.loaded / e.detail.total) * 100;
+    });
+    form.addEventListener("htmx:afterRequest", function () { progress.hidden = true; });
+  }
+
+  document.addEventListener("DOMContentLoaded", setupUpload);
+  document.addEventListener("htmx:responseError", function (e) {
+    flash("The server could not complete that request (HTTP " + e.detail.xhr.status + "). Check the server log.");
+  });
+  document.addEventListener("htmx:sendError", function () {
+    flash("Could not reach the Tuneboard server. Is it still running?");
+  });
+})();

@@ -1,0 +1,99 @@
+"""Base-model preparation: convert GGUF files into safetensors folders, once.
+
+transformers can read GGUF (through the `gguf` package) but slowly, de-quantising every tensor on each
+load. The worker converts each GGUF model once into `<data_dir>/models/<id>/` and everything loads that
+folder afterwards. Each conversion runs in a fresh interpreter (`python -m worker.prepare GGUF TARGET`)
+so the worker stays small and can stop it at any time. The folder appears atomically (written aside,
+then renamed); a failure leaves `<id>.error.txt` with the reason, shown on the Models page.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from app.config import Settings
+from app.db import Database
+from app.model_registry import error_file, list_models
+
+log = logging.getLogger("tuneboard.prepare")
+
+# Attributes the GGUF loader leaves on the model; save_pretrained refuses to write a "quantized" model.
+GGUF_QUANTIZER_ATTRIBUTES = ("hf_quantizer", "is_quantized", "quantization_method")
+
+
+def convert_gguf(gguf_path: Path, target: Path) -> None:
+    """Load a GGUF file with transformers and save it as a safetensors model folder at `target`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.monotonic()
+    staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        for attribute in GGUF_QUANTIZER_ATTRIBUTES:
+            if hasattr(model, attribute):
+                delattr(model, attribute)
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("converted %s into %s in %.1f s", gguf_path.name, target, time.monotonic() - started)
+
+
+def run_conversion(gguf_path: Path, target: Path, *, stop: threading.Event | None = None) -> str | None:
+    """Convert in a child interpreter. Returns None on success, else the reason it failed."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "worker.prepare", str(gguf_path), str(target)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    reader = threading.Thread(target=lambda: setattr(child, "stderr_text", child.stderr.read()), daemon=True)
+    reader.start()
+    stop = stop or threading.Event()
+    while child.poll() is None:
+        if stop.wait(0.5):  # the worker is stopping: end the conversion, it starts over next time
+            child.terminate()
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+            return None
+    reader.join(timeout=5)
+    if child.returncode == 0:
+        return None
+    lines = [line for line in getattr(child, "stderr_text", "").splitlines() if line.strip()]
+    reason = next((line for line in reversed(lines) if not line.startswith(" ")), f"exit code {child.returncode}")
+    return f"Could not convert {gguf_path.name} to a transformers model: {reason}"
+
+
+def prepare_pending_models(settings: Settings, db: Database, *, stop: threading.Event | None = None) -> None:
+    """Convert every GGUF-backed model that has no folder yet and has not failed before."""
+    with db.session() as session:
+        pending = [m for m in list_models(settings, session=session) if m.status == "preparing"]
+    for entry in pending:
+        if stop is not None and stop.is_set():
+            return
+        log.info("preparing %s from %s", entry.id, entry.gguf)
+        reason = run_conversion(entry.gguf, entry.folder, stop=stop)
+        if reason:
+            log.error("%s", reason)
+            error_file(entry.folder).write_text(reason, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    convert_gguf(Path(sys.argv[1]), Path(sys.argv[2]))
