@@ -14,7 +14,9 @@ from app.config import Settings
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("data_dir", args.data_dir)) if v}
+    overrides = {
+        k: v for k, v in (("host", args.host), ("port", args.port), ("data_dir", args.data_dir)) if v
+    }
     return Settings(**overrides)
 
 
@@ -42,8 +44,13 @@ def cmd_web(settings: Settings) -> None:
     settings.check_exposure()
     upgrade(settings)
     print(f"Tuneboard is listening on http://{settings.host}:{settings.port}", flush=True)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
-                timeout_graceful_shutdown=5)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        timeout_graceful_shutdown=5,
+    )
 
 
 def cmd_worker(settings: Settings) -> None:
@@ -58,6 +65,10 @@ def cmd_serve(settings: Settings) -> None:
 
     settings.check_exposure()
     upgrade(settings)  # before the worker starts, so both see the same schema
+    # uvicorn re-raises the signal that stopped it once it has shut down; turn that into SystemExit
+    # so that the `finally` below still stops the worker.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
     worker = subprocess.Popen([sys.executable, "-m", "worker"], env=_child_env(settings))
     try:
         cmd_web(settings)
@@ -72,13 +83,19 @@ def cmd_serve(settings: Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="tuneboard", description="Fine-tune language models from your browser.")
+    parser = argparse.ArgumentParser(
+        prog="tuneboard", description="Fine-tune language models from your browser."
+    )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--host", help="address to listen on (default 127.0.0.1; TUNEBOARD_HOST)")
     common.add_argument("--port", type=int, help="port to listen on (default 8000; TUNEBOARD_PORT)")
-    common.add_argument("--data-dir", type=Path, help="where the database, datasets and models live (TUNEBOARD_DATA_DIR)")
+    common.add_argument(
+        "--data-dir", type=Path, help="where the database, datasets and models live (TUNEBOARD_DATA_DIR)"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", parents=[common], help="web server and a worker together (what `make run` starts)")
+    commands.add_parser(
+        "serve", parents=[common], help="web server and a worker together (what `make run` starts)"
+    )
     commands.add_parser("web", parents=[common], help="the web server alone")
     commands.add_parser("worker", parents=[common], help="a worker alone")
     commands.add_parser("migrate", parents=[common], help="apply database migrations and exit")

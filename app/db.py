@@ -70,4 +70,3 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
-

@@ -52,14 +52,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def http_error(request: Request, exc: HTTPException):
         if _wants_page(request):
             message = exc.detail if isinstance(exc.detail, str) else "That request could not be completed."
-            return render(request, "error.html", {"status": exc.status_code, "message": message}, status=exc.status_code)
+            return render(
+                request, "error.html", {"status": exc.status_code, "message": message}, status=exc.status_code
+            )
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         problems = [
-            {"row": None, "field": ".".join(str(p) for p in e["loc"] if p not in ("body", "query", "path")),
-             "message": e["msg"]}
+            {
+                "row": None,
+                "field": ".".join(str(p) for p in e["loc"] if p not in ("body", "query", "path")),
+                "message": e["msg"],
+            }
             for e in exc.errors()
         ]
         if _wants_page(request):
@@ -73,4 +78,3 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def _wants_page(request: Request) -> bool:
     path = request.url.path
     return not path.startswith(("/api/", "/v1/")) and "text/html" in request.headers.get("accept", "")
-

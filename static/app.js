@@ -26,7 +26,6 @@
     var label = document.getElementById("dropzone-file");
     var progress = document.getElementById("upload-progress");
     var result = document.getElementById("upload-result");
-    var maxBytes = Number(form.dataset.maxBytes);
 
     function showChosen() {
       var file = input.files[0];
@@ -48,7 +47,7 @@
 
     form.addEventListener("htmx:confirm", function (e) {
       var file = input.files[0];
-      if (file && file.size > maxBytes) {
+      if (file && file.size > Number(form.dataset.maxBytes)) {
         e.preventDefault();
         result.innerHTML = "";
         var box = document.createElement("div");

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -60,7 +61,13 @@ def run_conversion(gguf_path: Path, target: Path, *, stop: threading.Event | Non
         stderr=subprocess.PIPE,
         text=True,
     )
-    reader = threading.Thread(target=lambda: setattr(child, "stderr_text", child.stderr.read()), daemon=True)
+    output: list[str] = []
+
+    def drain() -> None:
+        with child.stderr as stream:
+            output.append(stream.read())
+
+    reader = threading.Thread(target=drain, daemon=True)
     reader.start()
     stop = stop or threading.Event()
     while child.poll() is None:
@@ -71,12 +78,15 @@ def run_conversion(gguf_path: Path, target: Path, *, stop: threading.Event | Non
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
+            reader.join(timeout=5)
             return None
     reader.join(timeout=5)
     if child.returncode == 0:
         return None
-    lines = [line for line in getattr(child, "stderr_text", "").splitlines() if line.strip()]
-    reason = next((line for line in reversed(lines) if not line.startswith(" ")), f"exit code {child.returncode}")
+    lines = [line for line in "".join(output).splitlines() if line.strip()]
+    reason = next(
+        (line for line in reversed(lines) if not line.startswith(" ")), f"exit code {child.returncode}"
+    )
     return f"Could not convert {gguf_path.name} to a transformers model: {reason}"
 
 
@@ -95,5 +105,7 @@ def prepare_pending_models(settings: Settings, db: Database, *, stop: threading.
 
 
 if __name__ == "__main__":
+    # A stopping worker sends SIGTERM: exit through `finally` so no partial folder stays behind.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     convert_gguf(Path(sys.argv[1]), Path(sys.argv[2]))

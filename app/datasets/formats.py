@@ -29,7 +29,13 @@ FORMAT_LABELS = {
 }
 
 OPENAI_ROLES = {"system", "user", "assistant"}
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+}
 
 
 @dataclass(frozen=True)
@@ -140,7 +146,13 @@ def _json_array(text: str) -> list[tuple[int, Any]]:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DatasetInvalid(
-            [RowError(None, None, f"The file is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}.")]
+            [
+                RowError(
+                    None,
+                    None,
+                    f"The file is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}.",
+                )
+            ]
         ) from None
     return list(enumerate(value, start=1))
 
@@ -171,7 +183,9 @@ def _json_lines(text: str) -> list[tuple[int, Any]]:
         try:
             records.append((number, json.loads(line)))
         except json.JSONDecodeError as exc:
-            errors.append(RowError(number, None, f"This line is not valid JSON: {exc.msg} at column {exc.colno}."))
+            errors.append(
+                RowError(number, None, f"This line is not valid JSON: {exc.msg} at column {exc.colno}.")
+            )
     if errors:
         raise DatasetInvalid(errors)
     return records
@@ -200,7 +214,9 @@ def _detect_format(records: list[tuple[int, Any]]) -> str:
             ]
         )
     number, record = records[0]
-    raise DatasetInvalid([RowError(number, None, f"Each row must be a JSON object, not a {_type_name(record)}.")])
+    raise DatasetInvalid(
+        [RowError(number, None, f"Each row must be a JSON object, not a {_type_name(record)}.")]
+    )
 
 
 def _type_name(value: Any) -> str:
@@ -275,22 +291,30 @@ def _turns(
     for index, turn in enumerate(turns):
         where = f"{key}[{index}]"
         if not isinstance(turn, dict):
-            errors.append(RowError(number, where, f"Each message must be a JSON object, not a {_type_name(turn)}."))
+            errors.append(
+                RowError(number, where, f"Each message must be a JSON object, not a {_type_name(turn)}.")
+            )
             continue
         role = turn.get(role_key)
         if not isinstance(role, str):
-            errors.append(RowError(number, f"{where}.{role_key}", f"'{role_key}' must be a string naming the speaker."))
+            errors.append(
+                RowError(number, f"{where}.{role_key}", f"'{role_key}' must be a string naming the speaker.")
+            )
             continue
         if role not in roles:
             expected = ", ".join(sorted(roles))
             errors.append(
-                RowError(number, f"{where}.{role_key}", f"Unknown role '{role}' (expected one of: {expected}).")
+                RowError(
+                    number, f"{where}.{role_key}", f"Unknown role '{role}' (expected one of: {expected})."
+                )
             )
             continue
         content = turn.get(text_key)
         if not isinstance(content, str):
             what = "missing" if content is None else f"a {_type_name(content)}"
-            errors.append(RowError(number, f"{where}.{text_key}", f"'{text_key}' must be a string, but it is {what}."))
+            errors.append(
+                RowError(number, f"{where}.{text_key}", f"'{text_key}' must be a string, but it is {what}.")
+            )
             continue
         if roles[role] == "assistant" and not content.strip():
             errors.append(RowError(number, f"{where}.{text_key}", "The assistant's answer is empty."))
@@ -303,7 +327,12 @@ def _turns(
 
 def _openai_row(number: int, record: Any, errors: list[RowError]) -> dict[str, Any]:
     return _turns(
-        number, record, errors, key="messages", role_key="role", text_key="content",
+        number,
+        record,
+        errors,
+        key="messages",
+        role_key="role",
+        text_key="content",
         roles={r: r for r in OPENAI_ROLES},
     )
 

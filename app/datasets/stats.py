@@ -49,7 +49,9 @@ def read_tokenizer_info(folder: Path) -> TokenizerInfo:
     if (folder / "chat_template.jinja").is_file():
         template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
     elif (folder / "chat_template.json").is_file():
-        template = json.loads((folder / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
+        template = json.loads((folder / "chat_template.json").read_text(encoding="utf-8")).get(
+            "chat_template"
+        )
     else:
         template = config.get("chat_template")
     if isinstance(template, list):  # named templates: use the default one

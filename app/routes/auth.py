@@ -34,11 +34,18 @@ def login(request: Request, token: Annotated[str, Form()] = "", next: Annotated[
     if secret is None:
         return hx_redirect(_safe_next(next))
     if not hmac.compare_digest(token.strip().encode(), secret.get_secret_value().encode()):
-        context = {"next": _safe_next(next), "error": "That token is not right. It is the value of TUNEBOARD_TOKEN."}
+        context = {
+            "next": _safe_next(next),
+            "error": "That token is not right. It is the value of TUNEBOARD_TOKEN.",
+        }
         return render(request, "login.html", context, block="login_form", status=401)
     response = hx_redirect(_safe_next(next))
     response.set_cookie(
-        SESSION_COOKIE, session_value(secret.get_secret_value()), httponly=True, samesite="lax", max_age=30 * 86400
+        SESSION_COOKIE,
+        session_value(secret.get_secret_value()),
+        httponly=True,
+        samesite="lax",
+        max_age=30 * 86400,
     )
     return response
 

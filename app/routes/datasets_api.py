@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, UploadFile
+from fastapi import APIRouter, File, Form, HTTPException, Query, UploadFile
 from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
-from app.config import Settings
 from app.datasets import store
 from app.datasets.formats import DatasetInvalid, RowError
-from app.deps import get_session, get_settings, get_write_session
+from app.deps import SessionDep, SettingsDep, WriteSessionDep
 from app.model_registry import BUNDLED_ID, find_model
 from app.models import Dataset
 from app.prompts import PROMPT_FORMATS
@@ -33,7 +32,9 @@ def invalid_response(exc: DatasetInvalid) -> JSONResponse:
 
 async def read_upload(file: UploadFile | None) -> tuple[bytes, str]:
     if file is None or not file.filename:
-        raise DatasetInvalid([RowError(None, "file", "Attach the dataset file in the multipart field 'file'.")])
+        raise DatasetInvalid(
+            [RowError(None, "file", "Attach the dataset file in the multipart field 'file'.")]
+        )
     raw = await file.read()
     return raw, file.filename
 
@@ -47,10 +48,10 @@ def get_dataset_or_404(session: Session, dataset_id: int) -> Dataset:
 
 @router.post("", status_code=201, response_model=None)
 async def upload_dataset(
+    settings: SettingsDep,
+    session: WriteSessionDep,
     file: Annotated[UploadFile | None, File()] = None,
     name: Annotated[str | None, Form()] = None,
-    settings: Settings = Depends(get_settings),
-    session: Session = Depends(get_write_session),
 ) -> dict[str, Any] | JSONResponse:
     try:
         raw, filename = await read_upload(file)
@@ -61,14 +62,12 @@ async def upload_dataset(
 
 
 @router.get("")
-def list_datasets(session: Session = Depends(get_session)) -> list[DatasetOut]:
+def list_datasets(session: SessionDep) -> list[DatasetOut]:
     return [DatasetOut.of(d) for d in store.list_datasets(session=session)]
 
 
 @router.get("/{dataset_id}")
-def show_dataset(
-    dataset_id: int, settings: Settings = Depends(get_settings), session: Session = Depends(get_session)
-) -> dict[str, Any]:
+def show_dataset(dataset_id: int, settings: SettingsDep, session: SessionDep) -> dict[str, Any]:
     dataset = get_dataset_or_404(session, dataset_id)
     return {**DatasetOut.of(dataset).model_dump(mode="json"), **store.dataset_summary(settings, dataset)}
 
@@ -76,9 +75,9 @@ def show_dataset(
 @router.get("/{dataset_id}/rows")
 def dataset_rows(
     dataset_id: int,
+    settings: SettingsDep,
+    session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 10,
-    settings: Settings = Depends(get_settings),
-    session: Session = Depends(get_session),
 ) -> list[dict[str, Any]]:
     get_dataset_or_404(session, dataset_id)
     return store.load_rows(settings, dataset_id, limit=limit)
@@ -87,11 +86,11 @@ def dataset_rows(
 @router.get("/{dataset_id}/stats")
 def dataset_token_stats(
     dataset_id: int,
+    settings: SettingsDep,
+    session: SessionDep,
     model: str | None = None,
     max_length: Annotated[int | None, Query(ge=16, le=1_048_576)] = None,
     prompt_format: str = "chat",
-    settings: Settings = Depends(get_settings),
-    session: Session = Depends(get_session),
 ) -> dict[str, Any]:
     dataset = get_dataset_or_404(session, dataset_id)
     if prompt_format not in PROMPT_FORMATS:
@@ -100,10 +99,16 @@ def dataset_token_stats(
     if entry is None:
         raise HTTPException(404, f"There is no model '{model}'. GET /api/models lists them.")
     if not entry.ready:
-        raise HTTPException(409, f"{entry.name} is not ready ({entry.status}): {entry.error or 'try again shortly.'}")
+        raise HTTPException(
+            409, f"{entry.name} is not ready ({entry.status}): {entry.error or 'try again shortly.'}"
+        )
     try:
         lengths = store.token_stats(
-            settings, dataset, entry, max_length=max_length or settings.default_max_length, prompt_format=prompt_format
+            settings,
+            dataset,
+            entry,
+            max_length=max_length or settings.default_max_length,
+            prompt_format=prompt_format,
         )
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
@@ -111,7 +116,5 @@ def dataset_token_stats(
 
 
 @router.delete("/{dataset_id}", status_code=204)
-def remove_dataset(
-    dataset_id: int, settings: Settings = Depends(get_settings), session: Session = Depends(get_write_session)
-) -> None:
+def remove_dataset(dataset_id: int, settings: SettingsDep, session: WriteSessionDep) -> None:
     store.delete_dataset(settings, get_dataset_or_404(session, dataset_id), session=session)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import shutil
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, HTTPException
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.deps import get_session, get_settings, get_write_session
+from app.deps import SessionDep, SettingsDep, WriteSessionDep
 from app.model_registry import (
     ModelPathInvalid,
     check_registration,
@@ -40,7 +40,9 @@ def unregister_model(settings: Settings, model_id: str, *, session: Session) -> 
     number = model_id.removeprefix("local-")
     model = session.get(RegisteredModel, int(number)) if number.isdigit() else None
     if model is None:
-        raise HTTPException(404, f"There is no registered model '{model_id}' (only local-N models can be removed).")
+        raise HTTPException(
+            404, f"There is no registered model '{model_id}' (only local-N models can be removed)."
+        )
     entry = registered_entry(settings, model)
     session.delete(model)
     session.commit()
@@ -50,15 +52,15 @@ def unregister_model(settings: Settings, model_id: str, *, session: Session) -> 
 
 
 @router.get("")
-def get_models(settings: Settings = Depends(get_settings), session: Session = Depends(get_session)) -> list[ModelOut]:
+def get_models(settings: SettingsDep, session: SessionDep) -> list[ModelOut]:
     return [ModelOut(**m.as_dict()) for m in list_models(settings, session=session)]
 
 
 @router.post("", status_code=201)
 def post_model(
     body: ModelRegistration,
-    settings: Settings = Depends(get_settings),
-    session: Session = Depends(get_write_session),
+    settings: SettingsDep,
+    session: WriteSessionDep,
 ) -> ModelOut:
     try:
         model = register_model(settings, body, session=session)
@@ -68,7 +70,5 @@ def post_model(
 
 
 @router.delete("/{model_id}", status_code=204)
-def delete_model(
-    model_id: str, settings: Settings = Depends(get_settings), session: Session = Depends(get_write_session)
-) -> None:
+def delete_model(model_id: str, settings: SettingsDep, session: WriteSessionDep) -> None:
     unregister_model(settings, model_id, session=session)

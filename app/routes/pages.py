@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, UploadFile
+from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.datasets import store
 from app.datasets.formats import FORMAT_LABELS, DatasetInvalid
-from app.deps import get_session, get_settings, get_write_session
+from app.deps import SessionDep, SettingsDep, WriteSessionDep
 from app.model_registry import BUNDLED_ID, ModelPathInvalid, list_models
 from app.prompts import PROMPT_FORMATS
 from app.routes.datasets_api import get_dataset_or_404, read_upload
@@ -28,30 +28,43 @@ def home() -> RedirectResponse:
 
 
 @router.get("/datasets", response_class=HTMLResponse)
-def datasets_page(request: Request, session: Session = Depends(get_session)):
-    return render(request, "datasets.html", {"datasets": store.list_datasets(session=session), "labels": FORMAT_LABELS})
+def datasets_page(request: Request, session: SessionDep):
+    return render(
+        request, "datasets.html", {"datasets": store.list_datasets(session=session), "labels": FORMAT_LABELS}
+    )
 
 
 @router.post("/datasets/upload", response_class=HTMLResponse)
 async def upload_from_page(
     request: Request,
+    settings: SettingsDep,
+    session: WriteSessionDep,
     file: Annotated[UploadFile | None, File()] = None,
     name: Annotated[str | None, Form()] = None,
-    settings: Settings = Depends(get_settings),
-    session: Session = Depends(get_write_session),
 ):
     try:
         raw, filename = await read_upload(file)
         dataset, _ = store.create_dataset(settings, session=session, raw=raw, filename=filename, name=name)
     except DatasetInvalid as exc:
-        context = {"problems": exc.errors, "problem_count": exc.total, "summary": exc.summary,
-                   "filename": file.filename if file else None, "datasets": [], "labels": FORMAT_LABELS}
+        context = {
+            "problems": exc.errors,
+            "problem_count": exc.total,
+            "summary": exc.summary,
+            "filename": file.filename if file else None,
+            "datasets": [],
+            "labels": FORMAT_LABELS,
+        }
         return render(request, "datasets.html", context, block="upload_result", status=422)
     return hx_redirect(f"/datasets/{dataset.id}")
 
 
 def _stats_context(
-    request: Request, settings: Settings, session: Session, dataset, model: str | None, max_length: int | None,
+    request: Request,
+    settings: Settings,
+    session: Session,
+    dataset,
+    model: str | None,
+    max_length: int | None,
     prompt_format: str,
 ) -> dict:
     models = list_models(settings, session=session)
@@ -65,12 +78,19 @@ def _stats_context(
         prompt_format = "chat"
     if chosen.ready:
         try:
-            stats = store.token_stats(settings, dataset, chosen, max_length=max_length, prompt_format=prompt_format)
+            stats = store.token_stats(
+                settings, dataset, chosen, max_length=max_length, prompt_format=prompt_format
+            )
         except ValueError as exc:
             problem = str(exc)
     return {
-        "models": models, "model": chosen, "max_length": max_length, "prompt_format": prompt_format,
-        "prompt_formats": PROMPT_FORMATS, "stats": stats, "stats_problem": problem,
+        "models": models,
+        "model": chosen,
+        "max_length": max_length,
+        "prompt_format": prompt_format,
+        "prompt_formats": PROMPT_FORMATS,
+        "stats": stats,
+        "stats_problem": problem,
     }
 
 
@@ -78,11 +98,11 @@ def _stats_context(
 def dataset_page(
     request: Request,
     dataset_id: int,
+    settings: SettingsDep,
+    session: SessionDep,
     model: str | None = None,
     max_length: int | None = None,
     prompt_format: str = "chat",
-    settings: Settings = Depends(get_settings),
-    session: Session = Depends(get_session),
 ):
     dataset = get_dataset_or_404(session, dataset_id)
     if max_length is not None and not 16 <= max_length <= 1_048_576:
@@ -99,43 +119,51 @@ def dataset_page(
 
 
 @router.delete("/datasets/{dataset_id}")
-def delete_from_page(
-    dataset_id: int, settings: Settings = Depends(get_settings), session: Session = Depends(get_write_session)
-):
+def delete_from_page(dataset_id: int, settings: SettingsDep, session: WriteSessionDep):
     store.delete_dataset(settings, get_dataset_or_404(session, dataset_id), session=session)
     return hx_redirect("/datasets")
 
 
 @router.get("/models", response_class=HTMLResponse)
-def models_page(request: Request, settings: Settings = Depends(get_settings), session: Session = Depends(get_session)):
+def models_page(request: Request, settings: SettingsDep, session: SessionDep):
     return render(request, "models.html", {"models": list_models(settings, session=session)})
 
 
 @router.post("/models", response_class=HTMLResponse)
 def register_from_page(
     request: Request,
+    settings: SettingsDep,
+    session: WriteSessionDep,
     path: Annotated[str, Form()] = "",
     name: Annotated[str, Form()] = "",
-    settings: Settings = Depends(get_settings),
-    session: Session = Depends(get_write_session),
 ):
     try:
         register_model(settings, ModelRegistration(path=path, name=name or None), session=session)
     except ModelPathInvalid as exc:
-        context = {"models": list_models(settings, session=session), "register_error": str(exc), "path": path,
-                   "name": name}
+        context = {
+            "models": list_models(settings, session=session),
+            "register_error": str(exc),
+            "path": path,
+            "name": name,
+        }
         return render(request, "models.html", context, block="models_body", status=422)
-    return render(request, "models.html", {"models": list_models(settings, session=session)}, block="models_body")
+    return render(
+        request, "models.html", {"models": list_models(settings, session=session)}, block="models_body"
+    )
 
 
 @router.delete("/models/{model_id}", response_class=HTMLResponse)
 def unregister_from_page(
-    request: Request, model_id: str, settings: Settings = Depends(get_settings),
-    session: Session = Depends(get_write_session),
+    request: Request,
+    model_id: str,
+    settings: SettingsDep,
+    session: WriteSessionDep,
 ):
     try:
         unregister_model(settings, model_id, session=session)
     except HTTPException as exc:
         context = {"models": list_models(settings, session=session), "register_error": exc.detail}
         return render(request, "models.html", context, block="models_body", status=404)
-    return render(request, "models.html", {"models": list_models(settings, session=session)}, block="models_body")
+    return render(
+        request, "models.html", {"models": list_models(settings, session=session)}, block="models_body"
+    )

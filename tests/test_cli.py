@@ -1,0 +1,44 @@
+"""`tuneboard serve`: the web server and a worker start together and stop together."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.servers import running
+
+
+def group_members(pgid: int) -> list[str]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry.name)) == pgid:
+                members.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except (ProcessLookupError, FileNotFoundError, PermissionError):
+            continue
+    return members
+
+
+def test_serve_starts_web_and_worker_and_stops_both(tmp_path):
+    data = tmp_path / "data"
+    with running("serve", data, log=tmp_path / "serve.log") as (base, process):
+        assert httpx.get(f"{base}/api/datasets").json() == []
+        assert (data / "tuneboard.db").is_file()
+        # The worker notices the bundled model needs converting and starts a conversion process.
+        deadline = time.monotonic() + 30
+        while not any("worker.prepare" in c for c in group_members(process.pid)):
+            assert time.monotonic() < deadline, group_members(process.pid)
+            time.sleep(0.2)
+        assert any("-m worker" in c for c in group_members(process.pid))
+        models = {m["id"]: m["status"] for m in httpx.get(f"{base}/api/models").json()}
+        assert models["smollm2-135m-instruct"] == "preparing"
+    deadline = time.monotonic() + 20
+    while group_members(process.pid):
+        assert time.monotonic() < deadline, group_members(process.pid)
+        time.sleep(0.2)
+    assert not list((data / "models").glob(".*partial*"))

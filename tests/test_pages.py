@@ -1,0 +1,110 @@
+"""Server-rendered pages and their htmx fragments."""
+
+from __future__ import annotations
+
+import json
+
+from app.security import CSRF_COOKIE
+from tests.conftest import DEMO_DATASET, upload
+
+
+def browser_headers(client, **extra) -> dict[str, str]:
+    if CSRF_COOKIE not in client.cookies:
+        client.get("/datasets")
+    return {
+        "Origin": "http://testserver",
+        "X-CSRF-Token": client.cookies[CSRF_COOKIE],
+        "HX-Request": "true",
+        **extra,
+    }
+
+
+def test_home_leads_to_datasets(client):
+    response = client.get("/", follow_redirects=False)
+    assert response.status_code == 303 and response.headers["location"] == "/datasets"
+    page = client.get("/datasets")
+    assert "No datasets yet" in page.text and page.headers["vary"] == "HX-Request"
+    assert 'src="/static/vendor/htmx-2.0.11.min.js"' in page.text
+
+
+def test_page_upload_redirects_to_the_preview(client):
+    response = client.post(
+        "/datasets/upload",
+        files={"file": ("demo.json", DEMO_DATASET.read_bytes())},
+        headers=browser_headers(client),
+    )
+    assert response.status_code == 204
+    assert response.headers["hx-redirect"] == "/datasets/1"
+    page = client.get("/datasets/1")
+    assert "Alpaca (JSON array)" in page.text
+    assert "What is the capital of Quillmere?" in page.text
+    assert 'id="split-validation">4<' in page.text
+
+
+def test_page_upload_shows_the_problem_list(client, settings):
+    bad = json.dumps(
+        [{"instruction": "ok", "output": "fine"}, {"instruction": "q", "output": ""}, {"output": "x"}]
+    )
+    response = client.post(
+        "/datasets/upload", files={"file": ("broken.json", bad.encode())}, headers=browser_headers(client)
+    )
+    assert response.status_code == 422
+    assert "<html" not in response.text  # just the fragment
+    assert "The file has 2 problems." in response.text
+    assert "<td>2</td><td><code>output</code></td><td>&#39;output&#39; is empty.</td>" in response.text
+    assert "<td>3</td><td><code>instruction</code></td>" in response.text
+    assert list(settings.datasets_dir.iterdir()) == []
+
+
+def test_dataset_text_is_escaped_everywhere(client):
+    evil = '<script>alert("x")</script><img src=x onerror=alert(1)>'
+    dataset_id = upload(
+        client, f"{evil}.json", json.dumps([{"instruction": evil, "output": evil}]), name=evil
+    ).json()["id"]
+    for path in ("/datasets", f"/datasets/{dataset_id}"):
+        html = client.get(path).text
+        assert "<script>alert" not in html and "<img src=x" not in html
+        assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in html
+
+
+def test_statistics_fragment_for_a_ready_model(client, tiny_model_dir):
+    model_id = client.post("/api/models", json={"path": str(tiny_model_dir), "name": "Tiny"}).json()["id"]
+    dataset_id = upload(client, "demo.json", DEMO_DATASET.read_bytes()).json()["id"]
+    full = client.get(f"/datasets/{dataset_id}")
+    assert 'id="stat-p50"' in full.text  # the only ready model is chosen by default
+    fragment = client.get(
+        f"/datasets/{dataset_id}?model={model_id}&max_length=20&prompt_format=instruction",
+        headers={"HX-Request": "true", "HX-Target": "stats"},
+    )
+    assert "<html" not in fragment.text and "Token statistics" not in fragment.text
+    assert 'id="stat-truncated" class="warn">40 rows' in fragment.text
+    assert "would be cut short" in fragment.text
+
+
+def test_statistics_wait_for_a_model_being_prepared(client):
+    dataset_id = upload(client, "d.json", '[{"instruction": "q", "output": "a"}]').json()["id"]
+    page = client.get(f"/datasets/{dataset_id}")
+    assert "being prepared by the worker" in page.text
+    assert 'hx-trigger="every 3s"' in page.text
+
+
+def test_missing_pages_render_a_readable_404(client):
+    response = client.get("/datasets/41", headers={"Accept": "text/html"})
+    assert response.status_code == 404
+    assert "There is no dataset 41." in response.text and "<html" in response.text
+
+
+def test_delete_from_the_page(client, settings):
+    dataset_id = upload(client, "d.json", '[{"instruction": "q", "output": "a"}]').json()["id"]
+    response = client.delete(f"/datasets/{dataset_id}", headers=browser_headers(client))
+    assert response.headers["hx-redirect"] == "/datasets"
+    assert client.get("/api/datasets").json() == []
+
+
+def test_register_model_from_the_page(client, tiny_model_dir):
+    bad = client.post("/models", data={"path": "/nowhere"}, headers=browser_headers(client))
+    assert bad.status_code == 422 and "/nowhere does not exist on this machine." in bad.text
+    good = client.post(
+        "/models", data={"path": str(tiny_model_dir), "name": "Tiny <b>"}, headers=browser_headers(client)
+    )
+    assert good.status_code == 200 and "Tiny &lt;b&gt;" in good.text and "badge-ready" in good.text
