@@ -59,6 +59,12 @@ def cmd_worker(settings: Settings) -> None:
     run_worker(settings)
 
 
+def cmd_train(config: Path) -> int:
+    from worker.train import main as train_main
+
+    return train_main([str(config)])
+
+
 def cmd_serve(settings: Settings) -> None:
     """Web server and one worker together: the embedded default."""
     from app.migrate import upgrade
@@ -99,7 +105,11 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("web", parents=[common], help="the web server alone")
     commands.add_parser("worker", parents=[common], help="a worker alone")
     commands.add_parser("migrate", parents=[common], help="apply database migrations and exit")
+    train = commands.add_parser("train", help="run one fine-tuning from a run.yaml, without the web app")
+    train.add_argument("config", type=Path, help="a run.yaml (every run folder has one)")
     args = parser.parse_args(argv)
+    if args.command == "train":
+        sys.exit(cmd_train(args.config))
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = _settings(args)

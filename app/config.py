@@ -31,7 +31,11 @@ class Settings(BaseSettings):
     split_seed: int = 42
     default_max_length: int = Field(1024, ge=16)
     worker_poll_seconds: float = Field(2.0, gt=0)
-    torch_threads: int | None = Field(None, ge=1, description="torch threads in the worker")
+    heartbeat_seconds: float = Field(3.0, gt=0, description="how often a worker marks its run alive")
+    stale_after_seconds: float = Field(30.0, gt=0, description="silence after which a run is requeued")
+    cancel_grace_seconds: float = Field(30.0, gt=0, description="wait for a polite stop before SIGTERM")
+    num_processes: int = Field(1, ge=1, description="training processes per run (GPUs), via accelerate")
+    torch_threads: int | None = Field(None, ge=1, description="CPU threads per training process")
 
     @field_validator("data_dir")
     @classmethod
@@ -55,11 +59,15 @@ class Settings(BaseSettings):
         return self.data_dir / "models"
 
     @property
+    def runs_dir(self) -> Path:
+        return self.data_dir / "runs"
+
+    @property
     def tmp_dir(self) -> Path:
         return self.data_dir / "tmp"
 
     def ensure_dirs(self) -> None:
-        for folder in (self.data_dir, self.datasets_dir, self.models_dir, self.tmp_dir):
+        for folder in (self.data_dir, self.datasets_dir, self.models_dir, self.runs_dir, self.tmp_dir):
             folder.mkdir(parents=True, exist_ok=True)
 
     def check_exposure(self) -> None:

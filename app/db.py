@@ -13,8 +13,6 @@ from contextlib import contextmanager
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.config import Settings
-
 BUSY_TIMEOUT_MS = 10_000
 _IMMEDIATE = "tuneboard_immediate"
 
@@ -49,8 +47,8 @@ def _configure_sqlite(engine: Engine) -> None:
 class Database:
     """The process's engine and session factory."""
 
-    def __init__(self, settings: Settings):
-        self.engine = make_engine(settings.sqlalchemy_url)
+    def __init__(self, url: str):
+        self.engine = make_engine(url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager

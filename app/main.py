@@ -13,7 +13,7 @@ from sqlalchemy import text
 
 from app.config import PROJECT_ROOT, Settings, get_settings
 from app.db import Database
-from app.routes import auth, datasets_api, models_api, pages
+from app.routes import auth, datasets_api, models_api, pages, runs_api
 from app.security import AccessMiddleware, BodyLimitMiddleware
 from app.web import make_templates, render
 
@@ -31,7 +31,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="Tuneboard", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
-    app.state.db = Database(settings)
+    app.state.db = Database(settings.sqlalchemy_url)
     app.state.templates = make_templates()
 
     app.add_middleware(BodyLimitMiddleware, settings=settings)
@@ -39,7 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.mount("/static", StaticFiles(directory=PROJECT_ROOT / "static"), name="static")
     app.mount("/examples", StaticFiles(directory=PROJECT_ROOT / "data" / "examples"), name="examples")
-    for module in (auth, pages, datasets_api, models_api):
+    for module in (auth, pages, datasets_api, models_api, runs_api):
         app.include_router(module.router)
 
     @app.get("/healthz", include_in_schema=False)

@@ -1,14 +1,18 @@
-"""The worker loop: wake every few seconds and do what is pending, until SIGTERM or SIGINT."""
+"""The worker loop: prepare base models, requeue runs whose worker went silent, claim the next queued run
+and supervise it; until SIGTERM or SIGINT."""
 
 from __future__ import annotations
 
 import logging
 import signal
 import threading
+from datetime import timedelta
 
 from app.config import Settings
 from app.db import Database
+from app.runs import state
 from worker.prepare import prepare_pending_models
+from worker.supervise import supervise, worker_id
 
 log = logging.getLogger("tuneboard.worker")
 
@@ -20,12 +24,32 @@ def run_worker(settings: Settings, *, stop: threading.Event | None = None) -> No
             signal.signal(sig, lambda *_: stop.set())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings.ensure_dirs()
-    db = Database(settings)
-    log.info("worker started; data in %s", settings.data_dir)
+    db = Database(settings.sqlalchemy_url)
+    me = worker_id()
+    log.info("worker %s started; data in %s", me, settings.data_dir)
     try:
         while not stop.is_set():
-            prepare_pending_models(settings, db, stop=stop)
-            stop.wait(settings.worker_poll_seconds)
+            if not work_once(settings, db, me=me, stop=stop):
+                stop.wait(settings.worker_poll_seconds)
     finally:
         db.dispose()
         log.info("worker stopped")
+
+
+def work_once(settings: Settings, db: Database, *, me: str, stop: threading.Event) -> bool:
+    """One pass of the loop. Returns whether it did something (then it looks again at once)."""
+    prepare_pending_models(settings, db, stop=stop)
+    with db.write_session() as session:
+        requeued = state.requeue_stale(
+            session=session, stale_after=timedelta(seconds=settings.stale_after_seconds)
+        )
+    if requeued:
+        log.warning("requeued runs whose worker stopped responding: %s", requeued)
+    if stop.is_set():
+        return False
+    with db.write_session() as session:
+        run = state.claim_next(session=session, worker_id=me)
+    if run is None:
+        return False
+    supervise(settings, db, run, me=me, stop=stop)
+    return True

@@ -22,7 +22,7 @@ from app.config import Settings
 from app.datasets import stats as dataset_stats
 from app.datasets.formats import ParsedDataset, parse_dataset
 from app.model_registry import ModelEntry
-from app.models import Dataset
+from app.models import Dataset, Run
 
 ROWS_FILE = "rows.jsonl"
 
@@ -76,7 +76,17 @@ def create_dataset(
     return dataset, parsed
 
 
+class DatasetInUse(Exception):
+    pass
+
+
 def delete_dataset(settings: Settings, dataset: Dataset, *, session: Session) -> None:
+    runs = session.scalars(select(Run.id).where(Run.dataset_id == dataset.id).order_by(Run.id)).all()
+    if runs:
+        listed = ", ".join(str(r) for r in runs[:10])
+        raise DatasetInUse(
+            f"Dataset {dataset.id} is used by run{'s' if len(runs) > 1 else ''} {listed}; delete those first."
+        )
     folder = dataset_dir(settings, dataset.id)
     session.delete(dataset)
     session.flush()

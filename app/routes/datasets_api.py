@@ -117,4 +117,7 @@ def dataset_token_stats(
 
 @router.delete("/{dataset_id}", status_code=204)
 def remove_dataset(dataset_id: int, settings: SettingsDep, session: WriteSessionDep) -> None:
-    store.delete_dataset(settings, get_dataset_or_404(session, dataset_id), session=session)
+    try:
+        store.delete_dataset(settings, get_dataset_or_404(session, dataset_id), session=session)
+    except store.DatasetInUse as exc:
+        raise HTTPException(409, str(exc)) from None

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse
+from markupsafe import Markup
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -120,7 +121,11 @@ def dataset_page(
 
 @router.delete("/datasets/{dataset_id}")
 def delete_from_page(dataset_id: int, settings: SettingsDep, session: WriteSessionDep):
-    store.delete_dataset(settings, get_dataset_or_404(session, dataset_id), session=session)
+    try:
+        store.delete_dataset(settings, get_dataset_or_404(session, dataset_id), session=session)
+    except store.DatasetInUse as exc:
+        alert = Markup('<div class="alert alert-error" role="alert"><p>{}</p></div>').format(str(exc))
+        return HTMLResponse(alert, status_code=409)
     return hx_redirect("/datasets")
 
 

@@ -1,0 +1,1 @@
+"""Training runs: their configuration, their state machine, and their files."""

@@ -1,0 +1,262 @@
+"""Run hyperparameters: one validated model per PEFT method and one for training, using the libraries'
+own field names (PEFT config names inside `peft`, TrainingArguments names inside `training`).
+
+`resolve_run` fills every default from the dataset's size so that `{"dataset_id": N}` alone gives a run
+whose effect is visible, and the result is saved as the run's `run.yaml`, which `tuneboard train` can run
+again without the web app. No torch here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Method = Literal["lora", "loha", "lokr", "adalora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning"]
+PromptFormat = Literal["chat", "instruction"]
+TargetModules = list[Annotated[str, Field(min_length=1)]] | Literal["all-linear"]
+
+METHOD_LABELS: dict[str, str] = {
+    "lora": "LoRA (optionally DoRA / rsLoRA)",
+    "loha": "LoHa",
+    "lokr": "LoKr",
+    "adalora": "AdaLoRA",
+    "ia3": "IA³",
+    "prompt_tuning": "Prompt tuning",
+    "prefix_tuning": "Prefix tuning",
+    "p_tuning": "P-tuning",
+}
+PROMPT_LEARNING = {"prompt_tuning", "prefix_tuning", "p_tuning"}
+
+# Optimizer steps a default run aims at: enough for a small dataset to visibly change the answers.
+TARGET_STEPS = 100
+MAX_DEFAULT_EPOCHS = 10
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoraParams(Strict):
+    r: int = Field(16, ge=1, le=1024)
+    lora_alpha: float = Field(32, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: TargetModules = "all-linear"
+    use_dora: bool = False
+    use_rslora: bool = False
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+
+class LohaParams(Strict):
+    r: int = Field(16, ge=1, le=1024)
+    alpha: float = Field(32, gt=0)
+    rank_dropout: float = Field(0.0, ge=0, lt=1)
+    module_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: TargetModules = "all-linear"
+
+
+class LokrParams(LohaParams):
+    decompose_both: bool = False
+
+
+class AdaLoraParams(Strict):
+    init_r: int = Field(12, ge=1, le=1024)
+    target_r: int = Field(8, ge=1, le=1024)
+    lora_alpha: float = Field(32, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: TargetModules = "all-linear"
+
+    @model_validator(mode="after")
+    def _ranks(self) -> AdaLoraParams:
+        if self.target_r > self.init_r:
+            raise ValueError("target_r must not exceed init_r: AdaLoRA only prunes ranks away")
+        return self
+
+
+class Ia3Params(Strict):
+    target_modules: list[str] | None = None  # PEFT's per-architecture default when unset
+    feedforward_modules: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _subset(self) -> Ia3Params:
+        if self.feedforward_modules and not self.target_modules:
+            raise ValueError("feedforward_modules needs target_modules too (it must be a subset of them)")
+        if self.feedforward_modules and not set(self.feedforward_modules) <= set(self.target_modules or []):
+            raise ValueError("feedforward_modules must be a subset of target_modules")
+        return self
+
+
+class PromptTuningParams(Strict):
+    num_virtual_tokens: int = Field(20, ge=1, le=512)
+    prompt_tuning_init: Literal["RANDOM", "TEXT"] = "RANDOM"
+    prompt_tuning_init_text: str | None = None
+
+    @model_validator(mode="after")
+    def _text(self) -> PromptTuningParams:
+        if self.prompt_tuning_init == "TEXT" and not (self.prompt_tuning_init_text or "").strip():
+            raise ValueError("prompt_tuning_init TEXT needs prompt_tuning_init_text")
+        return self
+
+
+class PrefixTuningParams(Strict):
+    num_virtual_tokens: int = Field(20, ge=1, le=512)
+    prefix_projection: bool = False
+    encoder_hidden_size: int | None = Field(None, ge=1)
+
+
+class PTuningParams(Strict):
+    num_virtual_tokens: int = Field(20, ge=1, le=512)
+    encoder_hidden_size: int = Field(128, ge=1)
+    encoder_reparameterization_type: Literal["MLP", "LSTM"] = "MLP"
+
+
+PEFT_PARAMS: dict[str, type[Strict]] = {
+    "lora": LoraParams,
+    "loha": LohaParams,
+    "lokr": LokrParams,
+    "adalora": AdaLoraParams,
+    "ia3": Ia3Params,
+    "prompt_tuning": PromptTuningParams,
+    "prefix_tuning": PrefixTuningParams,
+    "p_tuning": PTuningParams,
+}
+
+DEFAULT_LEARNING_RATE = {
+    "lora": 2e-4, "loha": 2e-4, "lokr": 2e-4, "adalora": 2e-4,
+    "ia3": 3e-3, "prompt_tuning": 3e-2, "prefix_tuning": 1e-2, "p_tuning": 1e-2,
+}  # fmt: skip
+SMALL_DATASET_ROWS = 500  # below this, LoRA-family runs default to a higher rate (see RECIPE notes)
+SMALL_DATASET_LEARNING_RATE = 1e-3
+
+
+class TrainingParams(Strict):
+    """TrainingArguments / TRL names. None means "chosen from the dataset" by `resolve_run`."""
+
+    num_train_epochs: float | None = Field(None, gt=0, le=1000)
+    max_steps: int = Field(-1, ge=-1)
+    learning_rate: float | None = Field(None, gt=0, le=1)
+    per_device_train_batch_size: int = Field(4, ge=1, le=1024)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
+    max_length: int = Field(1024, ge=16, le=1_048_576)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    lr_scheduler_type: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
+    ] = "cosine"
+    weight_decay: float = Field(0.0, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    logging_steps: int | None = Field(None, ge=1)
+    save_steps: int | None = Field(None, ge=1)
+    eval_steps: int | None = Field(None, ge=1)
+    save_total_limit: int = Field(2, ge=1)
+    seed: int = 42
+    gradient_checkpointing: bool = False
+    packing: bool = False
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("max_steps must be positive, or -1 to train by epochs")
+        return value
+
+
+class RunRequest(Strict):
+    """What a client sends to POST /api/runs."""
+
+    dataset_id: int
+    base_model: str | None = None
+    method: Method = "lora"
+    preset: Literal["tutorial"] | None = None
+    prompt_format: PromptFormat = "chat"
+    peft: dict[str, Any] = Field(default_factory=dict)
+    training: TrainingParams = Field(default_factory=TrainingParams)
+    name: str | None = Field(None, max_length=200)
+
+
+# The tutorial's recipe, with its labels bug fixed (see RECIPE.md): LoRA r8/α32 on q_proj, v_proj.
+TUTORIAL_PRESET: dict[str, Any] = {
+    "method": "lora",
+    "peft": {"r": 8, "lora_alpha": 32, "lora_dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
+    "training": {
+        "learning_rate": 5e-5,
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 8,
+        "num_train_epochs": 50,
+    },
+}
+PRESETS = {"tutorial": TUTORIAL_PRESET}
+
+
+class RunConfig(Strict):
+    """The full resolved configuration of one run: everything the training process needs."""
+
+    name: str
+    dataset_id: int
+    dataset_path: str
+    base_model: str
+    model_path: str
+    method: Method
+    prompt_format: PromptFormat
+    peft: dict[str, Any]
+    training: TrainingParams
+    train_rows: int
+    validation_rows: list[int]
+    total_steps: int
+    output_dir: str | None = None
+    run_id: int | None = None
+    database_url: str | None = None
+
+
+def apply_preset(request: RunRequest) -> RunRequest:
+    """Preset values first, then whatever the request set explicitly on top."""
+    if request.preset is None:
+        return request
+    preset = PRESETS[request.preset]
+    explicit = request.model_dump(exclude_unset=True)
+    training = {**preset["training"], **explicit.get("training", {})}
+    same_method = explicit.get("method", preset["method"]) == preset["method"]
+    peft = {**preset["peft"], **explicit.get("peft", {})} if same_method else explicit.get("peft", {})
+    return RunRequest.model_validate(
+        {**explicit, "method": explicit.get("method", preset["method"]), "peft": peft, "training": training}
+    )
+
+
+def validate_peft(method: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The method's PEFT parameters with defaults filled; ValidationError names the bad field."""
+    return PEFT_PARAMS[method].model_validate(params).model_dump()
+
+
+def steps_per_epoch(train_rows: int, training: TrainingParams) -> int:
+    return max(
+        1,
+        math.ceil(train_rows / (training.per_device_train_batch_size * training.gradient_accumulation_steps)),
+    )
+
+
+def resolve_training(method: str, train_rows: int, training: TrainingParams) -> tuple[TrainingParams, int]:
+    """Fill the dataset-dependent defaults. Returns (training, total optimizer steps)."""
+    values = training.model_dump()
+    per_epoch = steps_per_epoch(train_rows, training)
+    if training.max_steps > 0:
+        total = training.max_steps
+        values["num_train_epochs"] = values["num_train_epochs"] or math.ceil(total / per_epoch)
+    else:
+        if values["num_train_epochs"] is None:
+            values["num_train_epochs"] = min(MAX_DEFAULT_EPOCHS, math.ceil(TARGET_STEPS / per_epoch))
+        total = math.ceil(values["num_train_epochs"] * per_epoch)
+    if values["learning_rate"] is None:
+        small = train_rows < SMALL_DATASET_ROWS and method in {"lora", "loha", "lokr", "adalora"}
+        values["learning_rate"] = SMALL_DATASET_LEARNING_RATE if small else DEFAULT_LEARNING_RATE[method]
+    if values["logging_steps"] is None:
+        values["logging_steps"] = max(1, total // 100)
+    if values["save_steps"] is None:
+        values["save_steps"] = max(1, math.ceil(total / 5))
+    if values["eval_steps"] is None:
+        values["eval_steps"] = values["save_steps"]
+    if method in PROMPT_LEARNING and values["packing"]:
+        raise ValueError(
+            "packing cannot be used with prompt-learning methods (virtual tokens are per sequence)"
+        )
+    return TrainingParams.model_validate(values), total

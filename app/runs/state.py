@@ -1,0 +1,179 @@
+"""The run state machine. Every status change is one named function here and nowhere else.
+
+    queued ──claim──▶ running ──finish──▶ succeeded | failed | cancelled
+      ▲                  │
+      └──requeue─────────┘   (worker stopped, or went silent: the run resumes from its checkpoint)
+    queued ──cancel──▶ cancelled            running ──cancel──▶ cancel_requested, then cancelled
+
+Writers pass a session from `Database.write_session()` (SQLite: BEGIN IMMEDIATE); each function commits.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from app.models import Run, RunMetric, utcnow
+
+MAX_ATTEMPTS = 3
+ACTIVE = ("queued", "running")
+FINISHED = ("succeeded", "failed", "cancelled")
+
+
+class TransitionError(Exception):
+    """The run is not in a state that allows this change."""
+
+
+def enqueue(
+    *, session: Session, name: str, dataset_id: int, base_model: str, method: str, config: dict
+) -> Run:
+    run = Run(
+        name=name, dataset_id=dataset_id, base_model=base_model, method=method, config=config, status="queued"
+    )
+    session.add(run)
+    session.commit()
+    return run
+
+
+def claim_next(*, session: Session, worker_id: str) -> Run | None:
+    """Atomically take the oldest queued run. SQLite serialises this through BEGIN IMMEDIATE;
+    PostgreSQL through FOR UPDATE SKIP LOCKED (SQLite's compiler leaves that clause out)."""
+    now = utcnow()
+    oldest = (
+        select(Run.id)
+        .where(Run.status == "queued")
+        .order_by(Run.id)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    claimed = session.execute(
+        update(Run)
+        .where(Run.id == oldest, Run.status == "queued")
+        .values(
+            status="running", worker_id=worker_id, attempts=Run.attempts + 1, heartbeat_at=now, error=None
+        )
+        .returning(Run.id)
+    ).scalar_one_or_none()
+    if claimed is None:
+        session.rollback()
+        return None
+    session.execute(update(Run).where(Run.id == claimed, Run.started_at.is_(None)).values(started_at=now))
+    session.commit()
+    return session.get(Run, claimed, populate_existing=True)
+
+
+def heartbeat(*, session: Session, run_id: int, worker_id: str) -> bool:
+    """Mark the run alive. Returns whether a cancel was requested. Raises TransitionError if this worker
+    no longer owns the run (it was requeued and claimed elsewhere)."""
+    owned = session.execute(
+        update(Run)
+        .where(Run.id == run_id, Run.status == "running", Run.worker_id == worker_id)
+        .values(heartbeat_at=utcnow())
+        .returning(Run.cancel_requested)
+    ).scalar_one_or_none()
+    session.commit()
+    if owned is None:
+        raise TransitionError(f"run {run_id} is no longer owned by {worker_id}")
+    return bool(owned)
+
+
+def request_cancel(*, session: Session, run_id: int) -> Run:
+    """A queued run is cancelled at once; a running one is flagged and its trainer stops at the next step."""
+    run = session.get(Run, run_id, populate_existing=True)
+    if run is None:
+        raise LookupError(run_id)
+    if run.status == "queued":
+        run.status, run.finished_at, run.cancel_requested = "cancelled", utcnow(), True
+    elif run.status == "running":
+        run.cancel_requested = True
+    else:
+        raise TransitionError(f"Run {run_id} has already {run.status}.")
+    session.commit()
+    return run
+
+
+def finish(
+    *,
+    session: Session,
+    run_id: int,
+    worker_id: str,
+    status: str,
+    error: str | None = None,
+    exit_code: int | None = None,
+) -> None:
+    if status not in FINISHED:
+        raise ValueError(status)
+    session.execute(
+        update(Run)
+        .where(Run.id == run_id, Run.status == "running", Run.worker_id == worker_id)
+        .values(status=status, error=error, exit_code=exit_code, finished_at=utcnow(), worker_id=None)
+    )
+    session.commit()
+
+
+def requeue(*, session: Session, run_id: int, worker_id: str) -> None:
+    """The worker is stopping: hand the run back so it resumes from its last checkpoint."""
+    session.execute(
+        update(Run)
+        .where(Run.id == run_id, Run.status == "running", Run.worker_id == worker_id)
+        .values(status="queued", worker_id=None, heartbeat_at=None)
+    )
+    session.commit()
+
+
+def requeue_stale(*, session: Session, stale_after: timedelta, now: datetime | None = None) -> list[int]:
+    """Runs whose worker went silent go back to the queue (or fail after MAX_ATTEMPTS tries)."""
+    cutoff = (now or utcnow()) - stale_after
+    stale = session.scalars(select(Run).where(Run.status == "running", Run.heartbeat_at < cutoff)).all()
+    for run in stale:
+        if run.cancel_requested:
+            run.status, run.finished_at, run.worker_id = "cancelled", utcnow(), None
+        elif run.attempts >= MAX_ATTEMPTS:
+            run.status, run.finished_at, run.worker_id = "failed", utcnow(), None
+            run.error = f"The worker running this run stopped responding {run.attempts} times; giving up."
+        else:
+            run.status, run.worker_id, run.heartbeat_at = "queued", None, None
+    session.commit()
+    return [run.id for run in stale]
+
+
+def record_start(
+    *, session: Session, run_id: int, total_steps: int, trainable: int, total: int, resumed_from: int | None
+) -> None:
+    """What the trainer knows before its first step. A resumed run forgets the metrics it will redo."""
+    if resumed_from is not None:
+        session.execute(delete(RunMetric).where(RunMetric.run_id == run_id, RunMetric.step > resumed_from))
+    session.execute(
+        update(Run)
+        .where(Run.id == run_id)
+        .values(
+            total_steps=total_steps,
+            trainable_params=trainable,
+            total_params=total,
+            resumed_from_step=resumed_from,
+            current_step=resumed_from or 0,
+        )
+    )
+    session.commit()
+
+
+def record_metric(*, session: Session, run_id: int, values: dict) -> None:
+    """One short transaction per logged point."""
+    session.add(RunMetric(run_id=run_id, **values))
+    if values.get("kind") == "train":
+        session.execute(update(Run).where(Run.id == run_id).values(current_step=values["step"]))
+    session.commit()
+
+
+def ownership(*, session: Session, run_id: int) -> tuple[str, str | None, int, bool, datetime | None]:
+    """(status, worker_id, attempts, cancel_requested, heartbeat_at) as the trainer checks them."""
+    row = session.execute(
+        select(Run.status, Run.worker_id, Run.attempts, Run.cancel_requested, Run.heartbeat_at).where(
+            Run.id == run_id
+        )
+    ).one()
+    session.commit()
+    return tuple(row)

@@ -1,0 +1,134 @@
+"""Trainer callbacks: progress into the database, polite cancellation, complete-checkpoint markers."""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from worker.sink import Sink
+
+CHECKPOINT_MARKER = "TUNEBOARD_COMPLETE"
+
+
+def process_memory_mb() -> float:
+    """Resident memory of this process now (Linux), else its peak."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def gpu_memory_mb() -> float | None:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return None
+
+
+class Orphaned(SystemExit):
+    """This run was handed to another worker (or its worker died): stop without saving anything."""
+
+    def __init__(self, reason: str):
+        super().__init__(75)
+        self.reason = reason
+
+
+class ProgressCallback(TrainerCallback):
+    """Appends one metrics row per log event, checks for cancellation, and marks complete checkpoints."""
+
+    def __init__(
+        self, sink: Sink, *, resumed_from: int | None, trainable: int, total: int, check_every: float = 2.0
+    ):
+        self.sink, self.resumed_from = sink, resumed_from
+        self.trainable, self.total, self.check_every = trainable, total, check_every
+        self._last_check = 0.0
+        self._last_time = self._last_step = self._last_tokens = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.sink.start(
+                total_steps=state.max_steps,
+                trainable=self.trainable,
+                total=self.total,
+                resumed_from=self.resumed_from,
+            )
+        self._mark(state)
+
+    def _mark(self, state) -> None:
+        self._last_time, self._last_step, self._last_tokens = (
+            time.perf_counter(),
+            state.global_step,
+            state.num_input_tokens_seen,
+        )
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        if "eval_loss" in logs:
+            self.sink.metric(
+                {
+                    "kind": "eval",
+                    "step": state.global_step,
+                    "epoch": logs.get("epoch", state.epoch),
+                    "eval_loss": logs["eval_loss"],
+                }
+            )
+            return
+        if "loss" not in logs:
+            return  # the end-of-training summary
+        now = time.perf_counter()
+        steps = max(1, state.global_step - self._last_step)
+        elapsed = now - self._last_time
+        tokens = state.num_input_tokens_seen - self._last_tokens
+        self.sink.metric(
+            {
+                "kind": "train",
+                "step": state.global_step,
+                "epoch": logs.get("epoch", state.epoch),
+                "loss": logs["loss"],
+                "learning_rate": logs.get("learning_rate"),
+                "grad_norm": logs.get("grad_norm"),
+                "tokens_per_second": tokens / elapsed if elapsed > 0 else None,
+                "step_time": elapsed / steps,
+                "memory_mb": process_memory_mb(),
+                "gpu_memory_mb": gpu_memory_mb(),
+            }
+        )
+        self._mark(state)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.monotonic()
+        if now - self._last_check < self.check_every:
+            return
+        self._last_check = now
+        cancel, orphaned = self.sink.check()
+        if orphaned:
+            raise Orphaned(orphaned)
+        if cancel:
+            control.should_training_stop = True
+
+    def on_save(self, args, state, control, **kwargs):
+        """Trainer calls this after a checkpoint is fully written: only then does it count for resuming."""
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                (folder / CHECKPOINT_MARKER).write_text(str(state.global_step))
+
+
+class AdaLoraCallback(TrainerCallback):
+    """AdaLoRA reallocates ranks after each optimizer step, while the gradients are still there."""
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        model.base_model.update_and_allocate(state.global_step)
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """Checkpoints whose save finished, oldest first."""
+    found = [p for p in folder.glob("checkpoint-*") if (p / CHECKPOINT_MARKER).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))

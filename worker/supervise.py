@@ -1,0 +1,159 @@
+"""Run one claimed run: write its run.yaml, start a fresh training process through `accelerate launch`,
+heartbeat while it works, pass on a cancel (politely, then SIGTERM, then SIGKILL), and record how it ended.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from app.config import Settings
+from app.db import Database
+from app.models import Run
+from app.runs import state
+from app.runs.config import RunConfig
+from worker.train import ERROR_FILE, write_config
+
+log = logging.getLogger("tuneboard.worker")
+LOG_FILE = "train.log"
+ORPHANED_EXIT = 75
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def launch_command(settings: Settings, run_yaml: Path, attempt: int) -> list[str]:
+    """The same command on a laptop and on a multi-GPU box: accelerate starts one process per device."""
+    accelerate = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--num_processes", str(settings.num_processes), "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+    ]  # fmt: skip
+    if settings.num_processes > 1:
+        accelerate.append("--multi_gpu")
+    training = ["-m", "worker.train", str(run_yaml), "--attempt", str(attempt)]
+    return [*accelerate, *training, "--stale-after", str(settings.stale_after_seconds / 2)]
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def prepare_run_folder(settings: Settings, run: Run) -> Path:
+    folder = settings.runs_dir / str(run.id)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = RunConfig.model_validate(run.config).model_copy(
+        update={"run_id": run.id, "output_dir": str(folder), "database_url": settings.sqlalchemy_url}
+    )
+    write_config(config, folder / "run.yaml")
+    return folder
+
+
+def supervise(settings: Settings, db: Database, run: Run, *, me: str, stop: threading.Event) -> str:
+    """Run `run` to its end. Returns the final status, or "requeued" when this worker is stopping."""
+    folder = prepare_run_folder(settings, run)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if settings.torch_threads:
+        env |= {
+            "TUNEBOARD_TORCH_THREADS": str(settings.torch_threads),
+            "OMP_NUM_THREADS": str(settings.torch_threads),
+        }
+    command = launch_command(settings, folder / "run.yaml", run.attempts)
+    log.info("run %d attempt %d: %s", run.id, run.attempts, " ".join(command))
+    with open(folder / LOG_FILE, "ab") as out:
+        out.write(f"--- attempt {run.attempts} by {me} ---\n".encode())
+        out.flush()
+        child = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    cancel_since = terminate_since = None
+    lost = False
+    while child.poll() is None:
+        if stop.wait(settings.heartbeat_seconds):
+            _signal(child, signal.SIGTERM)
+            _wait(child, settings.cancel_grace_seconds)
+            with db.write_session() as session:
+                state.requeue(session=session, run_id=run.id, worker_id=me)
+            log.info("run %d handed back to the queue (worker stopping)", run.id)
+            return "requeued"
+        try:
+            with db.write_session() as session:
+                cancel = state.heartbeat(session=session, run_id=run.id, worker_id=me)
+        except state.TransitionError:
+            lost = True  # requeued behind our back (we were too slow to heartbeat): stop our copy
+            cancel = True
+        now = time.monotonic()
+        if cancel and cancel_since is None:
+            cancel_since = now  # the trainer sees the flag itself and saves the adapter
+        if (
+            cancel_since is not None
+            and terminate_since is None
+            and now - cancel_since > settings.cancel_grace_seconds
+        ):
+            log.warning(
+                "run %d did not stop within %.0f s; sending SIGTERM", run.id, settings.cancel_grace_seconds
+            )
+            _signal(child, signal.SIGTERM)
+            terminate_since = now
+        if terminate_since is not None and now - terminate_since > settings.cancel_grace_seconds:
+            _signal(child, signal.SIGKILL)
+    code = child.returncode
+    if lost:
+        return "lost"
+    with db.session() as session:
+        cancelled = session.get(Run, run.id, populate_existing=True).cancel_requested
+    error = None
+    if cancelled:
+        status = "cancelled"
+    elif code == 0:
+        status = "succeeded"
+    else:
+        status = "failed"
+        error_file = folder / ERROR_FILE
+        if error_file.is_file():
+            error = error_file.read_text(encoding="utf-8").strip()
+        else:
+            error = (
+                f"The training process ended unexpectedly ({describe_exit(code)}). Last lines of its log:\n"
+            )
+            error += tail(folder / LOG_FILE)
+    with db.write_session() as session:
+        state.finish(session=session, run_id=run.id, worker_id=me, status=status, error=error, exit_code=code)
+    log.info("run %d %s (%s)", run.id, status, describe_exit(code))
+    return status
+
+
+def _signal(child: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(child.pid, sig)  # the launcher and every training process it started
+    except ProcessLookupError:
+        pass
+
+
+def _wait(child: subprocess.Popen, grace: float) -> None:
+    try:
+        child.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        _signal(child, signal.SIGKILL)
+        child.wait()

@@ -1,0 +1,307 @@
+"""One training run in one interpreter: `python -m worker.train RUN_YAML` (the worker launches it through
+`accelerate launch`; `tuneboard train run.yaml` runs it by hand). Heavy imports live inside functions.
+
+Writes into the run folder: `train.log` (the worker redirects output there), `checkpoints/checkpoint-N/`
+(marked complete after each save), `adapter/` (PEFT's standard layout plus the tokenizer) and, if it fails,
+`error.txt` with one sentence for the user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import yaml
+
+from app.runs.config import PROMPT_LEARNING, RunConfig
+
+log = logging.getLogger("tuneboard.train")
+ERROR_FILE = "error.txt"
+
+
+class UserError(Exception):
+    """A failure with a sentence the user can act on."""
+
+
+def read_config(path: Path) -> RunConfig:
+    config = RunConfig.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
+    if config.output_dir is None:
+        config = config.model_copy(update={"output_dir": str(path.parent)})
+    return config
+
+
+def write_config(config: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+
+
+def choose_dtype(requested: str):
+    """bf16 where the hardware does it fast (CPUs with AVX-512 BF16 or AMX, recent GPUs), fp16 on older
+    GPUs, fp32 otherwise."""
+    import torch
+
+    if requested != "auto":
+        return getattr(torch, requested)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32
+
+
+def available_memory_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_fits(model_path: Path, dtype) -> None:
+    """Refuse a model whose weights alone would not fit, before loading it takes the machine down."""
+    import torch
+
+    weights = sum(p.stat().st_size for p in model_path.glob("*.safetensors")) or sum(
+        p.stat().st_size for p in model_path.glob("*.bin")
+    )
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        where, budget = "GPU memory", free
+    else:
+        where, budget = "memory", available_memory_bytes()
+    # Checkpoints are usually fp32 or bf16; estimate the loaded size in the dtype we load in.
+    loaded = weights * (torch.finfo(dtype).bits / 32 if weights else 1)
+    if budget is not None and loaded * 1.2 > budget:
+        raise UserError(
+            f"The base model needs about {loaded / 2**30:.1f} GiB but only "
+            f"{budget / 2**30:.1f} GiB of {where} is "
+            "free. Choose a smaller model, or free memory and launch again."
+        )
+
+
+def build_trainer(config: RunConfig, sink, attempt: int | None):
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, Trainer, TrainingArguments
+
+    from worker.callbacks import AdaLoraCallback, ProgressCallback, complete_checkpoints
+    from worker.data import (
+        ExampleDataset,
+        LengthBucketSampler,
+        encode_rows,
+        load_rows,
+        packing_collator,
+        pad_collator,
+    )
+    from worker.peft_methods import build_peft_config
+
+    threads = os.environ.get("TUNEBOARD_TORCH_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+    training = config.training
+    model_path = Path(config.model_path)
+    if not (model_path / "config.json").is_file():
+        raise UserError(f"The base model '{config.base_model}' is not available at {model_path}.")
+    output = Path(config.output_dir)
+    checkpoints = output / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    rows = load_rows(config.dataset_path)
+    held_out = set(config.validation_rows)
+    train_split = encode_rows(
+        [r for i, r in enumerate(rows) if i not in held_out],
+        tokenizer,
+        config.prompt_format,
+        training.max_length,
+    )
+    eval_split = encode_rows(
+        [r for i, r in enumerate(rows) if i in held_out], tokenizer, config.prompt_format, training.max_length
+    )
+    if not train_split.examples:
+        raise UserError(
+            f"No training row has any answer token left within max_length={training.max_length}; "
+            "raise max_length."
+        )
+    if train_split.dropped:
+        log.warning(
+            "%d rows had no answer left after truncation to %d tokens",
+            train_split.dropped,
+            training.max_length,
+        )
+
+    dtype = choose_dtype(training.dtype)
+    check_fits(model_path, dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    model.config.use_cache = False  # required for correct packed-sequence masks, useless in training
+    if training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    peft_config = build_peft_config(
+        config.method, config.peft, total_steps=config.total_steps, model_path=str(model_path)
+    )
+    try:
+        model = get_peft_model(model, peft_config)
+    except ValueError as exc:
+        raise UserError(f"PEFT could not apply {config.method} to this model: {exc}") from exc
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info(
+        "%s on %s in %s: %d of %d parameters trainable",
+        config.method,
+        config.base_model,
+        dtype,
+        trainable,
+        total,
+    )
+
+    on_gpu = torch.cuda.is_available()
+    has_eval = bool(eval_split.examples)
+    args = TrainingArguments(
+        output_dir=str(checkpoints),
+        num_train_epochs=training.num_train_epochs,
+        max_steps=training.max_steps,
+        learning_rate=training.learning_rate,
+        per_device_train_batch_size=training.per_device_train_batch_size,
+        per_device_eval_batch_size=training.per_device_train_batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        warmup_steps=training.warmup_ratio,  # transformers 5: a float below 1 is a ratio of the steps
+        lr_scheduler_type=training.lr_scheduler_type,
+        weight_decay=training.weight_decay,
+        max_grad_norm=training.max_grad_norm,
+        logging_steps=training.logging_steps,
+        save_strategy="steps",
+        save_steps=training.save_steps,
+        save_total_limit=training.save_total_limit,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=training.eval_steps if has_eval else None,
+        seed=training.seed,
+        bf16=on_gpu and dtype == torch.bfloat16,
+        fp16=on_gpu and dtype == torch.float16,
+        include_num_input_tokens_seen="non_padding",
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=on_gpu,
+        remove_unused_columns=False,
+        save_only_model=False,
+    )
+
+    lengths = train_split.lengths
+
+    class TuneboardTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            return LengthBucketSampler(lengths, self.args.per_device_train_batch_size, self.args.seed)
+
+    packing = training.packing and config.method not in PROMPT_LEARNING
+    resume = _resume_point(checkpoints, complete_checkpoints)
+    callbacks = [ProgressCallback(sink, resumed_from=resume[1], trainable=trainable, total=total)]
+    if config.method == "adalora":
+        callbacks.append(AdaLoraCallback())
+    trainer = TuneboardTrainer(
+        model=model,
+        args=args,
+        train_dataset=ExampleDataset(train_split.examples),
+        eval_dataset=ExampleDataset(eval_split.examples) if has_eval else None,
+        data_collator=packing_collator() if packing else pad_collator(tokenizer),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    trainer.remove_callback(PrinterCallback)  # ProgressCallback logs each point once, in our format
+    return trainer, tokenizer, resume[0]
+
+
+def _resume_point(checkpoints: Path, complete_checkpoints) -> tuple[str | None, int | None]:
+    """The newest complete checkpoint; half-written ones (no marker) are removed first."""
+    complete = set(complete_checkpoints(checkpoints))
+    for folder in checkpoints.glob("checkpoint-*"):
+        if folder not in complete:
+            log.warning("removing incomplete checkpoint %s", folder.name)
+            shutil.rmtree(folder, ignore_errors=True)
+    if not complete:
+        return None, None
+    latest = max(complete, key=lambda p: int(p.name.split("-")[-1]))
+    log.info("resuming from %s", latest.name)
+    return str(latest), int(latest.name.split("-")[-1])
+
+
+def train(config: RunConfig, sink, attempt: int | None = None) -> Path:
+    """Train and save the adapter; returns its folder."""
+    trainer, tokenizer, resume_from = build_trainer(config, sink, attempt)
+    trainer.train(resume_from_checkpoint=resume_from)
+    adapter = Path(config.output_dir) / "adapter"
+    staging = adapter.with_name(".adapter.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    if trainer.is_world_process_zero():
+        trainer.model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        shutil.rmtree(adapter, ignore_errors=True)
+        os.replace(staging, adapter)
+        log.info("adapter saved to %s", adapter)
+    return adapter
+
+
+def explain(exc: BaseException) -> str:
+    """One sentence for the user about why training failed."""
+    import torch
+
+    if isinstance(exc, UserError):
+        return str(exc)
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+        return (
+            "Out of memory while training. Lower per_device_train_batch_size or max_length, "
+            "or turn on gradient_checkpointing."
+        )
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return "The disk is full: free space in the data directory, where checkpoints and the adapter go."
+    if isinstance(exc, ValueError):
+        return f"Training could not start with these settings: {exc}"
+    return f"Training failed: {type(exc).__name__}: {exc}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="tuneboard train", description="Run one fine-tuning from its run.yaml."
+    )
+    parser.add_argument("config", type=Path, help="a run.yaml (saved in every run folder)")
+    parser.add_argument("--attempt", type=int, help="set by the worker: report to the run's database rows")
+    parser.add_argument("--stale-after", type=float, default=30.0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True
+    )
+
+    from worker.callbacks import Orphaned
+    from worker.sink import DatabaseSink, Sink
+
+    config = read_config(args.config)
+    output = Path(config.output_dir)
+    (output / ERROR_FILE).unlink(missing_ok=True)
+    reporting = args.attempt is not None and config.run_id is not None and config.database_url
+    sink = (
+        DatabaseSink(config.database_url, config.run_id, args.attempt, args.stale_after)
+        if reporting
+        else Sink()
+    )
+    try:
+        train(config, sink, args.attempt)
+    except Orphaned as exc:
+        log.warning("stopping: %s", exc.reason)
+        return 75
+    except Exception as exc:
+        message = explain(exc)
+        log.exception("training failed: %s", message)
+        if os.environ.get("RANK", "0") == "0":
+            (output / ERROR_FILE).write_text(message, encoding="utf-8")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
