@@ -31,6 +31,7 @@ class Settings(BaseSettings):
     split_seed: int = 42
     default_max_length: int = Field(1024, ge=16)
     worker_poll_seconds: float = Field(2.0, gt=0)
+    prepare_models: bool = Field(True, description="convert GGUF base models while the worker is idle")
     heartbeat_seconds: float = Field(3.0, gt=0, description="how often a worker marks its run alive")
     stale_after_seconds: float = Field(30.0, gt=0, description="silence after which a run is requeued")
     cancel_grace_seconds: float = Field(30.0, gt=0, description="wait for a polite stop before SIGTERM")

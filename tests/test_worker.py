@@ -1,0 +1,221 @@
+"""The worker: atomic claims, success, failure, cancel, and a killed worker whose run resumes."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from app.config import Settings
+from app.db import Database
+from app.models import RunMetric
+from app.runs import state
+from tests.conftest import DEMO_DATASET, upload
+from tests.servers import running_worker
+from worker.main import work_once
+
+FAST = {
+    "heartbeat_seconds": 0.3,
+    "stale_after_seconds": 4,
+    "cancel_grace_seconds": 10,
+    "worker_poll_seconds": 0.2,
+    "prepare_models": False,
+    "torch_threads": 1,
+}
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    from app.migrate import upgrade
+
+    settings = Settings(data_dir=tmp_path / "data", **FAST)
+    upgrade(settings)
+    return settings
+
+
+@pytest.fixture
+def launch(client, tiny_model_dir):
+    model = client.post("/api/models", json={"path": str(tiny_model_dir)}).json()["id"]
+    dataset = upload(client, "demo.json", DEMO_DATASET.read_bytes()).json()["id"]
+
+    def launch(**training) -> dict:
+        body = {"dataset_id": dataset, "base_model": model, "training": {"dtype": "float32", **training}}
+        response = client.post("/api/runs", json=body)
+        assert response.status_code == 201, response.text
+        return response.json()
+
+    return launch
+
+
+@pytest.fixture
+def db(settings):
+    database = Database(settings.sqlalchemy_url)
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def background_worker(settings, db):
+    """`work_once` in a thread; stopping it on teardown stops any training process it started."""
+    stop = threading.Event()
+    threads = []
+
+    def start() -> threading.Thread:
+        thread = threading.Thread(target=work_once, args=(settings, db), kwargs={"me": "test-worker", "stop": stop})
+        thread.start()
+        threads.append(thread)
+        return thread
+
+    yield start
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=60)
+
+
+def wait_for(predicate, timeout: float = 90, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def metrics(client, run_id: int) -> list[dict]:
+    return client.get(f"/api/runs/{run_id}/metrics").json()
+
+
+def test_claims_are_atomic_under_two_workers(settings, launch):
+    ids = {launch()["id"] for _ in range(24)}
+    claimed: dict[str, list[int]] = {"a": [], "b": []}
+
+    def claim_all(name: str) -> None:
+        database = Database(settings.sqlalchemy_url)
+        while True:
+            with database.write_session() as session:
+                run = state.claim_next(session=session, worker_id=name)
+            if run is None:
+                break
+            claimed[name].append(run.id)
+        database.dispose()
+
+    workers = [threading.Thread(target=claim_all, args=(name,)) for name in claimed]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert sorted(claimed["a"] + claimed["b"]) == sorted(ids)
+    assert not set(claimed["a"]) & set(claimed["b"])
+
+
+def test_a_run_succeeds_with_metrics_and_a_downloadable_adapter(client, settings, db, launch):
+    run = launch(max_steps=8, logging_steps=2, save_steps=4)
+    assert work_once(settings, db, me="w1", stop=threading.Event())
+    done = client.get(f"/api/runs/{run['id']}").json()
+    assert done["status"] == "succeeded", done["error"]
+    assert (done["attempts"], done["exit_code"], done["total_steps"], done["current_step"]) == (1, 0, 8, 8)
+    assert 0 < done["trainable_params"] < done["total_params"]
+    points = metrics(client, run["id"])
+    assert [p["step"] for p in points if p["kind"] == "train"] == [2, 4, 6, 8]
+    assert [p["step"] for p in points if p["kind"] == "eval"] == [4, 8]
+    assert [p["id"] for p in points] == sorted(p["id"] for p in points)
+    folder = settings.runs_dir / str(run["id"])
+    assert (folder / "run.yaml").is_file() and "adapter saved" in (folder / "train.log").read_text()
+    download = client.get(f"/api/runs/{run['id']}/adapter")
+    assert download.status_code == 200 and download.headers["content-type"] == "application/zip"
+    names = zipfile.ZipFile(io.BytesIO(download.content)).namelist()
+    assert f"run-{run['id']}-adapter/adapter_config.json" in names
+    assert f"run-{run['id']}-adapter/adapter_model.safetensors" in names
+    assert not work_once(settings, db, me="w1", stop=threading.Event())  # queue empty
+
+
+def test_metrics_arrive_while_it_trains(client, launch, background_worker):
+    run = launch(max_steps=400, logging_steps=5, save_steps=200)
+    worker = background_worker()
+    seen = wait_for(lambda: metrics(client, run["id"]), what="first metrics")
+    assert client.get(f"/api/runs/{run['id']}").json()["status"] == "running"
+    assert seen[0]["step"] == 5 and seen[0]["loss"] > 0 and seen[0]["tokens_per_second"] > 0
+    worker.join(timeout=120)
+    assert client.get(f"/api/runs/{run['id']}").json()["status"] == "succeeded"
+
+
+def test_a_failing_run_ends_with_a_sentence(client, settings, db, launch):
+    run = launch(max_length=16)  # the chat template's prompt alone is longer: nothing left to learn
+    work_once(settings, db, me="w1", stop=threading.Event())
+    failed = client.get(f"/api/runs/{run['id']}").json()
+    assert failed["status"] == "failed" and failed["exit_code"] != 0
+    assert failed["error"] == "No training row has any answer token left within max_length=16; raise max_length."
+
+
+def test_a_killed_training_process_fails_with_its_log_tail(client, launch, background_worker):
+    run = launch(max_steps=5000, logging_steps=5, save_steps=1000)
+    background_worker()
+    wait_for(lambda: metrics(client, run["id"]), what="training to start")
+    pid = wait_for(lambda: training_pid(run["id"]), what="the training process")
+    os.kill(pid, signal.SIGKILL)
+    failed = wait_for(
+        lambda: (r := client.get(f"/api/runs/{run['id']}").json())["status"] == "failed" and r, what="failure"
+    )
+    assert failed["error"].startswith("The training process ended unexpectedly")
+    assert "Last lines of its log" in failed["error"]
+
+
+def test_cancel_stops_training_and_keeps_the_adapter(client, settings, launch, background_worker):
+    run = launch(max_steps=5000, logging_steps=5, save_steps=1000)
+    worker = background_worker()
+    wait_for(lambda: metrics(client, run["id"]), what="training to start")
+    assert client.post(f"/api/runs/{run['id']}/cancel").json()["cancel_requested"] is True
+    worker.join(timeout=60)
+    cancelled = client.get(f"/api/runs/{run['id']}").json()
+    assert cancelled["status"] == "cancelled" and cancelled["current_step"] < 5000
+    assert (settings.runs_dir / str(run["id"]) / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def training_pid(run_id: int) -> int | None:
+    """The training interpreter of a run (not accelerate's launcher)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        text = b" ".join(cmdline).decode(errors="replace")
+        if "-m worker.train" in text and f"/runs/{run_id}/run.yaml" in text and "accelerate" not in text:
+            return int(entry.name)
+    return None
+
+
+def test_killing_the_worker_resumes_the_run_from_its_checkpoint(tmp_path, settings, client, launch):
+    run = launch(max_steps=240, logging_steps=5, save_steps=20)
+    env = {f"TUNEBOARD_{k.upper()}": str(v) for k, v in FAST.items()}
+    with running_worker(settings.data_dir, env, log=tmp_path / "worker1.log") as first:
+        checkpoints = settings.runs_dir / str(run["id"]) / "checkpoints"
+        wait_for(lambda: list(checkpoints.glob("checkpoint-*/TUNEBOARD_COMPLETE")), what="a complete checkpoint")
+        wait_for(lambda: client.get(f"/api/runs/{run['id']}").json()["current_step"] >= 60, what="step 60")
+        orphan = training_pid(run["id"])
+        os.kill(first.pid, signal.SIGKILL)
+    # Without heartbeats the orphaned training process stops by itself.
+    wait_for(lambda: training_pid(run["id"]) is None, timeout=30, what="the orphaned trainer to exit")
+    assert orphan is not None
+    with running_worker(settings.data_dir, env, log=tmp_path / "worker2.log"):
+        done = wait_for(
+            lambda: (r := client.get(f"/api/runs/{run['id']}").json())["status"] in state.FINISHED and r,
+            timeout=180,
+            what="the resumed run to finish",
+        )
+    assert done["status"] == "succeeded", done["error"]
+    assert done["attempts"] == 2 and done["resumed_from_step"] >= 20
+    log = (settings.runs_dir / str(run["id"]) / "train.log").read_text()
+    assert f"resuming from checkpoint-{done['resumed_from_step']}" in log
+    steps = [p["step"] for p in metrics(client, run["id"]) if p["kind"] == "train"]
+    assert steps == list(range(5, 241, 5))  # every logged step once: none lost, none repeated
+    with Database(settings.sqlalchemy_url).session() as session:
+        assert session.query(RunMetric).filter_by(run_id=run["id"], kind="train").count() == 48
