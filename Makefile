@@ -8,7 +8,7 @@ TEST_STAMP = $(VENV)/.installed-test
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install install-test run test lint clean
+.PHONY: install install-test run test lint bench clean
 
 install: $(STAMP)
 
@@ -40,6 +40,9 @@ test: install-test
 lint: install-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+bench: install
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -174,3 +174,28 @@ def test_a_run_trains_from_its_yaml_and_the_loss_falls(tmp_path, tiny_model_dir)
     assert len(checkpoints) <= config.training.save_total_limit
     # the same file runs again without the web app (and resumes from the last complete checkpoint)
     assert main([str(tmp_path / "run.yaml")]) == 0
+
+
+def test_gradient_checkpointing_trains(tmp_path, tiny_model_dir):
+    config = make_config(tmp_path, tiny_model_dir, "lora", max_steps=2, gradient_checkpointing=True)
+    trainer, _, _ = build_trainer(config, Sink(), None)
+    assert trainer.model.base_model.model.is_activation_checkpointing
+    assert trainer.train().global_step == 2
+
+
+@pytest.mark.parametrize("collate", ["padded", "packed"])
+def test_answer_only_loss_equals_the_models_own_loss(tiny_model_dir, tokenizer, collate):
+    from transformers import AutoModelForCausalLM
+
+    from worker.trainer import answer_only_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model.config.use_cache = False
+    rows = parse_dataset(DEMO_DATASET.read_bytes()).rows[:4]
+    examples = [encode_row(r, tokenizer, "chat", 512) for r in rows]
+    batch = (pad_collator(tokenizer) if collate == "padded" else packing_collator())(examples)
+    with torch.no_grad():
+        expected = model(**batch).loss
+        actual, outputs = answer_only_loss(model, dict(batch))
+    assert torch.allclose(actual, expected, atol=1e-6)
+    assert outputs.logits.shape[1] < batch["input_ids"].shape[1]  # prompt positions were never projected

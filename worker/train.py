@@ -87,18 +87,18 @@ def check_fits(model_path: Path, dtype) -> None:
 def build_trainer(config: RunConfig, sink, attempt: int | None):
     import torch
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainingArguments
 
     from worker.callbacks import AdaLoraCallback, ProgressCallback, complete_checkpoints
     from worker.data import (
         ExampleDataset,
-        LengthBucketSampler,
         encode_rows,
         load_rows,
         packing_collator,
         pad_collator,
     )
     from worker.peft_methods import build_peft_config
+    from worker.trainer import TuneboardTrainer
 
     threads = os.environ.get("TUNEBOARD_TORCH_THREADS")
     if threads:
@@ -142,7 +142,7 @@ def build_trainer(config: RunConfig, sink, attempt: int | None):
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     model.config.use_cache = False  # required for correct packed-sequence masks, useless in training
     if training.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     peft_config = build_peft_config(
         config.method, config.peft, total_steps=config.total_steps, model_path=str(model_path)
@@ -191,13 +191,8 @@ def build_trainer(config: RunConfig, sink, attempt: int | None):
         dataloader_pin_memory=on_gpu,
         remove_unused_columns=False,
         save_only_model=False,
+        prediction_loss_only=True,
     )
-
-    lengths = train_split.lengths
-
-    class TuneboardTrainer(Trainer):
-        def _get_train_sampler(self, train_dataset=None):
-            return LengthBucketSampler(lengths, self.args.per_device_train_batch_size, self.args.seed)
 
     packing = training.packing and config.method not in PROMPT_LEARNING
     resume = _resume_point(checkpoints, complete_checkpoints)
@@ -205,6 +200,10 @@ def build_trainer(config: RunConfig, sink, attempt: int | None):
     if config.method == "adalora":
         callbacks.append(AdaLoraCallback())
     trainer = TuneboardTrainer(
+        lengths=train_split.lengths,
+        # Virtual tokens shift the positions of prompt-learning methods, and AdaLoRA adds its orthogonality
+        # penalty inside the model's own loss: those keep the model's loss.
+        answer_logits_only=config.method not in PROMPT_LEARNING | {"adalora"},
         model=model,
         args=args,
         train_dataset=ExampleDataset(train_split.examples),
