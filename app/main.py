@@ -13,7 +13,7 @@ from sqlalchemy import text
 
 from app.config import PROJECT_ROOT, Settings, get_settings
 from app.db import Database
-from app.routes import auth, datasets_api, models_api, pages, runs_api
+from app.routes import auth, datasets_api, models_api, pages, run_pages, runs_api
 from app.security import AccessMiddleware, BodyLimitMiddleware
 from app.web import make_templates, render
 
@@ -33,20 +33,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.db = Database(settings.sqlalchemy_url)
     app.state.templates = make_templates()
+    app.state.open_streams = 0
 
     app.add_middleware(BodyLimitMiddleware, settings=settings)
     app.add_middleware(AccessMiddleware, settings=settings)  # outermost: runs first
 
     app.mount("/static", StaticFiles(directory=PROJECT_ROOT / "static"), name="static")
     app.mount("/examples", StaticFiles(directory=PROJECT_ROOT / "data" / "examples"), name="examples")
-    for module in (auth, pages, datasets_api, models_api, runs_api):
+    for module in (auth, run_pages, pages, datasets_api, models_api, runs_api):
         app.include_router(module.router)
 
     @app.get("/healthz", include_in_schema=False)
-    def healthz() -> dict[str, str]:
+    def healthz() -> dict[str, str | int]:
         with app.state.db.session() as session:
             session.execute(text("SELECT 1"))
-        return {"status": "ok"}
+        return {"status": "ok", "open_streams": app.state.open_streams}
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):

@@ -28,10 +28,33 @@ def ago(moment: datetime) -> str:
     return "just now"
 
 
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def count(value: int | None) -> str:
+    """12 345 678 → 12.3M"""
+    if value is None:
+        return "—"
+    for limit, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if value >= limit:
+            return f"{value / limit:.1f}{suffix}"
+    return str(value)
+
+
 def make_templates() -> Jinja2Blocks:
     templates = Jinja2Blocks(directory=str(PROJECT_ROOT / "templates"))
     templates.env.filters["filesize"] = filesize
     templates.env.filters["ago"] = ago
+    templates.env.filters["duration"] = duration
+    templates.env.filters["count"] = count
     return templates
 
 

@@ -29,7 +29,12 @@ def bundled_model(settings: Settings):
 def report_training(result: dict) -> str:
     peak = result["peak_gflops"]
     params = result["params"]
-    recipe, ours, packed, overhead = result["recipe"], result["tuneboard"], result["tuneboard_packed"], result["overhead"]
+    recipe, ours, packed, overhead = (
+        result["recipe"],
+        result["tuneboard"],
+        result["tuneboard_packed"],
+        result["overhead"],
+    )
 
     def speed(r):
         return r["tokens"] / r["seconds"]
@@ -39,27 +44,34 @@ def report_training(result: dict) -> str:
         return f"{flops:.0f} GFLOP/s = {flops / peak[dtype]:.0%} of the {dtype} matmul peak"
 
     dtype = "bfloat16" if "bfloat16" in ours["dtype"] else "float32"
+
+    def row(label: str, r: dict, r_dtype: str) -> str:
+        ratio = speed(r) / speed(recipe)
+        return (
+            f"| {label} | {speed(r):.0f} | {ratio:.1f} | {r['loss']:.3f} | {r['eval_loss']:.3f} "
+            f"| {useful(r, r_dtype)} |"
+        )
+
+    def joined(values) -> str:
+        return ", ".join(f"{v:.0f}" for v in values)
+
+    lengths = result["lengths"]
     lines = [
-        f"Training: {result['rows']} rows (token lengths {result['lengths']['min']}–{result['lengths']['max']}, "
-        f"median {result['lengths']['median']}), one epoch, LoRA r8/α32 on q_proj,v_proj, batch 4, "
+        f"Training: {result['rows']} rows (token lengths {lengths['min']}–{lengths['max']}, "
+        f"median {lengths['median']}), one epoch, LoRA r8/α32 on q_proj,v_proj, batch 4, "
         f"{result['threads']} threads, {params / 1e6:.0f}M parameters",
         f"matmul peak: {peak['float32']:.0f} GFLOP/s float32, {peak['bfloat16']:.0f} GFLOP/s bfloat16",
         "",
         "| path | real tokens/s | × recipe | train loss | held-out loss | useful FLOP/s |",
         "|---|---|---|---|---|---|",
-        f"| tutorial recipe (pad to 512, gradient checkpointing, fp32) | {speed(recipe):.0f} | 1.0 | "
-        f"{recipe['loss']:.3f} | {recipe['eval_loss']:.3f} | {useful(recipe, 'float32')} |",
-        f"| Tuneboard (length buckets, {dtype} base weights) | {speed(ours):.0f} | {speed(ours) / speed(recipe):.1f} | "
-        f"{ours['loss']:.3f} | {ours['eval_loss']:.3f} | {useful(ours, dtype)} |",
-        f"| Tuneboard with packing | {speed(packed):.0f} | {speed(packed) / speed(recipe):.1f} | "
-        f"{packed['loss']:.3f} | {packed['eval_loss']:.3f} | {useful(packed, dtype)} |",
+        row("tutorial recipe (pad to 512, gradient checkpointing, fp32)", recipe, "float32"),
+        row(f"Tuneboard (length buckets, {dtype} base weights)", ours, dtype),
+        row("Tuneboard with packing", packed, dtype),
         "",
         "Dashboard overhead (a metrics row every step, cancel checks every 2 s, a heartbeat every 3 s):",
-        f"- time the training loop spends in the dashboard's database work: {overhead['direct']:.2%} of its wall time",
-        f"- A/B, same loop logging only vs with the dashboard, interleaved: bare "
-        f"{', '.join(f'{v:.0f}' for v in overhead['runs']['bare'])} tokens/s, dashboard "
-        f"{', '.join(f'{v:.0f}' for v in overhead['runs']['dashboard'])} tokens/s "
-        f"(difference of the means {overhead['overhead']:+.1%}, within this machine's run-to-run noise)",
+        f"- time in the dashboard's database work: {overhead['direct']:.2%} of the training wall time",
+        f"- A/B, logging only vs dashboard, interleaved: bare {joined(overhead['runs']['bare'])} tokens/s, "
+        f"dashboard {joined(overhead['runs']['dashboard'])} tokens/s ({overhead['overhead']:+.1%})",
     ]
     return "\n".join(lines)
 
@@ -77,8 +89,11 @@ def main() -> None:
     settings.ensure_dirs()
     model_dir = bundled_model(settings)
     started = time.time()
-    print(f"{time.strftime('%Y-%m-%d %H:%M')} · {platform.processor() or platform.machine()} · python -m bench "
-          f"--rows {args.rows} --threads {args.threads}", flush=True)
+    print(
+        f"{time.strftime('%Y-%m-%d %H:%M')} · {platform.processor() or platform.machine()} · python -m bench "
+        f"--rows {args.rows} --threads {args.threads}",
+        flush=True,
+    )
     result = training_benchmark(model_dir, args.rows, args.threads)
     print(report_training(result))
     print(f"\n(benchmark took {time.time() - started:.0f} s)")

@@ -39,17 +39,36 @@ def write_rows(folder: Path, rows: list[dict]) -> Path:
     return path
 
 
-def tuneboard_config(folder: Path, model_dir: Path, rows_file: Path, train_rows: int, eval_rows: list[int], **training):
+def tuneboard_config(
+    folder: Path, model_dir: Path, rows_file: Path, train_rows: int, eval_rows: list[int], **training
+):
     params = TrainingParams(
-        num_train_epochs=1, learning_rate=2e-4, per_device_train_batch_size=4, logging_steps=1,
-        save_steps=10_000, eval_steps=10_000, max_length=512, warmup_ratio=0.0, lr_scheduler_type="constant",
+        num_train_epochs=1,
+        learning_rate=2e-4,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        save_steps=10_000,
+        eval_steps=10_000,
+        max_length=512,
+        warmup_ratio=0.0,
+        lr_scheduler_type="constant",
         **training,
-    )  # fmt: skip
+    )
     return RunConfig(
-        name="bench", dataset_id=0, dataset_path=str(rows_file), base_model="smollm2", model_path=str(model_dir),
-        method="lora", prompt_format="chat", peft=validate_peft("lora", RECIPE_LORA), training=params,
-        train_rows=train_rows, validation_rows=eval_rows, total_steps=-(-train_rows // 4), output_dir=str(folder),
-    )  # fmt: skip
+        name="bench",
+        dataset_id=0,
+        dataset_path=str(rows_file),
+        base_model="smollm2",
+        model_path=str(model_dir),
+        method="lora",
+        prompt_format="chat",
+        peft=validate_peft("lora", RECIPE_LORA),
+        training=params,
+        train_rows=train_rows,
+        validation_rows=eval_rows,
+        total_steps=-(-train_rows // 4),
+        output_dir=str(folder),
+    )
 
 
 def run_tuneboard(config: RunConfig, sink) -> dict:
@@ -58,8 +77,13 @@ def run_tuneboard(config: RunConfig, sink) -> dict:
     trainer, _, _ = build_trainer(config, sink, None)
     tokens = sum(len(e["input_ids"]) for e in trainer.train_dataset.examples)
     output = trainer.train()
-    return {"tokens": tokens, "seconds": output.metrics["train_runtime"], "model": trainer.model,
-            "loss": output.training_loss, "dtype": str(trainer.model.dtype)}  # fmt: skip
+    return {
+        "tokens": tokens,
+        "seconds": output.metrics["train_runtime"],
+        "model": trainer.model,
+        "loss": output.training_loss,
+        "dtype": str(trainer.model.dtype),
+    }
 
 
 def run_recipe(model_dir: Path, rows: list[dict], tokenizer, folder: Path) -> dict:
@@ -75,20 +99,30 @@ def run_recipe(model_dir: Path, rows: list[dict], tokenizer, folder: Path) -> di
     padded = []
     for e in examples:
         pad = 512 - len(e["input_ids"])
-        padded.append({
-            "input_ids": e["input_ids"] + [tokenizer.pad_token_id] * pad,
-            "attention_mask": [1] * len(e["input_ids"]) + [0] * pad,
-            "labels": e["labels"] + [-100] * pad,
-        })  # fmt: skip
+        padded.append(
+            {
+                "input_ids": e["input_ids"] + [tokenizer.pad_token_id] * pad,
+                "attention_mask": [1] * len(e["input_ids"]) + [0] * pad,
+                "labels": e["labels"] + [-100] * pad,
+            }
+        )
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.activation_checkpointing_enable()  # the tutorial's gradient_checkpointing_enable(), renamed
     model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, **RECIPE_LORA))
     args = TrainingArguments(
-        output_dir=str(folder / "recipe"), num_train_epochs=1, per_device_train_batch_size=4, learning_rate=2e-4,
-        lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True,
-        dataloader_pin_memory=False, seed=42,
-    )  # fmt: skip
+        output_dir=str(folder / "recipe"),
+        num_train_epochs=1,
+        per_device_train_batch_size=4,
+        learning_rate=2e-4,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+        seed=42,
+    )
 
     def collate(batch):
         return {k: torch.tensor([b[k] for b in batch]) for k in batch[0]}
@@ -96,8 +130,13 @@ def run_recipe(model_dir: Path, rows: list[dict], tokenizer, folder: Path) -> di
     trainer = Trainer(model=model, args=args, train_dataset=ExampleDataset(padded), data_collator=collate)
     trainer.remove_callback(PrinterCallback)
     output = trainer.train()
-    return {"tokens": real, "seconds": output.metrics["train_runtime"], "model": model, "loss": output.training_loss,
-            "padded_tokens": 512 * len(padded)}  # fmt: skip
+    return {
+        "tokens": real,
+        "seconds": output.metrics["train_runtime"],
+        "model": model,
+        "loss": output.training_loss,
+        "padded_tokens": 512 * len(padded),
+    }
 
 
 def eval_loss(model, tokenizer, rows: list[dict]) -> float:
@@ -160,7 +199,9 @@ def timed_sink(sink):
     return sink
 
 
-def dashboard_overhead(model_dir: Path, rows_file: Path, train_rows: int, folder: Path, repeats: int = 2) -> dict:
+def dashboard_overhead(
+    model_dir: Path, rows_file: Path, train_rows: int, folder: Path, repeats: int = 2
+) -> dict:
     """The same training, bare (log only) and with the dashboard's database writes, interleaved."""
     from app.config import Settings
     from app.db import Database
@@ -173,13 +214,25 @@ def dashboard_overhead(model_dir: Path, rows_file: Path, train_rows: int, folder
     upgrade(settings)
     db = Database(settings.sqlalchemy_url)
     with db.write_session() as session:
-        session.add(Dataset(id=1, name="bench", filename="b", format="alpaca", layout="json", rows=train_rows,
-                            size_bytes=0, sha256=""))  # fmt: skip
+        session.add(
+            Dataset(
+                id=1,
+                name="bench",
+                filename="b",
+                format="alpaca",
+                layout="json",
+                rows=train_rows,
+                size_bytes=0,
+                sha256="",
+            )
+        )
         session.commit()
 
     def running_run():
         with db.write_session() as session:
-            state.enqueue(session=session, name="bench", dataset_id=1, base_model="smollm2", method="lora", config={})
+            state.enqueue(
+                session=session, name="bench", dataset_id=1, base_model="smollm2", method="lora", config={}
+            )
         with db.write_session() as session:
             return state.claim_next(session=session, worker_id="bench")
 
@@ -206,8 +259,13 @@ def dashboard_overhead(model_dir: Path, rows_file: Path, train_rows: int, folder
             progress(f"overhead run {attempt + 1} {kind}: {speeds[kind][-1]:.0f} tokens/s")
     db.dispose()
     bare, dash = statistics.mean(speeds["bare"]), statistics.mean(speeds["dashboard"])
-    return {"bare": bare, "dashboard": dash, "overhead": (bare - dash) / bare, "runs": speeds,
-            "direct": statistics.mean(direct)}  # fmt: skip
+    return {
+        "bare": bare,
+        "dashboard": dash,
+        "overhead": (bare - dash) / bare,
+        "runs": speeds,
+        "direct": statistics.mean(direct),
+    }
 
 
 def training_benchmark(model_dir: Path, rows: int, threads: int) -> dict:
@@ -227,7 +285,9 @@ def training_benchmark(model_dir: Path, rows: int, threads: int) -> dict:
 
         progress(f"matmul peak: {peak32:.0f} GFLOP/s float32, {peak16:.0f} GFLOP/s bfloat16")
         # Warm-up (allocator, kernels, file cache) so that the first measured path is not penalised.
-        run_tuneboard(tuneboard_config(folder / "warmup", model_dir, rows_file, rows, [], max_steps=3), _quiet_sink())
+        run_tuneboard(
+            tuneboard_config(folder / "warmup", model_dir, rows_file, rows, [], max_steps=3), _quiet_sink()
+        )
         recipe = run_recipe(model_dir, train_rows, tokenizer, folder)
         recipe["eval_loss"] = eval_loss(recipe.pop("model"), tokenizer, held_out_rows)
         progress(f"recipe: {recipe['tokens'] / recipe['seconds']:.0f} real tokens/s")
@@ -235,20 +295,29 @@ def training_benchmark(model_dir: Path, rows: int, threads: int) -> dict:
         ours["eval_loss"] = eval_loss(ours.pop("model"), tokenizer, held_out_rows)
         progress(f"tuneboard: {ours['tokens'] / ours['seconds']:.0f} real tokens/s")
         packed = run_tuneboard(
-            tuneboard_config(folder / "tb-packed", model_dir, rows_file, rows, [], packing=True), _quiet_sink()
+            tuneboard_config(folder / "tb-packed", model_dir, rows_file, rows, [], packing=True),
+            _quiet_sink(),
         )
         packed["eval_loss"] = eval_loss(packed.pop("model"), tokenizer, held_out_rows)
         progress(f"tuneboard packed: {packed['tokens'] / packed['seconds']:.0f} real tokens/s")
         overhead = dashboard_overhead(model_dir, rows_file, rows, folder)
 
     params = _parameter_count(model_dir)
-    lengths = sorted(len(tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=False)) for r in train_rows)
+    lengths = sorted(
+        len(tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=False))
+        for r in train_rows
+    )
     return {
-        "rows": rows, "threads": threads, "params": params,
+        "rows": rows,
+        "threads": threads,
+        "params": params,
         "lengths": {"min": lengths[0], "median": lengths[len(lengths) // 2], "max": lengths[-1]},
         "peak_gflops": {"float32": peak32, "bfloat16": peak16},
-        "recipe": recipe, "tuneboard": ours, "tuneboard_packed": packed, "overhead": overhead,
-    }  # fmt: skip
+        "recipe": recipe,
+        "tuneboard": ours,
+        "tuneboard_packed": packed,
+        "overhead": overhead,
+    }
 
 
 def _parameter_count(model_dir: Path) -> int:

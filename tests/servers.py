@@ -23,11 +23,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def running(command: str, data_dir: Path, *, log: Path, timeout: float = 60.0):
+def running(command: str, data_dir: Path, *, log: Path, timeout: float = 60.0, env_extra: dict | None = None):
     """Run `tuneboard <command>` on a free port; yields (base_url, process)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEBOARD_")}
     env |= {"TUNEBOARD_DATA_DIR": str(data_dir), "TUNEBOARD_PORT": str(port), "PYTHONUNBUFFERED": "1"}
+    env |= env_extra or {}
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "app.cli", command],
@@ -63,8 +64,12 @@ def running_worker(data_dir: Path, env_extra: dict[str, str], *, log: Path):
     env |= {"TUNEBOARD_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1", **env_extra}
     with open(log, "ab") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "worker"], cwd=PROJECT_ROOT, env=env, stdout=out,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            [sys.executable, "-m", "app.cli", "worker"],
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         yield process

@@ -41,7 +41,8 @@ def test_tutorial_preset_reproduces_the_recipe(client, dataset_id):
     assert (training["learning_rate"], training["per_device_train_batch_size"]) == (5e-5, 4)
     assert (training["gradient_accumulation_steps"], training["num_train_epochs"]) == (8, 50)
     custom = client.post(
-        "/api/runs", json={"dataset_id": dataset_id, "preset": "tutorial", "training": {"learning_rate": 1e-4}}
+        "/api/runs",
+        json={"dataset_id": dataset_id, "preset": "tutorial", "training": {"learning_rate": 1e-4}},
     ).json()
     assert custom["config"]["training"]["learning_rate"] == 1e-4
     assert custom["config"]["peft"]["r"] == 8
@@ -78,7 +79,11 @@ def test_invalid_values_are_422_naming_the_field(client, dataset_id, body, field
 def test_unknown_dataset_is_422(client):
     response = client.post("/api/runs", json={"dataset_id": 77})
     assert response.status_code == 422
-    assert response.json()["detail"][0] == {"row": None, "field": "dataset_id", "message": "There is no dataset 77."}
+    assert response.json()["detail"][0] == {
+        "row": None,
+        "field": "dataset_id",
+        "message": "There is no dataset 77.",
+    }
 
 
 def test_cancel_a_queued_run_and_what_cannot_be_done_twice(client, dataset_id):

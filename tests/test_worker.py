@@ -67,7 +67,9 @@ def background_worker(settings, db):
     threads = []
 
     def start() -> threading.Thread:
-        thread = threading.Thread(target=work_once, args=(settings, db), kwargs={"me": "test-worker", "stop": stop})
+        thread = threading.Thread(
+            target=work_once, args=(settings, db), kwargs={"me": "test-worker", "stop": stop}
+        )
         thread.start()
         threads.append(thread)
         return thread
@@ -151,7 +153,9 @@ def test_a_failing_run_ends_with_a_sentence(client, settings, db, launch):
     work_once(settings, db, me="w1", stop=threading.Event())
     failed = client.get(f"/api/runs/{run['id']}").json()
     assert failed["status"] == "failed" and failed["exit_code"] != 0
-    assert failed["error"] == "No training row has any answer token left within max_length=16; raise max_length."
+    assert (
+        failed["error"] == "No training row has any answer token left within max_length=16; raise max_length."
+    )
 
 
 def test_a_killed_training_process_fails_with_its_log_tail(client, launch, background_worker):
@@ -198,7 +202,9 @@ def test_killing_the_worker_resumes_the_run_from_its_checkpoint(tmp_path, settin
     env = {f"TUNEBOARD_{k.upper()}": str(v) for k, v in FAST.items()}
     with running_worker(settings.data_dir, env, log=tmp_path / "worker1.log") as first:
         checkpoints = settings.runs_dir / str(run["id"]) / "checkpoints"
-        wait_for(lambda: list(checkpoints.glob("checkpoint-*/TUNEBOARD_COMPLETE")), what="a complete checkpoint")
+        wait_for(
+            lambda: list(checkpoints.glob("checkpoint-*/TUNEBOARD_COMPLETE")), what="a complete checkpoint"
+        )
         wait_for(lambda: client.get(f"/api/runs/{run['id']}").json()["current_step"] >= 60, what="step 60")
         orphan = training_pid(run["id"])
         os.kill(first.pid, signal.SIGKILL)

@@ -156,7 +156,9 @@ def ensure_model(settings: Settings, db: Database, run: Run, *, stop: threading.
     with db.session() as session:
         model = find_model(settings, run.base_model, session=session)
     if model is None:
-        return f"The base model '{run.base_model}' is no longer available (it was removed from the model list)."
+        return (
+            f"The base model '{run.base_model}' is no longer available (it was removed from the model list)."
+        )
     if model.status == "preparing":
         log.info("run %d: preparing %s first", run.id, model.id)
         reason = run_conversion(model.gguf, model.folder, stop=stop)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.responses import HTMLResponse
 from markupsafe import Markup
 from sqlalchemy.orm import Session
 
@@ -21,11 +21,6 @@ from app.schemas import ModelRegistration
 from app.web import hx_redirect, render
 
 router = APIRouter(include_in_schema=False)
-
-
-@router.get("/")
-def home() -> RedirectResponse:
-    return RedirectResponse("/datasets", status_code=303)
 
 
 @router.get("/datasets", response_class=HTMLResponse)

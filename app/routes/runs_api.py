@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import io
+import json
 import zipfile
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, Header, HTTPException, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 from sqlalchemy import select
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app.config import Settings
 from app.datasets.split import validation_rows
@@ -21,6 +23,7 @@ from app.model_registry import BUNDLED_ID, find_model
 from app.models import Dataset, Run, RunMetric
 from app.runs import state
 from app.runs.config import PRESETS, RunConfig, RunRequest, apply_preset, resolve_training, validate_peft
+from app.runs.events import list_stream, progress, run_stream, tracked
 
 router = APIRouter(prefix="/api/runs", tags=["runs"])
 
@@ -138,6 +141,31 @@ def launch_run(request: RunRequest, settings: SettingsDep, session: WriteSession
 @router.get("")
 def list_runs(session: SessionDep) -> list[RunOut]:
     return [RunOut.model_validate(r) for r in session.scalars(select(Run).order_by(Run.id.desc()))]
+
+
+@router.get("/events")
+async def runs_events(request: Request):
+    """The list-level stream: `event: run` with a run's progress whenever it changes."""
+    db = request.app.state.db
+
+    def encode(run, latest):
+        return ServerSentEvent(json.dumps(progress(run, latest), default=str), event="run")
+
+    return EventSourceResponse(tracked(request.app, list_stream(db, encode)), ping=15)
+
+
+@router.get("/{run_id}/events")
+async def run_events(
+    request: Request,
+    run_id: int,
+    after: Annotated[int | None, Query(ge=0)] = None,
+    last_event_id: Annotated[str | None, Header()] = None,
+):
+    """`metric`, `status` and `done` events of one run; resumes after Last-Event-ID (or `after`)."""
+    start = after if after is not None else int(last_event_id) if (last_event_id or "").isdigit() else 0
+    with request.app.state.db.session() as session:
+        get_run_or_404(session, run_id)
+    return EventSourceResponse(tracked(request.app, run_stream(request.app.state.db, run_id, start)), ping=15)
 
 
 @router.get("/{run_id}")

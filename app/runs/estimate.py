@@ -82,15 +82,21 @@ def trainable_parameters(shapes: Shapes, method: str, peft: dict) -> int:
             per_layer += sum(b for _, b in targets.values())  # the magnitude vectors
         return layers * per_layer
     if method == "loha":
-        return layers * sum(2 * peft["r"] * (a + b) for a, b in _targets(shapes, peft.get("target_modules")).values())
+        return layers * sum(
+            2 * peft["r"] * (a + b) for a, b in _targets(shapes, peft.get("target_modules")).values()
+        )
     if method == "lokr":
         # Kronecker factors are far smaller than LoRA's; this counts the low-rank factor, the larger one.
-        return layers * sum(peft["r"] * (a + b) // 2 for a, b in _targets(shapes, peft.get("target_modules")).values())
+        return layers * sum(
+            peft["r"] * (a + b) // 2 for a, b in _targets(shapes, peft.get("target_modules")).values()
+        )
     if method == "ia3":
         linear = shapes.linear()
         targets = peft.get("target_modules") or ["k_proj", "v_proj", "down_proj"]
         feedforward = set(peft.get("feedforward_modules") or ["down_proj"])
-        return layers * sum(linear[t][0] if t in feedforward else linear[t][1] for t in targets if t in linear)
+        return layers * sum(
+            linear[t][0] if t in feedforward else linear[t][1] for t in targets if t in linear
+        )
     tokens = peft["num_virtual_tokens"]
     if method == "prompt_tuning":
         return tokens * shapes.hidden
@@ -105,7 +111,10 @@ def trainable_parameters(shapes: Shapes, method: str, peft: dict) -> int:
 def measured_tokens_per_second(base_model: str, *, session: Session) -> float | None:
     """The median throughput of the latest finished run on this base model, if any."""
     latest = session.scalar(
-        select(Run.id).where(Run.base_model == base_model, Run.status == "succeeded").order_by(Run.id.desc()).limit(1)
+        select(Run.id)
+        .where(Run.base_model == base_model, Run.status == "succeeded")
+        .order_by(Run.id.desc())
+        .limit(1)
     )
     if latest is None:
         return None
@@ -127,12 +136,25 @@ def estimate(config: RunConfig, *, dataset_tokens: int | None, session: Session)
         trainable = trainable_parameters(shapes, config.method, config.peft)
         weight_bytes = 2 if training.dtype in ("auto", "bfloat16", "float16") else 4
         tokens_per_batch = training.per_device_train_batch_size * min(training.max_length, 512)
-        activations = tokens_per_batch * shapes.layers * shapes.hidden * 20 * (0.25 if training.gradient_checkpointing else 1)
+        activations = (
+            tokens_per_batch
+            * shapes.layers
+            * shapes.hidden
+            * 20
+            * (0.25 if training.gradient_checkpointing else 1)
+        )
         logits = tokens_per_batch * shapes.vocab * 4 * 2
         memory = total * weight_bytes + trainable * 16 + activations + logits
-        result |= {"trainable": trainable, "total": total, "fraction": trainable / total, "memory_bytes": memory}
+        result |= {
+            "trainable": trainable,
+            "total": total,
+            "fraction": trainable / total,
+            "memory_bytes": memory,
+        }
     speed = measured_tokens_per_second(config.base_model, session=session)
     if speed and dataset_tokens:
-        epoch_tokens = dataset_tokens * config.train_rows / max(1, config.train_rows + len(config.validation_rows))
+        epoch_tokens = (
+            dataset_tokens * config.train_rows / max(1, config.train_rows + len(config.validation_rows))
+        )
         result |= {"tokens_per_second": speed, "seconds": epoch_tokens * training.num_train_epochs / speed}
     return result

@@ -60,7 +60,9 @@ def progress(run: Run, latest: RunMetric | None = None, *, now: datetime | None 
 
 def latest_train_metric(session, run_id: int) -> RunMetric | None:
     return session.scalars(
-        select(RunMetric).where(RunMetric.run_id == run_id, RunMetric.kind == "train").order_by(RunMetric.id.desc())
+        select(RunMetric)
+        .where(RunMetric.run_id == run_id, RunMetric.kind == "train")
+        .order_by(RunMetric.id.desc())
     ).first()
 
 
@@ -70,7 +72,10 @@ def _run_poll(db: Database, run_id: int, after: int) -> tuple[Run | None, list[R
         if run is None:
             return None, [], None
         rows = session.scalars(
-            select(RunMetric).where(RunMetric.run_id == run_id, RunMetric.id > after).order_by(RunMetric.id).limit(500)
+            select(RunMetric)
+            .where(RunMetric.run_id == run_id, RunMetric.id > after)
+            .order_by(RunMetric.id)
+            .limit(500)
         ).all()
         latest = latest_train_metric(session, run_id)
         session.expunge_all()
@@ -106,14 +111,19 @@ def _list_poll(db: Database, since: datetime | None) -> list[tuple[Run, RunMetri
         changed = [
             (run, latest_train_metric(session, run.id))
             for run in runs
-            if since is None or run.status in ("queued", "running") or (run.finished_at and run.finished_at >= since)
+            if since is None
+            or run.status in ("queued", "running")
+            or (run.finished_at and run.finished_at >= since)
         ]
         session.expunge_all()
         return changed
 
 
-async def list_stream(db: Database, render: Callable[[Run, RunMetric | None], str], *, poll: float = 1.0) -> AsyncIterator:
-    """One `run` event (the rendered table row) for each run that changed since the last poll."""
+async def list_stream(
+    db: Database, encode: Callable[[Run, RunMetric | None], ServerSentEvent], *, poll: float = 1.0
+) -> AsyncIterator:
+    """One event (encoded by the caller) for each run that changed since the last poll, and `runs-changed`
+    when runs were added or deleted."""
     sent: dict[int, str] = {}
     since = None
     count = None
@@ -125,12 +135,22 @@ async def list_stream(db: Database, render: Callable[[Run, RunMetric | None], st
             yield ServerSentEvent(str(total), event="runs-changed")
         count = total
         for run, latest in rows:
-            html = render(run, latest)
-            if sent.get(run.id) != html:
-                sent[run.id] = html
-                yield ServerSentEvent(html, event=f"run-{run.id}")
+            event = encode(run, latest)
+            if sent.get(run.id) != event.data:
+                sent[run.id] = event.data
+                yield event
         since = started
         await anyio.sleep(poll)
+
+
+async def tracked(app, stream: AsyncIterator) -> AsyncIterator:
+    """Counts the open streams (shown by /healthz), so a test can see a closed client release its stream."""
+    app.state.open_streams += 1
+    try:
+        async for event in stream:
+            yield event
+    finally:
+        app.state.open_streams -= 1
 
 
 def _count_runs(db: Database) -> int:

@@ -1,0 +1,286 @@
+"""Run pages: the Runs list (home), New run, a run's detail, Compare, and their live streams."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import yaml
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse
+from pydantic import ValidationError
+from sqlalchemy import select
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from app.datasets import store
+from app.deps import SessionDep, SettingsDep, WriteSessionDep
+from app.model_registry import BUNDLED_ID, find_model, list_models
+from app.models import Dataset, Run, RunMetric
+from app.prompts import PROMPT_FORMATS
+from app.routes.runs_api import InvalidRun, build_run_config, get_run_or_404, run_folder
+from app.runs import state
+from app.runs.config import METHOD_LABELS, PRESETS, RunRequest
+from app.runs.estimate import estimate
+from app.runs.events import latest_train_metric, list_stream, progress, tracked
+from app.runs.form import peft_fields, request_from_form, training_fields
+from app.web import hx_redirect, render
+
+router = APIRouter(include_in_schema=False)
+
+CLI_HIDDEN = ("run_id", "database_url", "output_dir")
+
+
+def run_row_context(run: Run, latest: RunMetric | None) -> dict:
+    return {"run": run, "p": progress(run, latest)}
+
+
+@router.get("/", response_class=HTMLResponse)
+def runs_page(request: Request, session: SessionDep):
+    runs = session.scalars(select(Run).order_by(Run.id.desc())).all()
+    rows = [run_row_context(r, latest_train_metric(session, r.id)) for r in runs]
+    datasets = {d.id: d.name for d in session.scalars(select(Dataset))}
+    block = "runs_table" if request.headers.get("HX-Request") else None
+    return render(request, "runs.html", {"rows": rows, "datasets": datasets}, block=block)
+
+
+@router.get("/runs/stream")
+async def runs_stream(request: Request):
+    """One stream for the whole Runs page: a re-rendered row whenever a run changes."""
+    templates, db = request.app.state.templates, request.app.state.db
+    with db.session() as session:
+        datasets = {d.id: d.name for d in session.scalars(select(Dataset))}
+
+    def encode(run: Run, latest: RunMetric | None) -> ServerSentEvent:
+        html = templates.get_template("_run_row.html").render(
+            **run_row_context(run, latest), datasets=datasets
+        )
+        return ServerSentEvent(html, event=f"run-{run.id}")
+
+    return EventSourceResponse(tracked(request.app, list_stream(db, encode)), ping=15)
+
+
+def _form_context(settings, session, values: dict, *, problems=None) -> dict:
+    method = values.get("method") or "lora"
+    simple_training, advanced_training = training_fields()
+    simple_peft, advanced_peft = peft_fields(method if method in METHOD_LABELS else "lora")
+    return {
+        "datasets": store.list_datasets(session=session),
+        "models": list_models(settings, session=session),
+        "methods": METHOD_LABELS,
+        "prompt_formats": PROMPT_FORMATS,
+        "values": values,
+        "method": method,
+        "simple_training": simple_training,
+        "advanced_training": advanced_training,
+        "simple_peft": simple_peft,
+        "advanced_peft": advanced_peft,
+        "problems": problems or [],
+        "bundled": BUNDLED_ID,
+    }
+
+
+def _preset_values(preset: str | None) -> dict:
+    """Form values for a preset: `training.x` / `peft.x` keys."""
+    if preset not in PRESETS:
+        return {}
+    values = {"method": PRESETS[preset]["method"]}
+    for group in ("training", "peft"):
+        for key, value in PRESETS[preset][group].items():
+            values[f"{group}.{key}"] = ", ".join(value) if isinstance(value, list) else value
+    return values
+
+
+@router.get("/runs/new", response_class=HTMLResponse)
+def new_run_page(
+    request: Request,
+    settings: SettingsDep,
+    session: SessionDep,
+    dataset: int | None = None,
+    preset: str | None = None,
+    method: str | None = None,
+):
+    values = {"dataset_id": dataset, **_preset_values(preset)}
+    if method:
+        values["method"] = method
+    block = request.headers.get("HX-Target") if request.headers.get("HX-Request") else None
+    blocks = {"peft-fields": "peft_fields"}  # presets fetch the whole page and select the form
+    return render(request, "run_new.html", _form_context(settings, session, values), block=blocks.get(block))
+
+
+def _validate_form(settings, session, form: dict[str, str]):
+    """(config, problems): problems are {"field", "message"} dicts."""
+    body = request_from_form(form)
+    try:
+        request = RunRequest.model_validate(body)
+        return build_run_config(settings, request, session=session), []
+    except ValidationError as exc:
+        return None, [
+            {"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"].removeprefix("Value error, ")}
+            for e in exc.errors()
+        ]
+    except InvalidRun as exc:
+        return None, [{"field": exc.field, "message": exc.message}]
+
+
+@router.post("/runs/estimate", response_class=HTMLResponse)
+async def estimate_fragment(request: Request, settings: SettingsDep, session: SessionDep):
+    form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
+    config, problems = _validate_form(settings, session, form)
+    cost = None
+    if config is not None:
+        dataset = session.get(Dataset, config.dataset_id)
+        tokens = _dataset_tokens(settings, session, dataset, config)
+        cost = estimate(config, dataset_tokens=tokens, session=session)
+    return render(
+        request, "run_new.html", {"cost": cost, "problems": problems, "config": config}, block="estimate"
+    )
+
+
+def _dataset_tokens(settings, session, dataset, config) -> int | None:
+    """Total tokens of the dataset under the run's model and prompt format (computed once, then cached)."""
+    model = find_model(settings, config.base_model, session=session)
+    if model is None or not model.ready:
+        return None
+    try:
+        stats = store.token_stats(
+            settings,
+            dataset,
+            model,
+            max_length=config.training.max_length,
+            prompt_format=config.prompt_format,
+        )
+    except ValueError:
+        return None
+    return stats["tokens"]
+
+
+@router.post("/runs", response_class=HTMLResponse)
+async def launch_from_page(request: Request, settings: SettingsDep, session: WriteSessionDep):
+    form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
+    config, problems = _validate_form(settings, session, form)
+    if config is None:
+        return render(
+            request, "run_new.html", {"problems": problems, "cost": None}, block="estimate", status=422
+        )
+    run = state.enqueue(
+        session=session,
+        name=config.name,
+        dataset_id=config.dataset_id,
+        base_model=config.base_model,
+        method=config.method,
+        config=config.model_dump(mode="json"),
+    )
+    return hx_redirect(f"/runs/{run.id}")
+
+
+def checkpoints(folder: Path) -> list[dict]:
+    from_marker = []
+    for path in sorted(
+        (folder / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
+    ):
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        from_marker.append(
+            {
+                "name": path.name,
+                "step": int(path.name.split("-")[-1]),
+                "bytes": size,
+                "complete": (path / "TUNEBOARD_COMPLETE").is_file(),
+            }
+        )
+    return from_marker
+
+
+def log_tail(folder: Path, lines: int = 40) -> str:
+    path = folder / "train.log"
+    if not path.is_file():
+        return ""
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - 64_000))
+        text = f.read().decode("utf-8", errors="replace")
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def cli_yaml(run: Run) -> str:
+    config = {k: v for k, v in run.config.items() if k not in CLI_HIDDEN}
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+@router.get("/runs/{run_id}", response_class=HTMLResponse)
+def run_page(request: Request, run_id: int, settings: SettingsDep, session: SessionDep):
+    run = get_run_or_404(session, run_id)
+    folder = run_folder(settings, run_id)
+    latest = latest_train_metric(session, run_id)
+    context = {
+        "run": run,
+        "p": progress(run, latest),
+        "dataset": session.get(Dataset, run.dataset_id),
+        "checkpoints": checkpoints(folder),
+        "log": log_tail(folder),
+        "cli_yaml": cli_yaml(run),
+        "has_adapter": (folder / "adapter" / "adapter_config.json").is_file(),
+        "methods": METHOD_LABELS,
+    }
+    target = request.headers.get("HX-Target") if request.headers.get("HX-Request") else None
+    block = {"run-summary": "summary", "run-log": "log", "run-checkpoints": "checkpoints"}.get(target)
+    # 286 tells htmx to stop polling the log once the run has finished.
+    status = 286 if block == "log" and run.status in state.FINISHED else 200
+    return render(request, "run.html", context, block=block, status=status)
+
+
+@router.post("/runs/{run_id}/cancel", response_class=HTMLResponse)
+def cancel_from_page(request: Request, run_id: int, settings: SettingsDep, session: WriteSessionDep):
+    try:
+        state.request_cancel(session=session, run_id=run_id)
+    except LookupError:
+        raise HTTPException(404, f"There is no run {run_id}.") from None
+    except state.TransitionError:
+        pass  # finished meanwhile: the summary below shows how
+    return run_page(request, run_id, settings, session)
+
+
+@router.get("/compare", response_class=HTMLResponse)
+def compare_page(request: Request, session: SessionDep, runs: Annotated[list[int] | None, Query()] = None):
+    all_runs = session.scalars(select(Run).order_by(Run.id.desc())).all()
+    chosen = [r for r in all_runs if r.id in set(runs or [])]
+    curves = {}
+    for run in chosen:
+        points = session.execute(
+            select(RunMetric.step, RunMetric.loss, RunMetric.eval_loss, RunMetric.kind)
+            .where(RunMetric.run_id == run.id)
+            .order_by(RunMetric.id)
+        ).all()
+        curves[run.id] = {
+            "name": f"#{run.id} {run.name}",
+            "train": [[p.step, p.loss] for p in points if p.kind == "train"],
+            "eval": [[p.step, p.eval_loss] for p in points if p.kind == "eval"],
+        }
+    context = {
+        "all_runs": all_runs,
+        "chosen": chosen,
+        "curves": json.dumps(curves),
+        "differences": differences(chosen),
+    }
+    return render(request, "compare.html", context)
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{name}.")
+        elif key not in ("validation_rows", "dataset_path", "model_path", "name", *CLI_HIDDEN):
+            flat[name] = ", ".join(value) if isinstance(value, list) else value
+    return flat
+
+
+def differences(runs: list[Run]) -> list[tuple[str, list[object]]]:
+    """The settings that are not the same across the chosen runs."""
+    if len(runs) < 2:
+        return []
+    flats = [flatten(r.config) for r in runs]
+    keys = sorted(set().union(*flats))
+    return [
+        (k, [f.get(k, "—") for f in flats]) for k in keys if len({json.dumps(f.get(k)) for f in flats}) > 1
+    ]

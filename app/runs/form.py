@@ -1,0 +1,119 @@
+"""The New run form, generated from the same pydantic models the API validates with, and read back
+into a RunRequest. Field names are `training.<TrainingArguments name>` and `peft.<PEFT name>`."""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from app.runs.config import PEFT_PARAMS, TrainingParams
+
+# Shown in simple mode; everything else sits under "Advanced".
+SIMPLE_TRAINING = ("num_train_epochs", "learning_rate", "per_device_train_batch_size", "max_length")
+SIMPLE_PEFT = ("r", "lora_alpha", "alpha", "init_r", "target_r", "num_virtual_tokens")
+
+HELP = {
+    "num_train_epochs": "passes over the training rows; empty = chosen from the dataset size",
+    "learning_rate": "empty = chosen from the method and dataset size",
+    "max_steps": "-1 = train by epochs",
+    "max_length": "longer rows are cut",
+    "logging_steps": "a loss point every N steps; empty = about 100 points",
+    "save_steps": "a checkpoint every N steps; empty = 5 per run",
+    "eval_steps": "validation loss every N steps; empty = with each checkpoint",
+    "packing": "pack rows into one sequence (not for prompt-learning methods)",
+    "dtype": "auto = bf16 where the hardware is fast at it",
+    "target_modules": "all-linear, or names separated by commas (q_proj, v_proj)",
+    "r": "adapter rank",
+}
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str  # the form name, e.g. training.learning_rate
+    label: str
+    kind: str  # number | checkbox | select | text
+    default: Any
+    choices: tuple[str, ...] = ()
+    step: str = "any"
+    help: str = ""
+
+    @property
+    def short(self) -> str:
+        return self.name.split(".", 1)[1]
+
+
+def _kind(annotation) -> tuple[str, tuple[str, ...], str]:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return "select", tuple(str(a) for a in typing.get_args(annotation)), "any"
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return _kind(args[0])
+        return "text", (), "any"
+    if annotation is bool:
+        return "checkbox", (), "any"
+    if annotation is int:
+        return "number", (), "1"
+    if annotation is float:
+        return "number", (), "any"
+    return "text", (), "any"
+
+
+def fields_of(model: type[BaseModel], prefix: str) -> list[Field]:
+    result = []
+    for name, info in model.model_fields.items():
+        kind, choices, step = _kind(info.annotation)
+        default = info.default
+        if isinstance(default, list):
+            default = ", ".join(default)
+        result.append(
+            Field(
+                f"{prefix}.{name}", name.replace("_", " "), kind, default, choices, step, HELP.get(name, "")
+            )
+        )
+    return result
+
+
+def training_fields() -> tuple[list[Field], list[Field]]:
+    fields = fields_of(TrainingParams, "training")
+    return [f for f in fields if f.short in SIMPLE_TRAINING], [
+        f for f in fields if f.short not in SIMPLE_TRAINING
+    ]
+
+
+def peft_fields(method: str) -> tuple[list[Field], list[Field]]:
+    fields = fields_of(PEFT_PARAMS[method], "peft")
+    return [f for f in fields if f.short in SIMPLE_PEFT], [f for f in fields if f.short not in SIMPLE_PEFT]
+
+
+def request_from_form(form: dict[str, str]) -> dict[str, Any]:
+    """Form values into the JSON shape of POST /api/runs. Empty fields stay unset (defaults apply)."""
+    body: dict[str, Any] = {"training": {}, "peft": {}}
+    method = form.get("method") or "lora"
+    if method not in PEFT_PARAMS:
+        return {**body, "method": method}
+    boxes = fields_of(TrainingParams, "training") + fields_of(PEFT_PARAMS[method], "peft")
+    checkboxes = {f.name for f in boxes if f.kind == "checkbox"}
+    list_fields = {"target_modules", "feedforward_modules"}
+    for key, value in form.items():
+        value = value.strip()
+        if value == "":
+            continue
+        if "." in key:
+            group, name = key.split(".", 1)
+            if group == "peft" and name not in PEFT_PARAMS[method].model_fields:
+                continue  # a field of another method's fieldset
+            if name in list_fields and value != "all-linear":
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            body.setdefault(group, {})[name] = value
+        elif key in ("dataset_id", "base_model", "method", "prompt_format", "name", "preset"):
+            body[key] = value
+    for key in checkboxes:  # an unchecked box sends nothing: record it as false
+        group, name = key.split(".", 1)
+        body[group].setdefault(name, "false")
+    return body

@@ -1,0 +1,134 @@
+"""Server-sent event streams: order, resume, end, and release of a closed client's stream."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+
+from app.db import Database
+from app.runs import state
+from tests.conftest import DEMO_DATASET, upload
+from tests.servers import running
+from tests.sse import parse
+
+
+@pytest.fixture
+def db(settings):
+    database = Database(settings.sqlalchemy_url)
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def run_id(client, db) -> int:
+    dataset = upload(client, "demo.json", DEMO_DATASET.read_bytes()).json()["id"]
+    run = client.post("/api/runs", json={"dataset_id": dataset}).json()
+    with db.write_session() as session:
+        state.claim_next(session=session, worker_id="w")
+    with db.write_session() as session:
+        state.record_start(
+            session=session, run_id=run["id"], total_steps=10, trainable=5, total=100, resumed_from=None
+        )
+    return run["id"]
+
+
+def log(db, run_id: int, step: int) -> None:
+    with db.write_session() as session:
+        values = {"kind": "train", "step": step, "epoch": step / 10, "loss": 3 - step / 10, "step_time": 0.5}
+        state.record_metric(session=session, run_id=run_id, values=values)
+
+
+def finish(db, run_id: int) -> None:
+    with db.write_session() as session:
+        state.finish(session=session, run_id=run_id, worker_id="w", status="succeeded", exit_code=0)
+
+
+def stream(client, url: str, **headers) -> list:
+    with client.stream("GET", url, headers=headers) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        return parse(response.iter_lines())
+
+
+def test_a_finished_run_streams_its_history_then_done(client, db, run_id):
+    for step in range(1, 6):
+        log(db, run_id, step)
+    finish(db, run_id)
+    events = stream(client, f"/api/runs/{run_id}/events")
+    metrics = [e for e in events if e.event == "metric"]
+    assert [m.json["step"] for m in metrics] == [1, 2, 3, 4, 5]
+    ids = [int(m.id) for m in metrics]
+    assert ids == sorted(set(ids))  # strictly increasing
+    assert metrics[0].json == {"kind": "train", "step": 1, "epoch": 0.1, "loss": 2.9, "step_time": 0.5}
+    assert events[-1].event == "done" and events[-1].json["status"] == "succeeded"
+    assert any(e.event == "status" for e in events)
+
+
+def test_last_event_id_resumes_exactly_after_that_row(client, db, run_id):
+    for step in range(1, 8):
+        log(db, run_id, step)
+    finish(db, run_id)
+    first = [e for e in stream(client, f"/api/runs/{run_id}/events") if e.event == "metric"]
+    resumed = stream(client, f"/api/runs/{run_id}/events", **{"Last-Event-ID": first[2].id})
+    again = [e for e in resumed if e.event == "metric"]
+    assert [e.id for e in again] == [e.id for e in first[3:]]  # no gap, no duplicate
+    assert [
+        e.id for e in stream(client, f"/api/runs/{run_id}/events?after={first[5].id}") if e.event == "metric"
+    ] == [first[6].id]
+
+
+def test_points_logged_while_streaming_arrive_in_order(client, db, run_id):
+    def trainer():
+        for step in range(1, 11):
+            log(db, run_id, step)
+            time.sleep(0.1)
+        finish(db, run_id)
+
+    thread = threading.Thread(target=trainer)
+    thread.start()
+    events = stream(client, f"/api/runs/{run_id}/events")
+    thread.join()
+    assert [e.json["step"] for e in events if e.event == "metric"] == list(range(1, 11))
+    statuses = [e.json for e in events if e.event == "status"]
+    assert statuses[0]["status"] == "running" and statuses[-1]["status"] == "succeeded"
+    assert any(s["step"] not in (0, 10) for s in statuses)  # progress arrived during the run
+    assert events[-1].event == "done"
+
+
+def test_unknown_run_is_404(client):
+    assert client.get("/api/runs/404/events").status_code == 404
+
+
+def test_a_closed_client_releases_its_stream(tmp_path, db, run_id, settings):
+    with running("web", settings.data_dir, log=tmp_path / "web.log") as (base, _):
+        with httpx.stream("GET", f"{base}/api/runs/{run_id}/events", timeout=10) as response:
+            lines = response.iter_lines()  # kept referenced: dropping it would close the response early
+            for line in lines:
+                if line.startswith("event: status"):
+                    break
+            assert httpx.get(f"{base}/healthz").json()["open_streams"] == 1
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{base}/healthz").json()["open_streams"] != 0:
+            assert time.monotonic() < deadline, "the stream of a closed client was never released"
+            time.sleep(0.2)
+
+
+def test_the_list_stream_sends_each_changed_run(tmp_path, db, run_id, settings):
+    with running("web", settings.data_dir, log=tmp_path / "web.log") as (base, _):
+        with httpx.stream("GET", f"{base}/api/runs/events", timeout=10) as response:
+            lines = response.iter_lines()
+            first = parse(_until_blank(lines))
+            assert first[0].event == "run" and first[0].json["id"] == run_id
+            log(db, run_id, 3)
+            update = parse(_until_blank(lines))
+            assert update[0].json["step"] == 3 and update[0].json["loss"] == pytest.approx(2.7)
+
+
+def _until_blank(lines):
+    for line in lines:
+        yield line
+        if not line.strip():
+            return
