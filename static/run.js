@@ -18,14 +18,18 @@
     return Math.floor(s / 3600) + " h " + String(Math.floor((s % 3600) / 60)).padStart(2, "0") + " min";
   }
 
-  function makeChart(id, series, yLabel) {
+  function scientific(u, values) {
+    return values.map(function (v) { return v === 0 ? "0" : v.toExponential(1); });
+  }
+
+  function makeChart(id, series, yLabel, yValues) {
     var el = document.getElementById(id);
     var opts = {
       width: el.clientWidth || 400,
       height: 220,
       scales: { x: { time: false } },
       legend: { live: false },
-      axes: [{ label: "step", size: 40 }, { label: yLabel, size: 60 }],
+      axes: [{ label: "step", size: 40 }, { label: yLabel, size: 60, values: yValues }],
       series: [{ label: "step" }].concat(series.map(function (s) {
         return { label: s.label, stroke: s.color, width: 2, spanGaps: true, points: { show: s.points || false, size: 6, fill: s.color } };
       })),
@@ -90,7 +94,7 @@
       { key: "loss", label: "train loss", color: "#4f46e5" },
       { key: "eval_loss", label: "validation loss", color: "#d97706", points: true },
     ], "loss");
-    charts.lr = makeChart("chart-lr", [{ key: "learning_rate", label: "learning rate", color: "#0e9384" }], "learning rate");
+    charts.lr = makeChart("chart-lr", [{ key: "learning_rate", label: "learning rate", color: "#0e9384" }], "learning rate", scientific);
     charts.grad = makeChart("chart-grad", [{ key: "grad_norm", label: "grad norm", color: "#c11574" }], "norm");
     charts.speed = makeChart("chart-speed", [{ key: "tokens_per_second", label: "tokens/s", color: "#2e90fa" }], "tokens/s");
 
@@ -123,5 +127,10 @@
     });
   });
 
-  document.addEventListener("DOMContentLoaded", start);
+  function scrollLog() {
+    var log = document.getElementById("run-log");
+    if (log) log.scrollTop = log.scrollHeight;
+  }
+  document.addEventListener("htmx:afterSwap", function (e) { if (e.target.id === "run-log") scrollLog(); });
+  document.addEventListener("DOMContentLoaded", function () { start(); scrollLog(); });
 })();

@@ -36,7 +36,9 @@ def read_config(path: Path) -> RunConfig:
 
 
 def write_config(config: RunConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    path.write_text(
+        yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True), encoding="utf-8"
+    )
 
 
 def choose_dtype(requested: str):
@@ -262,6 +264,17 @@ def explain(exc: BaseException) -> str:
     if isinstance(exc, ValueError):
         return f"Training could not start with these settings: {exc}"
     return f"Training failed: {type(exc).__name__}: {exc}"
+
+
+def quiet_libraries() -> None:
+    """The log is for the user: no progress bars, no deprecation notices about library internals."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*pin_memory.*")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -203,7 +203,7 @@ def log_tail(folder: Path, lines: int = 40) -> str:
 
 def cli_yaml(run: Run) -> str:
     config = {k: v for k, v in run.config.items() if k not in CLI_HIDDEN}
-    return yaml.safe_dump(config, sort_keys=False)
+    return yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
 
 
 @router.get("/runs/{run_id}", response_class=HTMLResponse)

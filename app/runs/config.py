@@ -35,7 +35,7 @@ MAX_DEFAULT_EPOCHS = 10
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
 class LoraParams(Strict):

@@ -1,0 +1,146 @@
+"""Runs in Debian's Chromium: launch from the page, watch the curve draw live, reload, a second tab,
+cancel, compare; against a real `tuneboard serve` (web + worker) training the tiny model."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+
+from tests.conftest import DEMO_DATASET
+from tests.servers import running
+from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
+
+pytestmark = pytest.mark.browser
+
+WORKER = {
+    "TUNEBOARD_HEARTBEAT_SECONDS": "0.5",
+    "TUNEBOARD_WORKER_POLL_SECONDS": "0.3",
+    "TUNEBOARD_PREPARE_MODELS": "false",
+    "TUNEBOARD_TORCH_THREADS": "1",
+}
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny_model_dir):
+    folder = tmp_path_factory.mktemp("browser-runs")
+    with running("serve", folder / "data", log=folder / "serve.log", env_extra=WORKER) as (base, _):
+        model = httpx.post(f"{base}/api/models", json={"path": str(tiny_model_dir), "name": "Tiny"}).json()["id"]
+        files = {"file": ("demo_alpaca.json", DEMO_DATASET.read_bytes())}
+        dataset = httpx.post(f"{base}/api/datasets", files=files).json()["id"]
+        yield {"base": base, "model": model, "dataset": dataset, "folder": folder}
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def context(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    context.errors = []
+    context.on("weberror", lambda error: context.errors.append(str(error.error)))
+    yield context
+    context.close()
+
+
+def points(page) -> int:
+    return int(page.get_attribute("#chart-loss", "data-points") or 0)
+
+
+def api_run(app, run_id: int) -> dict:
+    return httpx.get(f"{app['base']}/api/runs/{run_id}").json()
+
+
+def launch(app, epochs: int) -> int:
+    body = {"dataset_id": app["dataset"], "base_model": app["model"], "training": {"num_train_epochs": epochs}}
+    return httpx.post(f"{app['base']}/api/runs", json=body).json()["id"]
+
+
+def test_launch_from_the_page_and_watch_the_curve_draw(app, context):
+    page = context.new_page()
+    page.goto(f"{app['base']}/runs/new")
+    page.select_option("#base_model", app["model"])
+    page.fill("[name='training.num_train_epochs']", "40")
+    # the estimate follows the form: 36 rows at batch 4 are 9 steps an epoch
+    page.wait_for_function("(document.getElementById('est-steps') || {}).textContent?.startsWith('360')")
+    page.click("#launch")
+    page.wait_for_url(re.compile(r"/runs/\d+$"))
+    run_id = int(page.url.rsplit("/", 1)[1])
+    seen = set()
+    while page.get_attribute("#run-page", "data-status") != "succeeded":
+        if page.get_attribute("#run-page", "data-status") == "running":
+            seen.add(points(page))
+        page.wait_for_timeout(250)
+        assert api_run(app, run_id)["status"] in ("queued", "running", "succeeded"), api_run(app, run_id)["error"]
+    assert len([n for n in seen if n > 0]) >= 2, f"the chart never grew while the run trained: {sorted(seen)}"
+    page.wait_for_selector("#download-adapter")
+    page.wait_for_function("document.getElementById('run-status').textContent.trim() === 'succeeded'")
+    train_rows = [m for m in httpx.get(f"{app['base']}/api/runs/{run_id}/metrics").json() if m["kind"] == "train"]
+    page.wait_for_function(f"Number(document.getElementById('chart-loss').dataset.points) === {len(train_rows)}")
+    assert page.locator("#chart-loss canvas").count() == 1
+    assert page.inner_text("#run-step") == "360 / 360"
+    assert context.errors == []
+
+
+def test_reload_second_tab_and_cancel(app, context):
+    run_id = launch(app, epochs=400)
+    page = context.new_page()
+    page.goto(f"{app['base']}/runs/{run_id}")
+    page.wait_for_function("Number(document.getElementById('chart-loss').dataset.points) >= 20", timeout=60_000)
+    before = points(page)
+    page.reload()
+    page.wait_for_function(f"Number(document.getElementById('chart-loss').dataset.points) >= {before}")
+    second = context.new_page()
+    second.goto(f"{app['base']}/runs/{run_id}")
+    second.wait_for_function(f"Number(document.getElementById('chart-loss').dataset.points) >= {before}")
+
+    page.on("dialog", lambda dialog: dialog.accept())
+    page.click("#run-actions button.danger")
+    page.wait_for_function("document.getElementById('run-status').textContent.trim() === 'cancelled'", timeout=60_000)
+    assert api_run(app, run_id)["status"] == "cancelled"
+    second.wait_for_function("document.getElementById('run-status').textContent.trim() === 'cancelled'")
+    assert points(second) == points(page)  # both tabs drew the same whole curve
+    assert context.errors == []
+
+
+def test_runs_page_updates_rows_live(app, context):
+    page = context.new_page()
+    page.goto(f"{app['base']}/")
+    run_id = launch(app, epochs=5)
+    page.wait_for_selector(f"#run-{run_id}")  # a new run appears without a reload
+    page.wait_for_function(f"document.getElementById('run-{run_id}').dataset.status === 'succeeded'", timeout=60_000)
+    assert "45 / 45" in page.inner_text(f"#run-{run_id}")
+    assert context.errors == []
+
+
+def test_compare_finished_runs(app, context):
+    runs = [r["id"] for r in httpx.get(f"{app['base']}/api/runs").json()]
+    page = context.new_page()
+    page.goto(f"{app['base']}/compare?" + "&".join(f"runs={r}" for r in runs[:2]))
+    page.wait_for_selector("#compare-chart canvas")
+    assert page.get_attribute("#compare-chart", "data-series") == "2"
+    assert "training.num_train_epochs" in page.inner_text("#differences")
+    assert context.errors == []
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+def test_every_page_fits_the_screen(app, browser, tmp_path, width):
+    """Screenshots at desktop and phone width; nothing may stick out sideways."""
+    run_id = httpx.get(f"{app['base']}/api/runs").json()[0]["id"]
+    page = browser.new_page(viewport={"width": width, "height": 800})
+    for path in ("/", "/runs/new", f"/runs/{run_id}", "/compare?runs=1&runs=2", "/datasets",
+                 f"/datasets/{app['dataset']}", "/models"):  # fmt: skip
+        page.goto(app["base"] + path)
+        page.wait_for_load_state("networkidle")
+        overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 0, f"{path} is {overflow}px wider than a {width}px screen"
+        page.screenshot(path=str(tmp_path / f"{path.strip('/').replace('/', '_') or 'runs'}-{width}.png"), full_page=True)
+    page.close()
