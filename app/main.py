@@ -14,6 +14,7 @@ from sqlalchemy import text
 from app.config import PROJECT_ROOT, Settings, get_settings
 from app.db import Database
 from app.routes import auth, datasets_api, models_api, pages, run_pages, runs_api
+from app.runs.events import Feeds
 from app.security import AccessMiddleware, BodyLimitMiddleware
 from app.web import make_templates, render
 
@@ -34,6 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.db = Database(settings.sqlalchemy_url)
     app.state.templates = make_templates()
     app.state.open_streams = 0
+    app.state.feeds = Feeds(app.state.db)
 
     app.add_middleware(BodyLimitMiddleware, settings=settings)
     app.add_middleware(AccessMiddleware, settings=settings)  # outermost: runs first

@@ -76,11 +76,71 @@ def report_training(result: dict) -> str:
     return "\n".join(lines)
 
 
+def stream_benchmark(model_dir, threads: int) -> dict:
+    import json
+    import socket
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from app.migrate import upgrade
+    from bench import streams
+    from bench.data import alpaca_rows
+    from bench.training import _quiet_sink, run_tuneboard, tuneboard_config, write_rows
+
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        settings = Settings(data_dir=folder / "data")
+        upgrade(settings)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = streams.serve_web(settings.data_dir, port)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            run_id = streams.running_run(settings)
+            latency = streams.page_latency(base, settings, run_id)
+            print(f"  … latency p95 {latency['p95_ms']:.0f} ms", flush=True)
+            rows_file = write_rows(folder, alpaca_rows(32, seed=2))
+            runs = iter(range(100))
+
+            def train() -> float:
+                config = tuneboard_config(folder / f"t{next(runs)}", model_dir, rows_file, 32, [])
+                result = run_tuneboard(config, _quiet_sink())
+                return result["tokens"] / result["seconds"]
+
+            train()  # warm-up
+            load = streams.streams_during_training(base, server, streams.running_run(settings), train)
+        finally:
+            server.terminate()
+            server.wait()
+    return {"latency": latency, "load": json.loads(json.dumps(load))}
+
+
+def report_streams(result: dict) -> str:
+    latency, load = result["latency"], result["load"]
+
+    def joined(values) -> str:
+        return ", ".join(f"{v:.0f}" for v in values)
+
+    return "\n".join([
+        f"Live stream: {latency['received']}/{latency['rows']} metric rows reached a Chromium page; "
+        f"commit → page latency p50 {latency['p50_ms']:.0f} ms, p95 {latency['p95_ms']:.0f} ms, "
+        f"max {latency['max_ms']:.0f} ms",
+        f"{load['count']} open event streams during training: alone {joined(load['alone'])} tokens/s, "
+        f"with streams {joined(load['streams'])} tokens/s ({load['slowdown']:+.1%}); the web server used "
+        f"{load['server_cpu']:.1%} of one core while serving them",
+    ])  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--rows", type=int, default=64, help="training rows per path (default 64)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--json", help="also write the raw figures to this file")
+    parser.add_argument("--only", choices=["training", "streams"], help="run one part only")
     args = parser.parse_args()
 
     from bench.training import training_benchmark
@@ -94,8 +154,13 @@ def main() -> None:
         f"--rows {args.rows} --threads {args.threads}",
         flush=True,
     )
-    result = training_benchmark(model_dir, args.rows, args.threads)
-    print(report_training(result))
+    result = {}
+    if args.only in (None, "training"):
+        result["training"] = training_benchmark(model_dir, args.rows, args.threads)
+        print(report_training(result["training"]))
+    if args.only in (None, "streams"):
+        result["streams"] = stream_benchmark(model_dir, args.threads)
+        print(report_streams(result["streams"]))
     print(f"\n(benchmark took {time.time() - started:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:

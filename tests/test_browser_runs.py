@@ -26,7 +26,9 @@ WORKER = {
 def app(tmp_path_factory, tiny_model_dir):
     folder = tmp_path_factory.mktemp("browser-runs")
     with running("serve", folder / "data", log=folder / "serve.log", env_extra=WORKER) as (base, _):
-        model = httpx.post(f"{base}/api/models", json={"path": str(tiny_model_dir), "name": "Tiny"}).json()["id"]
+        model = httpx.post(f"{base}/api/models", json={"path": str(tiny_model_dir), "name": "Tiny"}).json()[
+            "id"
+        ]
         files = {"file": ("demo_alpaca.json", DEMO_DATASET.read_bytes())}
         dataset = httpx.post(f"{base}/api/datasets", files=files).json()["id"]
         yield {"base": base, "model": model, "dataset": dataset, "folder": folder}
@@ -60,7 +62,11 @@ def api_run(app, run_id: int) -> dict:
 
 
 def launch(app, epochs: int) -> int:
-    body = {"dataset_id": app["dataset"], "base_model": app["model"], "training": {"num_train_epochs": epochs}}
+    body = {
+        "dataset_id": app["dataset"],
+        "base_model": app["model"],
+        "training": {"num_train_epochs": epochs},
+    }
     return httpx.post(f"{app['base']}/api/runs", json=body).json()["id"]
 
 
@@ -79,12 +85,18 @@ def test_launch_from_the_page_and_watch_the_curve_draw(app, context):
         if page.get_attribute("#run-page", "data-status") == "running":
             seen.add(points(page))
         page.wait_for_timeout(250)
-        assert api_run(app, run_id)["status"] in ("queued", "running", "succeeded"), api_run(app, run_id)["error"]
+        assert api_run(app, run_id)["status"] in ("queued", "running", "succeeded"), api_run(app, run_id)[
+            "error"
+        ]
     assert len([n for n in seen if n > 0]) >= 2, f"the chart never grew while the run trained: {sorted(seen)}"
     page.wait_for_selector("#download-adapter")
     page.wait_for_function("document.getElementById('run-status').textContent.trim() === 'succeeded'")
-    train_rows = [m for m in httpx.get(f"{app['base']}/api/runs/{run_id}/metrics").json() if m["kind"] == "train"]
-    page.wait_for_function(f"Number(document.getElementById('chart-loss').dataset.points) === {len(train_rows)}")
+    train_rows = [
+        m for m in httpx.get(f"{app['base']}/api/runs/{run_id}/metrics").json() if m["kind"] == "train"
+    ]
+    page.wait_for_function(
+        f"Number(document.getElementById('chart-loss').dataset.points) === {len(train_rows)}"
+    )
     assert page.locator("#chart-loss canvas").count() == 1
     assert page.inner_text("#run-step") == "360 / 360"
     assert context.errors == []
@@ -94,7 +106,9 @@ def test_reload_second_tab_and_cancel(app, context):
     run_id = launch(app, epochs=400)
     page = context.new_page()
     page.goto(f"{app['base']}/runs/{run_id}")
-    page.wait_for_function("Number(document.getElementById('chart-loss').dataset.points) >= 20", timeout=60_000)
+    page.wait_for_function(
+        "Number(document.getElementById('chart-loss').dataset.points) >= 20", timeout=60_000
+    )
     before = points(page)
     page.reload()
     page.wait_for_function(f"Number(document.getElementById('chart-loss').dataset.points) >= {before}")
@@ -104,7 +118,9 @@ def test_reload_second_tab_and_cancel(app, context):
 
     page.on("dialog", lambda dialog: dialog.accept())
     page.click("#run-actions button.danger")
-    page.wait_for_function("document.getElementById('run-status').textContent.trim() === 'cancelled'", timeout=60_000)
+    page.wait_for_function(
+        "document.getElementById('run-status').textContent.trim() === 'cancelled'", timeout=60_000
+    )
     assert api_run(app, run_id)["status"] == "cancelled"
     second.wait_for_function("document.getElementById('run-status').textContent.trim() === 'cancelled'")
     assert points(second) == points(page)  # both tabs drew the same whole curve
@@ -116,7 +132,9 @@ def test_runs_page_updates_rows_live(app, context):
     page.goto(f"{app['base']}/")
     run_id = launch(app, epochs=5)
     page.wait_for_selector(f"#run-{run_id}")  # a new run appears without a reload
-    page.wait_for_function(f"document.getElementById('run-{run_id}').dataset.status === 'succeeded'", timeout=60_000)
+    page.wait_for_function(
+        f"document.getElementById('run-{run_id}').dataset.status === 'succeeded'", timeout=60_000
+    )
     assert "45 / 45" in page.inner_text(f"#run-{run_id}")
     assert context.errors == []
 
@@ -142,5 +160,7 @@ def test_every_page_fits_the_screen(app, browser, tmp_path, width):
         page.wait_for_load_state("networkidle")
         overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 0, f"{path} is {overflow}px wider than a {width}px screen"
-        page.screenshot(path=str(tmp_path / f"{path.strip('/').replace('/', '_') or 'runs'}-{width}.png"), full_page=True)
+        page.screenshot(
+            path=str(tmp_path / f"{path.strip('/').replace('/', '_') or 'runs'}-{width}.png"), full_page=True
+        )
     page.close()

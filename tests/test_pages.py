@@ -19,9 +19,11 @@ def browser_headers(client, **extra) -> dict[str, str]:
     }
 
 
-def test_home_leads_to_datasets(client):
-    response = client.get("/", follow_redirects=False)
-    assert response.status_code == 303 and response.headers["location"] == "/datasets"
+def test_home_is_the_runs_page(client):
+    home = client.get("/")
+    assert (
+        home.status_code == 200 and "No runs yet" in home.text and 'sse-connect="/runs/stream"' in home.text
+    )
     page = client.get("/datasets")
     assert "No datasets yet" in page.text and page.headers["vary"] == "HX-Request"
     assert 'src="/static/vendor/htmx-2.0.11.min.js"' in page.text
@@ -108,3 +110,14 @@ def test_register_model_from_the_page(client, tiny_model_dir):
         "/models", data={"path": str(tiny_model_dir), "name": "Tiny <b>"}, headers=browser_headers(client)
     )
     assert good.status_code == 200 and "Tiny &lt;b&gt;" in good.text and "badge-ready" in good.text
+
+
+def test_upload_from_the_new_run_page_returns_there_with_the_dataset_chosen(client):
+    response = client.post(
+        "/datasets/upload?then=new-run",
+        files={"file": ("demo.json", DEMO_DATASET.read_bytes())},
+        headers=browser_headers(client),
+    )
+    assert response.headers["hx-redirect"] == "/runs/new?dataset=1"
+    page = client.get("/runs/new?dataset=1")
+    assert '<option value="1" selected>demo (40 rows)</option>' in page.text

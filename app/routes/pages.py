@@ -35,6 +35,7 @@ async def upload_from_page(
     request: Request,
     settings: SettingsDep,
     session: WriteSessionDep,
+    then: str | None = None,
     file: Annotated[UploadFile | None, File()] = None,
     name: Annotated[str | None, Form()] = None,
 ):
@@ -51,6 +52,8 @@ async def upload_from_page(
             "labels": FORMAT_LABELS,
         }
         return render(request, "datasets.html", context, block="upload_result", status=422)
+    if then == "new-run":  # uploaded from the New run page: back there with the new dataset chosen
+        return hx_redirect(f"/runs/new?dataset={dataset.id}")
     return hx_redirect(f"/datasets/{dataset.id}")
 
 

@@ -57,7 +57,7 @@ async def runs_stream(request: Request):
         )
         return ServerSentEvent(html, event=f"run-{run.id}")
 
-    return EventSourceResponse(tracked(request.app, list_stream(db, encode)), ping=15)
+    return EventSourceResponse(tracked(request.app, list_stream(request.app.state.feeds, encode)), ping=15)
 
 
 def _form_context(settings, session, values: dict, *, problems=None) -> dict:

@@ -146,12 +146,11 @@ def list_runs(session: SessionDep) -> list[RunOut]:
 @router.get("/events")
 async def runs_events(request: Request):
     """The list-level stream: `event: run` with a run's progress whenever it changes."""
-    db = request.app.state.db
 
     def encode(run, latest):
         return ServerSentEvent(json.dumps(progress(run, latest), default=str), event="run")
 
-    return EventSourceResponse(tracked(request.app, list_stream(db, encode)), ping=15)
+    return EventSourceResponse(tracked(request.app, list_stream(request.app.state.feeds, encode)), ping=15)
 
 
 @router.get("/{run_id}/events")
@@ -165,7 +164,9 @@ async def run_events(
     start = after if after is not None else int(last_event_id) if (last_event_id or "").isdigit() else 0
     with request.app.state.db.session() as session:
         get_run_or_404(session, run_id)
-    return EventSourceResponse(tracked(request.app, run_stream(request.app.state.db, run_id, start)), ping=15)
+    return EventSourceResponse(
+        tracked(request.app, run_stream(request.app.state.feeds, run_id, start)), ping=15
+    )
 
 
 @router.get("/{run_id}")

@@ -1,13 +1,20 @@
-"""Server-sent event streams of runs, read from the database.
+"""Server-sent event streams of runs, read from the database and shared between viewers.
 
-Each poll opens its own short session (never the request's). A run's stream sends its metric rows in id
-order (`event: metric`, `id:` the row id, so a reconnect with Last-Event-ID resumes with no gap and no
-duplicate), `event: status` whenever the run's state or progress changes, and `event: done` once the run
-has finished and every row was sent. The list stream sends one `event: run` per run whose row changed.
+A run's stream sends its metric rows in id order (`event: metric`, `id:` the row id, so a reconnect with
+Last-Event-ID resumes with no gap and no duplicate), `event: status` whenever the run's state or progress
+changes, and `event: done` once the run has finished and every row was sent. The list stream sends one
+event per run whose row changed.
+
+However many browsers watch, the database is polled once per interval per run (a `RunFeed`) and once for
+the list (a `ListFeed`); each poll opens its own short session. Open streams wait on the feed's condition
+and cost nothing until something changes. A stream first reads the history it missed with its own session,
+then follows the feed. Feeds hold recent rows only; nothing here is job state: the database stays the
+source of truth, and a feed with no viewer stops polling.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
@@ -22,6 +29,9 @@ from app.models import Run, RunMetric
 from app.runs.state import FINISHED
 
 POLL_SECONDS = 0.5
+LIST_POLL_SECONDS = 1.0
+BATCH = 500  # rows read per query
+BUFFER = 5000  # recent rows a feed keeps for late viewers
 METRIC_FIELDS = ("step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_second",
                  "step_time", "memory_mb", "gpu_memory_mb")  # fmt: skip
 
@@ -58,6 +68,11 @@ def progress(run: Run, latest: RunMetric | None = None, *, now: datetime | None 
     }
 
 
+def _changes(status: dict) -> dict:
+    """The part of a progress dict whose change is worth an event (time passing is not)."""
+    return {k: v for k, v in status.items() if k not in ("elapsed_seconds", "eta_seconds")}
+
+
 def latest_train_metric(session, run_id: int) -> RunMetric | None:
     return session.scalars(
         select(RunMetric)
@@ -66,7 +81,8 @@ def latest_train_metric(session, run_id: int) -> RunMetric | None:
     ).first()
 
 
-def _run_poll(db: Database, run_id: int, after: int) -> tuple[Run | None, list[RunMetric], RunMetric | None]:
+def _read_run(db: Database, run_id: int, after: int) -> tuple[Run | None, list[RunMetric], RunMetric | None]:
+    """One short session: the run, up to BATCH metric rows after `after`, and the latest train row."""
     with db.session() as session:
         run = session.get(Run, run_id)
         if run is None:
@@ -75,72 +91,208 @@ def _run_poll(db: Database, run_id: int, after: int) -> tuple[Run | None, list[R
             select(RunMetric)
             .where(RunMetric.run_id == run_id, RunMetric.id > after)
             .order_by(RunMetric.id)
-            .limit(500)
+            .limit(BATCH)
         ).all()
         latest = latest_train_metric(session, run_id)
         session.expunge_all()
         return run, list(rows), latest
 
 
-async def run_stream(db: Database, run_id: int, after: int, *, poll: float = POLL_SECONDS) -> AsyncIterator:
-    """Metric, status and done events of one run, from metric id `after` on."""
-    last_status = None
-    while True:
-        run, rows, latest = await anyio.to_thread.run_sync(_run_poll, db, run_id, after)
+class Feed:
+    """Polls while someone listens; wakes every listener when its poll saw a change."""
+
+    interval = POLL_SECONDS
+
+    def __init__(self, db: Database):
+        self.db = db
+        self.version = 0
+        self.listeners = 0
+        self.ended = False
+        self.condition = asyncio.Condition()
+        self.task: asyncio.Task | None = None
+
+    async def poll(self) -> bool:
+        """Read the database once; True when something changed."""
+        raise NotImplementedError
+
+    async def _loop(self) -> None:
+        while self.listeners > 0 and not self.ended:
+            if await self.poll():
+                async with self.condition:
+                    self.version += 1
+                    self.condition.notify_all()
+            await asyncio.sleep(self.interval)
+        async with self.condition:
+            self.condition.notify_all()
+
+    def join(self) -> None:
+        self.listeners += 1
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self._loop())
+
+    def leave(self) -> None:
+        self.listeners -= 1
+
+    async def wait(self, seen: int) -> int:
+        """Until the version passes `seen` (or the feed ends); returns the new version."""
+        async with self.condition:
+            await self.condition.wait_for(lambda: self.version > seen or self.ended or self.task.done())
+            return self.version
+
+
+class RunFeed(Feed):
+    def __init__(self, db: Database, run_id: int, start_after: int):
+        super().__init__(db)
+        self.run_id = run_id
+        self.floor = self.max_id = start_after  # the buffer holds every row of this run after `floor`
+        self.rows: list[tuple[int, dict]] = []
+        self.status: dict | None = None
+        self.missing = False
+
+    async def poll(self) -> bool:
+        run, rows, latest = await anyio.to_thread.run_sync(_read_run, self.db, self.run_id, self.max_id)
         if run is None:
-            yield ServerSentEvent(json.dumps({"error": f"There is no run {run_id}."}), event="done")
-            return
-        for row in rows:
-            after = row.id
-            yield ServerSentEvent(json.dumps(metric_payload(row)), event="metric", id=str(row.id))
+            self.missing = self.ended = True
+            return True
+        changed = bool(rows)
+        if rows:
+            self.rows.extend((row.id, metric_payload(row)) for row in rows)
+            self.max_id = rows[-1].id
+            if len(self.rows) > BUFFER:
+                self.floor = self.rows[-BUFFER - 1][0]
+                del self.rows[:-BUFFER]
         status = progress(run, latest)
-        key = {k: v for k, v in status.items() if k not in ("elapsed_seconds", "eta_seconds")}
-        if key != last_status:
-            last_status = key
-            yield ServerSentEvent(json.dumps(status), event="status", id=str(after) if after else None)
-        if run.status in FINISHED and len(rows) < 500:
-            yield ServerSentEvent(json.dumps(status), event="done", id=str(after) if after else None)
+        if self.status is None or _changes(status) != _changes(self.status):
+            changed = True
+        self.status = status
+        if run.status in FINISHED and len(rows) < BATCH:
+            self.ended = changed = True
+        return changed
+
+    def rows_after(self, last: int) -> list[tuple[int, dict]] | None:
+        """Buffered rows after `last`, or None when `last` is older than the buffer."""
+        if last < self.floor:
+            return None
+        return [(i, p) for i, p in self.rows if i > last]
+
+
+class Feeds:
+    """The web process's feeds, one per watched run and one for the list."""
+
+    def __init__(self, db: Database):
+        self.db = db
+        self.runs: dict[int, RunFeed] = {}
+        self.list: ListFeed | None = None
+
+    def run(self, run_id: int) -> RunFeed:
+        feed = self.runs.get(run_id)
+        if feed is None or (feed.listeners == 0 and (feed.task is None or feed.task.done())):
+            with self.db.session() as session:
+                start = session.scalar(select(func.max(RunMetric.id)).where(RunMetric.run_id == run_id)) or 0
+            feed = self.runs[run_id] = RunFeed(self.db, run_id, start)
+        return feed
+
+    def runs_list(self) -> ListFeed:
+        if self.list is None or (
+            self.list.listeners == 0 and (self.list.task is None or self.list.task.done())
+        ):
+            self.list = ListFeed(self.db)
+        return self.list
+
+
+async def run_stream(feeds: Feeds, run_id: int, after: int) -> AsyncIterator[ServerSentEvent]:
+    """Metric, status and done events of one run, from metric id `after` on."""
+    feed = feeds.run(run_id)
+    feed.join()  # before reading the history: rows committed meanwhile are then in the feed
+    try:
+        last, sent_status = after, None
+        while True:  # the history this viewer missed, read with its own session
+            run, rows, latest = await anyio.to_thread.run_sync(_read_run, feeds.db, run_id, last)
+            if run is None:
+                yield ServerSentEvent(json.dumps({"error": f"There is no run {run_id}."}), event="done")
+                return
+            for row in rows:
+                last = row.id
+                yield ServerSentEvent(json.dumps(metric_payload(row)), event="metric", id=str(row.id))
+            if len(rows) < BATCH:
+                break
+        status = progress(run, latest)
+        yield ServerSentEvent(json.dumps(status), event="status", id=str(last) if last else None)
+        sent_status = _changes(status)
+        if run.status in FINISHED:
+            yield ServerSentEvent(json.dumps(status), event="done", id=str(last) if last else None)
             return
-        await anyio.sleep(poll)
+        version = 0
+        while True:
+            version = await feed.wait(version)
+            buffered = feed.rows_after(last)
+            if buffered is None:  # fell behind the buffer: catch up from the database
+                _, rows, _ = await anyio.to_thread.run_sync(_read_run, feeds.db, run_id, last)
+                buffered = [(r.id, metric_payload(r)) for r in rows]
+            for row_id, payload in buffered:
+                last = row_id
+                yield ServerSentEvent(json.dumps(payload), event="metric", id=str(row_id))
+            if feed.status is not None and _changes(feed.status) != sent_status:
+                sent_status = _changes(feed.status)
+                yield ServerSentEvent(json.dumps(feed.status), event="status", id=str(last) if last else None)
+            finished = feed.status is not None and feed.status["status"] in FINISHED
+            if feed.missing or (feed.ended and finished and feed.rows_after(last) == []):
+                yield ServerSentEvent(
+                    json.dumps(feed.status or {}), event="done", id=str(last) if last else None
+                )
+                return
+    finally:
+        feed.leave()
 
 
-def _list_poll(db: Database, since: datetime | None) -> list[tuple[Run, RunMetric | None]]:
+def _read_list(db: Database) -> list[tuple[Run, RunMetric | None]]:
     with db.session() as session:
-        query = select(Run).order_by(Run.id)
-        runs = session.scalars(query).all()
-        changed = [
-            (run, latest_train_metric(session, run.id))
-            for run in runs
-            if since is None
-            or run.status in ("queued", "running")
-            or (run.finished_at and run.finished_at >= since)
-        ]
+        runs = session.scalars(select(Run).order_by(Run.id)).all()
+        result = [(run, latest_train_metric(session, run.id)) for run in runs]
         session.expunge_all()
+        return result
+
+
+class ListFeed(Feed):
+    interval = LIST_POLL_SECONDS
+
+    def __init__(self, db: Database):
+        super().__init__(db)
+        self.runs: list[tuple[Run, RunMetric | None]] = []
+        self.keys: dict[int, dict] = {}
+
+    async def poll(self) -> bool:
+        runs = await anyio.to_thread.run_sync(_read_list, self.db)
+        keys = {run.id: _changes(progress(run, latest)) for run, latest in runs}
+        changed = keys != self.keys
+        self.runs, self.keys = runs, keys
         return changed
 
 
 async def list_stream(
-    db: Database, encode: Callable[[Run, RunMetric | None], ServerSentEvent], *, poll: float = 1.0
-) -> AsyncIterator:
-    """One event (encoded by the caller) for each run that changed since the last poll, and `runs-changed`
+    feeds: Feeds, encode: Callable[[Run, RunMetric | None], ServerSentEvent]
+) -> AsyncIterator[ServerSentEvent]:
+    """One event (encoded by the caller) for each run that changed, and `runs-changed` (the new count)
     when runs were added or deleted."""
-    sent: dict[int, str] = {}
-    since = None
-    count = None
-    while True:
-        started = datetime.now(UTC)
-        rows = await anyio.to_thread.run_sync(_list_poll, db, since)
-        total = await anyio.to_thread.run_sync(_count_runs, db)
-        if count is not None and total != count:
-            yield ServerSentEvent(str(total), event="runs-changed")
-        count = total
-        for run, latest in rows:
-            event = encode(run, latest)
-            if sent.get(run.id) != event.data:
-                sent[run.id] = event.data
-                yield event
-        since = started
-        await anyio.sleep(poll)
+    feed = feeds.runs_list()
+    feed.join()
+    try:
+        sent: dict[int, dict] = {}
+        count = None
+        version = 0
+        while True:
+            if version == 0 and not feed.keys:
+                version = await feed.wait(0)
+            if count is not None and len(feed.keys) != count:
+                yield ServerSentEvent(str(len(feed.keys)), event="runs-changed")
+            count = len(feed.keys)
+            for run, latest in feed.runs:
+                if sent.get(run.id) != feed.keys.get(run.id):
+                    sent[run.id] = feed.keys.get(run.id)
+                    yield encode(run, latest)
+            version = await feed.wait(version)
+    finally:
+        feed.leave()
 
 
 async def tracked(app, stream: AsyncIterator) -> AsyncIterator:
@@ -151,8 +303,3 @@ async def tracked(app, stream: AsyncIterator) -> AsyncIterator:
             yield event
     finally:
         app.state.open_streams -= 1
-
-
-def _count_runs(db: Database) -> int:
-    with db.session() as session:
-        return session.scalar(select(func.count(Run.id)))
