@@ -28,6 +28,33 @@ def settings(tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
+def db(settings: Settings):
+    from app.db import Database
+
+    database = Database(settings.sqlalchemy_url)
+    yield database
+    database.dispose()
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's Chromium, driven by Playwright (its own browser download is not needed)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
 def client(settings: Settings):
     with TestClient(create_app(settings)) as client:
         yield client

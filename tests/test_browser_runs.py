@@ -10,7 +10,6 @@ import pytest
 
 from tests.conftest import DEMO_DATASET
 from tests.servers import running
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
 
 pytestmark = pytest.mark.browser
 
@@ -32,16 +31,6 @@ def app(tmp_path_factory, tiny_model_dir):
         files = {"file": ("demo_alpaca.json", DEMO_DATASET.read_bytes())}
         dataset = httpx.post(f"{base}/api/datasets", files=files).json()["id"]
         yield {"base": base, "model": model, "dataset": dataset, "folder": folder}
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture

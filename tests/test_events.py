@@ -8,18 +8,10 @@ import time
 import httpx
 import pytest
 
-from app.db import Database
 from app.runs import state
 from tests.conftest import DEMO_DATASET, upload
 from tests.servers import running
 from tests.sse import parse
-
-
-@pytest.fixture
-def db(settings):
-    database = Database(settings.sqlalchemy_url)
-    yield database
-    database.dispose()
 
 
 @pytest.fixture

@@ -54,13 +54,6 @@ def launch(client, tiny_model_dir):
 
 
 @pytest.fixture
-def db(settings):
-    database = Database(settings.sqlalchemy_url)
-    yield database
-    database.dispose()
-
-
-@pytest.fixture
 def background_worker(settings, db):
     """`work_once` in a thread; stopping it on teardown stops any training process it started."""
     stop = threading.Event()

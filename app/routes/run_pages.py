@@ -18,7 +18,7 @@ from app.deps import SessionDep, SettingsDep, WriteSessionDep
 from app.model_registry import BUNDLED_ID, find_model, list_models
 from app.models import Dataset, Run, RunMetric
 from app.prompts import PROMPT_FORMATS
-from app.routes.runs_api import InvalidRun, build_run_config, get_run_or_404, run_folder
+from app.routes.runs_api import InvalidRun, build_run_config, enqueue_run, get_run_or_404, run_folder
 from app.runs import state
 from app.runs.config import METHOD_LABELS, PRESETS, RunRequest
 from app.runs.estimate import estimate
@@ -163,14 +163,7 @@ async def launch_from_page(request: Request, settings: SettingsDep, session: Wri
         return render(
             request, "run_new.html", {"problems": problems, "cost": None}, block="estimate", status=422
         )
-    run = state.enqueue(
-        session=session,
-        name=config.name,
-        dataset_id=config.dataset_id,
-        base_model=config.base_model,
-        method=config.method,
-        config=config.model_dump(mode="json"),
-    )
+    run = enqueue_run(config, session=session)
     return hx_redirect(f"/runs/{run.id}")
 
 

@@ -109,6 +109,17 @@ def build_run_config(settings: Settings, request: RunRequest, *, session) -> Run
     )
 
 
+def enqueue_run(config: RunConfig, *, session) -> Run:
+    return state.enqueue(
+        session=session,
+        name=config.name,
+        dataset_id=config.dataset_id,
+        base_model=config.base_model,
+        method=config.method,
+        config=config.model_dump(mode="json"),
+    )
+
+
 def get_run_or_404(session, run_id: int) -> Run:
     run = session.get(Run, run_id)
     if run is None:
@@ -127,15 +138,7 @@ def launch_run(request: RunRequest, settings: SettingsDep, session: WriteSession
         config = build_run_config(settings, request, session=session)
     except InvalidRun as exc:
         raise HTTPException(422, [{"row": None, "field": exc.field, "message": exc.message}]) from None
-    run = state.enqueue(
-        session=session,
-        name=config.name,
-        dataset_id=config.dataset_id,
-        base_model=config.base_model,
-        method=config.method,
-        config=config.model_dump(mode="json"),
-    )
-    return RunOut.model_validate(run)
+    return RunOut.model_validate(enqueue_run(config, session=session))
 
 
 @router.get("")
