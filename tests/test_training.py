@@ -199,3 +199,26 @@ def test_answer_only_loss_equals_the_models_own_loss(tiny_model_dir, tokenizer, 
         actual, outputs = answer_only_loss(model, dict(batch))
     assert torch.allclose(actual, expected, atol=1e-6)
     assert outputs.logits.shape[1] < batch["input_ids"].shape[1]  # prompt positions were never projected
+
+
+def test_a_model_too_big_for_memory_is_refused_before_loading(tmp_path, tiny_model_dir, monkeypatch):
+    from worker.train import UserError
+
+    monkeypatch.setattr("worker.train.available_memory_bytes", lambda: 1000)
+    config = make_config(tmp_path, tiny_model_dir, "lora", max_steps=1)
+    with pytest.raises(UserError, match=r"needs about .* GiB but only 0\.0 GiB of memory is free"):
+        build_trainer(config, Sink(), None)
+
+
+def test_failures_are_explained_in_one_sentence():
+    import errno
+
+    from worker.train import explain
+
+    assert explain(torch.OutOfMemoryError("CUDA out of memory")).startswith("Out of memory while training.")
+    assert explain(MemoryError()).startswith("Out of memory while training.")
+    assert explain(OSError(errno.ENOSPC, "No space left")).startswith("The disk is full")
+    assert (
+        explain(ValueError("bad combination"))
+        == "Training could not start with these settings: bad combination"
+    )

@@ -218,3 +218,14 @@ def test_killing_the_worker_resumes_the_run_from_its_checkpoint(tmp_path, settin
     assert steps == list(range(5, 241, 5))  # every logged step once: none lost, none repeated
     with Database(settings.sqlalchemy_url).session() as session:
         assert session.query(RunMetric).filter_by(run_id=run["id"], kind="train").count() == 48
+
+
+def test_a_run_whose_model_was_removed_fails_with_a_sentence(client, settings, db, launch):
+    run = launch(max_steps=2)
+    assert client.delete(f"/api/models/{run['base_model']}").status_code == 204
+    work_once(settings, db, me="w1", stop=threading.Event())
+    failed = client.get(f"/api/runs/{run['id']}").json()
+    assert failed["status"] == "failed"
+    assert failed["error"] == (
+        f"The base model '{run['base_model']}' is no longer available (it was removed from the model list)."
+    )
