@@ -41,6 +41,7 @@ def test_page_upload_redirects_to_the_preview(client):
     assert "Alpaca (JSON array)" in page.text
     assert "What is the capital of Quillmere?" in page.text
     assert 'id="split-validation">4<' in page.text
+    assert 'href="/runs/new?dataset=1">Train on this dataset' in page.text
 
 
 def test_page_upload_shows_the_problem_list(client, settings):
