@@ -47,6 +47,7 @@ def test_pages_redirect_to_sign_in_and_the_cookie_opens_them(locked):
     page = locked.get("/login?next=/datasets")
     csrf = locked.cookies[CSRF_COOKIE]
     assert csrf in page.text
+    assert 'aria-label="Main"' not in page.text and "Sign out" not in page.text  # nothing to reach yet
     browser = {"Origin": "http://testserver", "X-CSRF-Token": csrf, "HX-Request": "true"}
     wrong = locked.post("/login", data={"token": "nope", "next": "/datasets"}, headers=browser)
     assert wrong.status_code == 401 and "not right" in wrong.text
