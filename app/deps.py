@@ -9,15 +9,10 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.db import Database
 
 
 def get_settings(request: Request) -> Settings:
     return request.app.state.settings
-
-
-def get_db(request: Request) -> Database:
-    return request.app.state.db
 
 
 def get_session(request: Request) -> Iterator[Session]:
