@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from sqlalchemy import select
@@ -95,14 +96,29 @@ def bundled_entry(settings: Settings) -> ModelEntry:
 
 
 def hf_cache_entries(cache_dir: Path | None = None) -> list[ModelEntry]:
-    """Causal-LM checkpoints already downloaded into the local Hugging Face cache (never fetches)."""
-    from huggingface_hub import constants, scan_cache_dir
+    """Causal-LM checkpoints already downloaded into the local Hugging Face cache (never fetches).
+
+    Every page that lists models asks, so the scan is remembered until the cache folder changes (a new
+    model's folder changes its modification time)."""
+    from huggingface_hub import constants
+
+    folder = Path(cache_dir or constants.HF_HUB_CACHE)
+    try:
+        stamp = folder.stat().st_mtime_ns
+    except OSError:
+        return []
+    return list(_scan_hf_cache(str(folder), stamp))
+
+
+@lru_cache(maxsize=4)
+def _scan_hf_cache(folder: str, _stamp: int) -> tuple[ModelEntry, ...]:
+    from huggingface_hub import scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 
     try:
-        info = scan_cache_dir(cache_dir or constants.HF_HUB_CACHE)
+        info = scan_cache_dir(folder)
     except CacheNotFound:
-        return []
+        return ()
     entries = []
     for repo in sorted(info.repos, key=lambda r: r.repo_id.lower()):
         if repo.repo_type != "model" or not repo.revisions:
@@ -111,7 +127,7 @@ def hf_cache_entries(cache_dir: Path | None = None) -> list[ModelEntry]:
         folder = Path(revision.snapshot_path)
         if is_model_folder(folder) and _is_causal_lm(folder):
             entries.append(ModelEntry(repo.repo_id, repo.repo_id, "hf-cache", folder))
-    return entries
+    return tuple(entries)
 
 
 def _is_causal_lm(folder: Path) -> bool:

@@ -58,7 +58,6 @@ async def upload_from_page(
 
 
 def _stats_context(
-    request: Request,
     settings: Settings,
     session: Session,
     dataset,
@@ -111,7 +110,7 @@ def dataset_page(
         "label": FORMAT_LABELS[(dataset.format, dataset.layout)],
         "summary": store.dataset_summary(settings, dataset),
         "preview": store.load_rows(settings, dataset.id, limit=settings.preview_rows),
-        **_stats_context(request, settings, session, dataset, model, max_length, prompt_format),
+        **_stats_context(settings, session, dataset, model, max_length, prompt_format),
     }
     block = "stats" if request.headers.get("HX-Target") == "stats" else None
     return render(request, "dataset.html", context, block=block)

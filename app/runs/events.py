@@ -176,6 +176,11 @@ class RunFeed(Feed):
         return [(i, p) for i, p in self.rows if i > last]
 
 
+def _last_metric_id(db: Database, run_id: int) -> int:
+    with db.session() as session:
+        return session.scalar(select(func.max(RunMetric.id)).where(RunMetric.run_id == run_id)) or 0
+
+
 class Feeds:
     """The web process's feeds, one per watched run and one for the list."""
 
@@ -184,13 +189,19 @@ class Feeds:
         self.runs: dict[int, RunFeed] = {}
         self.list: ListFeed | None = None
 
-    def run(self, run_id: int) -> RunFeed:
+    async def run(self, run_id: int) -> RunFeed:
         feed = self.runs.get(run_id)
-        if feed is None or (feed.listeners == 0 and (feed.task is None or feed.task.done())):
-            with self.db.session() as session:
-                start = session.scalar(select(func.max(RunMetric.id)).where(RunMetric.run_id == run_id)) or 0
-            feed = self.runs[run_id] = RunFeed(self.db, run_id, start)
+        if feed is None:
+            start = await anyio.to_thread.run_sync(_last_metric_id, self.db, run_id)
+            feed = self.runs.setdefault(
+                run_id, RunFeed(self.db, run_id, start)
+            )  # another viewer may have won
         return feed
+
+    def release(self, feed: RunFeed) -> None:
+        """Forget a feed nobody watches, so finished runs' rows do not stay in memory."""
+        if feed.listeners == 0 and self.runs.get(feed.run_id) is feed:
+            del self.runs[feed.run_id]
 
     def runs_list(self) -> ListFeed:
         if self.list is None or (
@@ -202,7 +213,7 @@ class Feeds:
 
 async def run_stream(feeds: Feeds, run_id: int, after: int) -> AsyncIterator[ServerSentEvent]:
     """Metric, status and done events of one run, from metric id `after` on."""
-    feed = feeds.run(run_id)
+    feed = await feeds.run(run_id)
     feed.join()  # before reading the history: rows committed meanwhile are then in the feed
     try:
         last, sent_status = after, None
@@ -243,6 +254,7 @@ async def run_stream(feeds: Feeds, run_id: int, after: int) -> AsyncIterator[Ser
                 return
     finally:
         feed.leave()
+        feeds.release(feed)
 
 
 def _read_list(db: Database) -> list[tuple[Run, RunMetric | None]]:
