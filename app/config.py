@@ -37,6 +37,20 @@ class Settings(BaseSettings):
     cancel_grace_seconds: float = Field(30.0, gt=0, description="wait for a polite stop before SIGTERM")
     num_processes: int = Field(1, ge=1, description="training processes per run (GPUs), via accelerate")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads per training process")
+    generation: bool = Field(True, description="the worker starts the generation host (playground, /v1 API)")
+    generation_host: str = Field("127.0.0.1", description="where the generation host listens")
+    generation_port: int = Field(8001, ge=1, le=65535)
+    generation_url: str | None = Field(None, description="how the web server reaches the generation host")
+    generation_threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads for generation; default half the cores, so training keeps the rest",
+    )
+    generation_memory_mb: float | None = Field(
+        None, gt=0, description="memory for loaded models and adapters; default half of what is free at start"
+    )
+    generation_queue: int = Field(8, ge=1, description="requests that may wait for the generation host")
+    generation_dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$")
 
     @field_validator("data_dir")
     @classmethod
@@ -46,6 +60,10 @@ class Settings(BaseSettings):
     @property
     def sqlalchemy_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'tuneboard.db'}"
+
+    @property
+    def generation_base_url(self) -> str:
+        return (self.generation_url or f"http://{self.generation_host}:{self.generation_port}").rstrip("/")
 
     @property
     def max_upload_bytes(self) -> int:

@@ -28,6 +28,7 @@ def running(command: str, data_dir: Path, *, log: Path, timeout: float = 60.0, e
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEBOARD_")}
     env |= {"TUNEBOARD_DATA_DIR": str(data_dir), "TUNEBOARD_PORT": str(port), "PYTHONUNBUFFERED": "1"}
+    env |= {"TUNEBOARD_GENERATION": "false"}  # tests that chat turn the generation host on
     env |= env_extra or {}
     with open(log, "wb") as out:
         process = subprocess.Popen(
@@ -61,7 +62,8 @@ def running(command: str, data_dir: Path, *, log: Path, timeout: float = 60.0, e
 def running_worker(data_dir: Path, env_extra: dict[str, str], *, log: Path):
     """Run `tuneboard worker` in its own process group; yields the process."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEBOARD_")}
-    env |= {"TUNEBOARD_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1", **env_extra}
+    env |= {"TUNEBOARD_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1", "TUNEBOARD_GENERATION": "false"}
+    env |= env_extra
     with open(log, "ab") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "app.cli", "worker"],

@@ -1,10 +1,14 @@
 """The worker loop: prepare base models, requeue runs whose worker went silent, claim the next queued run
-and supervise it; until SIGTERM or SIGINT."""
+and supervise it; until SIGTERM or SIGINT. Beside it, the generation host (worker.gen_server) runs as a
+child process, restarted if it dies."""
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import subprocess
+import sys
 import threading
 from datetime import timedelta
 
@@ -27,13 +31,51 @@ def run_worker(settings: Settings, *, stop: threading.Event | None = None) -> No
     db = Database(settings.sqlalchemy_url)
     me = worker_id()
     log.info("worker %s started; data in %s", me, settings.data_dir)
+    host = GenerationHost(settings, stop) if settings.generation else None
     try:
         while not stop.is_set():
             if not work_once(settings, db, me=me, stop=stop):
                 stop.wait(settings.worker_poll_seconds)
     finally:
+        if host is not None:
+            host.close()
         db.dispose()
         log.info("worker stopped")
+
+
+class GenerationHost:
+    """Keeps `python -m worker.gen_server` running beside the worker loop until the worker stops."""
+
+    RESTART_DELAY = 5.0
+
+    def __init__(self, settings: Settings, stop: threading.Event):
+        self.settings, self.stop = settings, stop
+        self.process = self._start()
+        self.watcher = threading.Thread(target=self._watch, name="generation-host", daemon=True)
+        self.watcher.start()
+
+    def _start(self) -> subprocess.Popen:
+        env = dict(os.environ, TUNEBOARD_DATA_DIR=str(self.settings.data_dir))
+        if self.settings.database_url:
+            env["TUNEBOARD_DATABASE_URL"] = self.settings.database_url
+        log.info("generation host starting on port %d", self.settings.generation_port)
+        return subprocess.Popen([sys.executable, "-m", "worker.gen_server"], env=env)
+
+    def _watch(self) -> None:
+        while not self.stop.wait(self.RESTART_DELAY):
+            code = self.process.poll()
+            if code is not None:
+                log.warning("generation host exited with code %s; starting it again", code)
+                self.process = self._start()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
 
 
 def work_once(settings: Settings, db: Database, *, me: str, stop: threading.Event) -> bool:

@@ -1,0 +1,163 @@
+"""What the playground and the OpenAI-compatible API can talk to: ready base models, every finished run's
+adapter (`run-12`) and each of its complete checkpoints (`run-12-step-40`). No torch here: the web process
+lists and checks targets by their files; the generation host loads them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.model_registry import find_model, list_models
+from app.models import Run
+
+TARGET_ID = re.compile(r"^run-(\d+)(?:-step-(\d+))?$")
+CHECKPOINT_MARKER = "TUNEBOARD_COMPLETE"
+
+
+MAX_PANES = 4
+
+
+class TargetError(Exception):
+    """A target that cannot answer; the text says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Target:
+    id: str  # the base model's id, or run-12 / run-12-step-40
+    label: str
+    base_model: str
+    model_path: Path
+    adapter_path: Path | None = None
+    prompt_format: str = "chat"
+    run_id: int | None = None
+    step: int | None = None
+    created: int = 0  # unix seconds, for /v1/models
+
+    @property
+    def adapter(self) -> str | None:
+        return self.id if self.adapter_path else None
+
+
+def run_dir(settings: Settings, run_id: int) -> Path:
+    return settings.runs_dir / str(run_id)
+
+
+def adapter_dir(settings: Settings, run_id: int, step: int | None) -> Path:
+    folder = run_dir(settings, run_id)
+    return folder / "adapter" if step is None else folder / "checkpoints" / f"checkpoint-{step}"
+
+
+def _has_adapter(folder: Path, checkpoint: bool) -> bool:
+    return (folder / "adapter_config.json").is_file() and (
+        not checkpoint or (folder / CHECKPOINT_MARKER).is_file()
+    )
+
+
+def checkpoint_steps(settings: Settings, run_id: int) -> list[int]:
+    folder = run_dir(settings, run_id) / "checkpoints"
+    steps = [
+        int(p.name.split("-")[-1]) for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+    ]
+    return sorted(s for s in steps if _has_adapter(adapter_dir(settings, run_id, s), checkpoint=True))
+
+
+def _run_target(settings: Settings, run: Run, model_path: Path, step: int | None) -> Target:
+    label = f"#{run.id} {run.name}" + (f" · step {step}" if step is not None else "")
+    return Target(
+        id=f"run-{run.id}" + (f"-step-{step}" if step is not None else ""),
+        label=label,
+        base_model=run.base_model,
+        model_path=model_path,
+        adapter_path=adapter_dir(settings, run.id, step),
+        prompt_format=run.config.get("prompt_format", "chat"),
+        run_id=run.id,
+        step=step,
+        created=int(run.created_at.timestamp()),
+    )
+
+
+def list_targets(settings: Settings, *, session: Session, checkpoints: bool = True) -> list[Target]:
+    """Ready base models first, then runs newest first, each followed by its checkpoints."""
+    models = {m.id: m for m in list_models(settings, session=session) if m.ready}
+    targets = [Target(id=m.id, label=m.name, base_model=m.id, model_path=m.folder) for m in models.values()]
+    runs = session.scalars(
+        select(Run).where(Run.status.in_(("succeeded", "cancelled"))).order_by(Run.id.desc())
+    )
+    for run in runs:
+        model = models.get(run.base_model)
+        if model is None:
+            continue
+        if _has_adapter(adapter_dir(settings, run.id, None), checkpoint=False):
+            targets.append(_run_target(settings, run, model.folder, None))
+        if checkpoints:
+            targets += [
+                _run_target(settings, run, model.folder, s) for s in checkpoint_steps(settings, run.id)
+            ]
+    return targets
+
+
+def resolve(settings: Settings, target_id: str, *, session: Session) -> Target:
+    """The target with this id, or TargetError with a sentence saying why it cannot answer."""
+    match = TARGET_ID.match(target_id)
+    if match is None:
+        model = find_model(settings, target_id, session=session)
+        if model is None:
+            raise TargetError(f"There is no model or run called '{target_id}'. GET /v1/models lists them.")
+        if not model.ready:
+            raise TargetError(f"The model '{target_id}' is not ready ({model.status}). See the Models page.")
+        return Target(id=model.id, label=model.name, base_model=model.id, model_path=model.folder)
+    run_id, step = int(match.group(1)), int(match.group(2)) if match.group(2) else None
+    run = session.get(Run, run_id)
+    if run is None:
+        raise TargetError(f"There is no run {run_id}.")
+    if not _has_adapter(adapter_dir(settings, run_id, step), checkpoint=step is not None):
+        if step is not None:
+            raise TargetError(f"Run {run_id} has no complete checkpoint at step {step}.")
+        raise TargetError(
+            f"Run {run_id} has no adapter to chat with yet (it is {run.status}); "
+            "a run's adapter is saved when it succeeds or is cancelled."
+        )
+    model = find_model(settings, run.base_model, session=session)
+    if model is None or not model.ready:
+        raise TargetError(f"Run {run_id}'s base model '{run.base_model}' is no longer available.")
+    return _run_target(settings, run, model.folder, step)
+
+
+# ---- what the web server sends the generation host -------------------------------------------------
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+    alpaca: dict[str, str] | None = None  # the Alpaca fields a user turn was written from
+
+
+class PaneSpec(BaseModel):
+    target: str = Field(min_length=1, max_length=300)
+    messages: list[Message] = Field(min_length=1, max_length=200)
+    system: str | None = Field(None, max_length=20_000)
+
+    @model_validator(mode="after")
+    def _ends_with_a_question(self):
+        if self.messages[-1].role != "user" or not self.messages[-1].content.strip():
+            raise ValueError("the conversation must end with the user's question, and it must not be empty")
+        return self
+
+
+class SamplingSpec(BaseModel):
+    max_new_tokens: int = Field(256, ge=1, le=8192)
+    temperature: float = Field(0.0, ge=0, le=5)
+    top_p: float = Field(1.0, gt=0, le=1)
+    repetition_penalty: float = Field(1.0, ge=0.5, le=3)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+
+
+class GenerateBody(BaseModel):
+    panes: list[PaneSpec] = Field(min_length=1, max_length=MAX_PANES)
+    sampling: SamplingSpec = SamplingSpec()

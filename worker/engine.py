@@ -1,0 +1,404 @@
+"""The generation engine: one copy of each base model, adapters attached to it by name, answers streamed
+token by token.
+
+LoRA-family adapters (LoRA, DoRA, rsLoRA) share their base model's weights: a side-by-side request is one
+batch in which every row names its adapter (PEFT's `adapter_names`, "__base__" for the plain model), so
+the base answer and the tuned answers come from the same forward passes and no adapter state is switched
+between requests. Other PEFT methods change the model in ways that cannot be mixed in one batch; each of
+those adapters gets its own copy of the base model and answers in turn.
+
+Everything here runs on the generation thread, one request at a time (worker.gen_server queues them).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from app.prompts import instruction_prompt
+from worker.train import available_memory_bytes
+
+log = logging.getLogger("tuneboard.generation")
+BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+SHARED_TYPES = {"LORA"}  # adapter types that can share one base copy in a mixed batch
+# For answering, adapter weights take the base model's dtype (PEFT would otherwise keep them in fp32 beside
+# a bf16 base: twice the memory, and slower mixed-dtype matmuls).
+ADAPTER_LOADING = {"is_trainable": False, "autocast_adapter_dtype": False}
+
+
+class GenerationError(Exception):
+    """A problem the user can act on; its text is shown as it is."""
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    name: str  # unique, e.g. "run-12" or "run-12-step-40"
+    path: Path
+
+
+@dataclass
+class PaneRequest:
+    model_key: str  # the base model's id
+    model_path: Path
+    adapter: AdapterRef | None
+    messages: list[dict[str, Any]]
+    prompt_format: str = "chat"  # chat | instruction
+    system: str | None = None
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    min_new_tokens: int = 0  # benchmarks force equal lengths with it
+
+
+@dataclass
+class PaneResult:
+    text: str = ""
+    tokens: int = 0
+    prompt_tokens: int = 0
+    finish_reason: str = "length"  # stop | length | cancelled
+    first_token_seconds: float | None = None
+    seconds: float = 0.0
+
+
+Emit = Callable[[dict[str, Any]], None]
+
+
+def param_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+@dataclass
+class Slot:
+    """One loaded base model copy, with the adapters attached to it."""
+
+    key: str
+    model: Any
+    tokenizer: Any
+    base_bytes: int
+    adapters: OrderedDict[str, int] = field(default_factory=OrderedDict)  # name -> bytes, LRU order
+    exclusive: str | None = None  # set when this copy carries one non-LoRA adapter
+
+    @property
+    def bytes(self) -> int:
+        return self.base_bytes + sum(self.adapters.values())
+
+
+def prompt_ids(tokenizer, pane: PaneRequest) -> list[int]:
+    """The prompt exactly as training encoded it (worker.data.encode_row), ending where the answer starts."""
+    messages = list(pane.messages)
+    if pane.system and pane.system.strip():
+        messages = [{"role": "system", "content": pane.system}, *messages]
+    if pane.prompt_format == "instruction" or not tokenizer.chat_template:
+        row: dict[str, Any] = {"messages": [{k: m[k] for k in ("role", "content")} for m in messages]}
+        last = messages[-1] if messages else {}
+        single_turn = sum(m["role"] == "user" for m in messages) == 1
+        if last.get("alpaca") and single_turn:
+            row["alpaca"] = last["alpaca"]
+        prompt, _ = instruction_prompt(row)
+        return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+    text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+class PaneStreamer(BaseStreamer):
+    """Receives each step's new token for every row of the batch and emits the new text per pane."""
+
+    def __init__(self, tokenizer, panes: list[int], eos_ids: set[int], emit: Emit, results: list[PaneResult]):
+        self.tokenizer, self.panes, self.eos_ids, self.emit, self.results = (
+            tokenizer,
+            panes,
+            eos_ids,
+            emit,
+            results,
+        )
+        self.ids: list[list[int]] = [[] for _ in panes]
+        self.done = [False] * len(panes)
+        self.prompt_seen = False
+        self.started = time.perf_counter()
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() hands over the prompt first
+            self.prompt_seen = True
+            return
+        now = time.perf_counter() - self.started
+        for row, token in enumerate(value.reshape(-1).tolist()):
+            if self.done[row]:
+                continue
+            result = self.results[self.panes[row]]
+            if result.first_token_seconds is None:
+                result.first_token_seconds = now
+            if token in self.eos_ids:
+                self.done[row] = True
+                result.finish_reason = "stop"
+                continue
+            self.ids[row].append(token)
+            result.tokens += 1
+            self._flush(row)
+
+    def _flush(self, row: int, final: bool = False) -> None:
+        result = self.results[self.panes[row]]
+        text = self.tokenizer.decode(self.ids[row], skip_special_tokens=True)
+        if text.endswith("\ufffd") and not final:  # half of a multi-byte character: wait for the rest
+            return
+        if text.startswith(result.text):
+            delta = text[len(result.text) :]
+            if delta:
+                self.emit({"type": "token", "pane": self.panes[row], "text": delta})
+        else:
+            self.emit({"type": "replace", "pane": self.panes[row], "text": text})
+        result.text = text
+
+    def end(self) -> None:
+        for row in range(len(self.panes)):
+            self._flush(row, final=True)
+
+
+class StopFlag(StoppingCriteria):
+    def __init__(self, stop: threading.Event):
+        self.stop = stop
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full(
+            (input_ids.shape[0],), self.stop.is_set(), dtype=torch.bool, device=input_ids.device
+        )
+
+
+def adapter_type(path: Path) -> str:
+    import json
+
+    try:
+        config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise GenerationError(f"The adapter at {path} cannot be read ({exc}); was the run deleted?") from exc
+    return str(config.get("peft_type", "")).upper()
+
+
+class Engine:
+    def __init__(
+        self, *, device: str | None = None, dtype: torch.dtype | None = None, budget_bytes: int | None = None
+    ):
+        from worker.train import choose_dtype
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = dtype or choose_dtype("auto")
+        self.budget_bytes = budget_bytes
+        self.slots: OrderedDict[str, Slot] = OrderedDict()  # LRU order, oldest first
+
+    # ---- memory ----------------------------------------------------------------------------------
+    @property
+    def loaded_bytes(self) -> int:
+        return sum(slot.bytes for slot in self.slots.values())
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "budget_bytes": self.budget_bytes,
+            "loaded_bytes": self.loaded_bytes,
+            "models": [
+                {"key": s.key, "exclusive": s.exclusive, "bytes": s.bytes, "adapters": list(s.adapters)}
+                for s in self.slots.values()
+            ],
+        }
+
+    def _make_room(self, needed: int, keep: set[str], what: str) -> None:
+        """Evict least-recently-used adapters, then whole model copies, until `needed` more bytes fit."""
+        if self.budget_bytes is None:
+            return
+        while self.loaded_bytes + needed > self.budget_bytes:
+            victim = self._evict_one(keep)
+            if victim is None:
+                raise GenerationError(
+                    f"Not enough room to load {what}: it needs about {needed / 2**20:.0f} MiB and the "
+                    f"generation memory budget is {self.budget_bytes / 2**20:.0f} MiB, with "
+                    f"{self.loaded_bytes / 2**20:.0f} MiB in use by the panes of this request. Ask with "
+                    "fewer panes, or raise TUNEBOARD_GENERATION_MEMORY_MB."
+                )
+            log.info("evicted %s to make room for %s", victim, what)
+
+    def _evict_one(self, keep: set[str]) -> str | None:
+        for slot in self.slots.values():
+            for name in slot.adapters:
+                if name not in keep and slot.exclusive is None:
+                    del slot.adapters[name]
+                    if not slot.adapters:  # the last one: back to the plain model, without the LoRA wrappers
+                        slot.model = slot.model.unload()
+                    else:
+                        slot.model.delete_adapter(name)
+                        if slot.model.active_adapter not in slot.model.peft_config:
+                            slot.model.set_adapter(next(iter(slot.adapters)))
+                    return name
+        for key, slot in self.slots.items():
+            if key not in keep and not (set(slot.adapters) & keep):
+                del self.slots[key]
+                gc.collect()
+                if self.device == "cuda":
+                    torch.cuda.empty_cache()
+                return key
+        return None
+
+    def _check_free(self, needed: int, what: str) -> None:
+        if self.device == "cuda":
+            free, _ = torch.cuda.mem_get_info()
+            where = "GPU memory"
+        else:
+            free, where = available_memory_bytes(), "memory"
+        if free is not None and needed * 1.2 > free:
+            raise GenerationError(
+                f"Not enough free {where} to load {what}: it needs about {needed / 2**30:.1f} GiB and "
+                f"{free / 2**30:.1f} GiB is free (a training run may be using it). Try again when it ends."
+            )
+
+    # ---- loading ---------------------------------------------------------------------------------
+    def _load_base(self, key: str, path: Path, keep: set[str], emit: Emit, pane: int) -> Slot:
+        weights = sum(p.stat().st_size for p in path.glob("*.safetensors")) or sum(
+            p.stat().st_size for p in path.glob("*.bin")
+        )
+        estimate = int(weights * torch.finfo(self.dtype).bits / 32)
+        self._make_room(estimate, keep, f"the base model {key}")
+        self._check_free(estimate, f"the base model {key}")
+        emit({"type": "status", "pane": pane, "message": f"Loading {key}…"})
+        started = time.perf_counter()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
+        log.info("loaded %s in %.1f s", key, time.perf_counter() - started)
+        return Slot(key=key, model=model, tokenizer=tokenizer, base_bytes=param_bytes(model))
+
+    def shared_slot(self, pane: PaneRequest, keep: set[str], emit: Emit, index: int) -> Slot:
+        slot = self.slots.get(pane.model_key)
+        if slot is None:
+            slot = self._load_base(pane.model_key, pane.model_path, keep, emit, index)
+            self.slots[pane.model_key] = slot
+        self.slots.move_to_end(pane.model_key)
+        if pane.adapter is not None:
+            self._attach(slot, pane.adapter, keep, emit, index)
+        return slot
+
+    def _attach(self, slot: Slot, adapter: AdapterRef, keep: set[str], emit: Emit, index: int) -> None:
+        from peft import PeftModel
+
+        if adapter.name in slot.adapters:
+            slot.adapters.move_to_end(adapter.name)
+            return
+        size = sum(p.stat().st_size for p in adapter.path.glob("adapter_model.*"))
+        self._make_room(size, keep, f"the adapter {adapter.name}")
+        emit({"type": "status", "pane": index, "message": f"Attaching {adapter.name}…"})
+        before = param_bytes(slot.model)
+        if isinstance(slot.model, PeftModel):
+            slot.model.load_adapter(str(adapter.path), adapter_name=adapter.name, **ADAPTER_LOADING)
+        else:
+            slot.model = PeftModel.from_pretrained(
+                slot.model, str(adapter.path), adapter_name=adapter.name, **ADAPTER_LOADING
+            )
+        slot.model.eval()
+        slot.adapters[adapter.name] = param_bytes(slot.model) - before
+
+    def exclusive_slot(self, pane: PaneRequest, keep: set[str], emit: Emit, index: int) -> Slot:
+        from peft import PeftModel
+
+        assert pane.adapter is not None
+        key = f"{pane.model_key}+{pane.adapter.name}"
+        slot = self.slots.get(key)
+        if slot is None:
+            slot = self._load_base(key, pane.model_path, keep, emit, index)
+            emit({"type": "status", "pane": index, "message": f"Attaching {pane.adapter.name}…"})
+            slot.model = PeftModel.from_pretrained(
+                slot.model, str(pane.adapter.path), **ADAPTER_LOADING
+            ).eval()
+            slot.base_bytes = param_bytes(slot.model)
+            slot.exclusive = pane.adapter.name
+            self.slots[key] = slot
+        self.slots.move_to_end(key)
+        return slot
+
+    # ---- generation ------------------------------------------------------------------------------
+    def generate(
+        self, panes: list[PaneRequest], sampling: Sampling, emit: Emit, stop: threading.Event
+    ) -> list[PaneResult]:
+        """Answer every pane, streaming through `emit`; panes on the same base model and LoRA-family
+        adapters form one batch."""
+        results = [PaneResult() for _ in panes]
+        keep = {p.model_key for p in panes} | {p.adapter.name for p in panes if p.adapter}
+        keep |= {f"{p.model_key}+{p.adapter.name}" for p in panes if p.adapter}
+        groups: dict[str, list[int]] = {}
+        for index, pane in enumerate(panes):
+            shared = pane.adapter is None or adapter_type(pane.adapter.path) in SHARED_TYPES
+            key = pane.model_key if shared else f"{pane.model_key}+{pane.adapter.name}"
+            groups.setdefault(key, []).append(index)
+        for key, members in groups.items():
+            if stop.is_set():
+                break
+            first = panes[members[0]]
+            exclusive = first.adapter is not None and key != first.model_key
+            for index in members:  # load everything this group needs before it starts
+                slot = (self.exclusive_slot if exclusive else self.shared_slot)(
+                    panes[index], keep, emit, index
+                )
+            self._run_batch(slot, [panes[i] for i in members], members, sampling, emit, stop, results)
+        for result in results:
+            if stop.is_set() and result.finish_reason == "length" and result.tokens < sampling.max_new_tokens:
+                result.finish_reason = "cancelled"
+        return results
+
+    def _run_batch(self, slot, panes, indexes, sampling, emit, stop, results) -> None:
+        from peft import PeftModel
+
+        tokenizer = slot.tokenizer
+        prompts = [prompt_ids(tokenizer, pane) for pane in panes]
+        for index, ids in zip(indexes, prompts, strict=True):
+            results[index].prompt_tokens = len(ids)
+            emit({"type": "start", "pane": index, "prompt_tokens": len(ids)})
+        batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(self.device)
+        eos = slot.model.generation_config.eos_token_id
+        eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
+        eos_ids |= {tokenizer.eos_token_id} - {None}
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": sampling.max_new_tokens,
+            "do_sample": sampling.temperature > 0,
+            "repetition_penalty": sampling.repetition_penalty,
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": sorted(eos_ids),
+        }
+        if sampling.min_new_tokens:
+            kwargs["min_new_tokens"] = sampling.min_new_tokens
+        if sampling.temperature > 0:
+            kwargs |= {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
+        else:  # greedy: clear the model's own sampling defaults so they do not warn or apply
+            kwargs |= {"temperature": None, "top_p": None, "top_k": None}
+        if isinstance(slot.model, PeftModel) and slot.exclusive is None:
+            kwargs["adapter_names"] = [pane.adapter.name if pane.adapter else BASE for pane in panes]
+        seed = sampling.seed if sampling.seed is not None else int(time.time_ns() % 2**31)
+        torch.manual_seed(seed)
+        streamer = PaneStreamer(tokenizer, indexes, eos_ids, emit, results)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            slot.model.generate(
+                **batch,
+                streamer=streamer,
+                stopping_criteria=StoppingCriteriaList([StopFlag(stop)]),
+                **kwargs,
+            )
+        elapsed = time.perf_counter() - started
+        for index in indexes:
+            results[index].seconds = elapsed
