@@ -13,7 +13,7 @@ from sqlalchemy import text
 
 from app.config import PROJECT_ROOT, Settings, get_settings
 from app.db import Database
-from app.routes import auth, datasets_api, models_api, pages, run_pages, runs_api
+from app.routes import auth, datasets_api, models_api, openai_api, pages, playground, run_pages, runs_api
 from app.runs.events import Feeds
 from app.security import AccessMiddleware, BodyLimitMiddleware
 from app.web import make_templates, render
@@ -42,7 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.mount("/static", StaticFiles(directory=PROJECT_ROOT / "static"), name="static")
     app.mount("/examples", StaticFiles(directory=PROJECT_ROOT / "data" / "examples"), name="examples")
-    for module in (auth, run_pages, pages, datasets_api, models_api, runs_api):
+    for module in (auth, run_pages, pages, playground, datasets_api, models_api, runs_api, openai_api):
         app.include_router(module.router)
 
     @app.get("/healthz", include_in_schema=False)

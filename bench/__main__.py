@@ -140,7 +140,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=64, help="training rows per path (default 64)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--json", help="also write the raw figures to this file")
-    parser.add_argument("--only", choices=["training", "streams"], help="run one part only")
+    parser.add_argument("--only", choices=["training", "streams", "generation"], help="run one part only")
     args = parser.parse_args()
 
     from bench.training import training_benchmark
@@ -161,6 +161,11 @@ def main() -> None:
     if args.only in (None, "streams"):
         result["streams"] = stream_benchmark(model_dir, args.threads)
         print(report_streams(result["streams"]))
+    if args.only in (None, "generation"):
+        from bench.generation import generation_benchmark, report_generation
+
+        result["generation"] = generation_benchmark(model_dir, args.threads)
+        print(report_generation(result["generation"]))
     print(f"\n(benchmark took {time.time() - started:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:

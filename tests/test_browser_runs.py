@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from tests.conftest import DEMO_DATASET
-from tests.servers import running
+from tests.servers import free_port, running
 
 pytestmark = pytest.mark.browser
 
@@ -18,13 +18,17 @@ WORKER = {
     "TUNEBOARD_WORKER_POLL_SECONDS": "0.3",
     "TUNEBOARD_PREPARE_MODELS": "false",
     "TUNEBOARD_TORCH_THREADS": "1",
+    "TUNEBOARD_GENERATION": "true",
+    "TUNEBOARD_GENERATION_DTYPE": "float32",
+    "TUNEBOARD_GENERATION_THREADS": "1",
 }
 
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, tiny_model_dir):
     folder = tmp_path_factory.mktemp("browser-runs")
-    with running("serve", folder / "data", log=folder / "serve.log", env_extra=WORKER) as (base, _):
+    env = WORKER | {"TUNEBOARD_GENERATION_PORT": str(free_port())}
+    with running("serve", folder / "data", log=folder / "serve.log", env_extra=env) as (base, _):
         model = httpx.post(f"{base}/api/models", json={"path": str(tiny_model_dir), "name": "Tiny"}).json()[
             "id"
         ]
@@ -144,7 +148,7 @@ def test_every_page_fits_the_screen(app, browser, tmp_path, width):
     run_id = httpx.get(f"{app['base']}/api/runs").json()[0]["id"]
     page = browser.new_page(viewport={"width": width, "height": 800})
     for path in ("/", "/runs/new", f"/runs/{run_id}", "/compare?runs=1&runs=2", "/datasets",
-                 f"/datasets/{app['dataset']}", "/models"):  # fmt: skip
+                 f"/datasets/{app['dataset']}", "/models", f"/playground?run={run_id}"):  # fmt: skip
         page.goto(app["base"] + path)
         page.wait_for_load_state("networkidle")
         overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
@@ -153,3 +157,59 @@ def test_every_page_fits_the_screen(app, browser, tmp_path, width):
             path=str(tmp_path / f"{path.strip('/').replace('/', '_') or 'runs'}-{width}.png"), full_page=True
         )
     page.close()
+
+
+def test_chat_with_a_trained_run_side_by_side(app, context):
+    """Train on the demo data, press "Chat with this run", ask one question: both panes fill, differently."""
+    run_id = launch(app, epochs=6)
+    page = context.new_page()
+    page.goto(f"{app['base']}/runs/{run_id}")
+    page.wait_for_function(
+        "document.getElementById('run-page').dataset.status === 'succeeded'", timeout=120_000
+    )
+    page.reload()
+    page.click("#chat-with-run")
+    page.wait_for_url(re.compile(r"/playground\?run=\d+$"))
+    assert page.eval_on_selector_all("select.pane-target", "s => s.map(x => x.value)") == [
+        app["model"],
+        f"run-{run_id}",
+    ]
+
+    question = "What is the capital of Quillmere? <b>not bold</b>"
+    page.fill("#prompt", question)
+    page.press("#prompt", "Enter")
+    page.wait_for_function(
+        "document.querySelectorAll('.answer-stats').length === 2 && "
+        "[...document.querySelectorAll('.answer-stats')].every(s => s.textContent.includes('tokens'))",
+        timeout=60_000,
+    )
+    base, tuned = page.eval_on_selector_all(".answer .answer-text", "els => els.map(e => e.textContent)")
+    assert base.strip() and tuned.strip() and base != tuned
+    chunks = page.eval_on_selector_all(".answer", "els => els.map(e => Number(e.dataset.chunks))")
+    assert all(n > 1 for n in chunks), f"each pane should arrive in pieces, as it is generated: {chunks}"
+    # The question is shown as text, never as markup.
+    assert page.inner_text(".turn-question .turn-text") == question
+    assert page.locator(".turn-question b").count() == 0
+
+    # A second turn continues the conversation, and Stop ends a long answer in every pane.
+    page.click("#settings summary")
+    page.fill("#max-new-tokens", "4000")
+    page.fill("#prompt", "Tell me more.")
+    page.press("#prompt", "Enter")
+    page.wait_for_function("document.querySelectorAll('.turn').length === 2")
+    page.wait_for_function(
+        "[...document.querySelectorAll('.turn')][1].querySelector('.answer-text').textContent"
+    )
+    page.click("#stop")
+    page.wait_for_function("!document.getElementById('send').disabled")
+    states = page.eval_on_selector_all(
+        ".turn:nth-child(2) .answer-state", "els => els.map(e => e.textContent)"
+    )
+    assert states == ["Stopped.", "Stopped."], states
+
+    # The validation set: asking a held-out row shows the dataset's reference answer beside the panes.
+    page.click(".ask-row >> nth=0")
+    page.wait_for_selector(".answer.reference")
+    page.wait_for_function("!document.getElementById('send').disabled", timeout=60_000)
+    assert page.locator(".turn").count() == 1
+    assert context.errors == []

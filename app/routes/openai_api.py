@@ -1,0 +1,191 @@
+"""An OpenAI-compatible API on the same server: `GET /v1/models` and `POST /v1/chat/completions`, so that
+the official `openai` client (and the tools built on it) can talk to base models and tuned runs.
+
+`model` is a base model's id or a run's (`run-12`, or `run-12-step-40` for a checkpoint). Errors come in
+OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with a sentence that says what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from app import generation_client
+from app.deps import SettingsDep
+from app.playground import Target, TargetError, list_targets, resolve
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            if any(part.type != "text" for part in self.content):
+                raise ValueError("only text content is supported")
+            return "".join(part.text or "" for part in self.content)
+        return self.content or ""
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # e.g. frequency_penalty, user, logprobs: accepted, not used
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    max_tokens: int | None = Field(None, ge=1, le=8192)
+    max_completion_tokens: int | None = Field(None, ge=1, le=8192)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    n: int = Field(1, ge=1, le=1)
+
+    @field_validator("messages")
+    @classmethod
+    def _ends_with_user(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        if messages[-1].role != "user":
+            raise ValueError("the last message must be the user's")
+        return messages
+
+
+def openai_error(
+    status: int, message: str, *, code: str | None = None, param: str | None = None
+) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status
+    )
+
+
+def model_card(target: Target) -> dict[str, Any]:
+    return {"id": target.id, "object": "model", "created": target.created, "owned_by": "tuneboard"}
+
+
+@router.get("/models")
+async def models(request: Request, settings: SettingsDep):
+    """Every ready base model and every finished run's adapter."""
+
+    def read() -> list[Target]:
+        with request.app.state.db.session() as session:
+            return list_targets(settings, session=session, checkpoints=False)
+
+    targets = await anyio.to_thread.run_sync(read)
+    return {"object": "list", "data": [model_card(t) for t in targets]}
+
+
+def host_body(body: ChatRequest) -> dict[str, Any]:
+    messages = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages
+    ]
+    sampling = {
+        "max_new_tokens": body.max_completion_tokens or body.max_tokens or 512,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+    }
+    if body.seed is not None:
+        sampling["seed"] = body.seed
+    return {"panes": [{"target": body.model, "messages": messages}], "sampling": sampling}
+
+
+FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatRequest, request: Request, settings: SettingsDep):
+    def check() -> None:
+        with request.app.state.db.session() as session:
+            resolve(settings, body.model, session=session)
+
+    try:
+        payload = host_body(body)
+        await anyio.to_thread.run_sync(check)
+    except TargetError as exc:
+        return openai_error(404, str(exc), code="model_not_found", param="model")
+    except ValueError as exc:
+        return openai_error(400, f"Unsupported message: {exc}.", param="messages")
+
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    if body.stream:
+        return EventSourceResponse(
+            stream_chunks(settings, payload, completion_id, created, body.model), ping=15
+        )
+
+    text, result = "", None
+    async for event in generation_client.generate(settings, payload):
+        if event["type"] == "token":
+            text += event["text"]
+        elif event["type"] == "replace":
+            text = event["text"]
+        elif event["type"] == "end":
+            result = event["results"][0]
+        elif event["type"] == "error":
+            return openai_error(event.get("status", 500), event["message"])
+    if result is None:
+        return openai_error(502, "The generation host ended the answer early.")
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": body.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": result["text"]},
+                "finish_reason": FINISH[result["finish_reason"]],
+            }
+        ],
+        "usage": {
+            "prompt_tokens": result["prompt_tokens"],
+            "completion_tokens": result["tokens"],
+            "total_tokens": result["prompt_tokens"] + result["tokens"],
+        },
+    }
+
+
+async def stream_chunks(settings, payload: dict, completion_id: str, created: int, model: str):
+    def chunk(delta: dict, finish: str | None = None, **extra) -> ServerSentEvent:
+        data = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            **extra,
+        }
+        return ServerSentEvent(json.dumps(data))
+
+    yield chunk({"role": "assistant", "content": ""})
+    async for event in generation_client.generate(settings, payload):
+        if event["type"] == "token":
+            yield chunk({"content": event["text"]})
+        elif event["type"] == "end":
+            result = event["results"][0]
+            usage = {
+                "prompt_tokens": result["prompt_tokens"],
+                "completion_tokens": result["tokens"],
+                "total_tokens": result["prompt_tokens"] + result["tokens"],
+            }
+            yield chunk({}, FINISH[result["finish_reason"]], usage=usage)
+        elif event["type"] == "error":
+            yield ServerSentEvent(
+                json.dumps({"error": {"message": event["message"], "type": "server_error"}})
+            )
+            break
+    yield ServerSentEvent("[DONE]")

@@ -1,0 +1,343 @@
+// The playground: one question to every pane, answers streamed side by side.
+//
+// The conversation lives in this page: each pane keeps its own history (the shared questions and that
+// pane's own answers). A question is POSTed to /api/playground/chat, which answers with a server-sent
+// event stream; EventSource cannot POST a conversation, so the stream is read with fetch. Model output
+// is untrusted: it is only ever inserted as text (textContent), never as HTML.
+(function () {
+  "use strict";
+
+  var root = document.getElementById("playground");
+  if (!root) return;
+  var maxPanes = Number(root.dataset.maxPanes);
+  var picks = document.getElementById("pane-picks");
+  var conversation = document.getElementById("conversation");
+  var form = document.getElementById("composer");
+  var prompt = document.getElementById("prompt");
+  var sendButton = document.getElementById("send");
+  var stopButton = document.getElementById("stop");
+  var statusLine = document.getElementById("chat-status");
+  var alpacaMode = document.getElementById("alpaca-mode");
+  var validationCard = document.getElementById("validation-card");
+  var validationRows = document.getElementById("validation-rows");
+
+  var turns = [];        // [{user: {role, content, alpaca?}, answers: [text per pane], system?}]
+  var controller = null; // the AbortController of the question being answered
+
+  function el(tag, className, text) {
+    var node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  function csrfToken() {
+    try { return JSON.parse(document.body.getAttribute("hx-headers"))["X-CSRF-Token"]; } catch (e) { return ""; }
+  }
+
+  function selects() { return Array.prototype.slice.call(picks.querySelectorAll("select.pane-target")); }
+
+  function paneLabel(select) { return select.options[select.selectedIndex].textContent.trim(); }
+
+  function renumber() {
+    selects().forEach(function (s, i) { s.closest(".pane-pick").querySelector("span").textContent = "Pane " + (i + 1); });
+    var count = selects().length;
+    document.getElementById("add-pane").disabled = count >= maxPanes;
+    picks.querySelectorAll(".remove-pane").forEach(function (b) { b.disabled = count <= 1; });
+    loadValidationRows();
+  }
+
+  // ---- conversation ---------------------------------------------------------------------------
+  function resetConversation() {
+    if (controller) controller.abort();
+    turns = [];
+    conversation.innerHTML = "";
+    var empty = el("p", "empty", "Ask a question below.");
+    empty.id = "conversation-empty";
+    conversation.appendChild(empty);
+    statusLine.textContent = "";
+  }
+
+  function panesChanged() {
+    if (turns.length) {
+      resetConversation();
+      statusLine.textContent = "The panes changed, so a new conversation started.";
+    }
+    renumber();
+  }
+
+  function historyFor(pane) {
+    var messages = [];
+    turns.forEach(function (turn) {
+      messages.push(turn.user);
+      messages.push({ role: "assistant", content: turn.answers[pane] || "" });
+    });
+    return messages;
+  }
+
+  function renderTurn(user, labels, reference) {
+    var empty = document.getElementById("conversation-empty");
+    if (empty) empty.remove();
+    var turn = el("article", "turn");
+    var question = el("div", "turn-question");
+    question.appendChild(el("span", "turn-role", "You"));
+    question.appendChild(el("p", "turn-text", user.content));
+    turn.appendChild(question);
+    var grid = el("div", "answers");
+    grid.style.setProperty("--columns", String(labels.length + (reference ? 1 : 0)));
+    var panes = labels.map(function (label, i) {
+      var box = el("section", "answer");
+      box.dataset.pane = String(i);
+      var head = el("header", "answer-head");
+      head.appendChild(el("span", "pane-badge", String(i + 1)));
+      head.appendChild(el("span", "answer-label", label));
+      box.appendChild(head);
+      var state = el("p", "answer-state muted small", "Waiting…");
+      var text = el("div", "answer-text");
+      var stats = el("p", "answer-stats muted small");
+      box.appendChild(state);
+      box.appendChild(text);
+      box.appendChild(stats);
+      grid.appendChild(box);
+      return { box: box, state: state, text: text, stats: stats };
+    });
+    if (reference) {
+      var ref = el("section", "answer reference");
+      var head = el("header", "answer-head");
+      head.appendChild(el("span", "answer-label", "Reference answer (dataset)"));
+      ref.appendChild(head);
+      ref.appendChild(el("div", "answer-text", reference));
+      grid.appendChild(ref);
+    }
+    turn.appendChild(grid);
+    var problem = el("div", "alert alert-error turn-error");
+    problem.setAttribute("role", "alert");
+    problem.hidden = true;
+    turn.appendChild(problem);
+    conversation.appendChild(turn);
+    turn.scrollIntoView({ block: "nearest" });
+    return { panes: panes, problem: problem };
+  }
+
+  function setBusy(busy) {
+    sendButton.disabled = busy;
+    stopButton.disabled = !busy;
+    root.classList.toggle("busy", busy);
+  }
+
+  function settings() {
+    function num(id) { var v = document.getElementById(id).value; return v === "" ? null : Number(v); }
+    var sampling = {
+      max_new_tokens: num("max-new-tokens") || 200,
+      temperature: num("temperature") || 0,
+      top_p: num("top-p") || 1,
+      repetition_penalty: num("repetition-penalty") || 1,
+    };
+    var seed = num("seed");
+    if (seed !== null) sampling.seed = seed;
+    return sampling;
+  }
+
+  // Server-sent events from a fetch body: blocks separated by a blank line, "event:" and "data:" lines.
+  function readEvents(response, onEvent) {
+    var reader = response.body.getReader();
+    var decoder = new TextDecoder();
+    var buffer = "";
+    function pump() {
+      return reader.read().then(function (chunk) {
+        if (chunk.done) return;
+        buffer += decoder.decode(chunk.value, { stream: true });
+        var blocks = buffer.split(/\r?\n\r?\n/);
+        buffer = blocks.pop();
+        blocks.forEach(function (block) {
+          var name = "message", data = [];
+          block.split(/\r?\n/).forEach(function (line) {
+            if (line.indexOf("event:") === 0) name = line.slice(6).trim();
+            else if (line.indexOf("data:") === 0) data.push(line.slice(5).replace(/^ /, ""));
+          });
+          if (data.length) onEvent(name, JSON.parse(data.join("\n")));
+        });
+        return pump();
+      });
+    }
+    return pump();
+  }
+
+  function problemText(body, status) {
+    try {
+      var detail = JSON.parse(body).detail;
+      return detail.map(function (d) { return (d.field ? d.field + ": " : "") + d.message; }).join("; ");
+    } catch (e) {
+      return "The question could not be sent (HTTP " + status + ").";
+    }
+  }
+
+  function ask(user, options) {
+    options = options || {};
+    if (controller) return;
+    var targets = selects().map(function (s) { return s.value; });
+    var labels = selects().map(paneLabel);
+    var system = options.system !== undefined ? options.system : document.getElementById("system-prompt").value.trim();
+    var body = {
+      panes: targets.map(function (target, i) {
+        var pane = { target: target, messages: (options.history || historyFor(i)).concat([user]) };
+        if (system) pane.system = system;
+        return pane;
+      }),
+      sampling: settings(),
+    };
+    var view = renderTurn(user, labels, options.reference);
+    var answers = targets.map(function () { return ""; });
+    var finished = false;
+    controller = new AbortController();
+    setBusy(true);
+    statusLine.textContent = "Answering…";
+
+    function fail(message) {
+      view.problem.textContent = message;
+      view.problem.hidden = false;
+      view.panes.forEach(function (p) { if (!p.text.textContent) p.state.textContent = "No answer."; });
+    }
+
+    function onEvent(name, data) {
+      var pane = typeof data.pane === "number" ? view.panes[data.pane] : null;
+      if (name === "queued") {
+        view.panes.forEach(function (p) { p.state.textContent = data.message; });
+      } else if (name === "status" && pane) {
+        pane.state.textContent = data.message;
+      } else if (name === "start" && pane) {
+        pane.state.textContent = "Answering…";
+        pane.box.classList.add("streaming");
+      } else if (name === "token" && pane) {
+        pane.box.dataset.chunks = String(Number(pane.box.dataset.chunks || 0) + 1);
+        answers[data.pane] += data.text;
+        pane.text.textContent = answers[data.pane];
+        pane.state.textContent = "";
+      } else if (name === "replace" && pane) {
+        answers[data.pane] = data.text;
+        pane.text.textContent = data.text;
+      } else if (name === "end") {
+        finished = true;
+        data.results.forEach(function (r, i) {
+          var p = view.panes[i];
+          p.box.classList.remove("streaming");
+          p.state.textContent = r.finish_reason === "cancelled" ? "Stopped." : (r.text ? "" : "(empty answer)");
+          var speed = r.seconds > 0 ? (r.tokens / r.seconds).toFixed(1) + " tokens/s" : "";
+          var first = r.first_token_seconds !== null ? "first token " + r.first_token_seconds.toFixed(2) + " s" : "";
+          var reason = r.finish_reason === "length" ? "hit the token limit" : "";
+          p.stats.textContent = [r.tokens + " tokens", speed, first, reason].filter(Boolean).join(" · ");
+        });
+      } else if (name === "error") {
+        finished = true;
+        fail(data.message);
+      }
+    }
+
+    fetch("/api/playground/chat", {
+      method: "POST",
+      headers: { "Content-Type": "application/json", "Accept": "text/event-stream", "X-CSRF-Token": csrfToken() },
+      body: JSON.stringify(body),
+      signal: controller.signal,
+    }).then(function (response) {
+      if (!response.ok) {
+        return response.text().then(function (text) { finished = true; fail(problemText(text, response.status)); });
+      }
+      return readEvents(response, onEvent);
+    }).catch(function (error) {
+      if (error.name === "AbortError") {
+        view.panes.forEach(function (p) { p.box.classList.remove("streaming"); p.state.textContent = "Stopped."; });
+        finished = true;
+      } else {
+        fail("The connection to Tuneboard was lost: " + error.message);
+      }
+    }).then(function () {
+      if (!finished) fail("The answer ended early: the connection closed.");
+      turns.push({ user: user, answers: answers });
+      controller = null;
+      setBusy(false);
+      statusLine.textContent = "";
+      prompt.focus();
+    });
+  }
+
+  function userMessage() {
+    if (alpacaMode.checked) {
+      var instruction = document.getElementById("alpaca-instruction").value.trim();
+      var input = document.getElementById("alpaca-input").value.trim();
+      if (!instruction) return null;
+      return {
+        role: "user",
+        content: input ? instruction + "\n\n" + input : instruction,
+        alpaca: { instruction: instruction, input: input },
+      };
+    }
+    var text = prompt.value.trim();
+    return text ? { role: "user", content: text } : null;
+  }
+
+  form.addEventListener("submit", function (e) {
+    e.preventDefault();
+    var user = userMessage();
+    if (!user) {
+      statusLine.textContent = alpacaMode.checked ? "Write an instruction first." : "Write a message first.";
+      return;
+    }
+    prompt.value = "";
+    document.getElementById("alpaca-instruction").value = "";
+    document.getElementById("alpaca-input").value = "";
+    ask(user);
+  });
+  prompt.addEventListener("keydown", function (e) {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+      e.preventDefault();
+      form.requestSubmit();
+    }
+  });
+  stopButton.addEventListener("click", function () { if (controller) controller.abort(); });
+  document.getElementById("new-conversation").addEventListener("click", resetConversation);
+  alpacaMode.addEventListener("change", function () {
+    document.getElementById("alpaca-fields").hidden = !alpacaMode.checked;
+    document.getElementById("prompt-field").hidden = alpacaMode.checked;
+  });
+
+  // ---- panes ----------------------------------------------------------------------------------
+  document.getElementById("add-pane").addEventListener("click", function () {
+    if (selects().length >= maxPanes) return;
+    var copy = document.getElementById("pane-pick-template").content.cloneNode(true);
+    picks.appendChild(copy);
+    panesChanged();
+  });
+  picks.addEventListener("click", function (e) {
+    var button = e.target.closest(".remove-pane");
+    if (!button || selects().length <= 1) return;
+    button.closest(".pane-pick").remove();
+    panesChanged();
+  });
+  picks.addEventListener("change", function (e) { if (e.target.matches("select.pane-target")) panesChanged(); });
+
+  // ---- validation set -------------------------------------------------------------------------
+  var shownRun = null;
+  function loadValidationRows() {
+    var run = null;
+    selects().some(function (s) { run = s.options[s.selectedIndex].dataset.run || null; return run; });
+    validationCard.hidden = !run;
+    if (!run || run === shownRun) return;
+    shownRun = run;
+    if (window.htmx) htmx.ajax("GET", "/playground/validation?run=" + run, { target: validationRows, swap: "innerHTML" });
+  }
+  validationRows.addEventListener("click", function (e) {
+    var button = e.target.closest(".ask-row");
+    if (!button || controller) return;
+    var row = JSON.parse(button.dataset.row);
+    var question = row.question.slice();
+    var user = question.pop();
+    if (row.alpaca) user = { role: "user", content: user.content, alpaca: row.alpaca };
+    var system = null;
+    if (question.length && question[0].role === "system") system = question.shift().content;
+    resetConversation();
+    ask(user, { history: question, reference: row.reference, system: system || "" });
+  });
+
+  shownRun = (validationRows.getAttribute("hx-get") || "").split("run=")[1] || null;
+  renumber();
+})();

@@ -1,0 +1,225 @@
+"""The playground stream and the OpenAI-compatible API, against a real `tuneboard serve` whose worker runs
+the generation host, with the tiny model and two finished runs whose adapters are random LoRA weights."""
+
+from __future__ import annotations
+
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from app.config import Settings
+from app.db import Database
+from app.models import Run
+from tests.conftest import DEMO_DATASET
+from tests.servers import free_port, running
+from tests.sse import parse
+from tests.test_engine import make_adapter, reference
+from worker.engine import PaneRequest
+
+QUESTIONS = ["What is the capital of Quillmere?", "Name a colour.", "Say hello.", "Count to three."]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny_model_dir):
+    folder = tmp_path_factory.mktemp("generation")
+    data = folder / "data"
+    env = {
+        "TUNEBOARD_GENERATION": "true",
+        "TUNEBOARD_GENERATION_PORT": str(free_port()),
+        "TUNEBOARD_GENERATION_DTYPE": "float32",
+        "TUNEBOARD_GENERATION_THREADS": "1",
+        "TUNEBOARD_PREPARE_MODELS": "false",
+    }
+    with running("serve", data, log=folder / "serve.log", env_extra=env) as (base, _):
+        model = httpx.post(f"{base}/api/models", json={"path": str(tiny_model_dir), "name": "Tiny"}).json()[
+            "id"
+        ]
+        files = {"file": ("demo_alpaca.json", DEMO_DATASET.read_bytes())}
+        dataset = httpx.post(f"{base}/api/datasets", files=files).json()["id"]
+        settings = Settings(data_dir=data)
+        db = Database(settings.sqlalchemy_url)
+        adapters = {}
+        with db.write_session() as session:
+            for seed, status in ((1, "succeeded"), (2, "succeeded"), (3, "running")):
+                run = Run(
+                    name=f"run {seed}",
+                    dataset_id=dataset,
+                    base_model=model,
+                    method="lora",
+                    status=status,
+                    config={"prompt_format": "chat", "validation_rows": [0, 1, 2]},
+                )
+                session.add(run)
+                session.flush()
+                if status == "succeeded":
+                    adapters[f"run-{run.id}"] = make_adapter(
+                        tiny_model_dir, data / "runs" / str(run.id) / "adapter", seed
+                    )
+            session.commit()
+        db.dispose()
+        wait_for_host(base)
+        yield {
+            "base": base,
+            "model": model,
+            "adapters": adapters,
+            "model_dir": tiny_model_dir,
+            "folder": folder,
+        }
+
+
+def wait_for_host(base: str) -> None:
+    for _ in range(300):
+        if httpx.get(f"{base}/api/playground/status").status_code == 200:
+            return
+        threading.Event().wait(0.2)
+    raise AssertionError("the generation host never came up")
+
+
+def expected(app, target: str, question: str, max_new_tokens: int) -> str:
+    adapter = app["adapters"].get(target)
+    request = PaneRequest(
+        model_key="tiny",
+        model_path=app["model_dir"],
+        adapter=None,
+        messages=[{"role": "user", "content": question}],
+    )
+    return reference(app["model_dir"], adapter, request, max_new_tokens)
+
+
+def client(app) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{app['base']}/v1", api_key="unused", max_retries=0)
+
+
+def test_models_lists_base_models_and_finished_runs(app):
+    ids = [m.id for m in client(app).models.list().data]
+    assert app["model"] in ids
+    assert sorted(i for i in ids if i.startswith("run-")) == sorted(app["adapters"])  # not the running run
+
+
+def test_openai_client_round_trip_plain_and_streaming(app):
+    run = sorted(app["adapters"])[0]
+    want = expected(app, run, QUESTIONS[0], 20)
+    messages = [{"role": "user", "content": QUESTIONS[0]}]
+    answer = client(app).chat.completions.create(model=run, messages=messages, max_tokens=20, temperature=0)
+    assert answer.choices[0].message.content == want
+    assert answer.usage.completion_tokens > 0 and answer.choices[0].finish_reason in ("stop", "length")
+
+    stream = client(app).chat.completions.create(
+        model=run, messages=messages, max_tokens=20, temperature=0, stream=True
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+    base = client(app).chat.completions.create(
+        model=app["model"], messages=messages, max_tokens=20, temperature=0
+    )
+    assert base.choices[0].message.content == expected(app, app["model"], QUESTIONS[0], 20)
+    assert base.choices[0].message.content != want
+
+
+def test_unknown_or_unfinished_models_get_a_clear_error(app):
+    with pytest.raises(openai.NotFoundError, match="GET /v1/models lists them"):
+        client(app).chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.NotFoundError, match="no adapter to chat with yet"):
+        client(app).chat.completions.create(model="run-3", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_concurrent_requests_never_mix(app):
+    targets = [app["model"], *sorted(app["adapters"])]
+    jobs = [(targets[i % 3], QUESTIONS[i % 4]) for i in range(12)]
+    solo = {job: expected(app, *job, 12) for job in set(jobs)}
+    assert len({solo[job] for job in solo}) > len(QUESTIONS), "targets should answer differently"
+
+    def ask(job):
+        target, question = job
+        messages = [{"role": "user", "content": question}]
+        return (
+            client(app)
+            .chat.completions.create(model=target, messages=messages, max_tokens=12, temperature=0)
+            .choices[0]
+            .message.content
+        )
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        answers = list(pool.map(ask, jobs))
+    assert answers == [solo[job] for job in jobs]
+
+
+def chat(app, body: dict) -> list:
+    with httpx.stream("POST", f"{app['base']}/api/playground/chat", json=body, timeout=60) as response:
+        assert response.status_code == 200, response.read()
+        return parse(response.iter_lines())
+
+
+def test_playground_streams_every_pane_side_by_side(app):
+    run = sorted(app["adapters"])[0]
+    messages = [{"role": "user", "content": QUESTIONS[0]}]
+    events = chat(
+        app,
+        {
+            "panes": [{"target": app["model"], "messages": messages}, {"target": run, "messages": messages}],
+            "sampling": {"max_new_tokens": 16},
+        },
+    )
+    kinds = [e.event for e in events]
+    assert kinds[-1] == "end" and "error" not in kinds
+    results = events[-1].json["results"]
+    for pane, target in enumerate((app["model"], run)):
+        streamed = "".join(e.json["text"] for e in events if e.event == "token" and e.json["pane"] == pane)
+        assert streamed == results[pane]["text"] == expected(app, target, QUESTIONS[0], 16)
+    # Both panes stream together: tokens of the two panes interleave rather than one after the other.
+    order = [e.json["pane"] for e in events if e.event == "token"]
+    assert order.index(1) < len(order) - order[::-1].index(0) - 1
+
+
+def test_playground_errors_are_sentences(app):
+    response = httpx.post(
+        f"{app['base']}/api/playground/chat",
+        json={"panes": [{"target": "run-3", "messages": [{"role": "user", "content": "hi"}]}]},
+    )
+    assert response.status_code == 404 and "no adapter to chat with yet" in response.text
+    response = httpx.post(
+        f"{app['base']}/api/playground/chat",
+        json={"panes": [{"target": app["model"], "messages": [{"role": "assistant", "content": "x"}]}]},
+    )
+    assert response.status_code == 422 and "must end with the user's question" in response.text
+    five = [{"target": app["model"], "messages": [{"role": "user", "content": "hi"}]}] * 5
+    assert httpx.post(f"{app['base']}/api/playground/chat", json={"panes": five}).status_code == 422
+
+
+def host_health(app) -> dict:
+    return httpx.get(f"{app['base']}/api/playground/status").json()
+
+
+def test_leaving_mid_answer_stops_the_generation(app):
+    body = {
+        "panes": [{"target": app["model"], "messages": [{"role": "user", "content": "Go on and on."}]}],
+        "sampling": {"max_new_tokens": 5000, "repetition_penalty": 1.0},
+    }
+    before = host_health(app)["cancelled"]
+    with httpx.stream("POST", f"{app['base']}/api/playground/chat", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        for line in lines:
+            if line.startswith("event: token"):
+                break
+    for _ in range(300):
+        health = host_health(app)
+        if health["waiting"] == 0:
+            break
+        threading.Event().wait(0.1)
+    assert health["waiting"] == 0 and health["cancelled"] == before + 1
+
+
+def test_validation_rows_can_be_asked_with_their_reference(app):
+    page = httpx.get(f"{app['base']}/playground/validation", params={"run": 1})
+    assert page.status_code == 200
+    assert page.text.count('class="ask-row"') == 3
+    row = json.loads(page.text.split('data-row="', 1)[1].split('"', 1)[0].replace("&#34;", '"'))
+    demo = json.loads(Path(DEMO_DATASET).read_text())
+    assert row["reference"] == demo[0]["output"] and row["alpaca"]["instruction"] == demo[0]["instruction"]
