@@ -85,8 +85,12 @@ def engine_figures(model_dir: Path, adapters: list[Path], threads: int) -> dict:
     three_weights = engine.loaded_bytes
 
     fixed = Sampling(max_new_tokens=LENGTH, min_new_tokens=LENGTH)
-    layouts = {"single": [pane(0)], "base only": [pane(None)], "side by side": [pane(None), pane(0)],
-               "four panes": [pane(None), pane(0), pane(1), pane(2)]}  # fmt: skip
+    layouts = {
+        "single": [pane(0)],
+        "base only": [pane(None)],
+        "side by side": [pane(None), pane(0)],
+        "four panes": [pane(None), pane(0), pane(1), pane(2)],
+    }
     times: dict[str, list[float]] = {name: [] for name in layouts}
     first: dict[str, list[float]] = {name: [] for name in layouts}
     for _ in range(REPEATS):  # interleaved, so that drift in the machine's speed hits every layout alike
@@ -124,18 +128,41 @@ def first_token_over_http(model_dir: Path, adapter: Path, threads: int) -> dict:
         (settings.models_dir / "smollm2-135m-instruct").symlink_to(model_dir)
         db = Database(settings.sqlalchemy_url)
         with db.write_session() as session:
-            session.add(Dataset(id=1, name="bench", filename="b", format="alpaca", layout="json", rows=1,
-                                size_bytes=0, sha256=""))  # fmt: skip
-            session.add(Run(id=1, name="bench", dataset_id=1, base_model="smollm2-135m-instruct", method="lora",
-                            status="succeeded", config={"prompt_format": "chat"}))  # fmt: skip
+            session.add(
+                Dataset(
+                    id=1,
+                    name="bench",
+                    filename="b",
+                    format="alpaca",
+                    layout="json",
+                    rows=1,
+                    size_bytes=0,
+                    sha256="",
+                )
+            )
+            session.add(
+                Run(
+                    id=1,
+                    name="bench",
+                    dataset_id=1,
+                    base_model="smollm2-135m-instruct",
+                    method="lora",
+                    status="succeeded",
+                    config={"prompt_format": "chat"},
+                )
+            )
             session.commit()
         db.dispose()
         (settings.runs_dir / "1").mkdir(parents=True)
         (settings.runs_dir / "1" / "adapter").symlink_to(adapter)
         web_port, host_port = free_port(), free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEBOARD_")}
-        env |= {"TUNEBOARD_DATA_DIR": str(data), "TUNEBOARD_PORT": str(web_port),
-                "TUNEBOARD_GENERATION_PORT": str(host_port), "TUNEBOARD_GENERATION_THREADS": str(threads)}  # fmt: skip
+        env |= {
+            "TUNEBOARD_DATA_DIR": str(data),
+            "TUNEBOARD_PORT": str(web_port),
+            "TUNEBOARD_GENERATION_PORT": str(host_port),
+            "TUNEBOARD_GENERATION_THREADS": str(threads),
+        }
         quiet = {"cwd": PROJECT_ROOT, "env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
         processes = [
             subprocess.Popen([sys.executable, "-m", "app.cli", "web"], **quiet),
@@ -154,8 +181,12 @@ def first_token_over_http(model_dir: Path, adapter: Path, threads: int) -> dict:
                 raise RuntimeError("the web server or the generation host did not start")
 
             def ask(targets: list[str]) -> float:
-                body = {"panes": [{"target": t, "messages": [{"role": "user", "content": "Hi!"}]} for t in targets],
-                        "sampling": {"max_new_tokens": 8}}  # fmt: skip
+                body = {
+                    "panes": [
+                        {"target": t, "messages": [{"role": "user", "content": "Hi!"}]} for t in targets
+                    ],
+                    "sampling": {"max_new_tokens": 8},
+                }
                 started = time.perf_counter()
                 seen: set[int] = set()
                 first = None
@@ -181,10 +212,19 @@ def generation_benchmark(model_dir: Path, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         adapters = make_adapters(model_dir, Path(tmp))
         child = subprocess.run(
-            [sys.executable, "-m", "bench.generation", str(model_dir), json.dumps([str(a) for a in adapters]),
-             str(threads)],
-            cwd=PROJECT_ROOT, capture_output=True, text=True, check=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "bench.generation",
+                str(model_dir),
+                json.dumps([str(a) for a in adapters]),
+                str(threads),
+            ],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         engine = json.loads(child.stdout.strip().splitlines()[-1])
         http = first_token_over_http(model_dir, adapters[0], threads)
     return {"engine": engine, "http": http}
@@ -199,20 +239,25 @@ def report_generation(result: dict) -> str:
     def ms(values) -> str:
         return f"median {statistics.median(values) * 1000:.0f} ms, max {max(values) * 1000:.0f} ms"
 
-    return "\n".join([
-        f"Generation ({e['dtype']}, {e['threads']} threads, bundled model, LoRA r16 all-linear adapters):",
-        f"- resident memory: base model answering {e['base_rss'] / mib:.0f} MiB; with three adapters attached "
-        f"and answering {e['three_rss'] / mib:.0f} MiB = {e['three_rss'] / e['base_rss']:.3f}x "
-        f"(weights alone {e['base_weights'] / mib:.0f} → {e['three_weights'] / mib:.0f} MiB = "
-        f"{e['three_weights'] / e['base_weights']:.3f}x; Python and torch before loading: {runtime / mib:.0f} MiB)",
+    memory = (
+        f"- resident memory: base model answering {e['base_rss'] / mib:.0f} MiB; three adapters attached and "
+        f"answering {e['three_rss'] / mib:.0f} MiB = {e['three_rss'] / e['base_rss']:.3f}x (weights alone "
+        f"{e['base_weights'] / mib:.0f} → {e['three_weights'] / mib:.0f} MiB = "
+        f"{e['three_weights'] / e['base_weights']:.3f}x; Python and torch alone: {runtime / mib:.0f} MiB)"
+    )
+    speed = (
         f"- {LENGTH}-token answers, median of {REPEATS}: one adapter pane {secs['single']:.2f} s, base alone "
         f"{secs['base only']:.2f} s, base + adapter side by side {secs['side by side']:.2f} s = "
-        f"{secs['side by side'] / secs['single']:.2f}x the single answer; four panes {secs['four panes']:.2f} s "
-        f"= {secs['four panes'] / secs['single']:.2f}x",
+        f"{secs['side by side'] / secs['single']:.2f}x the single answer; four panes "
+        f"{secs['four panes']:.2f} s = {secs['four panes'] / secs['single']:.2f}x"
+    )
+    first = (
         f"- first token through the web server (short prompt, model loaded): one pane {ms(h['one_pane'])}; "
         f"base + adapter, both panes started: {ms(h['two_panes'])}; first question after start, loading "
-        f"the model and the adapter: {h['cold']:.1f} s",
-    ])  # fmt: skip
+        f"the model and the adapter: {h['cold']:.1f} s"
+    )
+    title = f"Generation ({e['dtype']}, {e['threads']} threads, bundled model, LoRA r16 all-linear adapters):"
+    return "\n".join([title, memory, speed, first])
 
 
 if __name__ == "__main__":

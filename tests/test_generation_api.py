@@ -33,6 +33,7 @@ def app(tmp_path_factory, tiny_model_dir):
         "TUNEBOARD_GENERATION_PORT": str(free_port()),
         "TUNEBOARD_GENERATION_DTYPE": "float32",
         "TUNEBOARD_GENERATION_THREADS": "1",
+        "TUNEBOARD_GENERATION_QUEUE": "16",  # the concurrency test asks 12 at once
         "TUNEBOARD_PREPARE_MODELS": "false",
     }
     with running("serve", data, log=folder / "serve.log", env_extra=env) as (base, _):
@@ -70,6 +71,15 @@ def app(tmp_path_factory, tiny_model_dir):
             "model_dir": tiny_model_dir,
             "folder": folder,
         }
+    # Stopping `tuneboard serve` stops the worker, and the worker its generation host.
+    host = f"http://127.0.0.1:{env['TUNEBOARD_GENERATION_PORT']}/healthz"
+    for _ in range(100):
+        try:
+            httpx.get(host, timeout=0.5)
+        except httpx.ConnectError:
+            return
+        threading.Event().wait(0.1)
+    raise AssertionError("the generation host outlived `tuneboard serve`")
 
 
 def wait_for_host(base: str) -> None:
@@ -91,46 +101,46 @@ def expected(app, target: str, question: str, max_new_tokens: int) -> str:
     return reference(app["model_dir"], adapter, request, max_new_tokens)
 
 
-def client(app) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{app['base']}/v1", api_key="unused", max_retries=0)
+@pytest.fixture
+def api(app):
+    with openai.OpenAI(base_url=f"{app['base']}/v1", api_key="unused", max_retries=0) as client:
+        yield client
 
 
-def test_models_lists_base_models_and_finished_runs(app):
-    ids = [m.id for m in client(app).models.list().data]
+def test_models_lists_base_models_and_finished_runs(app, api):
+    ids = [m.id for m in api.models.list().data]
     assert app["model"] in ids
     assert sorted(i for i in ids if i.startswith("run-")) == sorted(app["adapters"])  # not the running run
 
 
-def test_openai_client_round_trip_plain_and_streaming(app):
+def test_openai_client_round_trip_plain_and_streaming(app, api):
     run = sorted(app["adapters"])[0]
     want = expected(app, run, QUESTIONS[0], 20)
     messages = [{"role": "user", "content": QUESTIONS[0]}]
-    answer = client(app).chat.completions.create(model=run, messages=messages, max_tokens=20, temperature=0)
+    answer = api.chat.completions.create(model=run, messages=messages, max_tokens=20, temperature=0)
     assert answer.choices[0].message.content == want
     assert answer.usage.completion_tokens > 0 and answer.choices[0].finish_reason in ("stop", "length")
 
-    stream = client(app).chat.completions.create(
+    stream = api.chat.completions.create(
         model=run, messages=messages, max_tokens=20, temperature=0, stream=True
     )
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
-    base = client(app).chat.completions.create(
-        model=app["model"], messages=messages, max_tokens=20, temperature=0
-    )
+    base = api.chat.completions.create(model=app["model"], messages=messages, max_tokens=20, temperature=0)
     assert base.choices[0].message.content == expected(app, app["model"], QUESTIONS[0], 20)
     assert base.choices[0].message.content != want
 
 
-def test_unknown_or_unfinished_models_get_a_clear_error(app):
+def test_unknown_or_unfinished_models_get_a_clear_error(app, api):
     with pytest.raises(openai.NotFoundError, match="GET /v1/models lists them"):
-        client(app).chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+        api.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(openai.NotFoundError, match="no adapter to chat with yet"):
-        client(app).chat.completions.create(model="run-3", messages=[{"role": "user", "content": "hi"}])
+        api.chat.completions.create(model="run-3", messages=[{"role": "user", "content": "hi"}])
 
 
-def test_concurrent_requests_never_mix(app):
+def test_concurrent_requests_never_mix(app, api):
     targets = [app["model"], *sorted(app["adapters"])]
     jobs = [(targets[i % 3], QUESTIONS[i % 4]) for i in range(12)]
     solo = {job: expected(app, *job, 12) for job in set(jobs)}
@@ -139,12 +149,8 @@ def test_concurrent_requests_never_mix(app):
     def ask(job):
         target, question = job
         messages = [{"role": "user", "content": question}]
-        return (
-            client(app)
-            .chat.completions.create(model=target, messages=messages, max_tokens=12, temperature=0)
-            .choices[0]
-            .message.content
-        )
+        answer = api.chat.completions.create(model=target, messages=messages, max_tokens=12, temperature=0)
+        return answer.choices[0].message.content
 
     with ThreadPoolExecutor(max_workers=12) as pool:
         answers = list(pool.map(ask, jobs))
