@@ -52,6 +52,14 @@ def _message(response: httpx.Response) -> str:
         return f"The generation host answered {response.status_code}."
 
 
+def is_up(settings: Settings) -> bool:
+    """A quick look (for pages): does the generation host answer?"""
+    try:
+        return httpx.get(f"{settings.generation_base_url}/healthz", timeout=1.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 async def status(settings: Settings) -> dict[str, Any] | None:
     """The host's health and what it has loaded, or None when it is not reachable."""
     try:

@@ -21,7 +21,9 @@
   var validationCard = document.getElementById("validation-card");
   var validationRows = document.getElementById("validation-rows");
 
-  var turns = [];        // [{user: {role, content, alpaca?}, answers: [text per pane], system?}]
+  var turns = [];        // [{user: {role, content, alpaca?}, answers: [text per pane]}]
+  var prefix = [];       // earlier turns every pane shares (a validation row's own conversation)
+  var rowSystem = null;  // a validation row's own system prompt, kept for the follow-up questions
   var controller = null; // the AbortController of the question being answered
 
   function el(tag, className, text) {
@@ -51,6 +53,8 @@
   function resetConversation() {
     if (controller) controller.abort();
     turns = [];
+    prefix = [];
+    rowSystem = null;
     conversation.innerHTML = "";
     var empty = el("p", "empty", "Ask a question below.");
     empty.id = "conversation-empty";
@@ -67,7 +71,7 @@
   }
 
   function historyFor(pane) {
-    var messages = [];
+    var messages = prefix.slice();
     turns.forEach(function (turn) {
       messages.push(turn.user);
       messages.push({ role: "assistant", content: turn.answers[pane] || "" });
@@ -117,6 +121,20 @@
     conversation.appendChild(turn);
     turn.scrollIntoView({ block: "nearest" });
     return { panes: panes, problem: problem };
+  }
+
+  function renderContext(messages) {
+    var empty = document.getElementById("conversation-empty");
+    if (empty) empty.remove();
+    var box = el("article", "context-turns");
+    box.appendChild(el("p", "muted small", "Earlier in this conversation (from the dataset):"));
+    messages.forEach(function (m) {
+      var line = el("div", "turn-question");
+      line.appendChild(el("span", "turn-role", m.role === "user" ? "You" : m.role));
+      line.appendChild(el("p", "turn-text", m.content));
+      box.appendChild(line);
+    });
+    conversation.appendChild(box);
   }
 
   function setBusy(busy) {
@@ -177,10 +195,10 @@
     if (controller) return;
     var targets = selects().map(function (s) { return s.value; });
     var labels = selects().map(paneLabel);
-    var system = options.system !== undefined ? options.system : document.getElementById("system-prompt").value.trim();
+    var system = rowSystem !== null ? rowSystem : document.getElementById("system-prompt").value.trim();
     var body = {
       panes: targets.map(function (target, i) {
-        var pane = { target: target, messages: (options.history || historyFor(i)).concat([user]) };
+        var pane = { target: target, messages: historyFor(i).concat([user]) };
         if (system) pane.system = system;
         return pane;
       }),
@@ -303,7 +321,11 @@
   // ---- panes ----------------------------------------------------------------------------------
   document.getElementById("add-pane").addEventListener("click", function () {
     if (selects().length >= maxPanes) return;
+    var used = selects().map(function (s) { return s.value; });
     var copy = document.getElementById("pane-pick-template").content.cloneNode(true);
+    var select = copy.querySelector("select");
+    var fresh = Array.prototype.find.call(select.options, function (o) { return used.indexOf(o.value) < 0; });
+    if (fresh) select.value = fresh.value;  // something not on screen yet: the next run or checkpoint
     picks.appendChild(copy);
     panesChanged();
   });
@@ -332,10 +354,11 @@
     var question = row.question.slice();
     var user = question.pop();
     if (row.alpaca) user = { role: "user", content: user.content, alpaca: row.alpaca };
-    var system = null;
-    if (question.length && question[0].role === "system") system = question.shift().content;
     resetConversation();
-    ask(user, { history: question, reference: row.reference, system: system || "" });
+    if (question.length && question[0].role === "system") rowSystem = question.shift().content;
+    prefix = question;
+    if (prefix.length) renderContext(prefix);
+    ask(user, { reference: row.reference });
   });
 
   shownRun = (validationRows.getAttribute("hx-get") || "").split("run=")[1] || null;

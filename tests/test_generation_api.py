@@ -229,3 +229,10 @@ def test_validation_rows_can_be_asked_with_their_reference(app):
     row = json.loads(page.text.split('data-row="', 1)[1].split('"', 1)[0].replace("&#34;", '"'))
     demo = json.loads(Path(DEMO_DATASET).read_text())
     assert row["reference"] == demo[0]["output"] and row["alpaca"]["instruction"] == demo[0]["instruction"]
+
+
+def test_the_playground_page_offers_the_runs_and_says_nothing_is_wrong(app):
+    page = httpx.get(f"{app['base']}/playground", params={"run": 2})
+    assert page.status_code == 200 and 'id="host-down"' not in page.text
+    assert '<option value="run-2" data-run="2" selected>' in page.text  # the run asked for, on the right
+    assert 'value="run-3"' not in page.text  # still running: nothing to chat with yet

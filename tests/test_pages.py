@@ -122,3 +122,25 @@ def test_upload_from_the_new_run_page_returns_there_with_the_dataset_chosen(clie
     assert response.headers["hx-redirect"] == "/runs/new?dataset=1"
     page = client.get("/runs/new?dataset=1")
     assert '<option value="1" selected>demo (40 rows)</option>' in page.text
+
+
+def test_playground_says_when_the_generation_host_is_down(tmp_path, tiny_model_dir):
+    from fastapi.testclient import TestClient
+
+    from app.config import Settings
+    from app.main import create_app
+    from app.migrate import upgrade
+    from tests.servers import free_port
+
+    settings = Settings(data_dir=tmp_path / "data", generation_url=f"http://127.0.0.1:{free_port()}")
+    upgrade(settings)
+    with TestClient(create_app(settings)) as client:
+        client.post("/api/models", json={"path": str(tiny_model_dir), "name": "Tiny"})
+        page = client.get("/playground", params={"run": 7})
+        assert 'id="host-down"' in page.text and "make run" in page.text
+        assert "There is no run 7." in page.text
+        assert client.get("/api/playground/status").status_code == 503
+        body = {"panes": [{"target": "local-1", "messages": [{"role": "user", "content": "hi"}]}]}
+        with client.stream("POST", "/api/playground/chat", json=body) as response:
+            text = "".join(response.iter_text())
+        assert "event: error" in text and "The generation host is not running" in text

@@ -50,6 +50,7 @@ def playground_page(
         "panes": panes,
         "max_panes": MAX_PANES,
         "missing": missing,
+        "host_down": None if generation_client.is_up(settings) else generation_client.NOT_RUNNING,
         "validation_run": next((t.run_id for t in targets if t.id in panes and t.run_id), None),
     }
     return render(request, "playground.html", context)
