@@ -36,3 +36,13 @@ def alpaca_rows(count: int, seed: int = 0) -> list[dict]:
             }
         )
     return rows
+
+
+def add_bench_dataset(session, rows: int = 1) -> None:
+    """A dataset row for runs the benchmarks create directly in the database (its files are not needed)."""
+    from app.models import Dataset
+
+    if session.get(Dataset, 1) is None:
+        session.add(Dataset(id=1, name="bench", filename="b", format="alpaca", layout="json", rows=rows,
+                            size_bytes=0, sha256=""))  # fmt: skip
+        session.commit()

@@ -42,7 +42,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_adapters(model_dir: Path, folder: Path, count: int = 3) -> list[Path]:
+def make_adapters(
+    model_dir: Path, folder: Path, count: int = 3, device: str = "cpu", dtype=None
+) -> list[Path]:
     """Adapters shaped like a default run's (LoRA r16/α32, all linear layers), with random weights."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -51,40 +53,41 @@ def make_adapters(model_dir: Path, folder: Path, count: int = 3) -> list[Path]:
     paths = []
     for seed in range(count):
         torch.manual_seed(seed)
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype or torch.float32, device_map=device
+        )
         config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
         get_peft_model(base, config).save_pretrained(folder / f"adapter-{seed}")
         paths.append(folder / f"adapter-{seed}")
+        del base
     return paths
 
 
-def engine_figures(model_dir: Path, adapters: list[Path], threads: int) -> dict:
-    """Runs in the child process."""
-    import torch
+def measure_engine(
+    engine, model_dir: Path, adapters: list[Path], length: int, repeats: int, usage, sync=None
+):
+    """Memory (by `usage()`) with the base model answering, then with three adapters attached and answering;
+    then the median time of `length`-token answers for each pane layout, layouts interleaved so that drift
+    in the machine's speed hits them alike."""
+    from worker.engine import AdapterRef, PaneRequest, Sampling
 
-    from worker.engine import AdapterRef, Engine, PaneRequest, Sampling
-
-    torch.set_num_threads(threads)
-    engine = Engine(device="cpu")
     stop = threading.Event()
+    sync = sync or (lambda: None)
 
     def pane(i: int | None) -> PaneRequest:
         ref = AdapterRef(f"run-{i}", adapters[i]) if i is not None else None
-        return PaneRequest(model_key="bundled", model_path=model_dir, adapter=ref, messages=QUESTION)
+        return PaneRequest(model_key="bench", model_path=model_dir, adapter=ref, messages=QUESTION)
 
     def answer(panes: list[PaneRequest], sampling: Sampling) -> list:
         return engine.generate(panes, sampling, lambda event: None, stop)
 
     short = Sampling(max_new_tokens=32)
-    runtime = rss_bytes()
     answer([pane(None)], short)
-    base_rss = rss_bytes()
-    base_weights = engine.loaded_bytes
+    base_usage, base_weights = usage(), engine.loaded_bytes
     answer([pane(None), pane(0), pane(1), pane(2)], short)
-    three_rss = rss_bytes()
-    three_weights = engine.loaded_bytes
+    three_usage, three_weights = usage(), engine.loaded_bytes
 
-    fixed = Sampling(max_new_tokens=LENGTH, min_new_tokens=LENGTH)
+    fixed = Sampling(max_new_tokens=length, min_new_tokens=length)
     layouts = {
         "single": [pane(0)],
         "base only": [pane(None)],
@@ -93,32 +96,46 @@ def engine_figures(model_dir: Path, adapters: list[Path], threads: int) -> dict:
     }
     times: dict[str, list[float]] = {name: [] for name in layouts}
     first: dict[str, list[float]] = {name: [] for name in layouts}
-    for _ in range(REPEATS):  # interleaved, so that drift in the machine's speed hits every layout alike
+    for _ in range(repeats):
         for name, panes in layouts.items():
+            sync()
             started = time.perf_counter()
             results = answer(panes, fixed)
+            sync()
             times[name].append(time.perf_counter() - started)
             first[name].append(max(r.first_token_seconds for r in results))
-            assert all(r.tokens == LENGTH for r in results), [r.tokens for r in results]
+            assert all(r.tokens == length for r in results), [r.tokens for r in results]
     return {
         "dtype": str(engine.dtype),
-        "threads": threads,
-        "runtime_rss": runtime,
-        "base_rss": base_rss,
-        "three_rss": three_rss,
+        "base_usage": base_usage,
+        "three_usage": three_usage,
         "base_weights": base_weights,
         "three_weights": three_weights,
+        "length": length,
         "seconds": {name: statistics.median(v) for name, v in times.items()},
         "all_seconds": times,
         "first_token": {name: statistics.median(v) for name, v in first.items()},
     }
 
 
+def engine_figures(model_dir: Path, adapters: list[Path], threads: int) -> dict:
+    """Runs in the child process; memory is its resident set."""
+    import torch
+
+    from worker.engine import Engine
+
+    torch.set_num_threads(threads)
+    runtime = rss_bytes()
+    figures = measure_engine(Engine(device="cpu"), model_dir, adapters, LENGTH, REPEATS, rss_bytes)
+    return {**figures, "threads": threads, "runtime_rss": runtime}
+
+
 def first_token_over_http(model_dir: Path, adapter: Path, threads: int) -> dict:
     """Time from POST /api/playground/chat to the first token event, through the web server and the host."""
     from app.db import Database
     from app.migrate import upgrade
-    from app.models import Dataset, Run
+    from app.models import Run
+    from bench.data import add_bench_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
@@ -128,18 +145,7 @@ def first_token_over_http(model_dir: Path, adapter: Path, threads: int) -> dict:
         (settings.models_dir / "smollm2-135m-instruct").symlink_to(model_dir)
         db = Database(settings.sqlalchemy_url)
         with db.write_session() as session:
-            session.add(
-                Dataset(
-                    id=1,
-                    name="bench",
-                    filename="b",
-                    format="alpaca",
-                    layout="json",
-                    rows=1,
-                    size_bytes=0,
-                    sha256="",
-                )
-            )
+            add_bench_dataset(session)
             session.add(
                 Run(
                     id=1,
@@ -239,9 +245,10 @@ def report_generation(result: dict) -> str:
     def ms(values) -> str:
         return f"median {statistics.median(values) * 1000:.0f} ms, max {max(values) * 1000:.0f} ms"
 
+    base, three = e["base_usage"], e["three_usage"]
     memory = (
-        f"- resident memory: base model answering {e['base_rss'] / mib:.0f} MiB; three adapters attached and "
-        f"answering {e['three_rss'] / mib:.0f} MiB = {e['three_rss'] / e['base_rss']:.3f}x (weights alone "
+        f"- resident memory: base model answering {base / mib:.0f} MiB; three adapters attached and "
+        f"answering {three / mib:.0f} MiB = {three / base:.3f}x (weights alone "
         f"{e['base_weights'] / mib:.0f} → {e['three_weights'] / mib:.0f} MiB = "
         f"{e['three_weights'] / e['base_weights']:.3f}x; Python and torch alone: {runtime / mib:.0f} MiB)"
     )

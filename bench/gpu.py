@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -96,56 +94,14 @@ def training_figures(model_dir: Path, folder: Path, rows: int, batch: int) -> di
 
 
 def generation_figures(model_dir: Path, folder: Path, length: int, repeats: int) -> dict:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from bench.generation import make_adapters, measure_engine
+    from worker.engine import Engine
 
-    from worker.engine import AdapterRef, Engine, PaneRequest, Sampling
-
-    adapters = []
-    for seed in range(3):
-        torch.manual_seed(seed)
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map=DEVICE)
-        config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
-        get_peft_model(base, config).save_pretrained(folder / f"adapter-{seed}")
-        adapters.append(folder / f"adapter-{seed}")
-        del base
-
+    adapters = make_adapters(model_dir, folder, device=DEVICE, dtype=torch.bfloat16)
     engine = Engine(device=DEVICE, dtype=torch.bfloat16)
-    stop = threading.Event()
-    question = [{"role": "user", "content": "Give me three tips for sleeping well."}]
-
-    def pane(i):
-        ref = AdapterRef(f"run-{i}", adapters[i]) if i is not None else None
-        return PaneRequest(model_key="m", model_path=model_dir, adapter=ref, messages=question)
-
-    def answer(panes, sampling):
-        return engine.generate(panes, sampling, lambda event: None, stop)
-
-    short = Sampling(max_new_tokens=16)
-    answer([pane(None)], short)
-    base_bytes = allocated() or engine.loaded_bytes
-    answer([pane(None), pane(0), pane(1), pane(2)], short)
-    three_bytes = allocated() or engine.loaded_bytes
-    fixed = Sampling(max_new_tokens=length, min_new_tokens=length)
-    layouts = {"single": [pane(0)], "base only": [pane(None)], "side by side": [pane(None), pane(0)],
-               "four panes": [pane(None), pane(0), pane(1), pane(2)]}  # fmt: skip
-    times = {name: [] for name in layouts}
-    first = {name: [] for name in layouts}
-    for _ in range(repeats):
-        for name, panes in layouts.items():
-            sync()
-            started = time.perf_counter()
-            results = answer(panes, fixed)
-            sync()
-            times[name].append(time.perf_counter() - started)
-            first[name].append(max(r.first_token_seconds for r in results))
-    return {
-        "base_bytes": base_bytes,
-        "three_bytes": three_bytes,
-        "seconds": {k: statistics.median(v) for k, v in times.items()},
-        "first_token": {k: statistics.median(v) for k, v in first.items()},
-        "length": length,
-    }
+    return measure_engine(
+        engine, model_dir, adapters, length, repeats, lambda: allocated() or engine.loaded_bytes, sync
+    )
 
 
 def main() -> None:
@@ -155,6 +111,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--length", type=int, default=128, help="tokens per answer in the generation timing")
+    parser.add_argument("--repeats", type=int, default=5, help="timed answers per pane layout")
+    parser.add_argument("--only", choices=["training", "generation"], help="run one part only")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if DEVICE != "cuda" and args.shape != "tiny":
@@ -170,34 +128,38 @@ def main() -> None:
             f"{name} · {args.shape} · bf16 matmul {peak / 1000:.0f} TFLOP/s",
             flush=True,
         )
-        train = training_figures(model_dir, folder, args.rows, args.batch)
-        speed = train["tokens"] / train["seconds"]
-        useful = 4 * train["params"] * speed / 1e9
-        print(
-            f"training: {train['tokens']} real tokens in {train['seconds']:.1f} s = {speed:.0f} tokens/s, "
-            f"{train['params'] / 1e9:.2f}B parameters ({train['trainable'] / 1e6:.1f}M trainable), "
-            f"{useful / 1000:.0f} TFLOP/s useful = {useful / peak:.0%} of the matmul peak, "
-            f"peak memory {train['peak_bytes'] / 2**30:.1f} GiB, loss {train['loss']:.3f}, {train['dtype']}",
-            flush=True,
-        )
-        shutil.rmtree(folder / "run", ignore_errors=True)
-        gen = generation_figures(model_dir, folder, args.length, repeats=5)
-        s = gen["seconds"]
-        print(
-            f"generation: GPU memory base {gen['base_bytes'] / 2**30:.2f} GiB, with three adapters "
-            f"{gen['three_bytes'] / 2**30:.2f} GiB = {gen['three_bytes'] / gen['base_bytes']:.3f}x; "
-            f"{gen['length']}-token answers: single {s['single']:.2f} s, base {s['base only']:.2f} s, "
-            f"side by side {s['side by side']:.2f} s = {s['side by side'] / s['single']:.2f}x, four panes "
-            f"{s['four panes']:.2f} s = {s['four panes'] / s['single']:.2f}x; first token (side by side) "
-            f"{gen['first_token']['side by side'] * 1000:.0f} ms",
-            flush=True,
-        )
+        figures: dict = {"peak_gflops": peak}
+        if args.only in (None, "training"):
+            figures["training"] = train = training_figures(model_dir, folder, args.rows, args.batch)
+            speed = train["tokens"] / train["seconds"]
+            useful = 4 * train["params"] * speed / 1e9
+            print(
+                f"training: {train['tokens']} real tokens in {train['seconds']:.1f} s = {speed:.0f} tok/s, "
+                f"{train['params'] / 1e9:.2f}B parameters ({train['trainable'] / 1e6:.1f}M trainable), "
+                f"{useful / 1000:.0f} TFLOP/s useful = {useful / peak:.0%} of the matmul peak, peak memory "
+                f"{train['peak_bytes'] / 2**30:.1f} GiB, loss {train['loss']:.3f}, {train['dtype']}",
+                flush=True,
+            )
+            shutil.rmtree(folder / "run", ignore_errors=True)
+        if args.only in (None, "generation"):
+            figures["generation"] = gen = generation_figures(model_dir, folder, args.length, args.repeats)
+            report_generation(gen)
         print(f"(took {time.time() - started:.0f} s)")
         if args.json:
-            train.pop("model", None)
-            args.json.write_text(
-                json.dumps({"peak_gflops": peak, "training": train, "generation": gen}, default=str)
-            )
+            args.json.write_text(json.dumps(figures, default=str))
+
+
+def report_generation(gen: dict) -> None:
+    s = gen["seconds"]
+    print(
+        f"generation: GPU memory base {gen['base_usage'] / 2**30:.2f} GiB, with three adapters "
+        f"{gen['three_usage'] / 2**30:.2f} GiB = {gen['three_usage'] / gen['base_usage']:.3f}x; "
+        f"{gen['length']}-token answers: single {s['single']:.2f} s, base {s['base only']:.2f} s, "
+        f"side by side {s['side by side']:.2f} s = {s['side by side'] / s['single']:.2f}x, four panes "
+        f"{s['four panes']:.2f} s = {s['four panes'] / s['single']:.2f}x; first token (side by side) "
+        f"{gen['first_token']['side by side'] * 1000:.0f} ms",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

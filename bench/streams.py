@@ -17,8 +17,8 @@ import httpx
 
 from app.config import PROJECT_ROOT, Settings
 from app.db import Database
-from app.models import Dataset
 from app.runs import state
+from bench.data import add_bench_dataset
 
 
 def serve_web(data_dir: Path, port: int) -> subprocess.Popen:
@@ -39,10 +39,7 @@ def running_run(settings: Settings) -> int:
     """A run in the running state, as a worker would leave it, to stream."""
     db = Database(settings.sqlalchemy_url)
     with db.write_session() as session:
-        if session.get(Dataset, 1) is None:
-            session.add(Dataset(id=1, name="bench", filename="b", format="alpaca", layout="json", rows=1,
-                                size_bytes=0, sha256=""))  # fmt: skip
-            session.commit()
+        add_bench_dataset(session)
         state.enqueue(
             session=session, name="stream bench", dataset_id=1, base_model="x", method="lora", config={}
         )

@@ -206,27 +206,15 @@ def dashboard_overhead(
     from app.config import Settings
     from app.db import Database
     from app.migrate import upgrade
-    from app.models import Dataset
     from app.runs import state
+    from bench.data import add_bench_dataset
     from worker.sink import DatabaseSink, Sink
 
     settings = Settings(data_dir=folder / "data")
     upgrade(settings)
     db = Database(settings.sqlalchemy_url)
     with db.write_session() as session:
-        session.add(
-            Dataset(
-                id=1,
-                name="bench",
-                filename="b",
-                format="alpaca",
-                layout="json",
-                rows=train_rows,
-                size_bytes=0,
-                sha256="",
-            )
-        )
-        session.commit()
+        add_bench_dataset(session, train_rows)
 
     def running_run():
         with db.write_session() as session:
