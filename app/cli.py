@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(cmd_train(args.config))
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per call to the generation host
     settings = _settings(args)
     {"serve": cmd_serve, "web": cmd_web, "worker": cmd_worker, "migrate": cmd_migrate}[args.command](settings)
 
