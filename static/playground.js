@@ -270,7 +270,8 @@
       }
     }).then(function () {
       if (!finished) fail("The answer ended early: the connection closed.");
-      turns.push({ user: user, answers: answers });
+      // A question nobody answered (refused, or the host was down) stays on screen but not in the history.
+      if (answers.some(function (a) { return a; })) turns.push({ user: user, answers: answers });
       controller = null;
       setBusy(false);
       statusLine.textContent = "";
