@@ -10,6 +10,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINT_MARKER = "TUNEBOARD_COMPLETE"  # written last into a checkpoint folder: the save is complete
 
 
 class Settings(BaseSettings):
@@ -80,6 +81,9 @@ class Settings(BaseSettings):
     @property
     def runs_dir(self) -> Path:
         return self.data_dir / "runs"
+
+    def run_dir(self, run_id: int) -> Path:
+        return self.runs_dir / str(run_id)
 
     @property
     def tmp_dir(self) -> Path:

@@ -14,12 +14,11 @@ from pydantic import BaseModel, Field, model_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.config import Settings
+from app.config import CHECKPOINT_MARKER, Settings
 from app.model_registry import find_model, list_models
 from app.models import Run
 
 TARGET_ID = re.compile(r"^run-(\d+)(?:-step-(\d+))?$")
-CHECKPOINT_MARKER = "TUNEBOARD_COMPLETE"
 
 
 MAX_PANES = 4
@@ -46,12 +45,8 @@ class Target:
         return self.id if self.adapter_path else None
 
 
-def run_dir(settings: Settings, run_id: int) -> Path:
-    return settings.runs_dir / str(run_id)
-
-
 def adapter_dir(settings: Settings, run_id: int, step: int | None) -> Path:
-    folder = run_dir(settings, run_id)
+    folder = settings.run_dir(run_id)
     return folder / "adapter" if step is None else folder / "checkpoints" / f"checkpoint-{step}"
 
 
@@ -62,7 +57,7 @@ def _has_adapter(folder: Path, checkpoint: bool) -> bool:
 
 
 def checkpoint_steps(settings: Settings, run_id: int) -> list[int]:
-    folder = run_dir(settings, run_id) / "checkpoints"
+    folder = settings.run_dir(run_id) / "checkpoints"
     steps = [
         int(p.name.split("-")[-1]) for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
     ]

@@ -9,9 +9,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from app.config import CHECKPOINT_MARKER
 from worker.sink import Sink
-
-CHECKPOINT_MARKER = "TUNEBOARD_COMPLETE"
 
 
 def process_memory_mb() -> float:

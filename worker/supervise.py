@@ -63,7 +63,7 @@ def describe_exit(code: int) -> str:
 
 
 def prepare_run_folder(settings: Settings, run: Run) -> Path:
-    folder = settings.runs_dir / str(run.id)
+    folder = settings.run_dir(run.id)
     folder.mkdir(parents=True, exist_ok=True)
     config = RunConfig.model_validate(run.config).model_copy(
         update={"run_id": run.id, "output_dir": str(folder), "database_url": settings.sqlalchemy_url}

@@ -13,12 +13,13 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from app.config import CHECKPOINT_MARKER
 from app.datasets import store
 from app.deps import SessionDep, SettingsDep, WriteSessionDep
 from app.model_registry import BUNDLED_ID, find_model, list_models
 from app.models import Dataset, Run, RunMetric
 from app.prompts import PROMPT_FORMATS
-from app.routes.runs_api import InvalidRun, build_run_config, enqueue_run, get_run_or_404, run_folder
+from app.routes.runs_api import InvalidRun, build_run_config, enqueue_run, get_run_or_404
 from app.runs import state
 from app.runs.config import METHOD_LABELS, PRESETS, RunRequest
 from app.runs.estimate import estimate
@@ -178,7 +179,7 @@ def checkpoints(folder: Path) -> list[dict]:
                 "name": path.name,
                 "step": int(path.name.split("-")[-1]),
                 "bytes": size,
-                "complete": (path / "TUNEBOARD_COMPLETE").is_file(),
+                "complete": (path / CHECKPOINT_MARKER).is_file(),
             }
         )
     return from_marker
@@ -202,7 +203,7 @@ def cli_yaml(run: Run) -> str:
 @router.get("/runs/{run_id}", response_class=HTMLResponse)
 def run_page(request: Request, run_id: int, settings: SettingsDep, session: SessionDep):
     run = get_run_or_404(session, run_id)
-    folder = run_folder(settings, run_id)
+    folder = settings.run_dir(run_id)
     latest = latest_train_metric(session, run_id)
     context = {
         "run": run,

@@ -6,7 +6,6 @@ import io
 import json
 import zipfile
 from datetime import datetime
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request
@@ -56,10 +55,6 @@ class RunOut(BaseModel):
 class InvalidRun(Exception):
     def __init__(self, field: str, message: str):
         self.field, self.message = field, message
-
-
-def run_folder(settings: Settings, run_id: int) -> Path:
-    return settings.runs_dir / str(run_id)
 
 
 def build_run_config(settings: Settings, request: RunRequest, *, session) -> RunConfig:
@@ -203,7 +198,7 @@ def cancel_run(run_id: int, session: WriteSessionDep) -> RunOut:
 @router.get("/{run_id}/adapter")
 def download_adapter(run_id: int, settings: SettingsDep, session: SessionDep) -> Response:
     run = get_run_or_404(session, run_id)
-    folder = run_folder(settings, run_id) / "adapter"
+    folder = settings.run_dir(run_id) / "adapter"
     if not (folder / "adapter_config.json").is_file():
         raise HTTPException(404, f"Run {run_id} has no adapter yet (it is {run.status}).")
     buffer = io.BytesIO()
