@@ -99,6 +99,13 @@ def list_targets(settings: Settings, *, session: Session, checkpoints: bool = Tr
     return targets
 
 
+def resolve_all(settings: Settings, db, target_ids: list[str]) -> list[Target]:
+    """Every target of a request, in one database session (TargetError names the first that cannot answer).
+    Blocking: async callers run it in a thread."""
+    with db.session() as session:
+        return [resolve(settings, target_id, session=session) for target_id in target_ids]
+
+
 def resolve(settings: Settings, target_id: str, *, session: Session) -> Target:
     """The target with this id, or TargetError with a sentence saying why it cannot answer."""
     match = TARGET_ID.match(target_id)

@@ -101,7 +101,7 @@ class Slot:
 
     @property
     def bytes(self) -> int:
-        return self.base_bytes + sum(self.adapters.values())
+        return self.base_bytes + sum(list(self.adapters.values()))
 
 
 def prompt_ids(tokenizer, pane: PaneRequest) -> list[int]:
@@ -208,19 +208,22 @@ class Engine:
         self.slots: OrderedDict[str, Slot] = OrderedDict()  # LRU order, oldest first
 
     # ---- memory ----------------------------------------------------------------------------------
+    # The host's status page reads these from another thread while the generation thread changes the
+    # dictionaries: each read takes a copy first (one C-level step under the GIL), then walks the copy.
     @property
     def loaded_bytes(self) -> int:
-        return sum(slot.bytes for slot in self.slots.values())
+        return sum(slot.bytes for slot in list(self.slots.values()))
 
     def describe(self) -> dict[str, Any]:
+        slots = list(self.slots.values())
         return {
             "device": self.device,
             "dtype": str(self.dtype).removeprefix("torch."),
             "budget_bytes": self.budget_bytes,
-            "loaded_bytes": self.loaded_bytes,
+            "loaded_bytes": sum(s.bytes for s in slots),
             "models": [
                 {"key": s.key, "exclusive": s.exclusive, "bytes": s.bytes, "adapters": list(s.adapters)}
-                for s in self.slots.values()
+                for s in slots
             ],
         }
 

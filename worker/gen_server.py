@@ -30,7 +30,7 @@ from sqlalchemy import func, select
 from app.config import Settings, get_settings
 from app.db import Database
 from app.models import Run
-from app.playground import GenerateBody, TargetError, resolve
+from app.playground import GenerateBody, TargetError, resolve_all
 
 log = logging.getLogger("tuneboard.generation")
 
@@ -96,8 +96,7 @@ def create_host(settings: Settings, engine=None) -> FastAPI:
         return sent.lower().startswith("bearer ") and hmac.compare_digest(sent[7:].encode(), token.encode())
 
     def panes_for(body: GenerateBody) -> list[PaneRequest]:
-        with db.session() as session:
-            targets = [resolve(settings, pane.target, session=session) for pane in body.panes]
+        targets = resolve_all(settings, db, [pane.target for pane in body.panes])
         return [
             PaneRequest(
                 model_key=t.base_model,

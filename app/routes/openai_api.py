@@ -20,7 +20,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app import generation_client
 from app.deps import SettingsDep
-from app.playground import Target, TargetError, list_targets, resolve
+from app.playground import Target, TargetError, list_targets, resolve_all
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -108,13 +108,9 @@ FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatRequest, request: Request, settings: SettingsDep):
-    def check() -> None:
-        with request.app.state.db.session() as session:
-            resolve(settings, body.model, session=session)
-
     try:
         payload = host_body(body)
-        await anyio.to_thread.run_sync(check)
+        await anyio.to_thread.run_sync(resolve_all, settings, request.app.state.db, [body.model])
     except TargetError as exc:
         return openai_error(404, str(exc), code="model_not_found", param="model")
     except ValueError as exc:

@@ -15,7 +15,7 @@ from app.datasets import store
 from app.deps import SessionDep, SettingsDep
 from app.model_registry import BUNDLED_ID
 from app.models import Run
-from app.playground import MAX_PANES, GenerateBody, Target, TargetError, list_targets, resolve
+from app.playground import MAX_PANES, GenerateBody, Target, TargetError, list_targets, resolve, resolve_all
 from app.runs.events import tracked
 from app.web import render
 
@@ -93,15 +93,9 @@ def validation_rows(request: Request, settings: SettingsDep, session: SessionDep
 async def chat(body: GenerateBody, request: Request, settings: SettingsDep):
     """Ask every pane the same question; a text/event-stream of the generation host's events
     (`queued`, `status`, `start`, `token`, `replace`, then `end` or `error`)."""
-    db = request.app.state.db
-
-    def check() -> None:
-        with db.session() as session:
-            for pane in body.panes:
-                resolve(settings, pane.target, session=session)
-
+    targets = [pane.target for pane in body.panes]
     try:
-        await anyio.to_thread.run_sync(check)
+        await anyio.to_thread.run_sync(resolve_all, settings, request.app.state.db, targets)
     except TargetError as exc:
         return JSONResponse(
             {"detail": [{"row": None, "field": "panes", "message": str(exc)}]}, status_code=404
