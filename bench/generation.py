@@ -136,6 +136,7 @@ def first_token_over_http(model_dir: Path, adapter: Path, threads: int) -> dict:
     from app.migrate import upgrade
     from app.models import Run
     from bench.data import add_bench_dataset
+    from bench.streams import serve_web
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
@@ -162,29 +163,25 @@ def first_token_over_http(model_dir: Path, adapter: Path, threads: int) -> dict:
         (settings.runs_dir / "1").mkdir(parents=True)
         (settings.runs_dir / "1" / "adapter").symlink_to(adapter)
         web_port, host_port = free_port(), free_port()
+        extra = {"TUNEBOARD_GENERATION_PORT": str(host_port), "TUNEBOARD_GENERATION_THREADS": str(threads)}
         env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEBOARD_")}
-        env |= {
-            "TUNEBOARD_DATA_DIR": str(data),
-            "TUNEBOARD_PORT": str(web_port),
-            "TUNEBOARD_GENERATION_PORT": str(host_port),
-            "TUNEBOARD_GENERATION_THREADS": str(threads),
-        }
-        quiet = {"cwd": PROJECT_ROOT, "env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-        processes = [
-            subprocess.Popen([sys.executable, "-m", "app.cli", "web"], **quiet),
-            subprocess.Popen([sys.executable, "-m", "worker.gen_server"], **quiet),
-        ]
+        env |= {"TUNEBOARD_DATA_DIR": str(data), **extra}
+        host = subprocess.Popen(
+            [sys.executable, "-m", "worker.gen_server"],
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        processes = [host, serve_web(data, web_port, extra)]
         base = f"http://127.0.0.1:{web_port}"
         try:
-            for _ in range(600):
-                try:
-                    if httpx.get(f"{base}/api/playground/status", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
+            for _ in range(600):  # the web server is up; wait for the generation host behind it
+                if httpx.get(f"{base}/api/playground/status", timeout=2).status_code == 200:
+                    break
                 time.sleep(0.1)
             else:
-                raise RuntimeError("the web server or the generation host did not start")
+                raise RuntimeError("the generation host did not start")
 
             def ask(targets: list[str]) -> float:
                 body = {
