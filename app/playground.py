@@ -40,10 +40,6 @@ class Target:
     step: int | None = None
     created: int = 0  # unix seconds, for /v1/models
 
-    @property
-    def adapter(self) -> str | None:
-        return self.id if self.adapter_path else None
-
 
 def adapter_dir(settings: Settings, run_id: int, step: int | None) -> Path:
     folder = settings.run_dir(run_id)

@@ -186,6 +186,11 @@ class StopFlag(StoppingCriteria):
         )
 
 
+def exclusive_key(pane: PaneRequest) -> str:
+    """The slot of an adapter that needs its own copy of the base model."""
+    return f"{pane.model_key}+{pane.adapter.name}"
+
+
 def adapter_type(path: Path) -> str:
     import json
 
@@ -326,7 +331,7 @@ class Engine:
         from peft import PeftModel
 
         assert pane.adapter is not None
-        key = f"{pane.model_key}+{pane.adapter.name}"
+        key = exclusive_key(pane)
         slot = self.slots.get(key)
         if slot is None:
             slot = self._load_base(key, pane.model_path, keep, emit, index)
@@ -348,17 +353,15 @@ class Engine:
         adapters form one batch."""
         results = [PaneResult() for _ in panes]
         keep = {p.model_key for p in panes} | {p.adapter.name for p in panes if p.adapter}
-        keep |= {f"{p.model_key}+{p.adapter.name}" for p in panes if p.adapter}
-        groups: dict[str, list[int]] = {}
+        keep |= {exclusive_key(p) for p in panes if p.adapter}
+        groups: dict[str, tuple[bool, list[int]]] = {}  # slot key -> (own base copy?, pane indexes)
         for index, pane in enumerate(panes):
-            shared = pane.adapter is None or adapter_type(pane.adapter.path) in SHARED_TYPES
-            key = pane.model_key if shared else f"{pane.model_key}+{pane.adapter.name}"
-            groups.setdefault(key, []).append(index)
-        for key, members in groups.items():
+            exclusive = pane.adapter is not None and adapter_type(pane.adapter.path) not in SHARED_TYPES
+            key = exclusive_key(pane) if exclusive else pane.model_key
+            groups.setdefault(key, (exclusive, []))[1].append(index)
+        for exclusive, members in groups.values():
             if stop.is_set():
                 break
-            first = panes[members[0]]
-            exclusive = first.adapter is not None and key != first.model_key
             for index in members:  # load everything this group needs before it starts
                 slot = (self.exclusive_slot if exclusive else self.shared_slot)(
                     panes[index], keep, emit, index
