@@ -10,14 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from app.config import Settings
+from app.config import Settings, load_settings
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     overrides = {
         k: v for k, v in (("host", args.host), ("port", args.port), ("data_dir", args.data_dir)) if v
     }
-    return Settings(**overrides)
+    return load_settings(**overrides)
 
 
 def _child_env(settings: Settings) -> dict[str, str]:
@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per call to the generation host
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # a line per plugin at start
     settings = _settings(args)
     {"serve": cmd_serve, "web": cmd_web, "worker": cmd_worker, "migrate": cmd_migrate}[args.command](settings)
 

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT_MARKER = "TUNEBOARD_COMPLETE"  # written last into a checkpoint folder: the save is complete
+MIN_TOKEN_LENGTH = 16  # a shorter token is refused at start: it could be guessed
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
 class Settings(BaseSettings):
@@ -23,7 +27,20 @@ class Settings(BaseSettings):
         None, description="SQLAlchemy URL; defaults to SQLite at <data_dir>/tuneboard.db"
     )
     token: SecretStr | None = Field(
-        None, description="When set, every API call needs 'Authorization: Bearer <token>'."
+        None,
+        description="When set, every API call needs 'Authorization: Bearer <token>' and browsers sign in. "
+        f"At least {MIN_TOKEN_LENGTH} characters; empty means unset.",
+    )
+    allowed_hosts: str = Field(
+        "",
+        description="Comma-separated extra names this server may be reached by (the Host header); loopback "
+        "names, IP addresses and the configured host are always allowed. '*' turns the check off.",
+    )
+    session_hours: float = Field(
+        168, gt=0, le=24 * 365, description="how long a browser sign-in lasts (hours; sign-out ends it)"
+    )
+    login_attempts_per_minute: int = Field(
+        5, ge=1, description="failed sign-ins allowed per client address per minute; more get 429"
     )
     max_upload_mb: float = Field(200, gt=0, description="Largest dataset file accepted, in MB.")
     preview_rows: int = Field(10, ge=1, le=200)
@@ -52,6 +69,23 @@ class Settings(BaseSettings):
     )
     generation_queue: int = Field(8, ge=1, description="requests that may wait for the generation host")
     generation_dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$")
+    generation_max_body_kb: int = Field(
+        1024, ge=16, description="largest request the generation host reads (a conversation), in KB"
+    )
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value):
+        """An empty or whitespace-only secret is no secret: treat it as unset, everywhere."""
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if raw is None or (isinstance(raw, str) and not raw.strip()):
+            return None
+        if isinstance(raw, str) and len(raw.strip()) < MIN_TOKEN_LENGTH:
+            raise ValueError(
+                f"too short ({len(raw.strip())} characters): use at least {MIN_TOKEN_LENGTH}, e.g. the "
+                "output of `python -c 'import secrets; print(secrets.token_urlsafe())'`"
+            )
+        return raw.strip() if isinstance(raw, str) else raw
 
     @field_validator("data_dir")
     @classmethod
@@ -93,14 +127,31 @@ class Settings(BaseSettings):
         for folder in (self.data_dir, self.datasets_dir, self.models_dir, self.runs_dir, self.tmp_dir):
             folder.mkdir(parents=True, exist_ok=True)
 
-    def check_exposure(self) -> None:
+    def check_exposure(self, host: str | None = None, what: str = "Tuneboard") -> None:
         """Refuse to listen beyond this machine without a token."""
-        if self.token is None and not is_loopback(self.host):
+        host = self.host if host is None else host
+        if self.token is None and not is_loopback(host):
             raise SystemExit(
-                f"Refusing to listen on {self.host} without a token: anyone who can reach this address "
-                "could upload data and start jobs. Set TUNEBOARD_TOKEN to a long random secret, "
-                "or listen on 127.0.0.1."
+                f"Refusing to start {what} on {host} without a token: anyone who can reach this address "
+                "could upload data, start jobs and use the models. Set TUNEBOARD_TOKEN to a long random "
+                "secret, or listen on 127.0.0.1."
             )
+
+    def host_names(self, listen_host: str | None = None) -> frozenset[str] | None:
+        """The names a request's Host header may carry (lower case, no port); None when the check is off.
+
+        Loopback names and the configured listening host always; IP addresses are allowed separately (a
+        page cannot rebind a name to a bare IP). Listening on every address adds this machine's names."""
+        extra = {n.strip().lower().strip("[]") for n in self.allowed_hosts.split(",") if n.strip()}
+        if "*" in extra:
+            return None
+        host = (self.host if listen_host is None else listen_host).lower().strip("[]")
+        names = {*LOOPBACK_NAMES, *extra}
+        if host in WILDCARD_HOSTS:
+            names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
+        else:
+            names.add(host)
+        return frozenset(names)
 
 
 def is_loopback(host: str) -> bool:
@@ -112,6 +163,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def load_settings(**overrides) -> Settings:
+    """The process settings, or an exit with one sentence per bad setting (never a traceback)."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = [
+            f"TUNEBOARD_{'_'.join(map(str, e['loc'])).upper()}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
+        ]
+        raise SystemExit("Tuneboard cannot start:\n" + "\n".join(lines)) from None
+
+
 @lru_cache
 def get_settings() -> Settings:
-    return Settings()
+    return load_settings()

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, HTTPException, Path, Query, Request
 from sqlalchemy.orm import Session
 
 from app.config import Settings
+from app.models import MAX_ID, Run
 
 
 def get_settings(request: Request) -> Settings:
@@ -29,3 +30,16 @@ def get_write_session(request: Request) -> Iterator[Session]:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 WriteSessionDep = Annotated[Session, Depends(get_write_session)]
+
+# Ids in URLs: bounded, so that no number reaches the database that it cannot hold (a 422 instead of a 500).
+RunId = Annotated[int, Path(ge=1, le=MAX_ID, description="a run's id")]
+DatasetId = Annotated[int, Path(ge=1, le=MAX_ID, description="a dataset's id")]
+IdQuery = Query(ge=1, le=MAX_ID, description="an id")
+AfterId = Annotated[int, Query(ge=0, le=MAX_ID, description="only rows after this id")]
+
+
+def get_run_or_404(session: Session, run_id: int) -> Run:
+    run = session.get(Run, run_id)
+    if run is None:
+        raise HTTPException(404, f"There is no run {run_id}.")
+    return run

@@ -13,9 +13,17 @@ from sqlalchemy import text
 
 from app.config import PROJECT_ROOT, Settings, get_settings
 from app.db import Database
+from app.errors import openai_error, problem
 from app.routes import auth, datasets_api, models_api, openai_api, pages, playground, run_pages, runs_api
 from app.runs.events import Feeds
-from app.security import AccessMiddleware, BodyLimitMiddleware
+from app.security import (
+    AccessMiddleware,
+    BodyLimitMiddleware,
+    HostCheckMiddleware,
+    JsonBodyMiddleware,
+    upload_limit,
+)
+from app.sessions import LoginThrottle
 from app.web import make_templates, render
 
 log = logging.getLogger("tuneboard.web")
@@ -37,8 +45,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.open_streams = 0
     app.state.feeds = Feeds(app.state.db)
 
-    app.add_middleware(BodyLimitMiddleware, settings=settings)
-    app.add_middleware(AccessMiddleware, settings=settings)  # outermost: runs first
+    app.add_middleware(JsonBodyMiddleware)  # innermost: reads bodies already within the limit
+    app.add_middleware(BodyLimitMiddleware, **upload_limit(settings))
+    app.add_middleware(AccessMiddleware, settings=settings, db=app.state.db)
+    app.add_middleware(HostCheckMiddleware, names=settings.host_names())  # outermost: runs first
+    app.state.login_throttle = LoginThrottle(settings.login_attempts_per_minute)
 
     app.mount("/static", StaticFiles(directory=PROJECT_ROOT / "static"), name="static")
     app.mount("/examples", StaticFiles(directory=PROJECT_ROOT / "data" / "examples"), name="examples")
@@ -58,18 +69,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return render(
                 request, "error.html", {"status": exc.status_code, "message": message}, status=exc.status_code
             )
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+        if request.url.path.startswith("/v1/"):
+            message = exc.detail if isinstance(exc.detail, str) else "That request could not be completed."
+            return openai_error(exc.status_code, message)
+        detail = [problem(exc.detail)] if isinstance(exc.detail, str) else exc.detail
+        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         problems = [
-            {
-                "row": None,
-                "field": ".".join(str(p) for p in e["loc"] if p not in ("body", "query", "path")),
-                "message": e["msg"],
-            }
+            problem(e["msg"], ".".join(str(p) for p in e["loc"] if p not in ("body", "query", "path")))
             for e in exc.errors()
         ]
+        if request.url.path.startswith("/v1/"):
+            first = problems[0]
+            message = "; ".join(
+                f"{p['field']}: {p['message']}" if p["field"] else p["message"] for p in problems
+            )
+            return openai_error(422, message, param=first["field"] or None)
         if _wants_page(request):
             message = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
             return render(request, "error.html", {"status": 422, "message": message}, status=422)

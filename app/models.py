@@ -38,6 +38,9 @@ class UTCDateTime(TypeDecorator):
         return value
 
 
+MAX_ID = 2**63 - 1  # the largest integer SQLite and PostgreSQL's BIGINT hold; ids are checked against it
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -134,3 +137,14 @@ class RunMetric(Base):
     memory_mb: Mapped[float | None] = mapped_column(Float)
     gpu_memory_mb: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class BrowserSession(Base):
+    """One browser sign-in. The cookie holds a random value; only its SHA-256 is stored, so a copy of the
+    database signs nobody in. Sign-out deletes the row; expired rows are refused and swept."""
+
+    __tablename__ = "browser_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 hex of the cookie's value
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

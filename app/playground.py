@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from app.config import CHECKPOINT_MARKER, Settings
 from app.model_registry import find_model, list_models
-from app.models import Run
+from app.models import MAX_ID, Run
 
 TARGET_ID = re.compile(r"^run-(\d+)(?:-step-(\d+))?$")
 
@@ -113,7 +113,7 @@ def resolve(settings: Settings, target_id: str, *, session: Session) -> Target:
             raise TargetError(f"The model '{target_id}' is not ready ({model.status}). See the Models page.")
         return Target(id=model.id, label=model.name, base_model=model.id, model_path=model.folder)
     run_id, step = int(match.group(1)), int(match.group(2)) if match.group(2) else None
-    run = session.get(Run, run_id)
+    run = session.get(Run, run_id) if run_id <= MAX_ID else None
     if run is None:
         raise TargetError(f"There is no run {run_id}.")
     if not _has_adapter(adapter_dir(settings, run_id, step), checkpoint=step is not None):

@@ -1,32 +1,33 @@
-"""Access control for every request: an optional bearer token, a browser sign-in cookie, CSRF
-protection for state-changing browser requests, and the upload size limit.
+"""Access control for every request: the Host check, an optional bearer token, a browser sign-in cookie,
+CSRF protection for state-changing browser requests, and the request size limit.
 
 These are plain ASGI middlewares so that streaming responses (server-sent events) pass through untouched.
+The generation host uses the same Host check, token check and size limit.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
+import ipaddress
 import json
 import secrets
 from html import escape
 from http.cookies import SimpleCookie
 from urllib.parse import quote
 
-from app.config import Settings
+import anyio
 
-SESSION_COOKIE = "tb_session"
+from app import jsontext, sessions
+from app.config import Settings
+from app.errors import openai_body, problem
+from app.jsontext import JsonUnreadable
+
+SESSION_COOKIE = sessions.COOKIE
 CSRF_COOKIE = "tb_csrf"
 CSRF_HEADER = b"x-csrf-token"
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 OPEN_PATHS = ("/healthz", "/login", "/static/")
 MULTIPART_SLACK = 64 * 1024  # multipart framing around the file itself
-
-
-def session_value(token: str) -> str:
-    """What the sign-in cookie holds: a keyed hash of the token, never the token itself."""
-    return hmac.new(token.encode(), b"tuneboard-browser-session", hashlib.sha256).hexdigest()
 
 
 def _headers(scope) -> dict[bytes, bytes]:
@@ -49,10 +50,16 @@ def _wants_json(scope, headers: dict[bytes, bytes]) -> bool:
     )
 
 
-async def send_error(scope, send, headers: dict[bytes, bytes], status: int, message: str, extra=()) -> None:
-    """A short error response: JSON for API clients, an HTML fragment for pages and htmx."""
-    if _wants_json(scope, headers):
-        body = json.dumps({"detail": [{"row": None, "field": None, "message": message}]}).encode()
+async def send_error(
+    scope, send, headers: dict[bytes, bytes], status: int, message: str, extra=(), field: str | None = None
+) -> None:
+    """A short error response: OpenAI's shape under /v1, JSON for API clients, an HTML fragment for pages
+    and htmx."""
+    if scope["path"].startswith("/v1/"):
+        body = json.dumps(openai_body(status, message, param=field)).encode()
+        content_type = b"application/json"
+    elif _wants_json(scope, headers):
+        body = json.dumps({"detail": [problem(message, field)]}).encode()
         content_type = b"application/json"
     else:
         body = f'<div class="alert alert-error" role="alert"><p>{escape(message)}</p></div>'.encode()
@@ -62,13 +69,70 @@ async def send_error(scope, send, headers: dict[bytes, bytes], status: int, mess
     await send({"type": "http.response.body", "body": body})
 
 
+def request_host(headers: dict[bytes, bytes]) -> str:
+    """The Host header's name, lower case, without port or IPv6 brackets ("" when absent)."""
+    host = headers.get(b"host", b"").decode("latin-1").strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+class HostCheckMiddleware:
+    """Answer 400 to a request whose Host header names this server by a name it was not given.
+
+    This stops DNS rebinding: a page on another site whose name was made to resolve to 127.0.0.1 is
+    same-origin with its own name, so without this check it could read every page and API. Bare IP
+    addresses are allowed (no page can rebind a name to them); `names=None` turns the check off."""
+
+    def __init__(self, app, names: frozenset[str] | None):
+        self.app, self.names = app, names
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket") or self.names is None:
+            await self.app(scope, receive, send)
+            return
+        headers = _headers(scope)
+        host = request_host(headers)
+        if host in self.names or _is_ip(host):
+            await self.app(scope, receive, send)
+            return
+        shown = host[:100] or "(none)"
+        await send_error(
+            scope,
+            send,
+            headers,
+            400,
+            f"This server is not reached by the name '{shown}'. If that name is yours, add it to "
+            "TUNEBOARD_ALLOWED_HOSTS on the server.",
+        )
+
+
+def bearer_ok(auth: str, token: str | None) -> bool:
+    """Whether an Authorization header's value is `Bearer <token>` with the right token."""
+    if not token or not auth.lower().startswith("bearer "):
+        return False
+    return hmac.compare_digest(auth[7:].strip().encode("latin-1"), token.encode())
+
+
 class AccessMiddleware:
     """Token check, then CSRF check; hands every request a CSRF token (`request.state.csrf_token`)."""
 
-    def __init__(self, app, settings: Settings):
+    def __init__(self, app, settings: Settings, db):
         self.app = app
+        self.db = db
         self.token = settings.token.get_secret_value() if settings.token else None
-        self.cookie = session_value(self.token) if self.token else None
+
+    def _signed_in(self, value: str | None) -> bool:
+        with self.db.session() as session:
+            return sessions.is_valid(value, session=session)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -76,12 +140,12 @@ class AccessMiddleware:
             return
         headers = _headers(scope)
         cookies = _cookies(headers)
-        bearer = self._bearer_ok(headers)
+        bearer = bearer_ok(headers.get(b"authorization", b"").decode("latin-1"), self.token)
         path = scope["path"]
 
         if self.token and not path.startswith(OPEN_PATHS):
-            signed_in = bool(cookies.get(SESSION_COOKIE)) and hmac.compare_digest(
-                cookies.get(SESSION_COOKIE, ""), self.cookie
+            signed_in = not bearer and await anyio.to_thread.run_sync(
+                self._signed_in, cookies.get(SESSION_COOKIE)
             )
             if not (bearer or signed_in):
                 await self._deny(scope, send, headers)
@@ -107,6 +171,8 @@ class AccessMiddleware:
         async def send_with_cookie(message):
             if fresh and message["type"] == "http.response.start":
                 cookie = f"{CSRF_COOKIE}={csrf}; Path=/; SameSite=Strict"
+                if scope.get("scheme") == "https":
+                    cookie += "; Secure"
                 message = {
                     **message,
                     "headers": [*message.get("headers", []), (b"set-cookie", cookie.encode())],
@@ -114,12 +180,6 @@ class AccessMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_cookie)
-
-    def _bearer_ok(self, headers: dict[bytes, bytes]) -> bool:
-        auth = headers.get(b"authorization", b"").decode("latin-1")
-        if not self.token or not auth.lower().startswith("bearer "):
-            return False
-        return hmac.compare_digest(auth[7:].strip().encode(), self.token.encode())
 
     async def _deny(self, scope, send, headers) -> None:
         path = scope["path"]
@@ -146,19 +206,22 @@ def _from_browser(headers: dict[bytes, bytes]) -> bool:
     return b"origin" in headers or b"sec-fetch-site" in headers
 
 
+def upload_limit(settings: Settings) -> dict[str, int | str]:
+    """The web server's body limit: the upload limit plus multipart framing."""
+    message = (
+        f"The file is larger than the {settings.max_upload_mb:g} MB upload limit "
+        "(TUNEBOARD_MAX_UPLOAD_MB). Nothing was stored."
+    )
+    return {"limit": settings.max_upload_bytes + MULTIPART_SLACK, "message": message}
+
+
 class BodyLimitMiddleware:
-    """Refuse request bodies over the upload limit with 413 before anything parses them."""
+    """Refuse request bodies over a limit with 413 before anything parses them."""
 
-    def __init__(self, app, settings: Settings):
+    def __init__(self, app, limit: int, message: str):
         self.app = app
-        self.limit = settings.max_upload_bytes + MULTIPART_SLACK
-        self.limit_mb = settings.max_upload_mb
-
-    def _message(self) -> str:
-        return (
-            f"The file is larger than the {self.limit_mb:g} MB upload limit "
-            "(TUNEBOARD_MAX_UPLOAD_MB). Nothing was stored."
-        )
+        self.limit = limit
+        self.message = message
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] not in UNSAFE_METHODS:
@@ -173,7 +236,7 @@ class BodyLimitMiddleware:
                 await send_error(scope, send, headers, 400, "The Content-Length header is not a number.")
                 return
             if declared > self.limit:
-                await send_error(scope, send, headers, 413, self._message())
+                await send_error(scope, send, headers, 413, self.message)
                 return
             await self.app(scope, receive, send)
             return
@@ -186,18 +249,57 @@ class BodyLimitMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.limit:
-                await send_error(scope, send, headers, 413, self._message())
+                await send_error(scope, send, headers, 413, self.message)
                 return
             chunks.append(chunk)
             more = message.get("more_body", False)
+        await self.app(scope, _replay(b"".join(chunks), receive), send)
+
+
+class JsonBodyMiddleware:
+    """Read a JSON request body with `app.jsontext` before the application does, so that nesting, huge
+    numbers, NaN and unpaired surrogates get a 422 sentence naming the field instead of a 400 or a 500.
+    The body, once read, is handed on unchanged. Runs inside the body limit."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in UNSAFE_METHODS:
+            await self.app(scope, receive, send)
+            return
+        headers = _headers(scope)
+        if b"json" not in headers.get(b"content-type", b"").lower():
+            await self.app(scope, receive, send)
+            return
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
         body = b"".join(chunks)
-        replayed = False
+        if body.strip():
+            try:
+                jsontext.loads(body)
+            except JsonUnreadable as exc:
+                field = jsontext.dotted(exc.path) or None
+                subject = f"The value at '{field}'" if field else "The request body"
+                await send_error(scope, send, headers, 422, f"{subject} {exc.message}.", field=field)
+                return
+        await self.app(scope, _replay(body, receive), send)
 
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
 
-        await self.app(scope, replay, send)
+def _replay(body: bytes, receive):
+    """A `receive` that hands on an already read body once, then whatever comes next (a disconnect)."""
+    replayed = False
+
+    async def replay():
+        nonlocal replayed
+        if replayed:
+            return await receive()
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay

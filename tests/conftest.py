@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,9 @@ from fastapi.testclient import TestClient
 from app.config import PROJECT_ROOT, Settings
 from app.main import create_app
 from app.migrate import upgrade
+
+# Starlette's TestClient calls the server "testserver": allow that name as a configured host would be.
+os.environ.setdefault("TUNEBOARD_ALLOWED_HOSTS", "testserver")
 
 DEMO_DATASET = PROJECT_ROOT / "data" / "examples" / "demo_alpaca.json"
 CHATML_TEMPLATE = (

@@ -197,5 +197,5 @@ def test_statistics_errors_are_clear(client):
     dataset_id = upload(client, "d.json", '[{"instruction": "q", "output": "a"}]').json()["id"]
     assert client.get(f"/api/datasets/{dataset_id}/stats", params={"model": "nope"}).status_code == 404
     response = client.get(f"/api/datasets/{dataset_id}/stats", params={"prompt_format": "poetry"})
-    assert response.status_code == 422 and "prompt_format" in response.json()["detail"]
+    assert response.status_code == 422 and "prompt_format" in response.json()["detail"][0]["message"]
     assert client.get("/api/datasets/999/stats").status_code == 404

@@ -91,13 +91,13 @@ def test_cancel_a_queued_run_and_what_cannot_be_done_twice(client, dataset_id):
     cancelled = client.post(f"/api/runs/{run['id']}/cancel")
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
     again = client.post(f"/api/runs/{run['id']}/cancel")
-    assert again.status_code == 409 and "already cancelled" in again.json()["detail"]
+    assert again.status_code == 409 and "already cancelled" in again.json()["detail"][0]["message"]
     assert client.post("/api/runs/999/cancel").status_code == 404
     missing = client.get(f"/api/runs/{run['id']}/adapter")
-    assert missing.status_code == 404 and "no adapter yet" in missing.json()["detail"]
+    assert missing.status_code == 404 and "no adapter yet" in missing.json()["detail"][0]["message"]
 
 
 def test_a_dataset_used_by_a_run_cannot_be_deleted(client, dataset_id):
     run = client.post("/api/runs", json={"dataset_id": dataset_id}).json()
     response = client.delete(f"/api/datasets/{dataset_id}")
-    assert response.status_code == 409 and f"used by run {run['id']}" in response.json()["detail"]
+    assert response.status_code == 409 and f"used by run {run['id']}" in response.json()["detail"][0]["message"]

@@ -60,12 +60,100 @@ def test_pages_redirect_to_sign_in_and_the_cookie_opens_them(locked):
     assert locked.get("/api/datasets").status_code == 200  # the browser's own API calls
 
 
-@pytest.mark.parametrize("target", ["//evil.example/x", "https://evil.example/", "/\\evil.example"])
+OFF_SITE = [
+    "//evil.example/x",
+    "https://evil.example/",
+    "/\\evil.example",
+    "/\t/evil.example",  # browsers drop tabs and newlines: this is //evil.example
+    "/\n/evil.example",
+    "/\r\n/evil.example",
+    " //evil.example",
+    "https:evil.example",
+    "javascript:alert(1)",
+    "/\x00/evil.example",
+]
+
+
+@pytest.mark.parametrize("target", OFF_SITE)
 def test_sign_in_never_redirects_off_site(locked, target):
     locked.get("/login")
     headers = {"Origin": "http://testserver", "X-CSRF-Token": locked.cookies[CSRF_COOKIE]}
     response = locked.post("/login", data={"token": TOKEN, "next": target}, headers=headers)
     assert response.headers["hx-redirect"] == "/"
+
+
+@pytest.mark.parametrize("target", OFF_SITE)
+def test_sign_in_page_never_links_off_site(locked, target):
+    page = locked.get("/login", params={"next": target})
+    assert 'name="next" value="/"' in page.text
+
+
+def sign_in(client: TestClient) -> str:
+    client.get("/login")
+    headers = {"Origin": "http://testserver", "X-CSRF-Token": client.cookies[CSRF_COOKIE]}
+    response = client.post("/login", data={"token": TOKEN}, headers=headers)
+    assert response.status_code == 204
+    return response.cookies[SESSION_COOKIE]
+
+
+def test_each_sign_in_is_a_new_random_session_that_sign_out_ends(locked):
+    first = sign_in(locked)
+    locked.cookies.clear()
+    second = sign_in(locked)
+    assert first != second and TOKEN not in first + second
+    assert locked.get("/api/datasets").status_code == 200
+    headers = {"Origin": "http://testserver", "X-CSRF-Token": locked.cookies[CSRF_COOKIE]}
+    assert locked.post("/logout", headers=headers).status_code == 204
+    locked.cookies.set(SESSION_COOKIE, second)  # a copy of the cookie kept after sign-out opens nothing
+    assert locked.get("/api/datasets").status_code == 401
+    locked.cookies.set(SESSION_COOKIE, first)  # the other sign-in is still valid
+    assert locked.get("/api/datasets").status_code == 200
+
+
+def test_sessions_expire(tmp_path):
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from app.models import BrowserSession, utcnow
+
+    settings = Settings(data_dir=tmp_path / "data", token=TOKEN, session_hours=1)
+    upgrade(settings)
+    with TestClient(create_app(settings)) as client:
+        sign_in(client)
+        response = client.get("/api/datasets")
+        assert response.status_code == 200
+        with client.app.state.db.write_session() as session:
+            session.execute(update(BrowserSession).values(expires_at=utcnow() - timedelta(seconds=1)))
+        assert client.get("/api/datasets").status_code == 401
+
+
+def test_session_cookie_lifetime_and_secure_over_https(tmp_path):
+    settings = Settings(data_dir=tmp_path / "data", token=TOKEN, session_hours=12)
+    upgrade(settings)
+    with TestClient(create_app(settings), base_url="https://testserver") as client:
+        client.get("/login")
+        headers = {"Origin": "https://testserver", "X-CSRF-Token": client.cookies[CSRF_COOKIE]}
+        response = client.post("/login", data={"token": TOKEN}, headers=headers)
+        cookie = response.headers["set-cookie"]
+        assert "Secure" in cookie and "HttpOnly" in cookie and "Max-Age=43200" in cookie
+        assert "Secure" in client.get("/login", headers={"cookie": ""}).headers["set-cookie"]  # CSRF cookie
+
+
+def test_failed_sign_ins_are_throttled(tmp_path):
+    settings = Settings(data_dir=tmp_path / "data", token=TOKEN, login_attempts_per_minute=3)
+    upgrade(settings)
+    with TestClient(create_app(settings)) as client:
+        client.get("/login")
+        headers = {"Origin": "http://testserver", "X-CSRF-Token": client.cookies[CSRF_COOKIE]}
+        codes = [
+            client.post("/login", data={"token": "wrong"}, headers=headers).status_code for _ in range(3)
+        ]
+        assert codes == [401, 401, 401]
+        refused = client.post("/login", data={"token": TOKEN}, headers=headers)  # even the right one waits
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) > 0
+        assert "Too many wrong tokens" in refused.text
+        assert SESSION_COOKIE not in client.cookies
 
 
 def test_browser_writes_need_the_csrf_token(client):
@@ -113,6 +201,39 @@ def test_public_address_without_token_is_refused():
     Settings(host="0.0.0.0", token=TOKEN).check_exposure()
 
 
+@pytest.mark.parametrize("blank", ["", "   ", "\t\n"])
+def test_an_empty_token_is_no_token(blank):
+    settings = Settings(host="0.0.0.0", token=blank)
+    assert settings.token is None
+    with pytest.raises(SystemExit, match="without a token"):
+        settings.check_exposure()
+
+
+def test_a_short_token_is_refused_at_start():
+    from app.config import load_settings
+
+    with pytest.raises(SystemExit, match="TUNEBOARD_TOKEN: too short"):
+        load_settings(token="hunter2")
+
+
+@pytest.mark.parametrize("module", ["app.cli worker", "worker.gen_server"])
+def test_the_generation_host_follows_the_same_exposure_rule(tmp_path, module):
+    result = subprocess.run(
+        [sys.executable, "-m", *module.split()],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "TUNEBOARD_DATA_DIR": str(tmp_path),
+            "TUNEBOARD_GENERATION_HOST": "0.0.0.0",
+        },
+    )
+    assert result.returncode != 0
+    assert "Refusing to start the generation host on 0.0.0.0 without a token" in result.stderr
+
+
 def test_cli_refuses_public_address_without_token(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "app.cli", "web", "--host", "0.0.0.0", "--data-dir", str(tmp_path)],
@@ -123,4 +244,4 @@ def test_cli_refuses_public_address_without_token(tmp_path):
         env={"PATH": "/usr/bin:/bin"},
     )
     assert result.returncode != 0
-    assert "Refusing to listen on 0.0.0.0 without a token" in result.stderr
+    assert "Refusing to start Tuneboard on 0.0.0.0 without a token" in result.stderr

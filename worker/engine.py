@@ -16,6 +16,7 @@ Everything here runs on the generation thread, one request at a time (worker.gen
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import threading
 import time
@@ -23,6 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,29 @@ ADAPTER_LOADING = {"is_trainable": False, "autocast_adapter_dtype": False}
 
 class GenerationError(Exception):
     """A problem the user can act on; its text is shown as it is."""
+
+
+class PromptTooLong(GenerationError):
+    """A conversation (with the tokens asked for) that does not fit the model's context."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
+
+
+@lru_cache(maxsize=8)
+def context_tokenizer(path: str, _stamp: float) -> tuple[Any, int | None]:
+    """A tokenizer for counting prompt tokens outside the generation thread, and the model's context
+    length from config.json (None when it does not say). Cached per model folder and its mtime."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    context = next(
+        (config[k] for k in ("max_position_embeddings", "n_positions", "max_seq_len") if k in config), None
+    )
+    return tokenizer, context if isinstance(context, int) and context > 0 else None
 
 
 @dataclass(frozen=True)
@@ -346,6 +371,29 @@ class Engine:
         return slot
 
     # ---- generation ------------------------------------------------------------------------------
+    def check_prompts(self, panes: list[PaneRequest], max_new_tokens: int) -> None:
+        """Refuse, before anything streams, a conversation longer than its model's context, or one that
+        leaves less room than `max_new_tokens`. Safe to call from any thread (own tokenizer copies)."""
+        for index, pane in enumerate(panes):
+            tokenizer, context = context_tokenizer(str(pane.model_path), pane.model_path.stat().st_mtime)
+            if context is None:
+                continue
+            length = len(prompt_ids(tokenizer, pane))
+            where = f"pane {index + 1} ({pane.adapter.name if pane.adapter else pane.model_key})"
+            if length >= context:
+                raise PromptTooLong(
+                    f"The conversation in {where} is {length:,} tokens long; the model reads at most "
+                    f"{context:,}. Shorten it or start a new conversation.",
+                    field=f"panes.{index}.messages",
+                )
+            if length + max_new_tokens > context:
+                raise PromptTooLong(
+                    f"The conversation in {where} is {length:,} tokens long, which leaves room for "
+                    f"{context - length:,} new tokens in the model's context of {context:,}; "
+                    f"{max_new_tokens:,} were asked for. Ask for at most {context - length:,}.",
+                    field="sampling.max_new_tokens",
+                )
+
     def generate(
         self, panes: list[PaneRequest], sampling: Sampling, emit: Emit, stop: threading.Event
     ) -> list[PaneResult]:

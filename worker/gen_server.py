@@ -12,7 +12,6 @@ Run by `tuneboard worker` (which restarts it if it dies); `python -m worker.gen_
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from app.config import Settings, get_settings
 from app.db import Database
 from app.models import Run
 from app.playground import GenerateBody, TargetError, resolve_all
+from app.security import BodyLimitMiddleware, HostCheckMiddleware, JsonBodyMiddleware, bearer_ok
 
 log = logging.getLogger("tuneboard.generation")
 
@@ -69,7 +69,7 @@ def default_budget(device: str) -> int | None:
 def create_host(settings: Settings, engine=None) -> FastAPI:
     import torch
 
-    from worker.engine import AdapterRef, Engine, GenerationError, PaneRequest, Sampling
+    from worker.engine import AdapterRef, Engine, GenerationError, PaneRequest, PromptTooLong, Sampling
     from worker.train import choose_dtype
 
     torch.set_num_threads(settings.generation_threads or default_threads())
@@ -88,12 +88,18 @@ def create_host(settings: Settings, engine=None) -> FastAPI:
     token = settings.token.get_secret_value() if settings.token else None
     app = FastAPI(title="Tuneboard generation host")
     app.state.engine = engine
+    limit_kb = settings.generation_max_body_kb
+    app.add_middleware(JsonBodyMiddleware)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        limit=limit_kb * 1024,
+        message=f"The conversation is larger than the generation host's {limit_kb} KB limit "
+        "(TUNEBOARD_GENERATION_MAX_BODY_KB).",
+    )
+    app.add_middleware(HostCheckMiddleware, names=settings.host_names(settings.generation_host))
 
     def authorised(request: Request) -> bool:
-        if token is None:
-            return True
-        sent = request.headers.get("authorization", "")
-        return sent.lower().startswith("bearer ") and hmac.compare_digest(sent[7:].encode(), token.encode())
+        return token is None or bearer_ok(request.headers.get("authorization", ""), token)
 
     def panes_for(body: GenerateBody) -> list[PaneRequest]:
         targets = resolve_all(settings, db, [pane.target for pane in body.panes])
@@ -127,6 +133,10 @@ def create_host(settings: Settings, engine=None) -> FastAPI:
             panes = await asyncio.to_thread(panes_for, body)
         except TargetError as exc:
             return JSONResponse({"message": str(exc)}, status_code=404)
+        try:
+            await asyncio.to_thread(engine.check_prompts, panes, body.sampling.max_new_tokens)
+        except PromptTooLong as exc:
+            return JSONResponse({"message": str(exc), "field": exc.field}, status_code=400)
         if waiting["count"] >= settings.generation_queue:
             return JSONResponse(
                 {
@@ -209,6 +219,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     stop_with_parent()
     settings = get_settings()
+    settings.check_exposure(settings.generation_host, "the generation host")
     app = create_host(settings)
     log.info("generation host on http://%s:%s", settings.generation_host, settings.generation_port)
     uvicorn.run(app, host=settings.generation_host, port=settings.generation_port, log_level="warning")

@@ -27,6 +27,8 @@ def run_worker(settings: Settings, *, stop: threading.Event | None = None) -> No
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if settings.generation:
+        settings.check_exposure(settings.generation_host, "the generation host")
     settings.ensure_dirs()
     db = Database(settings.sqlalchemy_url)
     me = worker_id()

@@ -13,9 +13,11 @@ position in a JSON array, the line number in JSONL.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
+
+from app import jsontext
+from app.jsontext import JsonUnreadable
 
 MAX_LISTED_ERRORS = 50
 
@@ -128,8 +130,8 @@ def _decode(raw: bytes) -> str:
 
 def _wrong_top_level(stripped: str) -> RowError:
     try:
-        value = json.loads(stripped)
-    except json.JSONDecodeError:
+        value = jsontext.loads(stripped)
+    except JsonUnreadable:
         return RowError(
             None, None, "The file is not JSON: expected a JSON array of rows or one JSON object per line."
         )
@@ -143,17 +145,12 @@ def _wrong_top_level(stripped: str) -> RowError:
 
 def _json_array(text: str) -> list[tuple[int, Any]]:
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DatasetInvalid(
-            [
-                RowError(
-                    None,
-                    None,
-                    f"The file is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}.",
-                )
-            ]
-        ) from None
+        value = jsontext.loads(text)
+    except JsonUnreadable as exc:
+        row = exc.path[0] + 1 if exc.path and isinstance(exc.path[0], int) else None
+        field = jsontext.dotted(exc.path[1:]) or None
+        where = f"Row {row}" if row else "The file"
+        raise DatasetInvalid([RowError(row, field, f"{where} {exc.message}.")]) from None
     return list(enumerate(value, start=1))
 
 
@@ -163,8 +160,8 @@ def _json_lines(text: str) -> list[tuple[int, Any]]:
     # A single pretty-printed object spread over several lines is one JSON value, not JSON Lines.
     if len(non_blank) > 1:
         try:
-            whole = json.loads(text)
-        except json.JSONDecodeError:
+            whole = jsontext.loads(text)
+        except JsonUnreadable:
             whole = None
         if isinstance(whole, dict):
             raise DatasetInvalid(
@@ -181,11 +178,10 @@ def _json_lines(text: str) -> list[tuple[int, Any]]:
     errors: list[RowError] = []
     for number, line in non_blank:
         try:
-            records.append((number, json.loads(line)))
-        except json.JSONDecodeError as exc:
-            errors.append(
-                RowError(number, None, f"This line is not valid JSON: {exc.msg} at column {exc.colno}.")
-            )
+            records.append((number, jsontext.loads(line)))
+        except JsonUnreadable as exc:
+            field = jsontext.dotted(exc.path) or None
+            errors.append(RowError(number, field, f"This line {exc.message}."))
     if errors:
         raise DatasetInvalid(errors)
     return records

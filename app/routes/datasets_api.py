@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from app.datasets import store
 from app.datasets.formats import DatasetInvalid, RowError
-from app.deps import SessionDep, SettingsDep, WriteSessionDep
+from app.deps import DatasetId, SessionDep, SettingsDep, WriteSessionDep
 from app.model_registry import BUNDLED_ID, find_model
 from app.models import Dataset
 from app.prompts import PROMPT_FORMATS
@@ -67,14 +67,14 @@ def list_datasets(session: SessionDep) -> list[DatasetOut]:
 
 
 @router.get("/{dataset_id}")
-def show_dataset(dataset_id: int, settings: SettingsDep, session: SessionDep) -> dict[str, Any]:
+def show_dataset(dataset_id: DatasetId, settings: SettingsDep, session: SessionDep) -> dict[str, Any]:
     dataset = get_dataset_or_404(session, dataset_id)
     return {**DatasetOut.of(dataset).model_dump(mode="json"), **store.dataset_summary(settings, dataset)}
 
 
 @router.get("/{dataset_id}/rows")
 def dataset_rows(
-    dataset_id: int,
+    dataset_id: DatasetId,
     settings: SettingsDep,
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 10,
@@ -85,7 +85,7 @@ def dataset_rows(
 
 @router.get("/{dataset_id}/stats")
 def dataset_token_stats(
-    dataset_id: int,
+    dataset_id: DatasetId,
     settings: SettingsDep,
     session: SessionDep,
     model: str | None = None,
@@ -116,7 +116,7 @@ def dataset_token_stats(
 
 
 @router.delete("/{dataset_id}", status_code=204)
-def remove_dataset(dataset_id: int, settings: SettingsDep, session: WriteSessionDep) -> None:
+def remove_dataset(dataset_id: DatasetId, settings: SettingsDep, session: WriteSessionDep) -> None:
     try:
         store.delete_dataset(settings, get_dataset_or_404(session, dataset_id), session=session)
     except store.DatasetInUse as exc:

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.deps import SessionDep, SettingsDep, WriteSessionDep
+from app.errors import problem
 from app.model_registry import (
     ModelPathInvalid,
     check_registration,
@@ -38,7 +39,7 @@ def register_model(settings: Settings, body: ModelRegistration, *, session: Sess
 def unregister_model(settings: Settings, model_id: str, *, session: Session) -> None:
     """Forget a registered model; a GGUF's converted copy goes too (the user's own files stay)."""
     number = model_id.removeprefix("local-")
-    model = session.get(RegisteredModel, int(number)) if number.isdigit() else None
+    model = session.get(RegisteredModel, int(number)) if number.isdigit() and len(number) < 19 else None
     if model is None:
         raise HTTPException(
             404, f"There is no registered model '{model_id}' (only local-N models can be removed)."
@@ -65,7 +66,7 @@ def post_model(
     try:
         model = register_model(settings, body, session=session)
     except ModelPathInvalid as exc:
-        raise HTTPException(422, [{"row": None, "field": "path", "message": str(exc)}]) from None
+        raise HTTPException(422, [problem(str(exc), "path")]) from None
     return ModelOut(**registered_entry(settings, model).as_dict())
 
 

@@ -14,12 +14,12 @@ from typing import Any, Literal
 
 import anyio
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app import generation_client
 from app.deps import SettingsDep
+from app.errors import openai_error
 from app.playground import Target, TargetError, list_targets, resolve_all
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -62,15 +62,6 @@ class ChatRequest(BaseModel):
         if messages[-1].role != "user":
             raise ValueError("the last message must be the user's")
         return messages
-
-
-def openai_error(
-    status: int, message: str, *, code: str | None = None, param: str | None = None
-) -> JSONResponse:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse(
-        {"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status
-    )
 
 
 def model_card(target: Target) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.datasets import store
 from app.datasets.formats import FORMAT_LABELS, DatasetInvalid
-from app.deps import SessionDep, SettingsDep, WriteSessionDep
+from app.deps import DatasetId, SessionDep, SettingsDep, WriteSessionDep
 from app.model_registry import BUNDLED_ID, ModelPathInvalid, list_models
 from app.prompts import PROMPT_FORMATS
 from app.routes.datasets_api import get_dataset_or_404, read_upload
@@ -95,7 +95,7 @@ def _stats_context(
 @router.get("/datasets/{dataset_id}", response_class=HTMLResponse)
 def dataset_page(
     request: Request,
-    dataset_id: int,
+    dataset_id: DatasetId,
     settings: SettingsDep,
     session: SessionDep,
     model: str | None = None,
@@ -117,7 +117,7 @@ def dataset_page(
 
 
 @router.delete("/datasets/{dataset_id}")
-def delete_from_page(dataset_id: int, settings: SettingsDep, session: WriteSessionDep):
+def delete_from_page(dataset_id: DatasetId, settings: SettingsDep, session: WriteSessionDep):
     try:
         store.delete_dataset(settings, get_dataset_or_404(session, dataset_id), session=session)
     except store.DatasetInUse as exc:

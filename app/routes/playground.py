@@ -6,13 +6,14 @@ import json
 from typing import Annotated
 
 import anyio
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app import generation_client
 from app.datasets import store
-from app.deps import SessionDep, SettingsDep
+from app.deps import IdQuery, SessionDep, SettingsDep
+from app.errors import problem
 from app.model_registry import BUNDLED_ID
 from app.models import Run
 from app.playground import MAX_PANES, GenerateBody, Target, TargetError, list_targets, resolve, resolve_all
@@ -35,7 +36,7 @@ def default_panes(targets: list[Target], run_id: int | None) -> list[str]:
 
 @router.get("/playground", response_class=HTMLResponse, include_in_schema=False)
 def playground_page(
-    request: Request, settings: SettingsDep, session: SessionDep, run: Annotated[int | None, Query()] = None
+    request: Request, settings: SettingsDep, session: SessionDep, run: Annotated[int | None, IdQuery] = None
 ):
     targets = list_targets(settings, session=session)
     panes = default_panes(targets, run)
@@ -57,7 +58,9 @@ def playground_page(
 
 
 @router.get("/playground/validation", response_class=HTMLResponse, include_in_schema=False)
-def validation_rows(request: Request, settings: SettingsDep, session: SessionDep, run: int):
+def validation_rows(
+    request: Request, settings: SettingsDep, session: SessionDep, run: Annotated[int, IdQuery]
+):
     """The run's held-out rows, each ready to be asked (question, Alpaca fields, reference answer)."""
     record = session.get(Run, run)
     rows = []
@@ -97,9 +100,7 @@ async def chat(body: GenerateBody, request: Request, settings: SettingsDep):
     try:
         await anyio.to_thread.run_sync(resolve_all, settings, request.app.state.db, targets)
     except TargetError as exc:
-        return JSONResponse(
-            {"detail": [{"row": None, "field": "panes", "message": str(exc)}]}, status_code=404
-        )
+        return JSONResponse({"detail": [problem(str(exc), "panes")]}, status_code=404)
 
     async def events():
         async for event in generation_client.generate(settings, body.model_dump(exclude_none=True)):

@@ -15,16 +15,16 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app.config import CHECKPOINT_MARKER
 from app.datasets import store
-from app.deps import SessionDep, SettingsDep, WriteSessionDep
+from app.deps import IdQuery, RunId, SessionDep, SettingsDep, WriteSessionDep, get_run_or_404
 from app.model_registry import BUNDLED_ID, find_model, list_models
 from app.models import Dataset, Run, RunMetric
 from app.prompts import PROMPT_FORMATS
-from app.routes.runs_api import InvalidRun, build_run_config, enqueue_run, get_run_or_404
 from app.runs import state
-from app.runs.config import METHOD_LABELS, PRESETS, RunRequest
+from app.runs.config import METHOD_LABELS, PRESETS, InvalidRun, RunRequest
 from app.runs.estimate import estimate
 from app.runs.events import latest_train_metric, list_stream, progress, tracked
 from app.runs.form import peft_fields, request_from_form, training_fields
+from app.runs.launch import build_run_config, enqueue_run
 from app.web import hx_redirect, render
 
 router = APIRouter(include_in_schema=False)
@@ -97,7 +97,7 @@ def new_run_page(
     request: Request,
     settings: SettingsDep,
     session: SessionDep,
-    dataset: int | None = None,
+    dataset: Annotated[int | None, IdQuery] = None,
     preset: str | None = None,
     method: str | None = None,
 ):
@@ -201,7 +201,7 @@ def cli_yaml(run: Run) -> str:
 
 
 @router.get("/runs/{run_id}", response_class=HTMLResponse)
-def run_page(request: Request, run_id: int, settings: SettingsDep, session: SessionDep):
+def run_page(request: Request, run_id: RunId, settings: SettingsDep, session: SessionDep):
     run = get_run_or_404(session, run_id)
     folder = settings.run_dir(run_id)
     latest = latest_train_metric(session, run_id)
@@ -223,7 +223,7 @@ def run_page(request: Request, run_id: int, settings: SettingsDep, session: Sess
 
 
 @router.post("/runs/{run_id}/cancel", response_class=HTMLResponse)
-def cancel_from_page(request: Request, run_id: int, settings: SettingsDep, session: WriteSessionDep):
+def cancel_from_page(request: Request, run_id: RunId, settings: SettingsDep, session: WriteSessionDep):
     try:
         state.request_cancel(session=session, run_id=run_id)
     except LookupError:

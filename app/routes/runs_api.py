@@ -10,19 +10,17 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from app.config import Settings
-from app.datasets.split import validation_rows
-from app.datasets.store import ROWS_FILE, dataset_dir
-from app.deps import SessionDep, SettingsDep, WriteSessionDep
-from app.model_registry import BUNDLED_ID, find_model
-from app.models import Dataset, Run, RunMetric
+from app.deps import AfterId, RunId, SessionDep, SettingsDep, WriteSessionDep, get_run_or_404
+from app.errors import problem
+from app.models import MAX_ID, Run, RunMetric
 from app.runs import state
-from app.runs.config import PRESETS, RunConfig, RunRequest, apply_preset, resolve_training, validate_peft
+from app.runs.config import PRESETS, InvalidRun, RunRequest
 from app.runs.events import list_stream, progress, run_stream, tracked
+from app.runs.launch import build_run_config, enqueue_run
 
 router = APIRouter(prefix="/api/runs", tags=["runs"])
 
@@ -52,76 +50,6 @@ class RunOut(BaseModel):
     config: dict[str, Any]
 
 
-class InvalidRun(Exception):
-    def __init__(self, field: str, message: str):
-        self.field, self.message = field, message
-
-
-def build_run_config(settings: Settings, request: RunRequest, *, session) -> RunConfig:
-    """Validate a launch request against the dataset and model and fill every default."""
-    request = apply_preset(request)
-    dataset = session.get(Dataset, request.dataset_id)
-    if dataset is None:
-        raise InvalidRun("dataset_id", f"There is no dataset {request.dataset_id}.")
-    model_id = request.base_model or BUNDLED_ID
-    model = find_model(settings, model_id, session=session)
-    if model is None:
-        raise InvalidRun(
-            "base_model", f"Unknown model '{model_id}'. GET /api/models lists the ones available."
-        )
-    if model.status in ("failed", "missing"):
-        raise InvalidRun("base_model", f"{model.name} cannot be used: {model.error}")
-    try:
-        peft = validate_peft(request.method, request.peft)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(["peft", *(str(p) for p in first["loc"])])
-        raise InvalidRun(field, first["msg"].removeprefix("Value error, ")) from None
-    held_out = validation_rows(
-        dataset.rows,
-        fraction=settings.validation_fraction,
-        max_rows=settings.validation_max_rows,
-        seed=request.training.seed,
-    )
-    train_rows = dataset.rows - len(held_out)
-    try:
-        training, total_steps = resolve_training(request.method, train_rows, request.training)
-    except ValueError as exc:
-        raise InvalidRun("training.packing", str(exc)) from None
-    return RunConfig(
-        name=(request.name or "").strip() or f"{dataset.name} · {request.method}",
-        dataset_id=dataset.id,
-        dataset_path=str(dataset_dir(settings, dataset.id) / ROWS_FILE),
-        base_model=model.id,
-        model_path=str(model.folder),
-        method=request.method,
-        prompt_format=request.prompt_format,
-        peft=peft,
-        training=training,
-        train_rows=train_rows,
-        validation_rows=held_out,
-        total_steps=total_steps,
-    )
-
-
-def enqueue_run(config: RunConfig, *, session) -> Run:
-    return state.enqueue(
-        session=session,
-        name=config.name,
-        dataset_id=config.dataset_id,
-        base_model=config.base_model,
-        method=config.method,
-        config=config.model_dump(mode="json"),
-    )
-
-
-def get_run_or_404(session, run_id: int) -> Run:
-    run = session.get(Run, run_id)
-    if run is None:
-        raise HTTPException(404, f"There is no run {run_id}.")
-    return run
-
-
 @router.get("/presets")
 def presets() -> dict[str, Any]:
     return PRESETS
@@ -132,7 +60,7 @@ def launch_run(request: RunRequest, settings: SettingsDep, session: WriteSession
     try:
         config = build_run_config(settings, request, session=session)
     except InvalidRun as exc:
-        raise HTTPException(422, [{"row": None, "field": exc.field, "message": exc.message}]) from None
+        raise HTTPException(422, [problem(exc.message, exc.field)]) from None
     return RunOut.model_validate(enqueue_run(config, session=session))
 
 
@@ -154,12 +82,12 @@ async def runs_events(request: Request):
 @router.get("/{run_id}/events")
 async def run_events(
     request: Request,
-    run_id: int,
-    after: Annotated[int | None, Query(ge=0)] = None,
+    run_id: RunId,
+    after: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None,
     last_event_id: Annotated[str | None, Header()] = None,
 ):
     """`metric`, `status` and `done` events of one run; resumes after Last-Event-ID (or `after`)."""
-    start = after if after is not None else int(last_event_id) if (last_event_id or "").isdigit() else 0
+    start = after if after is not None else _event_id(last_event_id)
     with request.app.state.db.session() as session:
         get_run_or_404(session, run_id)
     return EventSourceResponse(
@@ -167,15 +95,19 @@ async def run_events(
     )
 
 
+def _event_id(header: str | None) -> int:
+    """A Last-Event-ID as a row id; anything else (or a number no row can have) starts from the beginning."""
+    value = (header or "").strip()
+    return int(value) if value.isdigit() and len(value) < 19 else 0
+
+
 @router.get("/{run_id}")
-def show_run(run_id: int, session: SessionDep) -> RunOut:
+def show_run(run_id: RunId, session: SessionDep) -> RunOut:
     return RunOut.model_validate(get_run_or_404(session, run_id))
 
 
 @router.get("/{run_id}/metrics")
-def run_metrics(
-    run_id: int, session: SessionDep, after: Annotated[int, Query(ge=0)] = 0
-) -> list[dict[str, Any]]:
+def run_metrics(run_id: RunId, session: SessionDep, after: AfterId = 0) -> list[dict[str, Any]]:
     get_run_or_404(session, run_id)
     rows = session.scalars(
         select(RunMetric).where(RunMetric.run_id == run_id, RunMetric.id > after).order_by(RunMetric.id)
@@ -185,7 +117,7 @@ def run_metrics(
 
 
 @router.post("/{run_id}/cancel")
-def cancel_run(run_id: int, session: WriteSessionDep) -> RunOut:
+def cancel_run(run_id: RunId, session: WriteSessionDep) -> RunOut:
     try:
         run = state.request_cancel(session=session, run_id=run_id)
     except LookupError:
@@ -196,7 +128,7 @@ def cancel_run(run_id: int, session: WriteSessionDep) -> RunOut:
 
 
 @router.get("/{run_id}/adapter")
-def download_adapter(run_id: int, settings: SettingsDep, session: SessionDep) -> Response:
+def download_adapter(run_id: RunId, settings: SettingsDep, session: SessionDep) -> Response:
     run = get_run_or_404(session, run_id)
     folder = settings.run_dir(run_id) / "adapter"
     if not (folder / "adapter_config.json").is_file():

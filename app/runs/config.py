@@ -11,11 +11,17 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from app.models import MAX_ID
 
 Method = Literal["lora", "loha", "lokr", "adalora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning"]
 PromptFormat = Literal["chat", "instruction"]
-TargetModules = list[Annotated[str, Field(min_length=1)]] | Literal["all-linear"]
+ModuleNames = Annotated[list[Annotated[str, Field(min_length=1, max_length=200)]], Field(min_length=1)]
+TargetModules = ModuleNames | Literal["all-linear"]
+# An id in a JSON body: a whole number, never a coerced boolean or string, and one the database can hold.
+StrictId = Annotated[int, Field(strict=True, ge=1, le=MAX_ID)]
+MANY = 10_000_000  # a bound for counts of steps: far above any real run, far below what breaks storage
 
 METHOD_LABELS: dict[str, str] = {
     "lora": "LoRA (optionally DoRA / rsLoRA)",
@@ -34,8 +40,17 @@ TARGET_STEPS = 100
 MAX_DEFAULT_EPOCHS = 10
 
 
+class InvalidRun(ValueError):
+    """A run request that cannot run: `field` names the setting (`training.max_steps`), `message` says why."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # No NaN or infinity: they cannot be stored as JSON and no hyperparameter means them.
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class LoraParams(Strict):
@@ -75,8 +90,8 @@ class AdaLoraParams(Strict):
 
 
 class Ia3Params(Strict):
-    target_modules: list[str] | None = None  # PEFT's per-architecture default when unset
-    feedforward_modules: list[str] | None = None
+    target_modules: ModuleNames | None = None  # PEFT's per-architecture default when unset
+    feedforward_modules: ModuleNames | None = None
 
     @model_validator(mode="after")
     def _subset(self) -> Ia3Params:
@@ -102,12 +117,12 @@ class PromptTuningParams(Strict):
 class PrefixTuningParams(Strict):
     num_virtual_tokens: int = Field(20, ge=1, le=512)
     prefix_projection: bool = False
-    encoder_hidden_size: int | None = Field(None, ge=1)
+    encoder_hidden_size: int | None = Field(None, ge=1, le=65536)
 
 
 class PTuningParams(Strict):
     num_virtual_tokens: int = Field(20, ge=1, le=512)
-    encoder_hidden_size: int = Field(128, ge=1)
+    encoder_hidden_size: int = Field(128, ge=1, le=65536)
     encoder_reparameterization_type: Literal["MLP", "LSTM"] = "MLP"
 
 
@@ -134,7 +149,7 @@ class TrainingParams(Strict):
     """TrainingArguments / TRL names. None means "chosen from the dataset" by `resolve_run`."""
 
     num_train_epochs: float | None = Field(None, gt=0, le=1000)
-    max_steps: int = Field(-1, ge=-1)
+    max_steps: int = Field(-1, ge=-1, le=MANY)
     learning_rate: float | None = Field(None, gt=0, le=1)
     per_device_train_batch_size: int = Field(4, ge=1, le=1024)
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
@@ -144,12 +159,12 @@ class TrainingParams(Strict):
         "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
     ] = "cosine"
     weight_decay: float = Field(0.0, ge=0, lt=1)
-    max_grad_norm: float = Field(1.0, gt=0)
-    logging_steps: int | None = Field(None, ge=1)
-    save_steps: int | None = Field(None, ge=1)
-    eval_steps: int | None = Field(None, ge=1)
-    save_total_limit: int = Field(2, ge=1)
-    seed: int = 42
+    max_grad_norm: float = Field(1.0, gt=0, le=1e6)
+    logging_steps: int | None = Field(None, ge=1, le=MANY)
+    save_steps: int | None = Field(None, ge=1, le=MANY)
+    eval_steps: int | None = Field(None, ge=1, le=MANY)
+    save_total_limit: int = Field(2, ge=1, le=1000)
+    seed: int = Field(42, ge=0, le=2**32 - 1)
     gradient_checkpointing: bool = False
     packing: bool = False
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
@@ -165,8 +180,8 @@ class TrainingParams(Strict):
 class RunRequest(Strict):
     """What a client sends to POST /api/runs."""
 
-    dataset_id: int
-    base_model: str | None = None
+    dataset_id: StrictId
+    base_model: str | None = Field(None, max_length=300)
     method: Method = "lora"
     preset: Literal["tutorial"] | None = None
     prompt_format: PromptFormat = "chat"
@@ -256,7 +271,18 @@ def resolve_training(method: str, train_rows: int, training: TrainingParams) -> 
     if values["eval_steps"] is None:
         values["eval_steps"] = values["save_steps"]
     if method in PROMPT_LEARNING and values["packing"]:
-        raise ValueError(
-            "packing cannot be used with prompt-learning methods (virtual tokens are per sequence)"
+        raise InvalidRun(
+            "training.packing",
+            "packing cannot be used with prompt-learning methods (virtual tokens are per sequence)",
         )
-    return TrainingParams.model_validate(values), total
+    try:
+        return TrainingParams.model_validate(values), total
+    except ValidationError as exc:  # a value derived from the request's own: blame the one it came from
+        first = exc.errors()[0]
+        name = str(first["loc"][0]) if first["loc"] else ""
+        source = "max_steps" if name == "num_train_epochs" and training.max_steps > 0 else name
+        raise InvalidRun(
+            f"training.{source}",
+            f"{first['msg'].removeprefix('Value error, ')} (for {name}, worked out from the dataset's "
+            f"{train_rows} training rows)",
+        ) from None

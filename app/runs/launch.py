@@ -1,0 +1,95 @@
+"""Launching a run: validate a request against the dataset and the real model, fill every default, and
+queue it. Shared by the JSON API and the New run page; raises `InvalidRun` naming the field, never an
+HTTP error (routes translate)."""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.datasets.split import validation_rows
+from app.datasets.store import ROWS_FILE, dataset_dir
+from app.model_registry import BUNDLED_ID, ModelEntry, find_model, weight_modules
+from app.models import Dataset, Run
+from app.runs import state
+from app.runs.config import InvalidRun, RunConfig, RunRequest, apply_preset, resolve_training, validate_peft
+
+
+def build_run_config(settings: Settings, request: RunRequest, *, session: Session) -> RunConfig:
+    """Validate a launch request against the dataset and model and fill every default."""
+    request = apply_preset(request)
+    dataset = session.get(Dataset, request.dataset_id)
+    if dataset is None:
+        raise InvalidRun("dataset_id", f"There is no dataset {request.dataset_id}.")
+    model_id = request.base_model or BUNDLED_ID
+    model = find_model(settings, model_id, session=session)
+    if model is None:
+        raise InvalidRun(
+            "base_model", f"Unknown model '{model_id}'. GET /api/models lists the ones available."
+        )
+    if model.status in ("failed", "missing"):
+        raise InvalidRun("base_model", f"{model.name} cannot be used: {model.error}")
+    try:
+        peft = validate_peft(request.method, request.peft)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(["peft", *(str(p) for p in first["loc"] if "[" not in str(p))])  # no union tags
+        raise InvalidRun(field, first["msg"].removeprefix("Value error, ")) from None
+    check_modules(model, peft)
+    held_out = validation_rows(
+        dataset.rows,
+        fraction=settings.validation_fraction,
+        max_rows=settings.validation_max_rows,
+        seed=request.training.seed,
+    )
+    train_rows = dataset.rows - len(held_out)
+    training, total_steps = resolve_training(request.method, train_rows, request.training)
+    return RunConfig(
+        name=(request.name or "").strip() or f"{dataset.name} · {request.method}",
+        dataset_id=dataset.id,
+        dataset_path=str(dataset_dir(settings, dataset.id) / ROWS_FILE),
+        base_model=model.id,
+        model_path=str(model.folder),
+        method=request.method,
+        prompt_format=request.prompt_format,
+        peft=peft,
+        training=training,
+        train_rows=train_rows,
+        validation_rows=held_out,
+        total_steps=total_steps,
+    )
+
+
+def check_modules(model: ModelEntry, peft: dict) -> None:
+    """Every module named in `target_modules` exists in the model (IA³'s `feedforward_modules` are a
+    subset of them, checked by the request model), the way PEFT matches names: the whole name or its last dotted parts (`lm_head` always exists, though a
+    model with tied embeddings stores no weight under that name). Skipped for a model whose weights
+    are not safetensors (it cannot be read without loading it) or that is still being converted."""
+    if not model.ready:
+        return
+    modules = weight_modules(model.folder)
+    if not modules:
+        return
+    wanted = peft.get("target_modules")
+    if not isinstance(wanted, list):
+        return  # "all-linear", or PEFT's default for the architecture
+    for name in wanted:
+        if name != "lm_head" and not any(m == name or m.endswith("." + name) for m in modules):
+            linear = sorted({m.rsplit(".", 1)[-1] for m, dims in modules.items() if dims == 2})
+            raise InvalidRun(
+                "peft.target_modules",
+                f"{model.name} has no module called '{name}'. Its layers with weight matrices are "
+                f"called: {', '.join(linear)}.",
+            )
+
+
+def enqueue_run(config: RunConfig, *, session: Session) -> Run:
+    return state.enqueue(
+        session=session,
+        name=config.name,
+        dataset_id=config.dataset_id,
+        base_model=config.base_model,
+        method=config.method,
+        config=config.model_dump(mode="json"),
+    )
