@@ -34,7 +34,13 @@ async def generate(settings: Settings, body: dict[str, Any]) -> AsyncIterator[di
             ) as response:
                 if response.status_code != 200:
                     await response.aread()
-                    yield {"type": "error", "status": response.status_code, "message": _message(response)}
+                    message, field = _message(response)
+                    yield {
+                        "type": "error",
+                        "status": response.status_code,
+                        "message": message,
+                        "field": field,
+                    }
                     return
                 async for line in response.aiter_lines():
                     if line.strip():
@@ -45,11 +51,17 @@ async def generate(settings: Settings, body: dict[str, Any]) -> AsyncIterator[di
         yield {"type": "error", "status": 502, "message": f"The generation host stopped answering ({exc})."}
 
 
-def _message(response: httpx.Response) -> str:
+def _message(response: httpx.Response) -> tuple[str, str | None]:
+    """The host's sentence and the field it blames: its own `{"message", "field"}` refusals, or the
+    `{"detail": [problem]}` shape of its validation and middleware errors."""
     try:
-        return str(response.json()["message"])
-    except (ValueError, KeyError, TypeError):
-        return f"The generation host answered {response.status_code}."
+        body = response.json()
+        if "message" in body:
+            return str(body["message"]), body.get("field")
+        first = body["detail"][0]
+        return str(first["message"]), first.get("field")
+    except (ValueError, KeyError, TypeError, IndexError):
+        return f"The generation host answered {response.status_code}.", None
 
 
 def is_up(settings: Settings) -> bool:

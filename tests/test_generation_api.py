@@ -70,6 +70,7 @@ def app(tmp_path_factory, tiny_model_dir):
             "adapters": adapters,
             "model_dir": tiny_model_dir,
             "folder": folder,
+            "host": f"http://127.0.0.1:{env['TUNEBOARD_GENERATION_PORT']}",
         }
     # Stopping `tuneboard serve` stops the worker, and the worker its generation host.
     host = f"http://127.0.0.1:{env['TUNEBOARD_GENERATION_PORT']}/healthz"
@@ -138,6 +139,51 @@ def test_unknown_or_unfinished_models_get_a_clear_error(app, api):
         api.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(openai.NotFoundError, match="no adapter to chat with yet"):
         api.chat.completions.create(model="run-3", messages=[{"role": "user", "content": "hi"}])
+
+
+LONG = "Tessary harbour island capital " * 150  # ~600 tokens of the tiny model's 512
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_prompt_longer_than_the_context_is_refused_with_the_hosts_sentence(app, api, stream):
+    messages = [{"role": "user", "content": LONG}]
+    with pytest.raises(openai.BadRequestError) as caught:
+        api.chat.completions.create(model=app["model"], messages=messages, max_tokens=5, stream=stream)
+    error = caught.value.body
+    assert "the model reads at most 512" in error["message"] and error["param"] == "messages"
+    assert error["type"] == "invalid_request_error"
+
+
+def test_max_tokens_beyond_what_the_context_leaves_is_refused(app, api):
+    with pytest.raises(openai.BadRequestError) as caught:
+        api.chat.completions.create(
+            model=app["model"], messages=[{"role": "user", "content": "hi"}], max_tokens=600
+        )
+    assert "Ask for at most" in caught.value.body["message"] and caught.value.body["param"] == "max_tokens"
+    assert api.chat.completions.create(
+        model=app["model"], messages=[{"role": "user", "content": "hi"}], max_tokens=3
+    )
+
+
+def test_v1_validation_errors_are_in_openais_shape(app):
+    response = httpx.post(f"{app['base']}/v1/chat/completions", json={"model": app["model"]})
+    assert response.status_code == 422
+    assert (
+        response.json()["error"]["param"] == "messages"
+        and "Field required" in response.json()["error"]["message"]
+    )
+
+
+def test_the_generation_host_checks_host_body_size_and_context(app):
+    body = {"panes": [{"target": app["model"], "messages": [{"role": "user", "content": "hi"}]}]}
+    wrong_host = httpx.post(f"{app['host']}/generate", json=body, headers={"host": "evil.example"})
+    assert wrong_host.status_code == 400 and "TUNEBOARD_ALLOWED_HOSTS" in wrong_host.text
+    huge = {"panes": [{"target": app["model"], "messages": [{"role": "user", "content": "x" * 1_100_000}]}]}
+    too_big = httpx.post(f"{app['host']}/generate", json=huge)
+    assert too_big.status_code == 413 and "TUNEBOARD_GENERATION_MAX_BODY_KB" in too_big.text
+    long = {"panes": [{"target": app["model"], "messages": [{"role": "user", "content": LONG}]}]}
+    refused = httpx.post(f"{app['host']}/generate", json=long)
+    assert refused.status_code == 400 and refused.json()["field"] == "panes.0.messages"
 
 
 def test_concurrent_requests_never_mix(app, api):

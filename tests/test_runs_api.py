@@ -100,4 +100,6 @@ def test_cancel_a_queued_run_and_what_cannot_be_done_twice(client, dataset_id):
 def test_a_dataset_used_by_a_run_cannot_be_deleted(client, dataset_id):
     run = client.post("/api/runs", json={"dataset_id": dataset_id}).json()
     response = client.delete(f"/api/datasets/{dataset_id}")
-    assert response.status_code == 409 and f"used by run {run['id']}" in response.json()["detail"][0]["message"]
+    assert (
+        response.status_code == 409 and f"used by run {run['id']}" in response.json()["detail"][0]["message"]
+    )

@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import anyio
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -95,6 +97,14 @@ def host_body(body: ChatRequest) -> dict[str, Any]:
 
 
 FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
+# The generation host names fields of its own request shape; OpenAI clients know these names.
+PARAMS = {"sampling.max_new_tokens": "max_tokens", "sampling": "max_tokens"}
+
+
+def host_error(event: dict[str, Any]) -> JSONResponse:
+    field = event.get("field") or ""
+    param = PARAMS.get(field) or ("messages" if field.startswith("panes") else None)
+    return openai_error(event.get("status", 500), event["message"], param=param)
 
 
 @router.post("/chat/completions")
@@ -109,13 +119,16 @@ async def chat_completions(body: ChatRequest, request: Request, settings: Settin
 
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
+    events = generation_client.generate(settings, payload)
+    first = await anext(events)  # a refusal (too long, host down, busy) is an HTTP error, not a stream
+    if first["type"] == "error":
+        await events.aclose()
+        return host_error(first)
     if body.stream:
-        return EventSourceResponse(
-            stream_chunks(settings, payload, completion_id, created, body.model), ping=15
-        )
+        return EventSourceResponse(stream_chunks(first, events, completion_id, created, body.model), ping=15)
 
     text, result = "", None
-    async for event in generation_client.generate(settings, payload):
+    async for event in chain_first(first, events):
         if event["type"] == "token":
             text += event["text"]
         elif event["type"] == "replace":
@@ -123,7 +136,7 @@ async def chat_completions(body: ChatRequest, request: Request, settings: Settin
         elif event["type"] == "end":
             result = event["results"][0]
         elif event["type"] == "error":
-            return openai_error(event.get("status", 500), event["message"])
+            return host_error(event)
     if result is None:
         return openai_error(502, "The generation host ended the answer early.")
     return {
@@ -146,7 +159,13 @@ async def chat_completions(body: ChatRequest, request: Request, settings: Settin
     }
 
 
-async def stream_chunks(settings, payload: dict, completion_id: str, created: int, model: str):
+async def chain_first(first: dict[str, Any], events: AsyncIterator[dict[str, Any]]):
+    yield first
+    async for event in events:
+        yield event
+
+
+async def stream_chunks(first, events, completion_id: str, created: int, model: str):
     def chunk(delta: dict, finish: str | None = None, **extra) -> ServerSentEvent:
         data = {
             "id": completion_id,
@@ -159,7 +178,7 @@ async def stream_chunks(settings, payload: dict, completion_id: str, created: in
         return ServerSentEvent(json.dumps(data))
 
     yield chunk({"role": "assistant", "content": ""})
-    async for event in generation_client.generate(settings, payload):
+    async for event in chain_first(first, events):
         if event["type"] == "token":
             yield chunk({"content": event["text"]})
         elif event["type"] == "end":

@@ -62,10 +62,11 @@ def build_run_config(settings: Settings, request: RunRequest, *, session: Sessio
 
 
 def check_modules(model: ModelEntry, peft: dict) -> None:
-    """Every module named in `target_modules` exists in the model (IA³'s `feedforward_modules` are a
-    subset of them, checked by the request model), the way PEFT matches names: the whole name or its last dotted parts (`lm_head` always exists, though a
-    model with tied embeddings stores no weight under that name). Skipped for a model whose weights
-    are not safetensors (it cannot be read without loading it) or that is still being converted."""
+    """Every module named in `target_modules` exists in the model, the way PEFT matches names: the whole
+    name or its last dotted parts. IA³'s `feedforward_modules` are a subset of them (the request model
+    checks that). `lm_head` always exists, though a model with tied embeddings stores no weight under
+    that name. Skipped for a model whose weights are not safetensors (they cannot be read without
+    loading them) or that is still being converted."""
     if not model.ready:
         return
     modules = weight_modules(model.folder)
