@@ -28,6 +28,11 @@ CSRF_HEADER = b"x-csrf-token"
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 OPEN_PATHS = ("/healthz", "/login", "/static/")
 MULTIPART_SLACK = 64 * 1024  # multipart framing around the file itself
+ERROR_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1"><title>Tuneboard: {status}</title>
+<style>body{{font:16px/1.5 system-ui,sans-serif;max-width:40rem;margin:3rem auto;padding:0 1rem;color:#1f2328}}
+.alert{{border:1px solid #f5c2c0;background:#fdecea;border-radius:8px;padding:.75rem 1rem}}</style></head>
+<body><h1>Tuneboard</h1><div class="alert alert-error" role="alert"><p>{message}</p></div></body></html>"""
 
 
 def _headers(scope) -> dict[bytes, bytes]:
@@ -61,8 +66,11 @@ async def send_error(
     elif _wants_json(scope, headers):
         body = json.dumps({"detail": [problem(message, field)]}).encode()
         content_type = b"application/json"
-    else:
+    elif b"hx-request" in headers:
         body = f'<div class="alert alert-error" role="alert"><p>{escape(message)}</p></div>'.encode()
+        content_type = b"text/html; charset=utf-8"
+    else:  # a whole page: a browser may land here with no stylesheet reachable (a refused Host)
+        body = ERROR_PAGE.format(status=status, message=escape(message)).encode()
         content_type = b"text/html; charset=utf-8"
     response_headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), *extra]
     await send({"type": "http.response.start", "status": status, "headers": response_headers})
