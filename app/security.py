@@ -30,7 +30,8 @@ OPEN_PATHS = ("/healthz", "/login", "/static/")
 MULTIPART_SLACK = 64 * 1024  # multipart framing around the file itself
 ERROR_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1"><title>Tuneboard: {status}</title>
-<style>body{{font:16px/1.5 system-ui,sans-serif;max-width:40rem;margin:3rem auto;padding:0 1rem;color:#1f2328}}
+<style>body{{font:16px/1.5 system-ui,sans-serif;max-width:40rem;margin:3rem auto;
+padding:0 1rem;color:#1f2328}}
 .alert{{border:1px solid #f5c2c0;background:#fdecea;border-radius:8px;padding:.75rem 1rem}}</style></head>
 <body><h1>Tuneboard</h1><div class="alert alert-error" role="alert"><p>{message}</p></div></body></html>"""
 
