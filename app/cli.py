@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,14 +16,6 @@ def _settings(args: argparse.Namespace) -> Settings:
         k: v for k, v in (("host", args.host), ("port", args.port), ("data_dir", args.data_dir)) if v
     }
     return load_settings(**overrides)
-
-
-def _child_env(settings: Settings) -> dict[str, str]:
-    """Environment that gives a child process the same settings as this one."""
-    env = dict(os.environ, TUNEBOARD_DATA_DIR=str(settings.data_dir))
-    if settings.database_url:
-        env["TUNEBOARD_DATABASE_URL"] = settings.database_url
-    return env
 
 
 def cmd_migrate(settings: Settings) -> None:
@@ -66,7 +56,9 @@ def cmd_train(config: Path) -> int:
 
 
 def cmd_serve(settings: Settings) -> None:
-    """Web server and one worker together: the embedded default."""
+    """Web server and one worker together: the embedded default. The worker is restarted (with backoff)
+    whenever it dies, and stopped when the web server stops."""
+    from app.keeper import ChildKeeper
     from app.migrate import upgrade
 
     settings.check_exposure()
@@ -75,17 +67,11 @@ def cmd_serve(settings: Settings) -> None:
     # so that the `finally` below still stops the worker.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
-    worker = subprocess.Popen([sys.executable, "-m", "worker"], env=_child_env(settings))
+    worker = ChildKeeper("the worker", [sys.executable, "-m", "worker"], settings.child_env())
     try:
         cmd_web(settings)
     finally:
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+        worker.close()
 
 
 def main(argv: list[str] | None = None) -> None:

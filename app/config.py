@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 from functools import lru_cache
 from pathlib import Path
@@ -122,6 +123,13 @@ class Settings(BaseSettings):
     @property
     def tmp_dir(self) -> Path:
         return self.data_dir / "tmp"
+
+    def child_env(self, **extra: str) -> dict[str, str]:
+        """The environment that gives a child process (worker, generation host) these same settings."""
+        env = dict(os.environ, TUNEBOARD_DATA_DIR=str(self.data_dir), **extra)
+        if self.database_url:
+            env["TUNEBOARD_DATABASE_URL"] = self.database_url
+        return env
 
     def ensure_dirs(self) -> None:
         for folder in (self.data_dir, self.datasets_dir, self.models_dir, self.runs_dir, self.tmp_dir):

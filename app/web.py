@@ -8,6 +8,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from jinja2_fragments.fastapi import Jinja2Blocks
 
+from app import workers
 from app.config import PROJECT_ROOT
 
 
@@ -61,7 +62,13 @@ def make_templates() -> Jinja2Blocks:
 def render(request: Request, template: str, context: dict, *, block: str | None = None, status: int = 200):
     """A page, or just one named block of it for an htmx swap."""
     templates = request.app.state.templates
-    context = {"settings": request.app.state.settings, "csrf_token": request.state.csrf_token, **context}
+    settings = request.app.state.settings
+    context = {"settings": settings, "csrf_token": request.state.csrf_token, **context}
+    if block is None:  # a whole page: say so when no worker is alive
+        with request.app.state.db.session() as session:
+            context["workers_alive"] = workers.any_alive(
+                session=session, stale_after=settings.stale_after_seconds
+            )
     response = templates.TemplateResponse(request, template, context, status_code=status, block_name=block)
     response.headers["Vary"] = "HX-Request"
     return response

@@ -19,6 +19,7 @@ from app.runs import state
 from tests.conftest import DEMO_DATASET, upload
 from tests.servers import running_worker
 from worker.main import work_once
+from worker.supervise import KILLED, OUT_OF_MEMORY, explain_kill, oom_kills
 
 FAST = {
     "heartbeat_seconds": 0.3,
@@ -151,7 +152,7 @@ def test_a_failing_run_ends_with_a_sentence(client, settings, db, launch):
     )
 
 
-def test_a_killed_training_process_fails_with_its_log_tail(client, launch, background_worker):
+def test_a_training_process_killed_from_outside_is_reported_as_such(client, launch, background_worker):
     run = launch(max_steps=5000, logging_steps=5, save_steps=1000)
     background_worker()
     wait_for(lambda: metrics(client, run["id"]), what="training to start")
@@ -160,8 +161,17 @@ def test_a_killed_training_process_fails_with_its_log_tail(client, launch, backg
     failed = wait_for(
         lambda: (r := client.get(f"/api/runs/{run['id']}").json())["status"] == "failed" and r, what="failure"
     )
-    assert failed["error"].startswith("The training process ended unexpectedly")
-    assert "Last lines of its log" in failed["error"]
+    assert failed["error"] == KILLED  # the out-of-memory killer's signal; no OOM was counted this time
+
+
+def test_a_kill_is_called_out_of_memory_when_the_kernel_counted_one():
+    tail = "subprocess.CalledProcessError: Command '[...]' died with <Signals.SIGKILL: 9>."
+    assert explain_kill(1, tail, oom_before=3, oom_after=4) == OUT_OF_MEMORY
+    assert explain_kill(-9, "", oom_before=3, oom_after=3) == KILLED
+    assert explain_kill(-9, "", oom_before=None, oom_after=None) == KILLED
+    assert explain_kill(1, "ValueError: bad", oom_before=3, oom_after=4) is None  # failed by itself
+    assert explain_kill(0, tail, oom_before=3, oom_after=4) is None
+    assert oom_kills() is None or oom_kills() >= 0
 
 
 def test_cancel_stops_training_and_keeps_the_adapter(client, settings, launch, background_worker):

@@ -1,24 +1,33 @@
-"""The worker loop: prepare base models, requeue runs whose worker went silent, claim the next queued run
-and supervise it; until SIGTERM or SIGINT. Beside it, the generation host (worker.gen_server) runs as a
-child process, restarted if it dies."""
+"""The worker loop: wait for the database schema, then prepare base models, requeue runs whose worker went
+silent, claim the next queued run and supervise it; until SIGTERM or SIGINT. A passing fault (database
+busy, a vanished file) is logged and retried with backoff, never fatal. Beside the loop, the generation
+host (worker.gen_server) runs as a child process, restarted with backoff if it dies."""
 
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import subprocess
 import sys
 import threading
 from datetime import timedelta
 
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+from app import workers
 from app.config import Settings
 from app.db import Database
+from app.keeper import Backoff, ChildKeeper
+from app.migrate import schema_ready
 from app.runs import state
 from worker.prepare import prepare_pending_models
 from worker.supervise import supervise, worker_id
 
 log = logging.getLogger("tuneboard.worker")
+
+
+# Faults that pass: the database busy or briefly unreachable, a file that vanished under us. The loop logs
+# them, waits (with backoff) and carries on; anything else is a bug or a fatal setting and ends the worker.
+TRANSIENT = (OperationalError, InterfaceError, OSError)
 
 
 def run_worker(settings: Settings, *, stop: threading.Event | None = None) -> None:
@@ -33,55 +42,81 @@ def run_worker(settings: Settings, *, stop: threading.Event | None = None) -> No
     db = Database(settings.sqlalchemy_url)
     me = worker_id()
     log.info("worker %s started; data in %s", me, settings.data_dir)
-    host = GenerationHost(settings, stop) if settings.generation else None
+    host = None
     try:
+        if not wait_for_schema(settings, db, stop):
+            return
+        if settings.generation:
+            log.info("generation host starting on port %d", settings.generation_port)
+            host = ChildKeeper(
+                "the generation host", [sys.executable, "-m", "worker.gen_server"], settings.child_env()
+            )
+        backoff = Backoff(first=settings.worker_poll_seconds)
         while not stop.is_set():
-            if not work_once(settings, db, me=me, stop=stop):
+            try:
+                did = work_once(settings, db, me=me, stop=stop)
+            except TRANSIENT as exc:
+                delay = backoff.next()
+                log.warning("passing fault (%s); trying again in %.0f s", _short(exc), delay)
+                _note_fault(db, me, exc)
+                stop.wait(delay)
+                continue
+            backoff.reset()
+            if not did:
                 stop.wait(settings.worker_poll_seconds)
     finally:
         if host is not None:
-            host.close()
+            host.close(grace=10)
+        _say_stopped(db, me)
         db.dispose()
         log.info("worker stopped")
 
 
-class GenerationHost:
-    """Keeps `python -m worker.gen_server` running beside the worker loop until the worker stops."""
+def wait_for_schema(settings: Settings, db: Database, stop: threading.Event) -> bool:
+    """Wait until the database has Tuneboard's newest schema (a worker may start before the web server
+    that migrates it). Says so once. Returns False when told to stop first."""
+    said = False
+    while not stop.is_set():
+        try:
+            if schema_ready(db.engine, settings):
+                return True
+        except TRANSIENT:
+            pass  # the database file or server is not there yet either
+        if not said:
+            log.info(
+                "waiting for the database schema: start `tuneboard web` (it applies it) "
+                "or run `tuneboard migrate`"
+            )
+            said = True
+        stop.wait(settings.worker_poll_seconds)
+    return False
 
-    RESTART_DELAY = 5.0
 
-    def __init__(self, settings: Settings, stop: threading.Event):
-        self.settings, self.stop = settings, stop
-        self.process = self._start()
-        self.watcher = threading.Thread(target=self._watch, name="generation-host", daemon=True)
-        self.watcher.start()
+def _short(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
-    def _start(self) -> subprocess.Popen:
-        env = dict(os.environ, TUNEBOARD_DATA_DIR=str(self.settings.data_dir))
-        if self.settings.database_url:
-            env["TUNEBOARD_DATABASE_URL"] = self.settings.database_url
-        log.info("generation host starting on port %d", self.settings.generation_port)
-        return subprocess.Popen([sys.executable, "-m", "worker.gen_server"], env=env)
 
-    def _watch(self) -> None:
-        while not self.stop.wait(self.RESTART_DELAY):
-            code = self.process.poll()
-            if code is not None:
-                log.warning("generation host exited with code %s; starting it again", code)
-                self.process = self._start()
+def _note_fault(db: Database, me: str, exc: BaseException) -> None:
+    """Show the fault on the Workers page, if the database lets us."""
+    try:
+        with db.write_session() as session:
+            workers.beat(session=session, worker_id=me, status="idle", error=_short(exc))
+    except TRANSIENT:
+        pass
 
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+
+def _say_stopped(db: Database, me: str) -> None:
+    try:
+        with db.write_session() as session:
+            workers.stopped(session=session, worker_id=me)
+    except TRANSIENT:
+        pass  # the row goes stale and the pages call the worker gone
 
 
 def work_once(settings: Settings, db: Database, *, me: str, stop: threading.Event) -> bool:
     """One pass of the loop. Returns whether it did something (then it looks again at once)."""
+    with db.write_session() as session:
+        workers.beat(session=session, worker_id=me, status="idle")
     if settings.prepare_models:
         prepare_pending_models(settings, db, stop=stop)
     with db.write_session() as session:

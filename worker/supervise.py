@@ -14,8 +14,12 @@ import threading
 import time
 from pathlib import Path
 
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+from app import workers
 from app.config import Settings
 from app.db import Database
+from app.keeper import Backoff, describe_exit
 from app.model_registry import error_file, find_model
 from app.models import Run
 from app.runs import state
@@ -26,6 +30,7 @@ from worker.train import ERROR_FILE, write_config
 log = logging.getLogger("tuneboard.worker")
 LOG_FILE = "train.log"
 ORPHANED_EXIT = 75
+TRANSIENT_DB = (OperationalError, InterfaceError)
 
 
 def worker_id() -> str:
@@ -53,13 +58,60 @@ def tail(path: Path, lines: int = 15) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def describe_exit(code: int) -> str:
-    if code < 0:
+def oom_kills() -> int | None:
+    """How many processes the kernel's out-of-memory killer has stopped: this container's cgroup (v2 or
+    v1) when it says, else the whole machine's count; None when none of them can be read."""
+    for path, prefix in (
+        ("/sys/fs/cgroup/memory.events", "oom_kill "),
+        ("/sys/fs/cgroup/memory/memory.oom_control", "oom_kill "),
+        ("/proc/vmstat", "oom_kill "),
+    ):
         try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
+            for line in Path(path).read_text().splitlines():
+                if line.startswith(prefix):
+                    return int(line.split()[1])
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+OUT_OF_MEMORY = (
+    "The operating system stopped the training process because the machine ran out of memory. Lower "
+    "the batch size or max length, turn on gradient checkpointing, or choose a smaller model."
+)
+KILLED = (
+    "The training process was killed from outside Tuneboard (SIGKILL), most often by the operating "
+    "system's out-of-memory killer. If the machine was short of memory, lower the batch size or max "
+    "length, or turn on gradient checkpointing."
+)
+
+
+def explain_kill(code: int, log_tail: str, oom_before: int | None, oom_after: int | None) -> str | None:
+    """A sentence for a training process that was killed rather than failing by itself, or None.
+    (`accelerate launch` reports its child's SIGKILL in the log and exits 1 itself.)"""
+    killed = code == -signal.SIGKILL or "Signals.SIGKILL" in log_tail or "exit status -9" in log_tail
+    if code == 0 or not killed:
+        return None
+    if oom_before is not None and oom_after is not None and oom_after > oom_before:
+        return OUT_OF_MEMORY
+    return KILLED
+
+
+def write_with_retry(db: Database, write, *, attempts: int = 8) -> None:
+    """`write(session)` in a write transaction, retried with backoff through passing database faults: a
+    run's final status must not be lost to a busy database."""
+    backoff = Backoff()
+    for attempt in range(attempts):
+        try:
+            with db.write_session() as session:
+                write(session)
+            return
+        except TRANSIENT_DB as exc:
+            if attempt == attempts - 1:
+                raise
+            delay = backoff.next()
+            log.warning("database busy (%s); writing again in %.0f s", exc, delay)
+            time.sleep(delay)
 
 
 def prepare_run_folder(settings: Settings, run: Run) -> Path:
@@ -77,8 +129,12 @@ def supervise(settings: Settings, db: Database, run: Run, *, me: str, stop: thre
     folder = prepare_run_folder(settings, run)
     problem = ensure_model(settings, db, run, stop=stop)
     if problem:
-        with db.write_session() as session:
-            state.finish(session=session, run_id=run.id, worker_id=me, status="failed", error=problem)
+        write_with_retry(
+            db,
+            lambda session: state.finish(
+                session=session, run_id=run.id, worker_id=me, status="failed", error=problem
+            ),
+        )
         return "failed"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if settings.torch_threads:
@@ -88,6 +144,7 @@ def supervise(settings: Settings, db: Database, run: Run, *, me: str, stop: thre
         }
     command = launch_command(settings, folder / "run.yaml", run.attempts)
     log.info("run %d attempt %d: %s", run.id, run.attempts, " ".join(command))
+    oom_before = oom_kills()
     with open(folder / LOG_FILE, "ab") as out:
         out.write(f"--- attempt {run.attempts} by {me} ---\n".encode())
         out.flush()
@@ -100,16 +157,19 @@ def supervise(settings: Settings, db: Database, run: Run, *, me: str, stop: thre
         if stop.wait(settings.heartbeat_seconds):
             _signal(child, signal.SIGTERM)
             _wait(child, settings.cancel_grace_seconds)
-            with db.write_session() as session:
-                state.requeue(session=session, run_id=run.id, worker_id=me)
+            write_with_retry(db, lambda session: state.requeue(session=session, run_id=run.id, worker_id=me))
             log.info("run %d handed back to the queue (worker stopping)", run.id)
             return "requeued"
         try:
             with db.write_session() as session:
                 cancel = state.heartbeat(session=session, run_id=run.id, worker_id=me)
+                workers.beat(session=session, worker_id=me, status="training", run_id=run.id)
         except state.TransitionError:
             lost = True  # requeued behind our back (we were too slow to heartbeat): stop our copy
             cancel = True
+        except TRANSIENT_DB as exc:  # a busy database: the next heartbeat will do
+            log.warning("run %d: heartbeat skipped (%s)", run.id, exc)
+            cancel = False
         now = time.monotonic()
         if cancel and cancel_since is None:
             cancel_since = now  # the trainer sees the flag itself and saves the adapter
@@ -138,15 +198,22 @@ def supervise(settings: Settings, db: Database, run: Run, *, me: str, stop: thre
     else:
         status = "failed"
         error_file = folder / ERROR_FILE
+        log_tail = tail(folder / LOG_FILE)
         if error_file.is_file():
             error = error_file.read_text(encoding="utf-8").strip()
+        elif killed := explain_kill(code, log_tail, oom_before, oom_kills()):
+            error = killed
         else:
             error = (
                 f"The training process ended unexpectedly ({describe_exit(code)}). Last lines of its log:\n"
             )
-            error += tail(folder / LOG_FILE)
-    with db.write_session() as session:
-        state.finish(session=session, run_id=run.id, worker_id=me, status=status, error=error, exit_code=code)
+            error += log_tail
+    write_with_retry(
+        db,
+        lambda session: state.finish(
+            session=session, run_id=run.id, worker_id=me, status=status, error=error, exit_code=code
+        ),
+    )
     log.info("run %d %s (%s)", run.id, status, describe_exit(code))
     return status
 

@@ -9,6 +9,7 @@ from fastapi.responses import HTMLResponse
 from markupsafe import Markup
 from sqlalchemy.orm import Session
 
+from app import workers
 from app.config import Settings
 from app.datasets import store
 from app.datasets.formats import FORMAT_LABELS, DatasetInvalid
@@ -169,3 +170,10 @@ def unregister_from_page(
     return render(
         request, "models.html", {"models": list_models(settings, session=session)}, block="models_body"
     )
+
+
+@router.get("/workers", response_class=HTMLResponse)
+def workers_page(request: Request, settings: SettingsDep, session: SessionDep):
+    stale = settings.stale_after_seconds
+    context = {"workers": workers.list_workers(session=session, stale_after=stale), "stale": f"{stale:g}"}
+    return render(request, "workers.html", context)

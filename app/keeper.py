@@ -1,0 +1,84 @@
+"""Keeping a child process alive: start it, and when it dies, start it again after a delay that doubles
+with each quick death (1 s, 2 s, 4 s … at most a minute) and resets once it has stayed up for a while.
+
+`tuneboard serve` keeps its worker this way, and a worker its generation host (systemd's
+`Restart=on-failure` with a backoff, in a few lines)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import threading
+import time
+
+log = logging.getLogger("tuneboard.keeper")
+
+
+class Backoff:
+    """Delays for retrying a failing thing: doubling from `first` to `most`; `reset` after a success."""
+
+    def __init__(self, first: float = 1.0, most: float = 60.0):
+        self.first, self.most = first, most
+        self.current = first
+
+    def next(self) -> float:
+        delay = self.current
+        self.current = min(self.most, self.current * 2)
+        return delay
+
+    def reset(self) -> None:
+        self.current = self.first
+
+
+class ChildKeeper:
+    """Runs `command` as a child until `close()`, restarting it with backoff whenever it exits."""
+
+    HEALTHY_AFTER = 60.0  # a child that ran this long had a passing fault: restart it quickly again
+
+    def __init__(self, name: str, command: list[str], env: dict[str, str], *, first_delay: float = 1.0):
+        self.name, self.command, self.env = name, command, env
+        self.stopping = threading.Event()
+        self.backoff = Backoff(first_delay)
+        self.restarts = 0
+        self.process = self._start()
+        self.watcher = threading.Thread(target=self._watch, name=f"keep-{name}", daemon=True)
+        self.watcher.start()
+
+    def _start(self) -> subprocess.Popen:
+        self.started = time.monotonic()
+        return subprocess.Popen(self.command, env=self.env)
+
+    def _watch(self) -> None:
+        while not self.stopping.is_set():
+            code = self.process.wait()
+            if self.stopping.is_set():
+                return
+            if time.monotonic() - self.started > self.HEALTHY_AFTER:
+                self.backoff.reset()
+            delay = self.backoff.next()
+            log.warning("%s exited (%s); starting it again in %.0f s", self.name, describe_exit(code), delay)
+            if self.stopping.wait(delay):
+                return
+            self.restarts += 1
+            self.process = self._start()
+
+    def close(self, grace: float = 15.0) -> None:
+        """Stop restarting, then stop the child: SIGTERM, and SIGKILL after `grace` seconds."""
+        self.stopping.set()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
