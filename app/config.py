@@ -44,6 +44,7 @@ class Settings(BaseSettings):
         5, ge=1, description="failed sign-ins allowed per client address per minute; more get 429"
     )
     max_upload_mb: float = Field(200, gt=0, description="Largest dataset file accepted, in MB.")
+    max_rows: int = Field(2_000_000, ge=1, description="most rows a dataset may have; more get a 422")
     preview_rows: int = Field(10, ge=1, le=200)
     validation_fraction: float = Field(0.1, ge=0, lt=1)
     validation_max_rows: int = Field(500, ge=0)

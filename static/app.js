@@ -58,11 +58,23 @@
         result.appendChild(box);
       }
     });
-    form.addEventListener("htmx:beforeRequest", function () { progress.value = 0; progress.hidden = false; });
-    form.addEventListener("htmx:xhr:progress", function (e) {
-      if (e.detail.lengthComputable) progress.value = (e.detail.loaded / e.detail.total) * 100;
+    var status = document.getElementById("upload-status");
+    function say(text) { status.textContent = text; status.hidden = !text; }
+    form.addEventListener("htmx:beforeRequest", function () {
+      progress.value = 0; progress.hidden = false; say("Uploading…");
     });
-    form.addEventListener("htmx:afterRequest", function () { progress.hidden = true; });
+    form.addEventListener("htmx:xhr:progress", function (e) {
+      if (!e.detail.lengthComputable) return;
+      var percent = (e.detail.loaded / e.detail.total) * 100;
+      if (percent < 100) {
+        progress.value = percent;
+        say("Uploading… " + Math.floor(percent) + "% of " + formatSize(e.detail.total));
+      } else {  // sent: the server now checks every row (an indeterminate bar while it does)
+        progress.removeAttribute("value");
+        say("Uploaded. Checking every row…");
+      }
+    });
+    form.addEventListener("htmx:afterRequest", function () { progress.hidden = true; say(""); });
   }
 
   document.addEventListener("DOMContentLoaded", setupUpload);

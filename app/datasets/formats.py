@@ -13,6 +13,8 @@ position in a JSON array, the line number in JSONL.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,36 +81,63 @@ class ParsedDataset:
 
 
 def parse_dataset(raw: bytes) -> ParsedDataset:
-    """Parse and validate a whole file. Raises DatasetInvalid listing every problem found."""
+    """Parse and validate a whole file in memory. Raises DatasetInvalid listing every problem found."""
+    rows: list[dict[str, Any]] = []
+    fmt, layout = read_dataset(raw, rows.append)
+    return ParsedDataset(format=fmt, layout=layout, rows=rows)
+
+
+def read_dataset(raw: bytes, write: Callable[[dict[str, Any]], None], *, max_rows: int | None = None):
+    """Validate a file row by row, handing each normalised row to `write` as soon as it is read, so a
+    JSON Lines file of any length is checked in bounded memory (a JSON array is parsed whole). Returns
+    (format, layout); raises DatasetInvalid listing the problems (then `write`'s output must be dropped)."""
     text = _decode(raw)
     stripped = text.lstrip()
     if not stripped:
         raise DatasetInvalid([RowError(None, None, "The file is empty: there are no rows to train on.")])
 
     if stripped[0] == "[":
-        layout, records = "json", _json_array(text)
+        layout, records = "json", iter(_json_array(text))
     elif stripped[0] == "{":
         layout, records = "jsonl", _json_lines(text)
     else:
         raise DatasetInvalid([_wrong_top_level(stripped)])
+    del stripped
 
-    if not records:
+    first = next(records, None)
+    if first is None:
         raise DatasetInvalid([RowError(None, None, "The file holds no rows: the list is empty.")])
-
-    fmt = _detect_format(records)
+    fmt = _detect_format(first)
     normalise = {"alpaca": _alpaca_row, "openai": _openai_row, "sharegpt": _sharegpt_row}[fmt]
     errors: list[RowError] = []
-    rows: list[dict[str, Any]] = []
-    for number, record in records:
-        row_errors: list[RowError] = []
-        row = normalise(number, record, row_errors)
-        if row_errors:
-            errors.extend(row_errors)
+    total_errors = count = 0
+    for number, record in itertools.chain([first], records):
+        count += 1
+        if max_rows is not None and count > max_rows:
+            raise DatasetInvalid(
+                [
+                    RowError(
+                        None,
+                        None,
+                        f"The file has more than {max_rows:,} rows, the most Tuneboard accepts "
+                        "(TUNEBOARD_MAX_ROWS). Split it, or raise the limit.",
+                    )
+                ]
+            )
+        if isinstance(record, RowError):
+            row_errors = [record]
         else:
-            rows.append(row)
-    if errors:
-        raise DatasetInvalid(errors, total=len(errors))
-    return ParsedDataset(format=fmt, layout=layout, rows=rows)
+            row_errors = []
+            row = normalise(number, record, row_errors)
+        if row_errors:
+            total_errors += len(row_errors)
+            if len(errors) < MAX_LISTED_ERRORS:
+                errors.extend(row_errors)
+        elif not total_errors:
+            write(row)
+    if total_errors:
+        raise DatasetInvalid(errors, total=total_errors)
+    return fmt, layout
 
 
 def _decode(raw: bytes) -> str:
@@ -154,11 +183,12 @@ def _json_array(text: str) -> list[tuple[int, Any]]:
     return list(enumerate(value, start=1))
 
 
-def _json_lines(text: str) -> list[tuple[int, Any]]:
-    lines = text.splitlines()
-    non_blank = [(number, line) for number, line in enumerate(lines, start=1) if line.strip()]
+def _json_lines(text: str) -> Iterator[tuple[int, Any]]:
+    """(line number, value) for each non-blank line; a line that is not JSON yields a RowError instead."""
+    lines = (line for line in text.splitlines() if line.strip())
     # A single pretty-printed object spread over several lines is one JSON value, not JSON Lines.
-    if len(non_blank) > 1:
+    first, second = next(lines, None), next(lines, None)
+    if second is not None and not _parses(first):
         try:
             whole = jsontext.loads(text)
         except JsonUnreadable:
@@ -174,44 +204,48 @@ def _json_lines(text: str) -> list[tuple[int, Any]]:
                     )
                 ]
             )
-    records: list[tuple[int, Any]] = []
-    errors: list[RowError] = []
-    for number, line in non_blank:
-        try:
-            records.append((number, jsontext.loads(line)))
-        except JsonUnreadable as exc:
-            field = jsontext.dotted(exc.path) or None
-            errors.append(RowError(number, field, f"This line {exc.message}."))
-    if errors:
-        raise DatasetInvalid(errors)
-    return records
-
-
-def _detect_format(records: list[tuple[int, Any]]) -> str:
-    """The format of the first row that is an object with a recognisable key."""
-    for number, record in records:
-        if not isinstance(record, dict):
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
             continue
-        if "messages" in record:
-            return "openai"
-        if "conversations" in record:
-            return "sharegpt"
-        if "instruction" in record or "output" in record:
-            return "alpaca"
-        keys = ", ".join(sorted(record)[:8]) or "none"
+        try:
+            yield number, jsontext.loads(line)
+        except JsonUnreadable as exc:
+            yield number, RowError(number, jsontext.dotted(exc.path) or None, f"This line {exc.message}.")
+
+
+def _parses(line: str | None) -> bool:
+    try:
+        jsontext.loads(line or "")
+    except JsonUnreadable:
+        return False
+    return True
+
+
+def _detect_format(first: tuple[int, Any]) -> str:
+    """The format, from the first row (it must be an object with a recognisable key)."""
+    number, record = first
+    if isinstance(record, RowError):
+        raise DatasetInvalid([record])
+    if not isinstance(record, dict):
         raise DatasetInvalid(
-            [
-                RowError(
-                    number,
-                    None,
-                    f"Cannot tell the format from this row's keys ({keys}). Expected Alpaca "
-                    "(instruction, input, output), OpenAI chat (messages) or ShareGPT (conversations).",
-                )
-            ]
+            [RowError(number, None, f"Each row must be a JSON object, not a {_type_name(record)}.")]
         )
-    number, record = records[0]
+    if "messages" in record:
+        return "openai"
+    if "conversations" in record:
+        return "sharegpt"
+    if "instruction" in record or "output" in record:
+        return "alpaca"
+    keys = ", ".join(sorted(record)[:8]) or "none"
     raise DatasetInvalid(
-        [RowError(number, None, f"Each row must be a JSON object, not a {_type_name(record)}.")]
+        [
+            RowError(
+                number,
+                None,
+                f"Cannot tell the format from this row's keys ({keys}). Expected Alpaca "
+                "(instruction, input, output), OpenAI chat (messages) or ShareGPT (conversations).",
+            )
+        ]
     )
 
 

@@ -7,6 +7,7 @@ renamed into place inside the transaction that inserts the row, so a failure lea
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -15,12 +16,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import anyio
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.datasets import stats as dataset_stats
-from app.datasets.formats import ParsedDataset, parse_dataset
+from app.datasets.formats import DatasetInvalid, RowError, read_dataset
+from app.db import Database
 from app.model_registry import ModelEntry
 from app.models import Dataset, Run
 
@@ -36,44 +39,64 @@ def clean_name(name: str | None, filename: str) -> str:
     return " ".join(chosen.split())[:200]
 
 
+async def save_upload(settings: Settings, db: Database, file, *, name: str | None = None) -> Dataset:
+    """An uploaded file (Starlette's UploadFile, spooled to disk as it arrived) checked and stored off
+    the event loop, so the server keeps answering while a large file is validated."""
+    if file is None or not file.filename:
+        raise DatasetInvalid(
+            [RowError(None, "file", "Attach the dataset file in the multipart field 'file'.")]
+        )
+    raw = await file.read()
+    return await anyio.to_thread.run_sync(
+        functools.partial(create_dataset, settings, db, raw=raw, filename=file.filename, name=name)
+    )
+
+
 def create_dataset(
-    settings: Settings, *, session: Session, raw: bytes, filename: str, name: str | None = None
-) -> tuple[Dataset, ParsedDataset]:
+    settings: Settings, db: Database, *, raw: bytes, filename: str, name: str | None = None
+) -> Dataset:
     """Validate and store an uploaded file. Raises DatasetInvalid (nothing stored) on bad input.
 
-    `session` must be a write session; it is committed here, after the folder is in place."""
-    parsed = parse_dataset(raw)
+    Blocking and CPU-heavy: call it from a worker thread. Every row is checked and written to a staging
+    folder outside any transaction; only then is the row inserted and the folder renamed into place, in
+    one transaction of a few milliseconds (so an upload never holds the database's write lock while it
+    parses)."""
     settings.ensure_dirs()
     staging = Path(tempfile.mkdtemp(prefix="upload-", dir=settings.tmp_dir))
     final: Path | None = None
     try:
-        (staging / f"original.{parsed.layout}").write_bytes(raw)
+        count = 0
         with open(staging / ROWS_FILE, "w", encoding="utf-8") as out:
-            for row in parsed.rows:
+
+            def write(row: dict) -> None:
+                nonlocal count
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                count += 1
+
+            fmt, layout = read_dataset(raw, write, max_rows=settings.max_rows)
+        (staging / f"original.{layout}").write_bytes(raw)
         dataset = Dataset(
             name=clean_name(name, filename),
             filename=Path(filename).name[:255] or "upload",
-            format=parsed.format,
-            layout=parsed.layout,
-            rows=len(parsed.rows),
+            format=fmt,
+            layout=layout,
+            rows=count,
             size_bytes=len(raw),
             sha256=hashlib.sha256(raw).hexdigest(),
         )
-        session.add(dataset)
-        session.flush()
-        final = dataset_dir(settings, dataset.id)
-        if final.exists():  # left behind by a crash: no row owns this id any more
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        session.commit()
+        with db.write_session() as session:
+            session.add(dataset)
+            session.flush()
+            final = dataset_dir(settings, dataset.id)
+            if final.exists():  # left behind by a crash: no row owns this id any more
+                shutil.rmtree(final)
+            os.replace(staging, final)
     except BaseException:
-        session.rollback()
         shutil.rmtree(staging, ignore_errors=True)
         if final is not None:
             shutil.rmtree(final, ignore_errors=True)
         raise
-    return dataset, parsed
+    return dataset
 
 
 class DatasetInUse(Exception):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, HTTPException, Query, UploadFile
+from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
 from app.datasets import store
-from app.datasets.formats import DatasetInvalid, RowError
+from app.datasets.formats import DatasetInvalid
 from app.deps import DatasetId, SessionDep, SettingsDep, WriteSessionDep
 from app.model_registry import BUNDLED_ID, find_model
 from app.models import Dataset
@@ -30,15 +30,6 @@ def invalid_response(exc: DatasetInvalid) -> JSONResponse:
     )
 
 
-async def read_upload(file: UploadFile | None) -> tuple[bytes, str]:
-    if file is None or not file.filename:
-        raise DatasetInvalid(
-            [RowError(None, "file", "Attach the dataset file in the multipart field 'file'.")]
-        )
-    raw = await file.read()
-    return raw, file.filename
-
-
 def get_dataset_or_404(session: Session, dataset_id: int) -> Dataset:
     dataset = session.get(Dataset, dataset_id)
     if dataset is None:
@@ -48,14 +39,13 @@ def get_dataset_or_404(session: Session, dataset_id: int) -> Dataset:
 
 @router.post("", status_code=201, response_model=None)
 async def upload_dataset(
+    request: Request,
     settings: SettingsDep,
-    session: WriteSessionDep,
     file: Annotated[UploadFile | None, File()] = None,
     name: Annotated[str | None, Form()] = None,
 ) -> dict[str, Any] | JSONResponse:
     try:
-        raw, filename = await read_upload(file)
-        dataset, _ = store.create_dataset(settings, session=session, raw=raw, filename=filename, name=name)
+        dataset = await store.save_upload(settings, request.app.state.db, file, name=name)
     except DatasetInvalid as exc:
         return invalid_response(exc)
     return DatasetOut.of(dataset).model_dump(mode="json")

@@ -16,7 +16,7 @@ from app.datasets.formats import FORMAT_LABELS, DatasetInvalid
 from app.deps import DatasetId, SessionDep, SettingsDep, WriteSessionDep
 from app.model_registry import BUNDLED_ID, ModelPathInvalid, list_models
 from app.prompts import PROMPT_FORMATS
-from app.routes.datasets_api import get_dataset_or_404, read_upload
+from app.routes.datasets_api import get_dataset_or_404
 from app.routes.models_api import register_model, unregister_model
 from app.schemas import ModelRegistration
 from app.web import hx_redirect, render
@@ -35,14 +35,12 @@ def datasets_page(request: Request, session: SessionDep):
 async def upload_from_page(
     request: Request,
     settings: SettingsDep,
-    session: WriteSessionDep,
     then: str | None = None,
     file: Annotated[UploadFile | None, File()] = None,
     name: Annotated[str | None, Form()] = None,
 ):
     try:
-        raw, filename = await read_upload(file)
-        dataset, _ = store.create_dataset(settings, session=session, raw=raw, filename=filename, name=name)
+        dataset = await store.save_upload(settings, request.app.state.db, file, name=name)
     except DatasetInvalid as exc:
         context = {
             "problems": exc.errors,
