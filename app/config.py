@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     )
     max_upload_mb: float = Field(200, gt=0, description="Largest dataset file accepted, in MB.")
     max_rows: int = Field(2_000_000, ge=1, description="most rows a dataset may have; more get a 422")
+    stats_inline_rows: int = Field(
+        20_000,
+        ge=0,
+        description="datasets up to this many rows get statistics at once; larger in the background",
+    )
     preview_rows: int = Field(10, ge=1, le=200)
     validation_fraction: float = Field(0.1, ge=0, lt=1)
     validation_max_rows: int = Field(500, ge=0)

@@ -12,6 +12,7 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 
 from app.config import PROJECT_ROOT, Settings, get_settings
+from app.datasets import jobs
 from app.db import Database
 from app.errors import openai_error, problem
 from app.routes import auth, datasets_api, models_api, openai_api, pages, playground, run_pages, runs_api
@@ -36,6 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
+        jobs.stop_all()
         app.state.db.dispose()
 
     app = FastAPI(title="Tuneboard", version="0.1.0", lifespan=lifespan)

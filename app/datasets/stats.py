@@ -5,8 +5,10 @@ would be truncated, duplicates, and the train/validation split.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -136,17 +138,35 @@ def length_stats(lengths: list[int], *, max_length: int) -> dict[str, Any]:
     }
 
 
-def duplicate_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Rows whose whole conversation repeats an earlier row (row numbers are 1-based)."""
-    first_seen: dict[str, int] = {}
-    pairs = []
-    for number, row in enumerate(rows, start=1):
-        key = json.dumps(row["messages"], sort_keys=True, ensure_ascii=False)
-        if key in first_seen:
-            pairs.append({"row": number, "same_as": first_seen[key]})
-        else:
-            first_seen[key] = number
-    return {"count": len(pairs), "examples": pairs[:10]}
+class DuplicateFinder:
+    """Rows whose whole conversation repeats an earlier row, found one row at a time in bounded memory:
+    an 8-byte hash per distinct row (row numbers are 1-based)."""
+
+    def __init__(self, examples: int = 10):
+        self.first_seen: dict[bytes, int] = {}
+        self.rows = self.count = 0
+        self.examples: list[dict[str, int]] = []
+        self.limit = examples
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows += 1
+        text = json.dumps(row["messages"], sort_keys=True, ensure_ascii=False)
+        key = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+        first = self.first_seen.setdefault(key, self.rows)
+        if first != self.rows:
+            self.count += 1
+            if len(self.examples) < self.limit:
+                self.examples.append({"row": self.rows, "same_as": first})
+
+    def result(self) -> dict[str, Any]:
+        return {"count": self.count, "examples": self.examples}
+
+
+def duplicate_rows(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    finder = DuplicateFinder()
+    for row in rows:
+        finder.add(row)
+    return finder.result()
 
 
 def split_summary(n_rows: int, *, fraction: float, max_rows: int, seed: int) -> dict[str, Any]:

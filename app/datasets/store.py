@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
+from app.datasets import jobs
 from app.datasets import stats as dataset_stats
 from app.datasets.formats import DatasetInvalid, RowError, read_dataset
 from app.db import Database
@@ -125,24 +128,40 @@ def list_datasets(*, session: Session) -> list[Dataset]:
     return list(session.scalars(select(Dataset).order_by(Dataset.id.desc())))
 
 
-def load_rows(settings: Settings, dataset_id: int, limit: int | None = None) -> list[dict[str, Any]]:
-    rows = []
-    with open(dataset_dir(settings, dataset_id) / ROWS_FILE, encoding="utf-8") as f:
+def iter_rows(path: Path) -> Iterator[dict[str, Any]]:
+    """A dataset's normalised rows, one at a time."""
+    with open(path, encoding="utf-8") as f:
         for line in f:
-            rows.append(json.loads(line))
-            if limit is not None and len(rows) >= limit:
-                break
-    return rows
+            yield json.loads(line)
+
+
+def load_rows(settings: Settings, dataset_id: int, limit: int | None = None) -> list[dict[str, Any]]:
+    rows = iter_rows(dataset_dir(settings, dataset_id) / ROWS_FILE)
+    return list(rows if limit is None else itertools.islice(rows, limit))
+
+
+def _cached(cache: Path, key: list, field: str) -> Any:
+    """The cached value if the cache was written for this key, else None."""
+    if not cache.is_file():
+        return None
+    try:
+        cached = json.loads(cache.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+    return cached[field] if cached.get("key") == key else None
 
 
 def dataset_summary(settings: Settings, dataset: Dataset) -> dict[str, Any]:
-    """Statistics that need no tokenizer: duplicates and the validation split (cached on disk)."""
+    """Statistics that need no tokenizer: duplicates and the validation split (cached on disk). Raises
+    StatsPending while a large dataset's are computed in the background."""
     cache = dataset_dir(settings, dataset.id) / "summary.json"
     key = [settings.validation_fraction, settings.validation_max_rows, settings.split_seed]
-    if cache.is_file():
-        cached = json.loads(cache.read_text(encoding="utf-8"))
-        if cached.get("key") == key:
-            return cached["summary"]
+    if (summary := _cached(cache, key, "summary")) is not None:
+        return summary
+    if dataset.rows > settings.stats_inline_rows:
+        split = {"fraction": settings.validation_fraction, "max_rows": settings.validation_max_rows}
+        spec = {"kind": "summary", "rows": str(cache.with_name(ROWS_FILE)), "key": key, **split}
+        raise jobs.start_or_poll(cache, {**spec, "seed": settings.split_seed}, dataset.rows)
     rows = load_rows(settings, dataset.id)
     summary = {
         "duplicates": dataset_stats.duplicate_rows(rows),
@@ -153,33 +172,39 @@ def dataset_summary(settings: Settings, dataset: Dataset) -> dict[str, Any]:
             seed=settings.split_seed,
         ),
     }
-    _write_json(cache, {"key": key, "summary": summary})
+    write_json(cache, {"key": key, "summary": summary})
     return summary
 
 
 def token_stats(
     settings: Settings, dataset: Dataset, model: ModelEntry, *, max_length: int, prompt_format: str
 ) -> dict[str, Any]:
-    """Token-length statistics of the whole dataset under a ready model's prompt format (cached)."""
+    """Token-length statistics of the whole dataset under a ready model's prompt format (cached). Raises
+    StatsPending while a large dataset's lengths are computed in the background, ValueError when they
+    cannot be (no chat template, a failed job)."""
     tokenizer_file = model.tokenizer_file
     if tokenizer_file is None:
         raise ValueError(f"{model.name} is not ready yet.")
     key = [model.id, str(model.folder), tokenizer_file.stat().st_mtime, prompt_format]
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
     cache = dataset_dir(settings, dataset.id) / f"lengths-{digest}.json"
-    lengths = None
-    if cache.is_file():
-        cached = json.loads(cache.read_text(encoding="utf-8"))
-        if cached.get("key") == key:
-            lengths = cached["lengths"]
+    lengths = _cached(cache, key, "lengths")
+    if lengths is None and dataset.rows > settings.stats_inline_rows:
+        info = dataset_stats.read_tokenizer_info(model.folder)
+        if prompt_format == "chat" and not info.chat_template:
+            dataset_stats.render_texts([], info, prompt_format)  # the same sentence as inline
+        spec = {"kind": "lengths", "rows": str(cache.with_name(ROWS_FILE)), "key": key}
+        spec |= {"folder": str(model.folder), "prompt_format": prompt_format}
+        raise jobs.start_or_poll(cache, spec, dataset.rows)
     if lengths is None:
         info = dataset_stats.read_tokenizer_info(model.folder)
         lengths = dataset_stats.token_lengths(load_rows(settings, dataset.id), info, prompt_format)
-        _write_json(cache, {"key": key, "lengths": lengths})
+        write_json(cache, {"key": key, "lengths": lengths})
     return dataset_stats.length_stats(lengths, max_length=max_length)
 
 
-def _write_json(path: Path, value: Any) -> None:
+def write_json(path: Path, value: Any) -> None:
+    """Write atomically: readers see the old file or the whole new one."""
     staging = path.with_name(path.name + f".{os.getpid()}.tmp")
     staging.write_text(json.dumps(value), encoding="utf-8")
     os.replace(staging, path)

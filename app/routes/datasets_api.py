@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from app.datasets import store
 from app.datasets.formats import DatasetInvalid
+from app.datasets.jobs import StatsPending
 from app.deps import DatasetId, SessionDep, SettingsDep, WriteSessionDep
 from app.model_registry import BUNDLED_ID, find_model
 from app.models import Dataset
@@ -59,7 +60,11 @@ def list_datasets(session: SessionDep) -> list[DatasetOut]:
 @router.get("/{dataset_id}")
 def show_dataset(dataset_id: DatasetId, settings: SettingsDep, session: SessionDep) -> dict[str, Any]:
     dataset = get_dataset_or_404(session, dataset_id)
-    return {**DatasetOut.of(dataset).model_dump(mode="json"), **store.dataset_summary(settings, dataset)}
+    try:
+        summary = store.dataset_summary(settings, dataset)
+    except StatsPending as exc:
+        summary = {"summary": exc.as_dict()}
+    return {**DatasetOut.of(dataset).model_dump(mode="json"), **summary}
 
 
 @router.get("/{dataset_id}/rows")
@@ -100,6 +105,8 @@ def dataset_token_stats(
             max_length=max_length or settings.default_max_length,
             prompt_format=prompt_format,
         )
+    except StatsPending as exc:
+        return JSONResponse(exc.as_dict(), status_code=202)
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
     return {"model": entry.id, "prompt_format": prompt_format, **lengths}

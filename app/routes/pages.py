@@ -13,6 +13,7 @@ from app import workers
 from app.config import Settings
 from app.datasets import store
 from app.datasets.formats import FORMAT_LABELS, DatasetInvalid
+from app.datasets.jobs import StatsPending
 from app.deps import DatasetId, SessionDep, SettingsDep, WriteSessionDep
 from app.model_registry import BUNDLED_ID, ModelPathInvalid, list_models
 from app.prompts import PROMPT_FORMATS
@@ -73,11 +74,14 @@ def _stats_context(
     stats, problem = None, None
     if prompt_format not in PROMPT_FORMATS:
         prompt_format = "chat"
+    pending = None
     if chosen.ready:
         try:
             stats = store.token_stats(
                 settings, dataset, chosen, max_length=max_length, prompt_format=prompt_format
             )
+        except StatsPending as exc:
+            pending = exc
         except ValueError as exc:
             problem = str(exc)
     return {
@@ -88,6 +92,7 @@ def _stats_context(
         "prompt_formats": PROMPT_FORMATS,
         "stats": stats,
         "stats_problem": problem,
+        "stats_pending": pending,
     }
 
 
@@ -104,14 +109,20 @@ def dataset_page(
     dataset = get_dataset_or_404(session, dataset_id)
     if max_length is not None and not 16 <= max_length <= 1_048_576:
         max_length = None
+    try:
+        summary, summary_pending = store.dataset_summary(settings, dataset), None
+    except StatsPending as exc:
+        summary, summary_pending = None, exc
     context = {
         "dataset": dataset,
         "label": FORMAT_LABELS[(dataset.format, dataset.layout)],
-        "summary": store.dataset_summary(settings, dataset),
+        "summary": summary,
+        "summary_pending": summary_pending,
         "preview": store.load_rows(settings, dataset.id, limit=settings.preview_rows),
         **_stats_context(settings, session, dataset, model, max_length, prompt_format),
     }
-    block = "stats" if request.headers.get("HX-Target") == "stats" else None
+    target = request.headers.get("HX-Target")
+    block = target if target in ("stats", "quality") else None
     return render(request, "dataset.html", context, block=block)
 
 

@@ -15,6 +15,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app.config import CHECKPOINT_MARKER
 from app.datasets import store
+from app.datasets.jobs import StatsPending
 from app.deps import IdQuery, RunId, SessionDep, SettingsDep, WriteSessionDep, get_run_or_404
 from app.model_registry import BUNDLED_ID, find_model, list_models
 from app.models import Dataset, Run, RunMetric
@@ -151,7 +152,7 @@ def _dataset_tokens(settings, session, dataset, config) -> int | None:
             max_length=config.training.max_length,
             prompt_format=config.prompt_format,
         )
-    except ValueError:
+    except (ValueError, StatsPending):  # the estimate then counts rows instead of tokens
         return None
     return stats["tokens"]
 

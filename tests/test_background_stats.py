@@ -1,0 +1,109 @@
+"""Statistics of a large dataset are computed by a child process in the background: the request answers
+at once with progress, the page shows a progress bar, and the result equals the inline computation."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.config import Settings
+from app.main import create_app
+from app.migrate import upgrade
+from tests.conftest import DEMO_DATASET, upload
+
+
+def wait_done(client: TestClient, url: str, **params) -> dict:
+    deadline = time.monotonic() + 60
+    while True:
+        response = client.get(url, params=params)
+        if response.status_code == 200:
+            return response.json()
+        assert response.status_code == 202, response.text
+        assert response.json()["status"] == "computing" and response.json()["total"] == 80
+        assert time.monotonic() < deadline, "the background statistics never finished"
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def two_ways(tmp_path, tiny_model_dir):
+    """The same data dir read by an app that counts inline and one that counts in the background."""
+    rows = json.loads(DEMO_DATASET.read_text(encoding="utf-8"))
+    content = json.dumps(rows + rows[:40])  # 80 rows, the last 40 repeating the first
+    clients = []
+    for name, inline in (("inline", 100_000), ("background", 10)):
+        settings = Settings(data_dir=tmp_path / name, stats_inline_rows=inline)
+        upgrade(settings)
+        client = TestClient(create_app(settings)).__enter__()
+        model = client.post("/api/models", json={"path": str(tiny_model_dir)}).json()["id"]
+        dataset = upload(client, "big.json", content).json()["id"]
+        clients.append((client, model, dataset))
+    yield clients
+    for client, _, _ in clients:
+        client.__exit__(None, None, None)
+
+
+def test_background_statistics_equal_the_inline_ones(two_ways):
+    (inline, model, dataset), (background, model_b, dataset_b) = two_ways
+    first = background.get(f"/api/datasets/{dataset_b}/stats", params={"model": model_b, "max_length": 60})
+    assert first.status_code == 202 and "being computed" in first.json()["message"]
+    for prompt_format in ("chat", "instruction"):
+        params = {"max_length": 60, "prompt_format": prompt_format}
+        expected = inline.get(f"/api/datasets/{dataset}/stats", params={"model": model, **params}).json()
+        got = wait_done(background, f"/api/datasets/{dataset_b}/stats", model=model_b, **params)
+        assert {k: v for k, v in got.items() if k != "model"} == {
+            k: v for k, v in expected.items() if k != "model"
+        }
+    summary = wait_done_summary(background, dataset_b)
+    assert summary["duplicates"] == inline.get(f"/api/datasets/{dataset}").json()["duplicates"]
+    assert summary["duplicates"]["count"] == 40
+    assert summary["split"] == inline.get(f"/api/datasets/{dataset}").json()["split"]
+    folder = background.app.state.settings.datasets_dir / str(dataset_b)
+    assert not list(folder.glob("*.lock")) and not list(folder.glob("*.progress"))
+
+
+def wait_done_summary(client: TestClient, dataset: int) -> dict:
+    deadline = time.monotonic() + 60
+    while "duplicates" not in (body := client.get(f"/api/datasets/{dataset}").json()):
+        assert body["summary"]["status"] == "computing"
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    return body
+
+
+def test_the_dataset_page_shows_progress_then_the_statistics(two_ways):
+    _, (client, model, dataset) = two_ways
+    page = client.get(f"/datasets/{dataset}", params={"model": model})
+    assert page.status_code == 200
+    assert 'id="stats-pending"' in page.text and "Counting tokens" in page.text
+    assert 'id="quality-pending"' in page.text
+    deadline = time.monotonic() + 60
+    while 'id="token-stats"' not in (
+        fragment := client.get(
+            f"/datasets/{dataset}",
+            params={"model": model},
+            headers={"HX-Request": "true", "HX-Target": "stats"},
+        ).text
+    ):
+        assert "stats-pending" in fragment and time.monotonic() < deadline
+        time.sleep(0.2)
+    quality = client.get(f"/datasets/{dataset}", headers={"HX-Request": "true", "HX-Target": "quality"}).text
+    assert 'id="duplicates"' in quality and ">40<" in quality
+
+
+def test_a_failed_job_says_why_and_the_next_request_tries_again(two_ways, monkeypatch):
+    _, (client, model, dataset) = two_ways
+    rows = client.app.state.settings.datasets_dir / str(dataset) / "rows.jsonl"
+    saved = rows.read_bytes()
+    rows.write_text("not json\n" * 80)
+    deadline = time.monotonic() + 60
+    while (
+        response := client.get(f"/api/datasets/{dataset}/stats", params={"model": model})
+    ).status_code == 202:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert response.status_code == 422 and "could not be computed" in response.json()["detail"][0]["message"]
+    rows.write_bytes(saved)
+    assert wait_done(client, f"/api/datasets/{dataset}/stats", model=model)["rows"] == 80
