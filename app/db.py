@@ -50,6 +50,12 @@ class Database:
     def __init__(self, url: str):
         self.engine = make_engine(url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # Every transaction of a write session takes the write lock at BEGIN, not only its first: domain
+        # functions commit, and a second transaction that began as a read would fail at once ("database
+        # is locked", no busy wait) if another writer committed in between.
+        self.write_sessions = sessionmaker(
+            self.engine.execution_options(**{_IMMEDIATE: True}), expire_on_commit=False
+        )
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -59,10 +65,9 @@ class Database:
 
     @contextmanager
     def write_session(self) -> Iterator[Session]:
-        """A session whose transaction takes the write lock at BEGIN; commits when the block ends
+        """A session whose transactions take the write lock at BEGIN; commits when the block ends
         without an exception and rolls back otherwise."""
-        with self.sessions() as session:
-            session.connection(execution_options={_IMMEDIATE: True})
+        with self.write_sessions() as session:
             yield session
             session.commit()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -37,3 +38,26 @@ def test_downgrade_to_base_and_back(settings):
     command.upgrade(config, "head")
     assert {"datasets", "registered_models"} <= set(inspect(engine).get_table_names())
     engine.dispose()
+
+
+def test_every_transaction_of_a_write_session_takes_the_write_lock(settings):
+    """Regression: domain functions commit, and the write session's next transaction began as a read;
+    under load its first write then failed at once with "database is locked" (no busy wait)."""
+    import sqlite3
+
+    from sqlalchemy import text
+
+    from app.db import Database
+
+    db = Database(settings.sqlalchemy_url)
+    try:
+        with db.write_session() as session:
+            session.execute(text("SELECT 1"))
+            session.commit()
+            session.execute(text("SELECT 1"))  # a second transaction: it must hold the write lock too
+            other = sqlite3.connect(settings.data_dir / "tuneboard.db", timeout=0.1, isolation_level=None)
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                other.execute("BEGIN IMMEDIATE")
+            other.close()
+    finally:
+        db.dispose()

@@ -42,6 +42,11 @@ def clean_name(name: str | None, filename: str) -> str:
     return " ".join(chosen.split())[:200]
 
 
+# Checking a file is CPU-bound Python: run at most this many at once. More would not finish sooner on a
+# small machine, and a thread that holds the database's write lock would wait for the GIL behind them.
+_CHECKING = anyio.CapacityLimiter(max(1, min(4, (os.cpu_count() or 2))))
+
+
 async def save_upload(settings: Settings, db: Database, file, *, name: str | None = None) -> Dataset:
     """An uploaded file (Starlette's UploadFile, spooled to disk as it arrived) checked and stored off
     the event loop, so the server keeps answering while a large file is validated."""
@@ -51,7 +56,8 @@ async def save_upload(settings: Settings, db: Database, file, *, name: str | Non
         )
     raw = await file.read()
     return await anyio.to_thread.run_sync(
-        functools.partial(create_dataset, settings, db, raw=raw, filename=file.filename, name=name)
+        functools.partial(create_dataset, settings, db, raw=raw, filename=file.filename, name=name),
+        limiter=_CHECKING,
     )
 
 
