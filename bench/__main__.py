@@ -140,7 +140,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=64, help="training rows per path (default 64)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--json", help="also write the raw figures to this file")
-    parser.add_argument("--only", choices=["training", "streams", "generation"], help="run one part only")
+    parser.add_argument(
+        "--only", choices=["training", "streams", "generation", "reliability"], help="run one part only"
+    )
     args = parser.parse_args()
 
     from bench.training import training_benchmark
@@ -166,6 +168,11 @@ def main() -> None:
 
         result["generation"] = generation_benchmark(model_dir, args.threads)
         print(report_generation(result["generation"]))
+    if args.only in (None, "reliability"):
+        from bench.reliability import reliability_benchmark, report_reliability
+
+        result["reliability"] = reliability_benchmark(model_dir)
+        print(report_reliability(result["reliability"]))
     print(f"\n(benchmark took {time.time() - started:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:

@@ -13,7 +13,10 @@ position in a JSON array, the line number in JSONL.
 
 from __future__ import annotations
 
+import codecs
+import io
 import itertools
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +25,7 @@ from app import jsontext
 from app.jsontext import JsonUnreadable
 
 MAX_LISTED_ERRORS = 50
+NON_SPACE = re.compile(rb"[^ \t\r\n]")
 
 FORMAT_LABELS = {
     ("alpaca", "json"): "Alpaca (JSON array)",
@@ -91,18 +95,17 @@ def read_dataset(raw: bytes, write: Callable[[dict[str, Any]], None], *, max_row
     """Validate a file row by row, handing each normalised row to `write` as soon as it is read, so a
     JSON Lines file of any length is checked in bounded memory (a JSON array is parsed whole). Returns
     (format, layout); raises DatasetInvalid listing the problems (then `write`'s output must be dropped)."""
-    text = _decode(raw)
-    stripped = text.lstrip()
-    if not stripped:
+    body = raw.removeprefix(codecs.BOM_UTF8)
+    first_byte = NON_SPACE.search(body)
+    if first_byte is None:
+        _decode(raw)  # a file of odd bytes is "not UTF-8" rather than "empty"
         raise DatasetInvalid([RowError(None, None, "The file is empty: there are no rows to train on.")])
-
-    if stripped[0] == "[":
-        layout, records = "json", iter(_json_array(text))
-    elif stripped[0] == "{":
-        layout, records = "jsonl", _json_lines(text)
+    if first_byte.group() == b"[":
+        layout, records = "json", iter(_json_array(_decode(raw)))
+    elif first_byte.group() == b"{":
+        layout, records = "jsonl", _json_lines(body)
     else:
-        raise DatasetInvalid([_wrong_top_level(stripped)])
-    del stripped
+        raise DatasetInvalid([_wrong_top_level(_decode(raw).lstrip())])
 
     first = next(records, None)
     if first is None:
@@ -144,17 +147,20 @@ def _decode(raw: bytes) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DatasetInvalid(
-            [
-                RowError(
-                    None,
-                    None,
-                    f"The file is not UTF-8 text: byte 0x{raw[exc.start]:02x} at line {line} "
-                    f"(offset {exc.start}) cannot be decoded. Save the file as UTF-8 and upload it again.",
-                )
-            ]
-        ) from None
+        raise _not_utf8(raw[exc.start], raw[: exc.start].count(b"\n") + 1, exc.start) from None
+
+
+def _not_utf8(byte: int, line: int, offset: int) -> DatasetInvalid:
+    return DatasetInvalid(
+        [
+            RowError(
+                None,
+                None,
+                f"The file is not UTF-8 text: byte 0x{byte:02x} at line {line} (offset {offset}) cannot be "
+                "decoded. Save the file as UTF-8 and upload it again.",
+            )
+        ]
+    )
 
 
 def _wrong_top_level(stripped: str) -> RowError:
@@ -183,42 +189,46 @@ def _json_array(text: str) -> list[tuple[int, Any]]:
     return list(enumerate(value, start=1))
 
 
-def _json_lines(text: str) -> Iterator[tuple[int, Any]]:
-    """(line number, value) for each non-blank line; a line that is not JSON yields a RowError instead."""
-    lines = (line for line in text.splitlines() if line.strip())
-    # A single pretty-printed object spread over several lines is one JSON value, not JSON Lines.
-    first, second = next(lines, None), next(lines, None)
-    if second is not None and not _parses(first):
+def _json_lines(body: bytes) -> Iterator[tuple[int, Any]]:
+    """(line number, value) for each non-blank line; a line that is not JSON yields a RowError instead.
+    Reads the bytes line by line (no whole-file decode or split: a large file never holds the
+    interpreter for long, and memory stays at one line)."""
+    offset = 0
+    seen = 0
+    for number, line in enumerate(io.BytesIO(body), start=1):
         try:
-            whole = jsontext.loads(text)
-        except JsonUnreadable:
-            whole = None
-        if isinstance(whole, dict):
-            raise DatasetInvalid(
-                [
-                    RowError(
-                        None,
-                        None,
-                        "Expected a JSON array of rows or one JSON object per line, but the file holds a "
-                        f"single JSON object (with keys {', '.join(list(whole)[:5])}).",
-                    )
-                ]
-            )
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _not_utf8(line[exc.start], number, offset + exc.start) from None
+        offset += len(line)
+        if not text.strip():
             continue
+        seen += 1
         try:
-            yield number, jsontext.loads(line)
+            yield number, jsontext.loads(text)
         except JsonUnreadable as exc:
+            if seen == 1:
+                _refuse_single_object(body)
             yield number, RowError(number, jsontext.dotted(exc.path) or None, f"This line {exc.message}.")
 
 
-def _parses(line: str | None) -> bool:
+def _refuse_single_object(body: bytes) -> None:
+    """A single pretty-printed object spread over several lines is one JSON value, not JSON Lines."""
     try:
-        jsontext.loads(line or "")
-    except JsonUnreadable:
-        return False
-    return True
+        whole = jsontext.loads(body.decode("utf-8"))
+    except (JsonUnreadable, UnicodeDecodeError):
+        return
+    if isinstance(whole, dict):
+        raise DatasetInvalid(
+            [
+                RowError(
+                    None,
+                    None,
+                    "Expected a JSON array of rows or one JSON object per line, but the file holds a "
+                    f"single JSON object (with keys {', '.join(list(whole)[:5])}).",
+                )
+            ]
+        )
 
 
 def _detect_format(first: tuple[int, Any]) -> str:
