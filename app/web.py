@@ -20,13 +20,14 @@ def filesize(size: int) -> str:
     return f"{size} B"
 
 
-def ago(moment: datetime) -> str:
-    seconds = int((datetime.now(UTC) - moment).total_seconds())
+def ago(moment: datetime, *, seconds: bool = False) -> str:
+    """'3 minutes ago'; with `seconds`, recent moments to the second ('4 s ago'), for heartbeats."""
+    elapsed = int((datetime.now(UTC) - moment).total_seconds())
     for span, unit in ((86400, "day"), (3600, "hour"), (60, "minute")):
-        if seconds >= span:
-            n = seconds // span
+        if elapsed >= span:
+            n = elapsed // span
             return f"{n} {unit}{'s' if n != 1 else ''} ago"
-    return "just now"
+    return f"{max(elapsed, 0)} s ago" if seconds else "just now"
 
 
 def duration(seconds: float | None) -> str:
