@@ -111,7 +111,9 @@ def request_from_form(form: dict[str, str]) -> dict[str, Any]:
             if name in list_fields and value != "all-linear":
                 value = [v.strip() for v in value.split(",") if v.strip()]
             body.setdefault(group, {})[name] = value
-        elif key in ("dataset_id", "base_model", "method", "prompt_format", "name", "preset"):
+        elif key == "dataset_id":  # ids are strict in the API: a form sends text, so convert it here
+            body[key] = int(value) if value.isdigit() and len(value) < 19 else value
+        elif key in ("base_model", "method", "prompt_format", "name", "preset"):
             body[key] = value
     for key in checkboxes:  # an unchecked box sends nothing: record it as false
         group, name = key.split(".", 1)
