@@ -12,7 +12,6 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-CHECKPOINT_MARKER = "TUNEBOARD_COMPLETE"  # written last into a checkpoint folder: the save is complete
 MIN_TOKEN_LENGTH = 16  # a shorter token is refused at start: it could be guessed
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
@@ -125,6 +124,12 @@ class Settings(BaseSettings):
 
     def run_dir(self, run_id: int) -> Path:
         return self.runs_dir / str(run_id)
+
+    def run_folder(self, run_id: int):
+        """The run's folder and its layout (`app.runs.folder.RunFolder`)."""
+        from app.runs.folder import RunFolder
+
+        return RunFolder(self.run_dir(run_id))
 
     @property
     def tmp_dir(self) -> Path:

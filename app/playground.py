@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field, model_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.config import CHECKPOINT_MARKER, Settings
+from app.config import Settings
 from app.model_registry import find_model, list_models
 from app.models import MAX_ID, Run
 
@@ -41,23 +41,14 @@ class Target:
     created: int = 0  # unix seconds, for /v1/models
 
 
-def adapter_dir(settings: Settings, run_id: int, step: int | None) -> Path:
-    folder = settings.run_dir(run_id)
-    return folder / "adapter" if step is None else folder / "checkpoints" / f"checkpoint-{step}"
-
-
-def _has_adapter(folder: Path, checkpoint: bool) -> bool:
-    return (folder / "adapter_config.json").is_file() and (
-        not checkpoint or (folder / CHECKPOINT_MARKER).is_file()
-    )
+def has_adapter(settings: Settings, run_id: int, step: int | None) -> bool:
+    """Whether the run's final adapter (step None) or that complete checkpoint's can answer."""
+    folder = settings.run_folder(run_id)
+    return folder.has_adapter if step is None else folder.checkpoint(step).has_adapter
 
 
 def checkpoint_steps(settings: Settings, run_id: int) -> list[int]:
-    folder = settings.run_dir(run_id) / "checkpoints"
-    steps = [
-        int(p.name.split("-")[-1]) for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
-    ]
-    return sorted(s for s in steps if _has_adapter(adapter_dir(settings, run_id, s), checkpoint=True))
+    return [c.step for c in settings.run_folder(run_id).checkpoints() if c.has_adapter]
 
 
 def _run_target(settings: Settings, run: Run, model_path: Path, step: int | None) -> Target:
@@ -67,7 +58,7 @@ def _run_target(settings: Settings, run: Run, model_path: Path, step: int | None
         label=label,
         base_model=run.base_model,
         model_path=model_path,
-        adapter_path=adapter_dir(settings, run.id, step),
+        adapter_path=settings.run_folder(run.id).adapter_at(step),
         prompt_format=run.config.get("prompt_format", "chat"),
         run_id=run.id,
         step=step,
@@ -86,7 +77,7 @@ def list_targets(settings: Settings, *, session: Session, checkpoints: bool = Tr
         model = models.get(run.base_model)
         if model is None:
             continue
-        if _has_adapter(adapter_dir(settings, run.id, None), checkpoint=False):
+        if has_adapter(settings, run.id, None):
             targets.append(_run_target(settings, run, model.folder, None))
         if checkpoints:
             targets += [
@@ -116,7 +107,7 @@ def resolve(settings: Settings, target_id: str, *, session: Session) -> Target:
     run = session.get(Run, run_id) if run_id <= MAX_ID else None
     if run is None:
         raise TargetError(f"There is no run {run_id}.")
-    if not _has_adapter(adapter_dir(settings, run_id, step), checkpoint=step is not None):
+    if not has_adapter(settings, run_id, step):
         if step is not None:
             raise TargetError(f"Run {run_id} has no complete checkpoint at step {step}.")
         raise TargetError(

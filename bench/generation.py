@@ -161,7 +161,7 @@ def first_token_over_http(model_dir: Path, adapter: Path, threads: int) -> dict:
             session.commit()
         db.dispose()
         (settings.runs_dir / "1").mkdir(parents=True)
-        (settings.runs_dir / "1" / "adapter").symlink_to(adapter)
+        settings.run_folder(1).adapter.symlink_to(adapter)
         web_port, host_port = free_port(), free_port()
         extra = {"TUNEBOARD_GENERATION_PORT": str(host_port), "TUNEBOARD_GENERATION_THREADS": str(threads)}
         env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEBOARD_")}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from app.config import CHECKPOINT_MARKER
+from app.runs.folder import RunFolder
 from worker.sink import Sink
 
 
@@ -30,11 +30,14 @@ def gpu_memory_mb() -> float | None:
     return None
 
 
+ORPHANED_EXIT = 75  # EX_TEMPFAIL: the run goes on elsewhere; not a failure of this attempt
+
+
 class Orphaned(SystemExit):
     """This run was handed to another worker (or its worker died): stop without saving anything."""
 
     def __init__(self, reason: str):
-        super().__init__(75)
+        super().__init__(ORPHANED_EXIT)
         self.reason = reason
 
 
@@ -115,9 +118,10 @@ class ProgressCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         """Trainer calls this after a checkpoint is fully written: only then does it count for resuming."""
         if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
-                (folder / CHECKPOINT_MARKER).write_text(str(state.global_step))
+            # output_dir is the run folder's checkpoints/ (see worker.train)
+            checkpoint = RunFolder(Path(args.output_dir).parent).checkpoint(state.global_step)
+            if checkpoint.path.is_dir():
+                checkpoint.mark_complete()
 
 
 class AdaLoraCallback(TrainerCallback):
@@ -125,9 +129,3 @@ class AdaLoraCallback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         model.base_model.update_and_allocate(state.global_step)
-
-
-def complete_checkpoints(folder: Path) -> list[Path]:
-    """Checkpoints whose save finished, oldest first."""
-    found = [p for p in folder.glob("checkpoint-*") if (p / CHECKPOINT_MARKER).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))

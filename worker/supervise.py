@@ -24,12 +24,11 @@ from app.model_registry import error_file, find_model
 from app.models import Run
 from app.runs import state
 from app.runs.config import RunConfig
+from app.runs.folder import RunFolder
 from worker.prepare import run_conversion
-from worker.train import ERROR_FILE, write_config
+from worker.train import write_config
 
 log = logging.getLogger("tuneboard.worker")
-LOG_FILE = "train.log"
-ORPHANED_EXIT = 75
 TRANSIENT_DB = (OperationalError, InterfaceError)
 
 
@@ -48,14 +47,6 @@ def launch_command(settings: Settings, run_yaml: Path, attempt: int) -> list[str
         accelerate.append("--multi_gpu")
     training = ["-m", "worker.train", str(run_yaml), "--attempt", str(attempt)]
     return [*accelerate, *training, "--stale-after", str(settings.stale_after_seconds / 2)]
-
-
-def tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
 
 
 def oom_kills() -> int | None:
@@ -114,13 +105,13 @@ def write_with_retry(db: Database, write, *, attempts: int = 8) -> None:
             time.sleep(delay)
 
 
-def prepare_run_folder(settings: Settings, run: Run) -> Path:
-    folder = settings.run_dir(run.id)
-    folder.mkdir(parents=True, exist_ok=True)
+def prepare_run_folder(settings: Settings, run: Run) -> RunFolder:
+    folder = settings.run_folder(run.id)
+    folder.path.mkdir(parents=True, exist_ok=True)
     config = RunConfig.model_validate(run.config).model_copy(
-        update={"run_id": run.id, "output_dir": str(folder), "database_url": settings.sqlalchemy_url}
+        update={"run_id": run.id, "output_dir": str(folder.path), "database_url": settings.sqlalchemy_url}
     )
-    write_config(config, folder / "run.yaml")
+    write_config(config, folder.config)
     return folder
 
 
@@ -142,10 +133,10 @@ def supervise(settings: Settings, db: Database, run: Run, *, me: str, stop: thre
             "TUNEBOARD_TORCH_THREADS": str(settings.torch_threads),
             "OMP_NUM_THREADS": str(settings.torch_threads),
         }
-    command = launch_command(settings, folder / "run.yaml", run.attempts)
+    command = launch_command(settings, folder.config, run.attempts)
     log.info("run %d attempt %d: %s", run.id, run.attempts, " ".join(command))
     oom_before = oom_kills()
-    with open(folder / LOG_FILE, "ab") as out:
+    with open(folder.log, "ab") as out:
         out.write(f"--- attempt {run.attempts} by {me} ---\n".encode())
         out.flush()
         child = subprocess.Popen(
@@ -197,10 +188,9 @@ def supervise(settings: Settings, db: Database, run: Run, *, me: str, stop: thre
         status = "succeeded"
     else:
         status = "failed"
-        error_file = folder / ERROR_FILE
-        log_tail = tail(folder / LOG_FILE)
-        if error_file.is_file():
-            error = error_file.read_text(encoding="utf-8").strip()
+        log_tail = folder.tail(15)
+        if (explained := folder.read_error()) is not None:
+            error = explained
         elif killed := explain_kill(code, log_tail, oom_before, oom_kills()):
             error = killed
         else:

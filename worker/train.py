@@ -19,9 +19,9 @@ from pathlib import Path
 import yaml
 
 from app.runs.config import PROMPT_LEARNING, RunConfig
+from app.runs.folder import RunFolder
 
 log = logging.getLogger("tuneboard.train")
-ERROR_FILE = "error.txt"
 
 
 class UserError(Exception):
@@ -91,7 +91,7 @@ def build_trainer(config: RunConfig, sink, attempt: int | None):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainingArguments
 
-    from worker.callbacks import AdaLoraCallback, ProgressCallback, complete_checkpoints
+    from worker.callbacks import AdaLoraCallback, ProgressCallback
     from worker.data import (
         ExampleDataset,
         encode_rows,
@@ -109,8 +109,8 @@ def build_trainer(config: RunConfig, sink, attempt: int | None):
     model_path = Path(config.model_path)
     if not (model_path / "config.json").is_file():
         raise UserError(f"The base model '{config.base_model}' is not available at {model_path}.")
-    output = Path(config.output_dir)
-    checkpoints = output / "checkpoints"
+    folder = RunFolder(Path(config.output_dir))
+    checkpoints = folder.checkpoints_dir
     checkpoints.mkdir(parents=True, exist_ok=True)
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -197,7 +197,7 @@ def build_trainer(config: RunConfig, sink, attempt: int | None):
     )
 
     packing = training.packing and config.method not in PROMPT_LEARNING
-    resume = _resume_point(checkpoints, complete_checkpoints)
+    resume = _resume_point(folder)
     callbacks = [ProgressCallback(sink, resumed_from=resume[1], trainable=trainable, total=total)]
     if config.method == "adalora":
         callbacks.append(AdaLoraCallback())
@@ -218,25 +218,25 @@ def build_trainer(config: RunConfig, sink, attempt: int | None):
     return trainer, tokenizer, resume[0]
 
 
-def _resume_point(checkpoints: Path, complete_checkpoints) -> tuple[str | None, int | None]:
+def _resume_point(folder: RunFolder) -> tuple[str | None, int | None]:
     """The newest complete checkpoint; half-written ones (no marker) are removed first."""
-    complete = set(complete_checkpoints(checkpoints))
-    for folder in checkpoints.glob("checkpoint-*"):
-        if folder not in complete:
-            log.warning("removing incomplete checkpoint %s", folder.name)
-            shutil.rmtree(folder, ignore_errors=True)
+    for checkpoint in folder.checkpoints():
+        if not checkpoint.complete:
+            log.warning("removing incomplete checkpoint %s", checkpoint.path.name)
+            shutil.rmtree(checkpoint.path, ignore_errors=True)
+    complete = folder.complete_checkpoints()
     if not complete:
         return None, None
-    latest = max(complete, key=lambda p: int(p.name.split("-")[-1]))
-    log.info("resuming from %s", latest.name)
-    return str(latest), int(latest.name.split("-")[-1])
+    latest = complete[-1]
+    log.info("resuming from %s", latest.path.name)
+    return str(latest.path), latest.step
 
 
 def train(config: RunConfig, sink, attempt: int | None = None) -> Path:
     """Train and save the adapter; returns its folder."""
     trainer, tokenizer, resume_from = build_trainer(config, sink, attempt)
     trainer.train(resume_from_checkpoint=resume_from)
-    adapter = Path(config.output_dir) / "adapter"
+    adapter = RunFolder(Path(config.output_dir)).adapter
     staging = adapter.with_name(".adapter.partial")
     shutil.rmtree(staging, ignore_errors=True)
     if trainer.is_world_process_zero():
@@ -289,12 +289,12 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True
     )
 
-    from worker.callbacks import Orphaned
+    from worker.callbacks import ORPHANED_EXIT, Orphaned
     from worker.sink import DatabaseSink, Sink
 
     config = read_config(args.config)
-    output = Path(config.output_dir)
-    (output / ERROR_FILE).unlink(missing_ok=True)
+    folder = RunFolder(Path(config.output_dir))
+    folder.error.unlink(missing_ok=True)
     reporting = args.attempt is not None and config.run_id is not None and config.database_url
     sink = (
         DatabaseSink(config.database_url, config.run_id, args.attempt, args.stale_after)
@@ -305,12 +305,12 @@ def main(argv: list[str] | None = None) -> int:
         train(config, sink, args.attempt)
     except Orphaned as exc:
         log.warning("stopping: %s", exc.reason)
-        return 75
+        return ORPHANED_EXIT
     except Exception as exc:
         message = explain(exc)
         log.exception("training failed: %s", message)
         if os.environ.get("RANK", "0") == "0":
-            (output / ERROR_FILE).write_text(message, encoding="utf-8")
+            folder.error.write_text(message, encoding="utf-8")
         return 1
     return 0
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated
 
 import yaml
@@ -13,7 +12,6 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from app.config import CHECKPOINT_MARKER
 from app.datasets import store
 from app.datasets.jobs import StatsPending
 from app.deps import IdQuery, RunId, SessionDep, SettingsDep, WriteSessionDep, get_run_or_404
@@ -24,6 +22,7 @@ from app.runs import state
 from app.runs.config import METHOD_LABELS, PRESETS, InvalidRun, RunRequest
 from app.runs.estimate import estimate
 from app.runs.events import latest_train_metric, list_stream, progress, tracked
+from app.runs.folder import RunFolder
 from app.runs.form import peft_fields, request_from_form, training_fields
 from app.runs.launch import build_run_config, enqueue_run
 from app.web import hx_redirect, render
@@ -169,31 +168,11 @@ async def launch_from_page(request: Request, settings: SettingsDep, session: Wri
     return hx_redirect(f"/runs/{run.id}")
 
 
-def checkpoints(folder: Path) -> list[dict]:
-    from_marker = []
-    for path in sorted(
-        (folder / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
-    ):
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-        from_marker.append(
-            {
-                "name": path.name,
-                "step": int(path.name.split("-")[-1]),
-                "bytes": size,
-                "complete": (path / CHECKPOINT_MARKER).is_file(),
-            }
-        )
-    return from_marker
-
-
-def log_tail(folder: Path, lines: int = 40) -> str:
-    path = folder / "train.log"
-    if not path.is_file():
-        return ""
-    with open(path, "rb") as f:
-        f.seek(max(0, path.stat().st_size - 64_000))
-        text = f.read().decode("utf-8", errors="replace")
-    return "\n".join(text.splitlines()[-lines:])
+def checkpoints(folder: RunFolder) -> list[dict]:
+    return [
+        {"name": c.path.name, "step": c.step, "bytes": c.size(), "complete": c.complete}
+        for c in folder.checkpoints()
+    ]
 
 
 def cli_yaml(run: Run) -> str:
@@ -204,16 +183,16 @@ def cli_yaml(run: Run) -> str:
 @router.get("/runs/{run_id}", response_class=HTMLResponse)
 def run_page(request: Request, run_id: RunId, settings: SettingsDep, session: SessionDep):
     run = get_run_or_404(session, run_id)
-    folder = settings.run_dir(run_id)
+    folder = settings.run_folder(run_id)
     latest = latest_train_metric(session, run_id)
     context = {
         "run": run,
         "p": progress(run, latest),
         "dataset": session.get(Dataset, run.dataset_id),
         "checkpoints": checkpoints(folder),
-        "log": log_tail(folder),
+        "log": folder.tail(),
         "cli_yaml": cli_yaml(run),
-        "has_adapter": (folder / "adapter" / "adapter_config.json").is_file(),
+        "has_adapter": folder.has_adapter,
         "methods": METHOD_LABELS,
     }
     target = request.headers.get("HX-Target") if request.headers.get("HX-Request") else None

@@ -130,8 +130,9 @@ def cancel_run(run_id: RunId, session: WriteSessionDep) -> RunOut:
 @router.get("/{run_id}/adapter")
 def download_adapter(run_id: RunId, settings: SettingsDep, session: SessionDep) -> Response:
     run = get_run_or_404(session, run_id)
-    folder = settings.run_dir(run_id) / "adapter"
-    if not (folder / "adapter_config.json").is_file():
+    run_folder = settings.run_folder(run_id)
+    folder = run_folder.adapter
+    if not run_folder.has_adapter:
         raise HTTPException(404, f"Run {run_id} has no adapter yet (it is {run.status}).")
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:

@@ -1,0 +1,108 @@
+"""A run's folder on disk, `<data_dir>/runs/<id>/`: the one owner of its layout. No other module spells a
+file name of it.
+
+```
+run.yaml                          the resolved configuration (`tuneboard train run.yaml` reruns it)
+train.log                         the training process's output, every attempt
+error.txt                         the training process's own sentence when it fails in a way it can explain
+checkpoints/checkpoint-<step>/    Trainer checkpoints; TUNEBOARD_COMPLETE is written into each once saved
+adapter/                          the trained adapter (PEFT layout) and tokenizer
+```
+No torch here: the web tier reads folders, the worker and the training process write them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+CHECKPOINT_MARKER = "TUNEBOARD_COMPLETE"  # written last into a checkpoint folder: the save is complete
+CHECKPOINT_PREFIX = "checkpoint-"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    step: int
+
+    @property
+    def complete(self) -> bool:
+        return (self.path / CHECKPOINT_MARKER).is_file()
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.complete and (self.path / ADAPTER_CONFIG).is_file()
+
+    def mark_complete(self) -> None:
+        (self.path / CHECKPOINT_MARKER).write_text(str(self.step))
+
+    def size(self) -> int:
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+
+def step_of(path: Path) -> int | None:
+    """The step in a `checkpoint-<step>` folder's name, or None for any other name."""
+    number = path.name.removeprefix(CHECKPOINT_PREFIX)
+    return int(number) if path.name.startswith(CHECKPOINT_PREFIX) and number.isdigit() else None
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    path: Path
+
+    @property
+    def config(self) -> Path:
+        return self.path / "run.yaml"
+
+    @property
+    def log(self) -> Path:
+        return self.path / "train.log"
+
+    @property
+    def error(self) -> Path:
+        return self.path / "error.txt"
+
+    @property
+    def adapter(self) -> Path:
+        return self.path / "adapter"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def has_adapter(self) -> bool:
+        return (self.adapter / ADAPTER_CONFIG).is_file()
+
+    def checkpoint(self, step: int) -> Checkpoint:
+        return Checkpoint(self.checkpoints_dir / f"{CHECKPOINT_PREFIX}{step}", step)
+
+    def checkpoints(self) -> list[Checkpoint]:
+        """Every checkpoint folder, complete or not, oldest first."""
+        found = [
+            Checkpoint(p, step)
+            for p in self.checkpoints_dir.glob(f"{CHECKPOINT_PREFIX}*")
+            if (step := step_of(p)) is not None
+        ]
+        return sorted(found, key=lambda c: c.step)
+
+    def complete_checkpoints(self) -> list[Checkpoint]:
+        return [c for c in self.checkpoints() if c.complete]
+
+    def adapter_at(self, step: int | None) -> Path:
+        """The final adapter (step None) or a checkpoint's."""
+        return self.adapter if step is None else self.checkpoint(step).path
+
+    def read_error(self) -> str | None:
+        return self.error.read_text(encoding="utf-8").strip() if self.error.is_file() else None
+
+    def tail(self, lines: int = 40) -> str:
+        """The last lines of the log (reading at most its last 64 kB)."""
+        try:
+            with open(self.log, "rb") as f:
+                f.seek(max(0, self.log.stat().st_size - 64_000))
+                text = f.read().decode("utf-8", errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
