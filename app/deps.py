@@ -9,7 +9,7 @@ from fastapi import Depends, HTTPException, Path, Query, Request
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.models import MAX_ID, Run
+from app.models import MAX_ID, Dataset, Run
 
 
 def get_settings(request: Request) -> Settings:
@@ -43,3 +43,10 @@ def get_run_or_404(session: Session, run_id: int) -> Run:
     if run is None:
         raise HTTPException(404, f"There is no run {run_id}.")
     return run
+
+
+def get_dataset_or_404(session: Session, dataset_id: int) -> Dataset:
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None:
+        raise HTTPException(404, f"There is no dataset {dataset_id}.")
+    return dataset

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -241,3 +242,35 @@ def _check_path(path: Path) -> tuple[Path, str]:
             )
         return path, "folder"
     raise ModelPathInvalid(f"{path} does not exist on this machine.")
+
+
+class UnknownModel(LookupError):
+    pass
+
+
+def register_model(
+    settings: Settings, path_text: str, name: str | None, *, session: Session
+) -> RegisteredModel:
+    """Validate and record a local model. Raises ModelPathInvalid with a sentence for the user."""
+    path, kind = check_registration(path_text)
+    if session.scalar(select(RegisteredModel).where(RegisteredModel.path == str(path))):
+        raise ModelPathInvalid(f"{path} is registered already.")
+    name = (name or "").strip()[:200] or (path.stem if kind == "gguf" else path.name)
+    model = RegisteredModel(name=name, path=str(path), kind=kind)
+    session.add(model)
+    session.commit()
+    return model
+
+
+def unregister_model(settings: Settings, model_id: str, *, session: Session) -> None:
+    """Forget a registered model; a GGUF's converted copy goes too (the user's own files stay)."""
+    number = model_id.removeprefix("local-")
+    model = session.get(RegisteredModel, int(number)) if number.isdigit() and len(number) < 19 else None
+    if model is None:
+        raise UnknownModel(f"There is no registered model '{model_id}' (only local-N models can be removed).")
+    entry = registered_entry(settings, model)
+    session.delete(model)
+    session.commit()
+    if entry.source == "gguf" and entry.folder is not None:
+        shutil.rmtree(entry.folder, ignore_errors=True)
+        error_file(entry.folder).unlink(missing_ok=True)

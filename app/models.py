@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 
 from sqlalchemy import (
     JSON,
@@ -79,7 +80,20 @@ class RegisteredModel(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
-RUN_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+class RunStatus(StrEnum):
+    """A run's status. Only `app.runs.state` changes it; equal to its string, so templates and the JSON
+    API see plain strings."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ACTIVE = frozenset({RunStatus.QUEUED, RunStatus.RUNNING})
+FINISHED = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED})
+WITH_ADAPTER = frozenset({RunStatus.SUCCEEDED, RunStatus.CANCELLED})  # both save the adapter trained so far
 
 
 class Run(Base):
@@ -97,7 +111,7 @@ class Run(Base):
     base_model: Mapped[str] = mapped_column(String(300))
     method: Mapped[str] = mapped_column(String(20))
     config: Mapped[dict] = mapped_column(JSON)
-    status: Mapped[str] = mapped_column(String(12), default="queued")
+    status: Mapped[str] = mapped_column(String(12), default=RunStatus.QUEUED.value)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker_id: Mapped[str | None] = mapped_column(String(200))

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.model_registry import find_model, list_models
-from app.models import MAX_ID, Run
+from app.models import MAX_ID, WITH_ADAPTER, Run
 
 TARGET_ID = re.compile(r"^run-(\d+)(?:-step-(\d+))?$")
 
@@ -70,9 +70,7 @@ def list_targets(settings: Settings, *, session: Session, checkpoints: bool = Tr
     """Ready base models first, then runs newest first, each followed by its checkpoints."""
     models = {m.id: m for m in list_models(settings, session=session) if m.ready}
     targets = [Target(id=m.id, label=m.name, base_model=m.id, model_path=m.folder) for m in models.values()]
-    runs = session.scalars(
-        select(Run).where(Run.status.in_(("succeeded", "cancelled"))).order_by(Run.id.desc())
-    )
+    runs = session.scalars(select(Run).where(Run.status.in_(WITH_ADAPTER)).order_by(Run.id.desc()))
     for run in runs:
         model = models.get(run.base_model)
         if model is None:

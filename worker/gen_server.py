@@ -28,7 +28,7 @@ from sqlalchemy import func, select
 
 from app.config import Settings, get_settings
 from app.db import Database
-from app.models import Run
+from app.models import Run, RunStatus
 from app.playground import GenerateBody, TargetError, resolve_all
 from app.security import BodyLimitMiddleware, HostCheckMiddleware, JsonBodyMiddleware, bearer_ok
 
@@ -117,7 +117,10 @@ def create_host(settings: Settings, engine=None) -> FastAPI:
 
     def training_now() -> int:
         with db.session() as session:
-            return session.scalar(select(func.count()).select_from(Run).where(Run.status == "running")) or 0
+            return (
+                session.scalar(select(func.count()).select_from(Run).where(Run.status == RunStatus.RUNNING))
+                or 0
+            )
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from app.models import utcnow
+from app.models import RunStatus, utcnow
 
 log = logging.getLogger("tuneboard.train")
 
@@ -63,7 +63,7 @@ class DatabaseSink(Sink):
             status, _worker, attempts, cancel, heartbeat_at = state.ownership(
                 session=session, run_id=self.run_id
             )
-        if status != "running" or attempts != self.attempt:
+        if status != RunStatus.RUNNING or attempts != self.attempt:
             return False, f"the run is now {status} (attempt {attempts}); this attempt ({self.attempt}) stops"
         if heartbeat_at is None or utcnow() - heartbeat_at > self.stale_after:
             return False, "the worker supervising this run stopped heartbeating"

@@ -21,7 +21,7 @@ from app.config import Settings
 from app.db import Database
 from app.keeper import Backoff, describe_exit
 from app.model_registry import error_file, find_model
-from app.models import Run
+from app.models import Run, RunStatus
 from app.runs import state
 from app.runs.config import RunConfig
 from app.runs.folder import RunFolder
@@ -123,10 +123,10 @@ def supervise(settings: Settings, db: Database, run: Run, *, me: str, stop: thre
         write_with_retry(
             db,
             lambda session: state.finish(
-                session=session, run_id=run.id, worker_id=me, status="failed", error=problem
+                session=session, run_id=run.id, worker_id=me, status=RunStatus.FAILED, error=problem
             ),
         )
-        return "failed"
+        return RunStatus.FAILED
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if settings.torch_threads:
         env |= {
@@ -183,11 +183,11 @@ def supervise(settings: Settings, db: Database, run: Run, *, me: str, stop: thre
         cancelled = session.get(Run, run.id, populate_existing=True).cancel_requested
     error = None
     if cancelled:
-        status = "cancelled"
+        status = RunStatus.CANCELLED
     elif code == 0:
-        status = "succeeded"
+        status = RunStatus.SUCCEEDED
     else:
-        status = "failed"
+        status = RunStatus.FAILED
         log_tail = folder.tail(15)
         if (explained := folder.read_error()) is not None:
             error = explained

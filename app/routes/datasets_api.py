@@ -6,14 +6,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import JSONResponse
-from sqlalchemy.orm import Session
 
 from app.datasets import store
 from app.datasets.formats import DatasetInvalid
 from app.datasets.jobs import StatsPending
-from app.deps import DatasetId, SessionDep, SettingsDep, WriteSessionDep
+from app.deps import DatasetId, SessionDep, SettingsDep, WriteSessionDep, get_dataset_or_404
 from app.model_registry import BUNDLED_ID, find_model
-from app.models import Dataset
 from app.prompts import PROMPT_FORMATS
 from app.schemas import DatasetOut
 
@@ -29,13 +27,6 @@ def invalid_response(exc: DatasetInvalid) -> JSONResponse:
             "message": exc.summary,
         },
     )
-
-
-def get_dataset_or_404(session: Session, dataset_id: int) -> Dataset:
-    dataset = session.get(Dataset, dataset_id)
-    if dataset is None:
-        raise HTTPException(404, f"There is no dataset {dataset_id}.")
-    return dataset
 
 
 @router.post("", status_code=201, response_model=None)

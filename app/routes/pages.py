@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
+from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import HTMLResponse
 from markupsafe import Markup
 from sqlalchemy.orm import Session
@@ -14,12 +14,16 @@ from app.config import Settings
 from app.datasets import store
 from app.datasets.formats import FORMAT_LABELS, DatasetInvalid
 from app.datasets.jobs import StatsPending
-from app.deps import DatasetId, SessionDep, SettingsDep, WriteSessionDep
-from app.model_registry import BUNDLED_ID, ModelPathInvalid, list_models
+from app.deps import DatasetId, SessionDep, SettingsDep, WriteSessionDep, get_dataset_or_404
+from app.model_registry import (
+    BUNDLED_ID,
+    ModelPathInvalid,
+    UnknownModel,
+    list_models,
+    register_model,
+    unregister_model,
+)
 from app.prompts import PROMPT_FORMATS
-from app.routes.datasets_api import get_dataset_or_404
-from app.routes.models_api import register_model, unregister_model
-from app.schemas import ModelRegistration
 from app.web import hx_redirect, render
 
 router = APIRouter(include_in_schema=False)
@@ -150,7 +154,7 @@ def register_from_page(
     name: Annotated[str, Form()] = "",
 ):
     try:
-        register_model(settings, ModelRegistration(path=path, name=name or None), session=session)
+        register_model(settings, path, name or None, session=session)
     except ModelPathInvalid as exc:
         context = {
             "models": list_models(settings, session=session),
@@ -173,8 +177,8 @@ def unregister_from_page(
 ):
     try:
         unregister_model(settings, model_id, session=session)
-    except HTTPException as exc:
-        context = {"models": list_models(settings, session=session), "register_error": exc.detail}
+    except UnknownModel as exc:
+        context = {"models": list_models(settings, session=session), "register_error": str(exc)}
         return render(request, "models.html", context, block="models_body", status=404)
     return render(
         request, "models.html", {"models": list_models(settings, session=session)}, block="models_body"

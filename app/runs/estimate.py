@@ -11,7 +11,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import Run, RunMetric
+from app.models import Run, RunMetric, RunStatus
 from app.runs.config import RunConfig
 
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -112,7 +112,7 @@ def measured_tokens_per_second(base_model: str, *, session: Session) -> float | 
     """The median throughput of the latest finished run on this base model, if any."""
     latest = session.scalar(
         select(Run.id)
-        .where(Run.base_model == base_model, Run.status == "succeeded")
+        .where(Run.base_model == base_model, Run.status == RunStatus.SUCCEEDED)
         .order_by(Run.id.desc())
         .limit(1)
     )

@@ -25,8 +25,7 @@ from sqlalchemy import func, select
 from sse_starlette import ServerSentEvent
 
 from app.db import Database
-from app.models import Run, RunMetric
-from app.runs.state import FINISHED
+from app.models import FINISHED, Run, RunMetric, RunStatus
 
 POLL_SECONDS = 0.5
 LIST_POLL_SECONDS = 1.0
@@ -49,7 +48,7 @@ def progress(run: Run, latest: RunMetric | None = None, *, now: datetime | None 
     if run.started_at:
         end = run.finished_at or now
         elapsed = max(0.0, (end - run.started_at).total_seconds())
-    if run.status == "running" and latest is not None and latest.step_time and run.total_steps:
+    if run.status == RunStatus.RUNNING and latest is not None and latest.step_time and run.total_steps:
         eta = max(0.0, (run.total_steps - run.current_step) * latest.step_time)
     return {
         "id": run.id,

@@ -15,11 +15,9 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from app.models import Run, RunMetric, utcnow
+from app.models import FINISHED, Run, RunMetric, RunStatus, utcnow
 
 MAX_ATTEMPTS = 3
-ACTIVE = ("queued", "running")
-FINISHED = ("succeeded", "failed", "cancelled")
 
 
 class TransitionError(Exception):
@@ -30,7 +28,12 @@ def enqueue(
     *, session: Session, name: str, dataset_id: int, base_model: str, method: str, config: dict
 ) -> Run:
     run = Run(
-        name=name, dataset_id=dataset_id, base_model=base_model, method=method, config=config, status="queued"
+        name=name,
+        dataset_id=dataset_id,
+        base_model=base_model,
+        method=method,
+        config=config,
+        status=RunStatus.QUEUED,
     )
     session.add(run)
     session.commit()
@@ -43,7 +46,7 @@ def claim_next(*, session: Session, worker_id: str) -> Run | None:
     now = utcnow()
     oldest = (
         select(Run.id)
-        .where(Run.status == "queued")
+        .where(Run.status == RunStatus.QUEUED)
         .order_by(Run.id)
         .limit(1)
         .with_for_update(skip_locked=True)
@@ -51,9 +54,13 @@ def claim_next(*, session: Session, worker_id: str) -> Run | None:
     )
     claimed = session.execute(
         update(Run)
-        .where(Run.id == oldest, Run.status == "queued")
+        .where(Run.id == oldest, Run.status == RunStatus.QUEUED)
         .values(
-            status="running", worker_id=worker_id, attempts=Run.attempts + 1, heartbeat_at=now, error=None
+            status=RunStatus.RUNNING,
+            worker_id=worker_id,
+            attempts=Run.attempts + 1,
+            heartbeat_at=now,
+            error=None,
         )
         .returning(Run.id)
     ).scalar_one_or_none()
@@ -70,7 +77,7 @@ def heartbeat(*, session: Session, run_id: int, worker_id: str) -> bool:
     no longer owns the run (it was requeued and claimed elsewhere)."""
     owned = session.execute(
         update(Run)
-        .where(Run.id == run_id, Run.status == "running", Run.worker_id == worker_id)
+        .where(Run.id == run_id, Run.status == RunStatus.RUNNING, Run.worker_id == worker_id)
         .values(heartbeat_at=utcnow())
         .returning(Run.cancel_requested)
     ).scalar_one_or_none()
@@ -85,9 +92,9 @@ def request_cancel(*, session: Session, run_id: int) -> Run:
     run = session.get(Run, run_id, populate_existing=True)
     if run is None:
         raise LookupError(run_id)
-    if run.status == "queued":
-        run.status, run.finished_at, run.cancel_requested = "cancelled", utcnow(), True
-    elif run.status == "running":
+    if run.status == RunStatus.QUEUED:
+        run.status, run.finished_at, run.cancel_requested = RunStatus.CANCELLED, utcnow(), True
+    elif run.status == RunStatus.RUNNING:
         run.cancel_requested = True
     else:
         raise TransitionError(f"Run {run_id} has already {run.status}.")
@@ -108,7 +115,7 @@ def finish(
         raise ValueError(status)
     session.execute(
         update(Run)
-        .where(Run.id == run_id, Run.status == "running", Run.worker_id == worker_id)
+        .where(Run.id == run_id, Run.status == RunStatus.RUNNING, Run.worker_id == worker_id)
         .values(status=status, error=error, exit_code=exit_code, finished_at=utcnow(), worker_id=None)
     )
     session.commit()
@@ -118,8 +125,8 @@ def requeue(*, session: Session, run_id: int, worker_id: str) -> None:
     """The worker is stopping: hand the run back so it resumes from its last checkpoint."""
     session.execute(
         update(Run)
-        .where(Run.id == run_id, Run.status == "running", Run.worker_id == worker_id)
-        .values(status="queued", worker_id=None, heartbeat_at=None)
+        .where(Run.id == run_id, Run.status == RunStatus.RUNNING, Run.worker_id == worker_id)
+        .values(status=RunStatus.QUEUED, worker_id=None, heartbeat_at=None)
     )
     session.commit()
 
@@ -127,15 +134,17 @@ def requeue(*, session: Session, run_id: int, worker_id: str) -> None:
 def requeue_stale(*, session: Session, stale_after: timedelta, now: datetime | None = None) -> list[int]:
     """Runs whose worker went silent go back to the queue (or fail after MAX_ATTEMPTS tries)."""
     cutoff = (now or utcnow()) - stale_after
-    stale = session.scalars(select(Run).where(Run.status == "running", Run.heartbeat_at < cutoff)).all()
+    stale = session.scalars(
+        select(Run).where(Run.status == RunStatus.RUNNING, Run.heartbeat_at < cutoff)
+    ).all()
     for run in stale:
         if run.cancel_requested:
-            run.status, run.finished_at, run.worker_id = "cancelled", utcnow(), None
+            run.status, run.finished_at, run.worker_id = RunStatus.CANCELLED, utcnow(), None
         elif run.attempts >= MAX_ATTEMPTS:
-            run.status, run.finished_at, run.worker_id = "failed", utcnow(), None
+            run.status, run.finished_at, run.worker_id = RunStatus.FAILED, utcnow(), None
             run.error = f"The worker running this run stopped responding {run.attempts} times; giving up."
         else:
-            run.status, run.worker_id, run.heartbeat_at = "queued", None, None
+            run.status, run.worker_id, run.heartbeat_at = RunStatus.QUEUED, None, None
     session.commit()
     return [run.id for run in stale]
 
