@@ -20,9 +20,9 @@ WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TUNEBOARD_", extra="ignore")
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    data_dir: Path = PROJECT_ROOT / "data"
+    host: str = Field("127.0.0.1", description="address the web server listens on")
+    port: int = Field(8000, ge=1, le=65535, description="port the web server listens on")
+    data_dir: Path = Field(PROJECT_ROOT / "data", description="database, datasets, models and runs")
     database_url: str | None = Field(
         None, description="SQLAlchemy URL; defaults to SQLite at <data_dir>/tuneboard.db"
     )
@@ -49,12 +49,12 @@ class Settings(BaseSettings):
         ge=0,
         description="datasets up to this many rows get statistics at once; larger in the background",
     )
-    preview_rows: int = Field(10, ge=1, le=200)
-    validation_fraction: float = Field(0.1, ge=0, lt=1)
-    validation_max_rows: int = Field(500, ge=0)
-    split_seed: int = 42
-    default_max_length: int = Field(1024, ge=16)
-    worker_poll_seconds: float = Field(2.0, gt=0)
+    preview_rows: int = Field(10, ge=1, le=200, description="rows shown on a dataset's page")
+    validation_fraction: float = Field(0.1, ge=0, lt=1, description="share of a dataset held out")
+    validation_max_rows: int = Field(500, ge=0, description="at most this many rows held out")
+    split_seed: int = Field(42, description="seed of the train/validation split")
+    default_max_length: int = Field(1024, ge=16, description="max length (tokens) the statistics assume")
+    worker_poll_seconds: float = Field(2.0, gt=0, description="how often an idle worker looks for runs")
     prepare_models: bool = Field(True, description="convert GGUF base models while the worker is idle")
     heartbeat_seconds: float = Field(3.0, gt=0, description="how often a worker marks its run alive")
     stale_after_seconds: float = Field(30.0, gt=0, description="silence after which a run is requeued")
@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1, description="CPU threads per training process")
     generation: bool = Field(True, description="the worker starts the generation host (playground, /v1 API)")
     generation_host: str = Field("127.0.0.1", description="where the generation host listens")
-    generation_port: int = Field(8001, ge=1, le=65535)
+    generation_port: int = Field(8001, ge=1, le=65535, description="port of the generation host")
     generation_url: str | None = Field(None, description="how the web server reaches the generation host")
     generation_threads: int | None = Field(
         None,
@@ -74,7 +74,9 @@ class Settings(BaseSettings):
         None, gt=0, description="memory for loaded models and adapters; default half of what is free at start"
     )
     generation_queue: int = Field(8, ge=1, description="requests that may wait for the generation host")
-    generation_dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$")
+    generation_dtype: str = Field(
+        "auto", pattern="^(auto|float32|bfloat16|float16)$", description="weights' dtype for answering"
+    )
     generation_max_body_kb: int = Field(
         1024, ge=16, description="largest request the generation host reads (a conversation), in KB"
     )

@@ -1,7 +1,7 @@
 """Run hyperparameters: one validated model per PEFT method and one for training, using the libraries'
 own field names (PEFT config names inside `peft`, TrainingArguments names inside `training`).
 
-`resolve_run` fills every default from the dataset's size so that `{"dataset_id": N}` alone gives a run
+`resolve_training` fills every default from the dataset's size so that `{"dataset_id": N}` alone gives a run
 whose effect is visible, and the result is saved as the run's `run.yaml`, which `tuneboard train` can run
 again without the web app. No torch here.
 """
@@ -141,12 +141,12 @@ DEFAULT_LEARNING_RATE = {
     "lora": 2e-4, "loha": 2e-4, "lokr": 2e-4, "adalora": 2e-4,
     "ia3": 3e-3, "prompt_tuning": 3e-2, "prefix_tuning": 1e-2, "p_tuning": 1e-2,
 }  # fmt: skip
-SMALL_DATASET_ROWS = 500  # below this, LoRA-family runs default to a higher rate (see RECIPE notes)
+SMALL_DATASET_ROWS = 500  # below this, LoRA-family runs default to a higher rate (see docs/recipe.md)
 SMALL_DATASET_LEARNING_RATE = 1e-3
 
 
 class TrainingParams(Strict):
-    """TrainingArguments / TRL names. None means "chosen from the dataset" by `resolve_run`."""
+    """TrainingArguments / TRL names. None means "chosen from the dataset" by `resolve_training`."""
 
     num_train_epochs: float | None = Field(None, gt=0, le=1000)
     max_steps: int = Field(-1, ge=-1, le=MANY)
@@ -190,7 +190,7 @@ class RunRequest(Strict):
     name: str | None = Field(None, max_length=200)
 
 
-# The tutorial's recipe, with its labels bug fixed (see RECIPE.md): LoRA r8/α32 on q_proj, v_proj.
+# The tutorial's recipe, with its labels bug fixed (docs/recipe.md): LoRA r8/α32 on q_proj, v_proj.
 TUTORIAL_PRESET: dict[str, Any] = {
     "method": "lora",
     "peft": {"r": 8, "lora_alpha": 32, "lora_dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
