@@ -4,7 +4,6 @@ at once with progress, the page shows a progress bar, and the result equals the 
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -13,18 +12,19 @@ from app.config import Settings
 from app.main import create_app
 from app.migrate import upgrade
 from tests.conftest import DEMO_DATASET, upload
+from tests.waiting import wait_until
 
 
 def wait_done(client: TestClient, url: str, **params) -> dict:
-    deadline = time.monotonic() + 60
-    while True:
+    def done():
         response = client.get(url, params=params)
         if response.status_code == 200:
             return response.json()
         assert response.status_code == 202, response.text
         assert response.json()["status"] == "computing" and response.json()["total"] == 80
-        assert time.monotonic() < deadline, "the background statistics never finished"
-        time.sleep(0.2)
+        return None
+
+    return wait_until(done, 60, "the background statistics")
 
 
 @pytest.fixture
@@ -65,12 +65,12 @@ def test_background_statistics_equal_the_inline_ones(two_ways):
 
 
 def wait_done_summary(client: TestClient, dataset: int) -> dict:
-    deadline = time.monotonic() + 60
-    while "duplicates" not in (body := client.get(f"/api/datasets/{dataset}").json()):
-        assert body["summary"]["status"] == "computing"
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    return body
+    def done():
+        body = client.get(f"/api/datasets/{dataset}").json()
+        assert "duplicates" in body or body["summary"]["status"] == "computing"
+        return body if "duplicates" in body else None
+
+    return wait_until(done, 60, "the duplicates and split")
 
 
 def test_the_dataset_page_shows_progress_then_the_statistics(two_ways):
@@ -79,31 +79,29 @@ def test_the_dataset_page_shows_progress_then_the_statistics(two_ways):
     assert page.status_code == 200
     assert 'id="stats-pending"' in page.text and "Counting tokens" in page.text
     assert 'id="quality-pending"' in page.text
-    deadline = time.monotonic() + 60
-    while 'id="token-stats"' not in (
-        fragment := client.get(
-            f"/datasets/{dataset}",
-            params={"model": model},
-            headers={"HX-Request": "true", "HX-Target": "stats"},
-        ).text
-    ):
-        assert "stats-pending" in fragment and time.monotonic() < deadline
-        time.sleep(0.2)
+
+    def filled():
+        headers = {"HX-Request": "true", "HX-Target": "stats"}
+        fragment = client.get(f"/datasets/{dataset}", params={"model": model}, headers=headers).text
+        assert 'id="token-stats"' in fragment or "stats-pending" in fragment
+        return 'id="token-stats"' in fragment
+
+    wait_until(filled, 60, "the statistics to fill the page")
     quality = client.get(f"/datasets/{dataset}", headers={"HX-Request": "true", "HX-Target": "quality"}).text
     assert 'id="duplicates"' in quality and ">40<" in quality
 
 
-def test_a_failed_job_says_why_and_the_next_request_tries_again(two_ways, monkeypatch):
+def test_a_failed_job_says_why_and_the_next_request_tries_again(two_ways):
     _, (client, model, dataset) = two_ways
     rows = client.app.state.settings.datasets_dir / str(dataset) / "rows.jsonl"
     saved = rows.read_bytes()
     rows.write_text("not json\n" * 80)
-    deadline = time.monotonic() + 60
-    while (
-        response := client.get(f"/api/datasets/{dataset}/stats", params={"model": model})
-    ).status_code == 202:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+
+    def answered():
+        response = client.get(f"/api/datasets/{dataset}/stats", params={"model": model})
+        return response if response.status_code != 202 else None
+
+    response = wait_until(answered, 60, "the failed job")
     assert response.status_code == 422 and "could not be computed" in response.json()["detail"][0]["message"]
     rows.write_bytes(saved)
     assert wait_done(client, f"/api/datasets/{dataset}/stats", model=model)["rows"] == 80

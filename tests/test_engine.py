@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -191,3 +192,30 @@ def test_a_fixed_seed_makes_sampling_reproducible(tiny_model_dir, adapters):
     assert [r.text for r in first] == [r.text for r in second]
     other, _ = collect(engine, panes, Sampling(max_new_tokens=16, temperature=1.5, top_p=0.95, seed=8))
     assert [r.text for r in other] != [r.text for r in first]
+
+
+@pytest.mark.parametrize("prompt_format", ["chat", "instruction"])
+@pytest.mark.parametrize("with_input", [False, True])
+def test_the_generation_prompt_is_trainings_prompt_prefix(tiny_model_dir, prompt_format, with_input):
+    """What the playground sends the model is exactly what training put before the answer."""
+    from transformers import AutoTokenizer
+
+    from app.datasets.formats import parse_dataset
+    from worker.data import IGNORE_INDEX, encode_row
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    record = {"instruction": "What is the capital of Quillmere?", "output": "Tessary, a harbour town."}
+    if with_input:
+        record["input"] = "Answer in one sentence."
+    row = parse_dataset(json.dumps([record]).encode()).rows[0]
+    encoded = encode_row(row, tokenizer, prompt_format, max_length=512)
+    answer_starts = next(i for i, label in enumerate(encoded["labels"]) if label != IGNORE_INDEX)
+    user = next(m for m in row["messages"] if m["role"] == "user")
+    pane = PaneRequest(
+        model_key="tiny",
+        model_path=tiny_model_dir,
+        adapter=None,
+        messages=[{**user, "alpaca": row.get("alpaca")}],
+        prompt_format=prompt_format,
+    )
+    assert prompt_ids(tokenizer, pane) == encoded["input_ids"][:answer_starts]

@@ -24,6 +24,7 @@ import pytest
 
 from tests.conftest import DEMO_DATASET
 from tests.servers import running, running_worker
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.faults
 
@@ -34,16 +35,6 @@ FAST = {
     "TUNEBOARD_PREPARE_MODELS": "false",
     "TUNEBOARD_TORCH_THREADS": "1",
 }
-
-
-def wait_for(predicate, timeout: float = 120, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def prepare(base: str, tiny_model_dir: Path) -> tuple[str, int]:
@@ -68,7 +59,7 @@ def finished(base: str, run: int) -> dict | None:
 def test_a_worker_started_before_the_web_server_waits_then_trains(tmp_path, tiny_model_dir):
     data = tmp_path / "data"
     with running_worker(data, FAST, log=tmp_path / "worker.log") as worker:
-        wait_for(
+        wait_until(
             lambda: "waiting for the database schema" in (tmp_path / "worker.log").read_text(), 30, "the wait"
         )
         time.sleep(1.5)
@@ -76,7 +67,7 @@ def test_a_worker_started_before_the_web_server_waits_then_trains(tmp_path, tiny
         with running("web", data, log=tmp_path / "web.log") as (base, _):
             model, dataset = prepare(base, tiny_model_dir)
             run = launch(base, model, dataset, max_steps=3)
-            done = wait_for(lambda: finished(base, run), what="the first run")
+            done = wait_until(lambda: finished(base, run), what="the first run")
             assert done["status"] == "succeeded", done["error"]
             assert worker.poll() is None
     assert (tmp_path / "worker.log").read_text().count("waiting for the database schema") == 1
@@ -88,16 +79,16 @@ def test_serve_restarts_a_killed_worker_and_the_run_resumes(tmp_path, tiny_model
         model, dataset = prepare(base, tiny_model_dir)
         run = launch(base, model, dataset, max_steps=160, logging_steps=5, save_steps=20)
         checkpoints = data / "runs" / str(run) / "checkpoints"
-        wait_for(lambda: list(checkpoints.glob("checkpoint-*/TUNEBOARD_COMPLETE")), what="a checkpoint")
+        wait_until(lambda: list(checkpoints.glob("checkpoint-*/TUNEBOARD_COMPLETE")), what="a checkpoint")
         workers = [int(m.split()[0]) for m in worker_processes(serve.pid)]
         assert len(workers) == 1
         os.kill(workers[0], signal.SIGKILL)
-        wait_for(
+        wait_until(
             lambda: [p for p in worker_processes(serve.pid) if int(p.split()[0]) != workers[0]],
             30,
             "a new worker",
         )
-        done = wait_for(lambda: finished(base, run), timeout=240, what="the resumed run")
+        done = wait_until(lambda: finished(base, run), timeout=240, what="the resumed run")
         assert done["status"] == "succeeded", done["error"]
         assert done["attempts"] == 2 and done["resumed_from_step"] >= 20
         steps = [
@@ -128,7 +119,7 @@ def test_a_locked_database_is_a_passing_fault(tmp_path, tiny_model_dir):
     with running("web", data, log=tmp_path / "web.log") as (base, _):
         model, dataset = prepare(base, tiny_model_dir)
         with running_worker(data, FAST, log=tmp_path / "worker.log") as worker:
-            wait_for(
+            wait_until(
                 lambda: (
                     "Workers" in httpx.get(f"{base}/workers").text
                     and "idle" in httpx.get(f"{base}/workers").text
@@ -138,7 +129,7 @@ def test_a_locked_database_is_a_passing_fault(tmp_path, tiny_model_dir):
             )
             blocker = sqlite3.connect(data / "tuneboard.db", timeout=1)
             blocker.execute("BEGIN EXCLUSIVE")  # longer than the 10 s busy timeout
-            wait_for(
+            wait_until(
                 lambda: "passing fault" in (tmp_path / "worker.log").read_text(),
                 40,
                 "the fault to be noticed",
@@ -146,7 +137,7 @@ def test_a_locked_database_is_a_passing_fault(tmp_path, tiny_model_dir):
             blocker.rollback()
             blocker.close()
             run = launch(base, model, dataset, max_steps=3)
-            done = wait_for(lambda: finished(base, run), what="a run after the fault")
+            done = wait_until(lambda: finished(base, run), what="a run after the fault")
             assert done["status"] == "succeeded" and worker.poll() is None
             assert (
                 "database is locked" in httpx.get(f"{base}/workers").text
@@ -178,7 +169,7 @@ def test_many_writers_at_once_no_500_and_no_lock_errors(tmp_path, tiny_model_dir
         with ThreadPoolExecutor(max_workers=72) as pool:
             streams = [pool.submit(stream, i) for i in range(50)]
             codes = list(pool.map(upload, range(20)))
-            done = wait_for(lambda: finished(base, run), what="the run")
+            done = wait_until(lambda: finished(base, run), what="the run")
             stop.set()
             for future in streams:
                 future.result(timeout=60)
@@ -214,7 +205,7 @@ def test_a_million_row_upload_while_a_run_trains(tmp_path, tiny_model_dir):
         thread.join()
         assert result["upload"].status_code == 201, result["upload"].text
         assert result["upload"].json()["rows"] == 1_000_000
-        done = wait_for(lambda: finished(base, run), timeout=300, what="the run")
+        done = wait_until(lambda: finished(base, run), timeout=300, what="the run")
         assert done["status"] == "succeeded", done["error"]
         assert len(worker_processes(serve.pid)) == 1
         assert max(slowest) < 5, sorted(slowest)[-5:]

@@ -6,7 +6,6 @@ import io
 import os
 import signal
 import threading
-import time
 import zipfile
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from app.models import RunMetric
 from app.runs import state
 from tests.conftest import DEMO_DATASET, upload
 from tests.servers import running_worker
+from tests.waiting import wait_until
 from worker.main import work_once
 from worker.supervise import KILLED, OUT_OF_MEMORY, explain_kill, oom_kills
 
@@ -74,16 +74,6 @@ def background_worker(settings, db):
         thread.join(timeout=60)
 
 
-def wait_for(predicate, timeout: float = 90, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def metrics(client, run_id: int) -> list[dict]:
     return client.get(f"/api/runs/{run_id}/metrics").json()
 
@@ -135,7 +125,7 @@ def test_a_run_succeeds_with_metrics_and_a_downloadable_adapter(client, settings
 def test_metrics_arrive_while_it_trains(client, launch, background_worker):
     run = launch(max_steps=400, logging_steps=5, save_steps=200)
     worker = background_worker()
-    seen = wait_for(lambda: metrics(client, run["id"]), what="first metrics")
+    seen = wait_until(lambda: metrics(client, run["id"]), what="first metrics")
     assert client.get(f"/api/runs/{run['id']}").json()["status"] == "running"
     assert seen[0]["step"] == 5 and seen[0]["loss"] > 0 and seen[0]["tokens_per_second"] > 0
     worker.join(timeout=120)
@@ -155,10 +145,10 @@ def test_a_failing_run_ends_with_a_sentence(client, settings, db, launch):
 def test_a_training_process_killed_from_outside_is_reported_as_such(client, launch, background_worker):
     run = launch(max_steps=5000, logging_steps=5, save_steps=1000)
     background_worker()
-    wait_for(lambda: metrics(client, run["id"]), what="training to start")
-    pid = wait_for(lambda: training_pid(run["id"]), what="the training process")
+    wait_until(lambda: metrics(client, run["id"]), what="training to start")
+    pid = wait_until(lambda: training_pid(run["id"]), what="the training process")
     os.kill(pid, signal.SIGKILL)
-    failed = wait_for(
+    failed = wait_until(
         lambda: (r := client.get(f"/api/runs/{run['id']}").json())["status"] == "failed" and r, what="failure"
     )
     assert failed["error"] == KILLED  # the out-of-memory killer's signal; no OOM was counted this time
@@ -177,7 +167,7 @@ def test_a_kill_is_called_out_of_memory_when_the_kernel_counted_one():
 def test_cancel_stops_training_and_keeps_the_adapter(client, settings, launch, background_worker):
     run = launch(max_steps=5000, logging_steps=5, save_steps=1000)
     worker = background_worker()
-    wait_for(lambda: metrics(client, run["id"]), what="training to start")
+    wait_until(lambda: metrics(client, run["id"]), what="training to start")
     assert client.post(f"/api/runs/{run['id']}/cancel").json()["cancel_requested"] is True
     worker.join(timeout=60)
     cancelled = client.get(f"/api/runs/{run['id']}").json()
@@ -205,17 +195,17 @@ def test_killing_the_worker_resumes_the_run_from_its_checkpoint(tmp_path, settin
     env = {f"TUNEBOARD_{k.upper()}": str(v) for k, v in FAST.items()}
     with running_worker(settings.data_dir, env, log=tmp_path / "worker1.log") as first:
         checkpoints = settings.runs_dir / str(run["id"]) / "checkpoints"
-        wait_for(
+        wait_until(
             lambda: list(checkpoints.glob("checkpoint-*/TUNEBOARD_COMPLETE")), what="a complete checkpoint"
         )
-        wait_for(lambda: client.get(f"/api/runs/{run['id']}").json()["current_step"] >= 60, what="step 60")
+        wait_until(lambda: client.get(f"/api/runs/{run['id']}").json()["current_step"] >= 60, what="step 60")
         orphan = training_pid(run["id"])
         os.kill(first.pid, signal.SIGKILL)
     # Without heartbeats the orphaned training process stops by itself.
-    wait_for(lambda: training_pid(run["id"]) is None, timeout=30, what="the orphaned trainer to exit")
+    wait_until(lambda: training_pid(run["id"]) is None, timeout=30, what="the orphaned trainer to exit")
     assert orphan is not None
     with running_worker(settings.data_dir, env, log=tmp_path / "worker2.log"):
-        done = wait_for(
+        done = wait_until(
             lambda: (r := client.get(f"/api/runs/{run['id']}").json())["status"] in state.FINISHED and r,
             timeout=180,
             what="the resumed run to finish",
