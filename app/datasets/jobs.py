@@ -42,7 +42,7 @@ class StatsPending(Exception):
         }
 
 
-_children: dict[str, subprocess.Popen] = {}  # reaped on the next call; the files are the job's state
+_children: list[subprocess.Popen] = []  # reaped on the next call; the files are the job's state
 _lock = threading.Lock()
 
 
@@ -59,9 +59,7 @@ def start_or_poll(cache: Path, spec: dict[str, Any], total: int) -> StatsPending
         error.unlink(missing_ok=True)
         raise ValueError(message)
     with _lock:
-        for key, child in list(_children.items()):
-            if child.poll() is not None:
-                del _children[key]
+        _children[:] = [child for child in _children if child.poll() is None]
         lock = side_file(cache, ".lock")
         if not _running(lock):
             lock.unlink(missing_ok=True)
@@ -78,7 +76,7 @@ def start_or_poll(cache: Path, spec: dict[str, Any], total: int) -> StatsPending
             )
             os.write(descriptor, str(child.pid).encode())
             os.close(descriptor)
-            _children[str(cache)] = child
+            _children.append(child)
     return progress(cache, total)
 
 
@@ -113,7 +111,7 @@ def _running(lock: Path) -> bool:
 def stop_all(grace: float = 5.0) -> None:
     """Stop this process's running jobs (the web server is stopping); the next request starts them again."""
     with _lock:
-        children = list(_children.values())
+        children = list(_children)
         _children.clear()
     for child in children:
         if child.poll() is None:
