@@ -250,19 +250,13 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         # No declared length (chunked): read up to the limit before the application sees any of it.
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                await send_error(scope, send, headers, 413, self.message)
-                return
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        await self.app(scope, _replay(b"".join(chunks), receive), send)
+        try:
+            body = await read_body(receive, self.limit)
+        except OverflowError:
+            await send_error(scope, send, headers, 413, self.message)
+            return
+        if body is not None:
+            await self.app(scope, _replay(body, receive), send)
 
 
 class JsonBodyMiddleware:
@@ -281,14 +275,9 @@ class JsonBodyMiddleware:
         if b"json" not in headers.get(b"content-type", b"").lower():
             await self.app(scope, receive, send)
             return
-        chunks, more = [], True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
+        body = await read_body(receive)
+        if body is None:
+            return
         if body.strip():
             try:
                 jsontext.loads(body)
@@ -298,6 +287,22 @@ class JsonBodyMiddleware:
                 await send_error(scope, send, headers, 422, f"{subject} {exc.message}.", field=field)
                 return
         await self.app(scope, _replay(body, receive), send)
+
+
+async def read_body(receive, limit: int | None = None) -> bytes | None:
+    """The whole request body; None if the client left first. OverflowError past `limit` bytes."""
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if limit is not None and size > limit:
+            raise OverflowError(size)
+        chunks.append(chunk)
+        more = message.get("more_body", False)
+    return b"".join(chunks)
 
 
 def _replay(body: bytes, receive):

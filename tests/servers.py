@@ -15,6 +15,15 @@ import httpx
 
 from app.config import PROJECT_ROOT
 
+# A worker that notices things in well under a second, on one thread, without converting the bundled GGUF:
+# what tests that train through real processes give it.
+FAST_WORKER = {
+    "TUNEBOARD_HEARTBEAT_SECONDS": "0.5",
+    "TUNEBOARD_WORKER_POLL_SECONDS": "0.3",
+    "TUNEBOARD_PREPARE_MODELS": "false",
+    "TUNEBOARD_TORCH_THREADS": "1",
+}
+
 
 def free_port() -> int:
     with socket.socket() as s:

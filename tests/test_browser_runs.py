@@ -9,15 +9,11 @@ import httpx
 import pytest
 
 from tests.conftest import DEMO_DATASET
-from tests.servers import free_port, running
+from tests.servers import FAST_WORKER, free_port, running
 
 pytestmark = pytest.mark.browser
 
-WORKER = {
-    "TUNEBOARD_HEARTBEAT_SECONDS": "0.5",
-    "TUNEBOARD_WORKER_POLL_SECONDS": "0.3",
-    "TUNEBOARD_PREPARE_MODELS": "false",
-    "TUNEBOARD_TORCH_THREADS": "1",
+WORKER = FAST_WORKER | {
     "TUNEBOARD_GENERATION": "true",
     "TUNEBOARD_GENERATION_DTYPE": "float32",
     "TUNEBOARD_GENERATION_THREADS": "1",

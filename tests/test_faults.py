@@ -23,18 +23,12 @@ import httpx
 import pytest
 
 from tests.conftest import DEMO_DATASET
-from tests.servers import running, running_worker
+from tests.servers import FAST_WORKER, running, running_worker
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.faults
 
-FAST = {
-    "TUNEBOARD_HEARTBEAT_SECONDS": "0.5",
-    "TUNEBOARD_STALE_AFTER_SECONDS": "5",
-    "TUNEBOARD_WORKER_POLL_SECONDS": "0.3",
-    "TUNEBOARD_PREPARE_MODELS": "false",
-    "TUNEBOARD_TORCH_THREADS": "1",
-}
+FAST = FAST_WORKER | {"TUNEBOARD_STALE_AFTER_SECONDS": "5"}
 
 
 def prepare(base: str, tiny_model_dir: Path) -> tuple[str, int]:
