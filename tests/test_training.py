@@ -204,9 +204,9 @@ def test_answer_only_loss_equals_the_models_own_loss(tiny_model_dir, tokenizer, 
 def test_a_model_too_big_for_memory_is_refused_before_loading(tmp_path, tiny_model_dir, monkeypatch):
     from worker.train import UserError
 
-    monkeypatch.setattr("worker.train.available_memory_bytes", lambda: 1000)
+    monkeypatch.setattr("worker.hardware.available_memory_bytes", lambda: 1000)
     config = make_config(tmp_path, tiny_model_dir, "lora", max_steps=1)
-    with pytest.raises(UserError, match=r"needs about .* GiB but only 0\.0 GiB of memory is free"):
+    with pytest.raises(UserError, match=r"does not fit: it needs about .* GiB and 0\.0 GiB of memory is"):
         build_trainer(config, Sink(), None)
 
 

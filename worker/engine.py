@@ -33,7 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, 
 from transformers.generation.streamers import BaseStreamer
 
 from app.prompts import instruction_prompt
-from worker.train import available_memory_bytes
+from worker.hardware import choose_dtype, loaded_bytes, shortfall
 
 log = logging.getLogger("tuneboard.generation")
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
@@ -230,8 +230,6 @@ class Engine:
     def __init__(
         self, *, device: str | None = None, dtype: torch.dtype | None = None, budget_bytes: int | None = None
     ):
-        from worker.train import choose_dtype
-
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = dtype or choose_dtype("auto")
         self.budget_bytes = budget_bytes
@@ -294,23 +292,15 @@ class Engine:
         return None
 
     def _check_free(self, needed: int, what: str) -> None:
-        if self.device == "cuda":
-            free, _ = torch.cuda.mem_get_info()
-            where = "GPU memory"
-        else:
-            free, where = available_memory_bytes(), "memory"
-        if free is not None and needed * 1.2 > free:
+        if problem := shortfall(needed, self.device):
             raise GenerationError(
-                f"Not enough free {where} to load {what}: it needs about {needed / 2**30:.1f} GiB and "
-                f"{free / 2**30:.1f} GiB is free (a training run may be using it). Try again when it ends."
+                f"Not enough free memory to load {what}: {problem} (a training run may be using it). "
+                "Try again when it ends."
             )
 
     # ---- loading ---------------------------------------------------------------------------------
     def _load_base(self, key: str, path: Path, keep: set[str], emit: Emit, pane: int) -> Slot:
-        weights = sum(p.stat().st_size for p in path.glob("*.safetensors")) or sum(
-            p.stat().st_size for p in path.glob("*.bin")
-        )
-        estimate = int(weights * torch.finfo(self.dtype).bits / 32)
+        estimate = loaded_bytes(path, self.dtype)
         self._make_room(estimate, keep, f"the base model {key}")
         self._check_free(estimate, f"the base model {key}")
         emit({"type": "status", "pane": pane, "message": f"Loading {key}…"})

@@ -55,14 +55,9 @@ def default_threads() -> int:
 
 
 def default_budget(device: str) -> int | None:
-    import torch
+    from worker.hardware import free_memory
 
-    from worker.train import available_memory_bytes
-
-    if device == "cuda":
-        free, _ = torch.cuda.mem_get_info()
-        return free // 2
-    free = available_memory_bytes()
+    free, _ = free_memory(device)
     return free // 2 if free else None
 
 
@@ -70,7 +65,7 @@ def create_host(settings: Settings, engine=None) -> FastAPI:
     import torch
 
     from worker.engine import AdapterRef, Engine, GenerationError, PaneRequest, PromptTooLong, Sampling
-    from worker.train import choose_dtype
+    from worker.hardware import choose_dtype
 
     torch.set_num_threads(settings.generation_threads or default_threads())
     if engine is None:

@@ -20,6 +20,7 @@ import yaml
 
 from app.runs.config import PROMPT_LEARNING, RunConfig
 from app.runs.folder import RunFolder
+from worker.hardware import choose_dtype, loaded_bytes, shortfall
 
 log = logging.getLogger("tuneboard.train")
 
@@ -41,48 +42,15 @@ def write_config(config: RunConfig, path: Path) -> None:
     )
 
 
-def choose_dtype(requested: str):
-    """bf16 where the hardware does it fast (CPUs with AVX-512 BF16 or AMX, recent GPUs), fp16 on older
-    GPUs, fp32 otherwise."""
-    import torch
-
-    if requested != "auto":
-        return getattr(torch, requested)
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32
-
-
-def available_memory_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 def check_fits(model_path: Path, dtype) -> None:
     """Refuse a model whose weights alone would not fit, before loading it takes the machine down."""
     import torch
 
-    weights = sum(p.stat().st_size for p in model_path.glob("*.safetensors")) or sum(
-        p.stat().st_size for p in model_path.glob("*.bin")
-    )
-    if torch.cuda.is_available():
-        free, _ = torch.cuda.mem_get_info()
-        where, budget = "GPU memory", free
-    else:
-        where, budget = "memory", available_memory_bytes()
-    # Checkpoints are usually fp32 or bf16; estimate the loaded size in the dtype we load in.
-    loaded = weights * (torch.finfo(dtype).bits / 32 if weights else 1)
-    if budget is not None and loaded * 1.2 > budget:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if problem := shortfall(loaded_bytes(model_path, dtype), device):
         raise UserError(
-            f"The base model needs about {loaded / 2**30:.1f} GiB but only "
-            f"{budget / 2**30:.1f} GiB of {where} is "
-            "free. Choose a smaller model, or free memory and launch again."
+            f"The base model does not fit: {problem}. Choose a smaller model, or free memory and launch "
+            "again."
         )
 
 

@@ -1,0 +1,61 @@
+"""Facts about this machine's hardware, for training and for the generation engine alike: which dtype is
+fast here, how much memory is free (on the GPU when there is one), how big a model's weights load, and
+whether they fit. Torch is imported inside the functions: the worker imports this module without it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+HEADROOM = 1.2  # a load that needs more than free memory / HEADROOM is refused
+
+
+def choose_dtype(requested: str):
+    """bf16 where the hardware does it fast (CPUs with AVX-512 BF16 or AMX, recent GPUs), fp16 on older
+    GPUs, fp32 otherwise."""
+    import torch
+
+    if requested != "auto":
+        return getattr(torch, requested)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32
+
+
+def available_memory_bytes() -> int | None:
+    """The machine's available memory (MemAvailable), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def free_memory(device: str) -> tuple[int | None, str]:
+    """(free bytes, what to call them in a sentence) on `device` ("cuda" or "cpu")."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info()[0], "GPU memory"
+    return available_memory_bytes(), "memory"
+
+
+def loaded_bytes(model_path: Path, dtype) -> int:
+    """About how much the model's weights take once loaded in `dtype` (checkpoints are usually fp32 or
+    bf16 on disk; the estimate scales their size to the loading dtype)."""
+    import torch
+
+    weights = sum(p.stat().st_size for p in model_path.glob("*.safetensors")) or sum(
+        p.stat().st_size for p in model_path.glob("*.bin")
+    )
+    return int(weights * torch.finfo(dtype).bits / 32)
+
+
+def shortfall(needed: int, device: str) -> str | None:
+    """None if `needed` bytes fit in what is free on `device`, else a sentence saying how much is short."""
+    free, where = free_memory(device)
+    if free is None or needed * HEADROOM <= free:
+        return None
+    return f"it needs about {needed / 2**30:.1f} GiB and {free / 2**30:.1f} GiB of {where} is free"
