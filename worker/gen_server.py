@@ -61,43 +61,25 @@ def default_budget(device: str) -> int | None:
     return free // 2 if free else None
 
 
-def create_host(settings: Settings, engine=None) -> FastAPI:
-    import torch
+class GenerationHost:
+    """The host's state (the engine, its one generation thread, the waiting count) and its endpoints.
+    Auth follows the web tier's rule (`app.security.bearer_ok`); `create_host` wraps it in an app."""
 
-    from worker.engine import AdapterRef, Engine, GenerationError, PaneRequest, PromptTooLong, Sampling
-    from worker.hardware import choose_dtype
+    def __init__(self, settings: Settings, engine):
+        self.settings, self.engine = settings, engine
+        self.db = Database(settings.sqlalchemy_url)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        self.waiting = 0
+        self.counts = {"answered": 0, "cancelled": 0}
+        self.token = settings.token.get_secret_value() if settings.token else None
 
-    torch.set_num_threads(settings.generation_threads or default_threads())
-    if engine is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        budget = int(settings.generation_memory_mb * 2**20) if settings.generation_memory_mb else None
-        engine = Engine(
-            device=device,
-            dtype=choose_dtype(settings.generation_dtype),
-            budget_bytes=budget or default_budget(device),
-        )
-    db = Database(settings.sqlalchemy_url)
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
-    waiting = {"count": 0}
-    counts = {"answered": 0, "cancelled": 0}
-    token = settings.token.get_secret_value() if settings.token else None
-    app = FastAPI(title="Tuneboard generation host")
-    app.state.engine = engine
-    limit_kb = settings.generation_max_body_kb
-    app.add_middleware(JsonBodyMiddleware)
-    app.add_middleware(
-        BodyLimitMiddleware,
-        limit=limit_kb * 1024,
-        message=f"The conversation is larger than the generation host's {limit_kb} KB limit "
-        "(TUNEBOARD_GENERATION_MAX_BODY_KB).",
-    )
-    app.add_middleware(HostCheckMiddleware, names=settings.host_names(settings.generation_host))
+    def authorised(self, request: Request) -> bool:
+        return self.token is None or bearer_ok(request.headers.get("authorization", ""), self.token)
 
-    def authorised(request: Request) -> bool:
-        return token is None or bearer_ok(request.headers.get("authorization", ""), token)
+    def panes_for(self, body: GenerateBody) -> list:
+        from worker.engine import AdapterRef, PaneRequest
 
-    def panes_for(body: GenerateBody) -> list[PaneRequest]:
-        targets = resolve_all(settings, db, [pane.target for pane in body.panes])
+        targets = resolve_all(self.settings, self.db, [pane.target for pane in body.panes])
         return [
             PaneRequest(
                 model_key=t.base_model,
@@ -110,73 +92,52 @@ def create_host(settings: Settings, engine=None) -> FastAPI:
             for t, pane in zip(targets, body.panes, strict=True)
         ]
 
-    def training_now() -> int:
-        with db.session() as session:
-            return (
-                session.scalar(select(func.count()).select_from(Run).where(Run.status == RunStatus.RUNNING))
-                or 0
-            )
+    def training_now(self) -> int:
+        query = select(func.count()).select_from(Run).where(Run.status == RunStatus.RUNNING)
+        with self.db.session() as session:
+            return session.scalar(query) or 0
 
-    @app.get("/healthz")
-    def healthz() -> dict[str, Any]:
-        return {"status": "ok", "waiting": waiting["count"], **counts, **engine.describe()}
+    def healthz(self) -> dict[str, Any]:
+        return {"status": "ok", "waiting": self.waiting, **self.counts, **self.engine.describe()}
 
-    @app.post("/generate")
-    async def generate(body: GenerateBody, request: Request):
-        if not authorised(request):
+    async def generate(self, body: GenerateBody, request: Request):
+        """Check the request, queue it for the generation thread, stream its events as NDJSON."""
+        from worker.engine import PromptTooLong, Sampling
+
+        if not self.authorised(request):
             return JSONResponse(
                 {"message": "The generation host needs the Tuneboard token."}, status_code=401
             )
         try:
-            panes = await asyncio.to_thread(panes_for, body)
+            panes = await asyncio.to_thread(self.panes_for, body)
         except TargetError as exc:
             return JSONResponse({"message": str(exc)}, status_code=404)
         try:
-            await asyncio.to_thread(engine.check_prompts, panes, body.sampling.max_new_tokens)
+            await asyncio.to_thread(self.engine.check_prompts, panes, body.sampling.max_new_tokens)
         except PromptTooLong as exc:
             return JSONResponse({"message": str(exc), "field": exc.field}, status_code=400)
-        if waiting["count"] >= settings.generation_queue:
-            return JSONResponse(
-                {
-                    "message": f"The generation host is busy: {waiting['count']} questions are waiting. "
-                    "Try again in a moment."
-                },
-                status_code=503,
+        if self.waiting >= self.settings.generation_queue:
+            message = (
+                f"The generation host is busy: {self.waiting} questions are waiting. Try again in a moment."
             )
+            return JSONResponse({"message": message}, status_code=503)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         stop = threading.Event()
-        ahead = waiting["count"]
-        waiting["count"] += 1
-        sampling = Sampling(**body.sampling.model_dump())
+        ahead = self.waiting
+        self.waiting += 1
 
         def emit(event: dict[str, Any]) -> None:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
-        def job() -> None:
-            try:
-                if stop.is_set():
-                    return
-                if engine.device == "cpu" and training_now():
-                    for index in range(len(panes)):
-                        emit({"type": "status", "pane": index, "message": SLOW_WHILE_TRAINING})
-                results = engine.generate(panes, sampling, emit, stop)
-                counts["answered"] += 1
-                counts["cancelled"] += any(r.finish_reason == "cancelled" for r in results)
-                emit({"type": "end", "results": [asdict(r) for r in results]})
-            except GenerationError as exc:
-                emit({"type": "error", "message": str(exc)})
-            except Exception as exc:  # noqa: BLE001 - every failure reaches the user as a sentence
-                log.exception("generation failed")
-                emit({"type": "error", "message": explain(exc)})
-            finally:
-                loop.call_soon_threadsafe(_done)
-
-        def _done() -> None:
-            waiting["count"] -= 1
+        def done() -> None:
+            self.waiting -= 1
             events.put_nowait({"type": "_closed"})
 
-        loop.run_in_executor(executor, job)
+        sampling = Sampling(**body.sampling.model_dump())
+        loop.run_in_executor(
+            self.executor, self._answer, panes, sampling, emit, stop, lambda: loop.call_soon_threadsafe(done)
+        )
 
         async def stream():
             try:
@@ -195,6 +156,59 @@ def create_host(settings: Settings, engine=None) -> FastAPI:
 
         return StreamingResponse(stream(), media_type="application/x-ndjson")
 
+    def _answer(self, panes, sampling, emit, stop: threading.Event, done) -> None:
+        """On the generation thread: answer every pane; every failure reaches the user as a sentence."""
+        from worker.engine import GenerationError
+
+        try:
+            if stop.is_set():
+                return
+            if self.engine.device == "cpu" and self.training_now():
+                for index in range(len(panes)):
+                    emit({"type": "status", "pane": index, "message": SLOW_WHILE_TRAINING})
+            results = self.engine.generate(panes, sampling, emit, stop)
+            self.counts["answered"] += 1
+            self.counts["cancelled"] += any(r.finish_reason == "cancelled" for r in results)
+            emit({"type": "end", "results": [asdict(r) for r in results]})
+        except GenerationError as exc:
+            emit({"type": "error", "message": str(exc)})
+        except Exception as exc:  # noqa: BLE001 - every failure reaches the user as a sentence
+            log.exception("generation failed")
+            emit({"type": "error", "message": explain(exc)})
+        finally:
+            done()
+
+
+def create_host(settings: Settings, engine=None) -> FastAPI:
+    """The generation host's app: the Host check, the body limit and safe JSON around a GenerationHost."""
+    import torch
+
+    from worker.engine import Engine
+    from worker.hardware import choose_dtype
+
+    torch.set_num_threads(settings.generation_threads or default_threads())
+    if engine is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        budget = int(settings.generation_memory_mb * 2**20) if settings.generation_memory_mb else None
+        engine = Engine(
+            device=device,
+            dtype=choose_dtype(settings.generation_dtype),
+            budget_bytes=budget or default_budget(device),
+        )
+    host = GenerationHost(settings, engine)
+    app = FastAPI(title="Tuneboard generation host")
+    app.state.engine = engine
+    limit_kb = settings.generation_max_body_kb
+    app.add_middleware(JsonBodyMiddleware)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        limit=limit_kb * 1024,
+        message=f"The conversation is larger than the generation host's {limit_kb} KB limit "
+        "(TUNEBOARD_GENERATION_MAX_BODY_KB).",
+    )
+    app.add_middleware(HostCheckMiddleware, names=settings.host_names(settings.generation_host))
+    app.add_api_route("/healthz", host.healthz, methods=["GET"])
+    app.add_api_route("/generate", host.generate, methods=["POST"])
     return app
 
 
