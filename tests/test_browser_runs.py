@@ -10,6 +10,7 @@ import pytest
 
 from tests.conftest import DEMO_DATASET
 from tests.servers import FAST_WORKER, free_port, running
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.browser
 
@@ -57,6 +58,14 @@ def launch(app, epochs: int) -> int:
         "training": {"num_train_epochs": epochs},
     }
     return httpx.post(f"{app['base']}/api/runs", json=body).json()["id"]
+
+
+def finished_runs(app, *epochs: int) -> list[int]:
+    """Runs this test launches itself, once they have finished (no test relies on another's runs)."""
+    runs = [launch(app, e) for e in epochs]
+    for run in runs:
+        wait_until(lambda run=run: api_run(app, run)["status"] == "succeeded", 180, f"run {run} to finish")
+    return runs
 
 
 def test_launch_from_the_page_and_watch_the_curve_draw(app, context):
@@ -129,9 +138,9 @@ def test_runs_page_updates_rows_live(app, context):
 
 
 def test_compare_finished_runs(app, context):
-    runs = [r["id"] for r in httpx.get(f"{app['base']}/api/runs").json()]
+    runs = finished_runs(app, 1, 2)
     page = context.new_page()
-    page.goto(f"{app['base']}/compare?" + "&".join(f"runs={r}" for r in runs[:2]))
+    page.goto(f"{app['base']}/compare?" + "&".join(f"runs={r}" for r in runs))
     page.wait_for_selector("#compare-chart canvas")
     assert page.get_attribute("#compare-chart", "data-series") == "2"
     assert "training.num_train_epochs" in page.inner_text("#differences")
@@ -141,10 +150,11 @@ def test_compare_finished_runs(app, context):
 @pytest.mark.parametrize("width", [1280, 390])
 def test_every_page_fits_the_screen(app, browser, tmp_path, width):
     """Screenshots at desktop and phone width; nothing may stick out sideways."""
-    run_id = httpx.get(f"{app['base']}/api/runs").json()[0]["id"]
+    first, second = finished_runs(app, 1, 1)
     page = browser.new_page(viewport={"width": width, "height": 800})
-    for path in ("/", "/runs/new", f"/runs/{run_id}", "/compare?runs=1&runs=2", "/datasets",
-                 f"/datasets/{app['dataset']}", "/models", f"/playground?run={run_id}"):  # fmt: skip
+    paths = ["/", "/runs/new", f"/runs/{second}", f"/compare?runs={first}&runs={second}", "/datasets",
+             f"/datasets/{app['dataset']}", "/models", "/workers", f"/playground?run={second}"]  # fmt: skip
+    for path in paths:
         page.goto(app["base"] + path)
         page.wait_for_load_state("networkidle")
         overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
