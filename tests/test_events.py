@@ -124,3 +124,17 @@ def _until_blank(lines):
         yield line
         if not line.strip():
             return
+
+
+@pytest.mark.parametrize(("shown", "announced"), [(0, True), (1, False)])
+def test_a_run_created_before_the_runs_page_connects_is_announced(
+    tmp_path, run_id, settings, shown, announced
+):
+    """Regression: a run created between rendering the Runs page and opening its stream never appeared,
+    because the stream took the new count as its starting point."""
+    with running("web", settings.data_dir, log=tmp_path / "web.log") as (base, _):
+        with httpx.stream("GET", f"{base}/runs/stream?count={shown}", timeout=10) as response:
+            lines = response.iter_lines()
+            first = parse(_until_blank(lines))
+            assert (first[0].event == "runs-changed") is announced
+            assert first[0].data == "1" if announced else first[0].event == f"run-{run_id}"

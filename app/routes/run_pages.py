@@ -16,7 +16,7 @@ from app.datasets import store
 from app.datasets.jobs import StatsPending
 from app.deps import IdQuery, RunId, SessionDep, SettingsDep, WriteSessionDep, get_run_or_404
 from app.model_registry import BUNDLED_ID, find_model, list_models
-from app.models import Dataset, Run, RunMetric
+from app.models import MAX_ID, Dataset, Run, RunMetric
 from app.prompts import PROMPT_FORMATS
 from app.runs import state
 from app.runs.config import METHOD_LABELS, PRESETS, InvalidRun, RunRequest
@@ -46,7 +46,7 @@ def runs_page(request: Request, session: SessionDep):
 
 
 @router.get("/runs/stream")
-async def runs_stream(request: Request):
+async def runs_stream(request: Request, count: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None):
     """One stream for the whole Runs page: a re-rendered row whenever a run changes."""
     templates, db = request.app.state.templates, request.app.state.db
     with db.session() as session:
@@ -58,7 +58,8 @@ async def runs_stream(request: Request):
         )
         return ServerSentEvent(html, event=f"run-{run.id}")
 
-    return EventSourceResponse(tracked(request.app, list_stream(request.app.state.feeds, encode)), ping=15)
+    stream = list_stream(request.app.state.feeds, encode, known=count)
+    return EventSourceResponse(tracked(request.app, stream), ping=15)
 
 
 def _form_context(settings, session, values: dict, *, problems=None) -> dict:

@@ -281,15 +281,16 @@ class ListFeed(Feed):
 
 
 async def list_stream(
-    feeds: Feeds, encode: Callable[[Run, RunMetric | None], ServerSentEvent]
+    feeds: Feeds, encode: Callable[[Run, RunMetric | None], ServerSentEvent], known: int | None = None
 ) -> AsyncIterator[ServerSentEvent]:
     """One event (encoded by the caller) for each run that changed, and `runs-changed` (the new count)
-    when runs were added or deleted."""
+    when runs were added or deleted. `known` is how many runs the client already shows: a run created
+    between rendering its page and connecting is announced at once, not missed."""
     feed = feeds.runs_list()
     feed.join()
     try:
         sent: dict[int, dict] = {}
-        count = None
+        count = known
         version = 0
         while True:
             if version == 0 and not feed.keys:
