@@ -22,7 +22,9 @@ def browser_headers(client, **extra) -> dict[str, str]:
 def test_home_is_the_runs_page(client):
     home = client.get("/")
     assert (
-        home.status_code == 200 and "No runs yet" in home.text and 'sse-connect="/runs/stream"' in home.text
+        home.status_code == 200
+        and "No runs yet" in home.text
+        and 'sse-connect="/runs/stream?count=0"' in home.text
     )
     page = client.get("/datasets")
     assert "No datasets yet" in page.text and page.headers["vary"] == "HX-Request"
