@@ -40,7 +40,6 @@ class ChildKeeper:
         self.name, self.command, self.env = name, command, env
         self.stopping = threading.Event()
         self.backoff = Backoff(first_delay)
-        self.restarts = 0
         self.process = self._start()
         self.watcher = threading.Thread(target=self._watch, name=f"keep-{name}", daemon=True)
         self.watcher.start()
@@ -60,7 +59,6 @@ class ChildKeeper:
             log.warning("%s exited (%s); starting it again in %.0f s", self.name, describe_exit(code), delay)
             if self.stopping.wait(delay):
                 return
-            self.restarts += 1
             self.process = self._start()
 
     def close(self, grace: float = 15.0) -> None:
