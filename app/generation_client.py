@@ -8,7 +8,7 @@ generating for that request.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx
@@ -25,7 +25,7 @@ def _headers(settings: Settings) -> dict[str, str]:
     return {"Authorization": f"Bearer {settings.token.get_secret_value()}"} if settings.token else {}
 
 
-async def generate(settings: Settings, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+async def generate(settings: Settings, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any]]:
     timeout = httpx.Timeout(10.0, read=None)  # an answer may take minutes; connecting may not
     try:
         async with httpx.AsyncClient(timeout=timeout, headers=_headers(settings)) as client:

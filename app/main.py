@@ -48,7 +48,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.feeds = Feeds(app.state.db)
 
     app.add_middleware(JsonBodyMiddleware)  # innermost: reads bodies already within the limit
-    app.add_middleware(BodyLimitMiddleware, **upload_limit(settings))
+    limit, message = upload_limit(settings)
+    app.add_middleware(BodyLimitMiddleware, limit=limit, message=message)
     app.add_middleware(AccessMiddleware, settings=settings, db=app.state.db)
     app.add_middleware(HostCheckMiddleware, names=settings.host_names())  # outermost: runs first
     app.state.login_throttle = LoginThrottle(settings.login_attempts_per_minute)

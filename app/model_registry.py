@@ -30,13 +30,13 @@ class ModelEntry:
     id: str
     name: str
     source: str  # bundled | hf-cache | folder | gguf
-    folder: Path | None  # the transformers folder to load from (a conversion target for GGUF)
+    folder: Path  # the transformers folder to load from (a conversion target for GGUF)
     gguf: Path | None = None  # the GGUF file to convert, when the source is one
     error: str | None = None
 
     @property
     def ready(self) -> bool:
-        return self.error is None and self.folder is not None and is_model_folder(self.folder)
+        return self.error is None and is_model_folder(self.folder)
 
     @property
     def status(self) -> str:
@@ -56,7 +56,7 @@ class ModelEntry:
             "name": self.name,
             "source": self.source,
             "status": self.status,
-            "path": str(self.folder) if self.folder else None,
+            "path": str(self.folder),
             "gguf": str(self.gguf) if self.gguf else None,
             "error": self.error,
         }
@@ -148,9 +148,9 @@ def _scan_hf_cache(folder: str, _stamp: int) -> tuple[ModelEntry, ...]:
         if repo.repo_type != "model" or not repo.revisions:
             continue
         revision = max(repo.revisions, key=lambda r: r.last_modified)
-        folder = Path(revision.snapshot_path)
-        if is_model_folder(folder) and _is_causal_lm(folder):
-            entries.append(ModelEntry(repo.repo_id, repo.repo_id, "hf-cache", folder))
+        snapshot = Path(revision.snapshot_path)
+        if is_model_folder(snapshot) and _is_causal_lm(snapshot):
+            entries.append(ModelEntry(repo.repo_id, repo.repo_id, "hf-cache", snapshot))
     return tuple(entries)
 
 
@@ -271,6 +271,6 @@ def unregister_model(settings: Settings, model_id: str, *, session: Session) -> 
     entry = registered_entry(settings, model)
     session.delete(model)
     session.commit()
-    if entry.source == "gguf" and entry.folder is not None:
+    if entry.source == "gguf":
         shutil.rmtree(entry.folder, ignore_errors=True)
         error_file(entry.folder).unlink(missing_ok=True)

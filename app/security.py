@@ -215,13 +215,14 @@ def _from_browser(headers: dict[bytes, bytes]) -> bool:
     return b"origin" in headers or b"sec-fetch-site" in headers
 
 
-def upload_limit(settings: Settings) -> dict[str, int | str]:
-    """The web server's body limit: the upload limit plus multipart framing."""
+def upload_limit(settings: Settings) -> tuple[int, str]:
+    """The web server's body limit (bytes, and the sentence for a larger body): the upload limit plus
+    multipart framing."""
     message = (
         f"The file is larger than the {settings.max_upload_mb:g} MB upload limit "
         "(TUNEBOARD_MAX_UPLOAD_MB). Nothing was stored."
     )
-    return {"limit": settings.max_upload_bytes + MULTIPART_SLACK, "message": message}
+    return settings.max_upload_bytes + MULTIPART_SLACK, message
 
 
 class BodyLimitMiddleware:

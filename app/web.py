@@ -12,7 +12,7 @@ from app import workers
 from app.config import PROJECT_ROOT
 
 
-def filesize(size: int) -> str:
+def filesize(size: float) -> str:
     for unit in ("B", "kB", "MB", "GB"):
         if size < 1000 or unit == "GB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from app.datasets.formats import parse_dataset
-from app.runs.config import RunConfig, TrainingParams, validate_peft
+from app.runs.config import ResolvedTraining, RunConfig, validate_peft
 from bench.data import alpaca_rows
 
 RECIPE_LORA = {"r": 8, "lora_alpha": 32, "lora_dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
@@ -42,7 +42,7 @@ def write_rows(folder: Path, rows: list[dict]) -> Path:
 def tuneboard_config(
     folder: Path, model_dir: Path, rows_file: Path, train_rows: int, eval_rows: list[int], **training
 ):
-    params = TrainingParams(
+    params = ResolvedTraining(
         num_train_epochs=1,
         learning_rate=2e-4,
         per_device_train_batch_size=4,

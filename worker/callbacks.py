@@ -50,7 +50,9 @@ class ProgressCallback(TrainerCallback):
         self.sink, self.resumed_from = sink, resumed_from
         self.trainable, self.total, self.check_every = trainable, total, check_every
         self._last_check = 0.0
-        self._last_time = self._last_step = self._last_tokens = None
+        self._last_time: float | None = None
+        self._last_step: int | None = None
+        self._last_tokens: int | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:

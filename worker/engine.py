@@ -22,11 +22,11 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
@@ -40,7 +40,7 @@ BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 SHARED_TYPES = {"LORA"}  # adapter types that can share one base copy in a mixed batch
 # For answering, adapter weights take the base model's dtype (PEFT would otherwise keep them in fp32 beside
 # a bf16 base: twice the memory, and slower mixed-dtype matmuls).
-ADAPTER_LOADING = {"is_trainable": False, "autocast_adapter_dtype": False}
+ADAPTER_LOADING: dict[str, Any] = {"is_trainable": False, "autocast_adapter_dtype": False}
 
 
 class GenerationError(Exception):
@@ -206,13 +206,16 @@ class StopFlag(StoppingCriteria):
         self.stop = stop
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
-        return torch.full(
+        done = torch.full(
             (input_ids.shape[0],), self.stop.is_set(), dtype=torch.bool, device=input_ids.device
         )
+        return cast(torch.BoolTensor, done)
 
 
 def exclusive_key(pane: PaneRequest) -> str:
     """The slot of an adapter that needs its own copy of the base model."""
+    if pane.adapter is None:
+        raise ValueError("only a pane with an adapter has an exclusive slot")
     return f"{pane.model_key}+{pane.adapter.name}"
 
 
@@ -309,7 +312,8 @@ class Engine:
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
+        model = model.to(self.device).eval()  # type: ignore[arg-type]  # transformers types `to` wrongly
         log.info("loaded %s in %.1f s", key, time.perf_counter() - started)
         return Slot(key=key, model=model, tokenizer=tokenizer, base_bytes=param_bytes(model))
 
@@ -435,7 +439,7 @@ class Engine:
             kwargs |= {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
         else:  # greedy: clear the model's own sampling defaults so they do not warn or apply
             kwargs |= {"temperature": None, "top_p": None, "top_k": None}
-        adapters = nullcontext()
+        adapters: AbstractContextManager[object] = nullcontext()
         if isinstance(slot.model, PeftModel) and slot.exclusive is None:
             names = [pane.adapter.name if pane.adapter else BASE for pane in panes]
             if len(set(names)) > 1:  # a mixed batch: each row names its adapter

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from app.config import Settings
 from app.db import Database
-from app.model_registry import error_file, list_models
+from app.model_registry import ModelEntry, error_file, list_models
 
 log = logging.getLogger("tuneboard.prepare")
 
@@ -63,8 +63,11 @@ def run_conversion(gguf_path: Path, target: Path, *, stop: threading.Event | Non
     )
     output: list[str] = []
 
+    stderr = child.stderr
+    assert stderr is not None  # opened with stderr=PIPE
+
     def drain() -> None:
-        with child.stderr as stream:
+        with stderr as stream:
             output.append(stream.read())
 
     reader = threading.Thread(target=drain, daemon=True)
@@ -98,10 +101,20 @@ def prepare_pending_models(settings: Settings, db: Database, *, stop: threading.
         if stop is not None and stop.is_set():
             return
         log.info("preparing %s from %s", entry.id, entry.gguf)
-        reason = run_conversion(entry.gguf, entry.folder, stop=stop)
+        reason = prepare_model(entry, stop=stop)
         if reason:
             log.error("%s", reason)
-            error_file(entry.folder).write_text(reason, encoding="utf-8")
+
+
+def prepare_model(entry: ModelEntry, *, stop: threading.Event | None = None) -> str | None:
+    """Convert a GGUF-backed model into its folder; on failure the reason is also kept beside the folder
+    (so the Models page shows it and the model is not retried). Returns the reason, or None."""
+    if entry.gguf is None:
+        return None
+    reason = run_conversion(entry.gguf, entry.folder, stop=stop)
+    if reason:
+        error_file(entry.folder).write_text(reason, encoding="utf-8")
+    return reason
 
 
 if __name__ == "__main__":

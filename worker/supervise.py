@@ -20,12 +20,12 @@ from app import workers
 from app.config import Settings
 from app.db import Database
 from app.keeper import Backoff, describe_exit
-from app.model_registry import error_file, find_model
+from app.model_registry import find_model
 from app.models import Run, RunStatus
 from app.runs import state
 from app.runs.config import RunConfig
 from app.runs.folder import RunFolder
-from worker.prepare import run_conversion
+from worker.prepare import prepare_model
 from worker.train import write_config
 
 log = logging.getLogger("tuneboard.worker")
@@ -180,7 +180,8 @@ def supervise(settings: Settings, db: Database, run: Run, *, me: str, stop: thre
     if lost:
         return "lost"
     with db.session() as session:
-        cancelled = session.get(Run, run.id, populate_existing=True).cancel_requested
+        current = session.get(Run, run.id, populate_existing=True)
+        cancelled = current is not None and current.cancel_requested
     error = None
     if cancelled:
         status = RunStatus.CANCELLED
@@ -218,9 +219,8 @@ def ensure_model(settings: Settings, db: Database, run: Run, *, stop: threading.
         )
     if model.status == "preparing":
         log.info("run %d: preparing %s first", run.id, model.id)
-        reason = run_conversion(model.gguf, model.folder, stop=stop)
+        reason = prepare_model(model, stop=stop)
         if reason:
-            error_file(model.folder).write_text(reason, encoding="utf-8")
             return reason
     elif model.status != "ready":
         return f"{model.name} cannot be used: {model.error}"

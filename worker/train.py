@@ -36,6 +36,13 @@ def read_config(path: Path) -> RunConfig:
     return config
 
 
+def run_folder(config: RunConfig) -> RunFolder:
+    """The run's folder (`read_config` fills it in when the file leaves it out)."""
+    if config.output_dir is None:
+        raise UserError("The run configuration names no output folder.")
+    return RunFolder(Path(config.output_dir))
+
+
 def write_config(config: RunConfig, path: Path) -> None:
     path.write_text(
         yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True), encoding="utf-8"
@@ -57,7 +64,13 @@ def check_fits(model_path: Path, dtype) -> None:
 def build_trainer(config: RunConfig, sink, attempt: int | None):
     import torch
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainingArguments
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        PrinterCallback,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     from worker.callbacks import AdaLoraCallback, ProgressCallback
     from worker.data import (
@@ -77,7 +90,7 @@ def build_trainer(config: RunConfig, sink, attempt: int | None):
     model_path = Path(config.model_path)
     if not (model_path / "config.json").is_file():
         raise UserError(f"The base model '{config.base_model}' is not available at {model_path}.")
-    folder = RunFolder(Path(config.output_dir))
+    folder = run_folder(config)
     checkpoints = folder.checkpoints_dir
     checkpoints.mkdir(parents=True, exist_ok=True)
 
@@ -166,7 +179,9 @@ def build_trainer(config: RunConfig, sink, attempt: int | None):
 
     packing = training.packing and config.method not in PROMPT_LEARNING
     resume = _resume_point(folder)
-    callbacks = [ProgressCallback(sink, resumed_from=resume[1], trainable=trainable, total=total)]
+    callbacks: list[TrainerCallback] = [
+        ProgressCallback(sink, resumed_from=resume[1], trainable=trainable, total=total)
+    ]
     if config.method == "adalora":
         callbacks.append(AdaLoraCallback())
     trainer = TuneboardTrainer(
@@ -204,7 +219,7 @@ def train(config: RunConfig, sink, attempt: int | None = None) -> Path:
     """Train and save the adapter; returns its folder."""
     trainer, tokenizer, resume_from = build_trainer(config, sink, attempt)
     trainer.train(resume_from_checkpoint=resume_from)
-    adapter = RunFolder(Path(config.output_dir)).adapter
+    adapter = run_folder(config).adapter
     staging = adapter.with_name(".adapter.partial")
     shutil.rmtree(staging, ignore_errors=True)
     if trainer.is_world_process_zero():
@@ -261,12 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     from worker.sink import DatabaseSink, Sink
 
     config = read_config(args.config)
-    folder = RunFolder(Path(config.output_dir))
+    folder = run_folder(config)
     folder.error.unlink(missing_ok=True)
-    reporting = args.attempt is not None and config.run_id is not None and config.database_url
     sink = (
         DatabaseSink(config.database_url, config.run_id, args.attempt, args.stale_after)
-        if reporting
+        if args.attempt is not None and config.run_id is not None and config.database_url
         else Sink()
     )
     try:

@@ -8,11 +8,11 @@ from __future__ import annotations
 import hashlib
 import json
 import statistics
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from app.datasets.split import validation_rows
 from app.prompts import instruction_prompt
@@ -83,7 +83,9 @@ def render_texts(rows: list[dict[str, Any]], info: TokenizerInfo, prompt_format:
     # import torch.
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    rendered, _ = render_jinja_template(
+    # Annotated as returning str, it returns (one text per conversation, generation indices).
+    render = cast(Callable[..., tuple[list[str], object]], render_jinja_template)
+    rendered, _ = render(
         conversations=[row["messages"] for row in rows],
         chat_template=info.chat_template,
         **info.special_tokens,

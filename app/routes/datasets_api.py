@@ -69,7 +69,7 @@ def dataset_rows(
     return store.load_rows(settings, dataset_id, limit=limit)
 
 
-@router.get("/{dataset_id}/stats")
+@router.get("/{dataset_id}/stats", response_model=None)
 def dataset_token_stats(
     dataset_id: DatasetId,
     settings: SettingsDep,
@@ -77,7 +77,7 @@ def dataset_token_stats(
     model: str | None = None,
     max_length: Annotated[int | None, Query(ge=16, le=1_048_576)] = None,
     prompt_format: str = "chat",
-) -> dict[str, Any]:
+) -> dict[str, Any] | JSONResponse:
     dataset = get_dataset_or_404(session, dataset_id)
     if prompt_format not in PROMPT_FORMATS:
         raise HTTPException(422, f"prompt_format must be one of: {', '.join(PROMPT_FORMATS)}.")

@@ -105,7 +105,7 @@ def new_run_page(
     values = {"dataset_id": dataset, **_preset_values(preset)}
     if method:
         values["method"] = method
-    block = request.headers.get("HX-Target") if request.headers.get("HX-Request") else None
+    block = request.headers.get("HX-Target", "") if request.headers.get("HX-Request") else ""
     blocks = {"peft-fields": "peft_fields"}  # presets fetch the whole page and select the form
     return render(request, "run_new.html", _form_context(settings, session, values), block=blocks.get(block))
 
@@ -196,7 +196,7 @@ def run_page(request: Request, run_id: RunId, settings: SettingsDep, session: Se
         "has_adapter": folder.has_adapter,
         "methods": METHOD_LABELS,
     }
-    target = request.headers.get("HX-Target") if request.headers.get("HX-Request") else None
+    target = request.headers.get("HX-Target", "") if request.headers.get("HX-Request") else ""
     block = {"run-summary": "summary", "run-log": "log", "run-checkpoints": "checkpoints"}.get(target)
     # 286 tells htmx to stop polling the log once the run has finished.
     status = 286 if block == "log" and run.status in state.FINISHED else 200
@@ -240,7 +240,7 @@ def compare_page(request: Request, session: SessionDep, runs: Annotated[list[int
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, object]:
-    flat = {}
+    flat: dict[str, object] = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):

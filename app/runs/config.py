@@ -177,6 +177,16 @@ class TrainingParams(Strict):
         return value
 
 
+class ResolvedTraining(TrainingParams):
+    """TrainingParams after `resolve_training`: every dataset-dependent value chosen."""
+
+    num_train_epochs: float = Field(gt=0, le=1000)
+    learning_rate: float = Field(gt=0, le=1)
+    logging_steps: int = Field(ge=1, le=MANY)
+    save_steps: int = Field(ge=1, le=MANY)
+    eval_steps: int = Field(ge=1, le=MANY)
+
+
 class RunRequest(Strict):
     """What a client sends to POST /api/runs."""
 
@@ -215,7 +225,7 @@ class RunConfig(Strict):
     method: Method
     prompt_format: PromptFormat
     peft: dict[str, Any]
-    training: TrainingParams
+    training: ResolvedTraining
     train_rows: int
     validation_rows: list[int]
     total_steps: int
@@ -250,7 +260,7 @@ def steps_per_epoch(train_rows: int, training: TrainingParams) -> int:
     )
 
 
-def resolve_training(method: str, train_rows: int, training: TrainingParams) -> tuple[TrainingParams, int]:
+def resolve_training(method: str, train_rows: int, training: TrainingParams) -> tuple[ResolvedTraining, int]:
     """Fill the dataset-dependent defaults. Returns (training, total optimizer steps)."""
     values = training.model_dump()
     per_epoch = steps_per_epoch(train_rows, training)
@@ -276,7 +286,7 @@ def resolve_training(method: str, train_rows: int, training: TrainingParams) -> 
             "packing cannot be used with prompt-learning methods (virtual tokens are per sequence)",
         )
     try:
-        return TrainingParams.model_validate(values), total
+        return ResolvedTraining.model_validate(values), total
     except ValidationError as exc:  # a value derived from the request's own: blame the one it came from
         first = exc.errors()[0]
         name = str(first["loc"][0]) if first["loc"] else ""

@@ -92,10 +92,10 @@ def trainable_parameters(shapes: Shapes, method: str, peft: dict) -> int:
         )
     if method == "ia3":
         linear = shapes.linear()
-        targets = peft.get("target_modules") or ["k_proj", "v_proj", "down_proj"]
+        modules = peft.get("target_modules") or ["k_proj", "v_proj", "down_proj"]
         feedforward = set(peft.get("feedforward_modules") or ["down_proj"])
         return layers * sum(
-            linear[t][0] if t in feedforward else linear[t][1] for t in targets if t in linear
+            linear[t][0] if t in feedforward else linear[t][1] for t in modules if t in linear
         )
     tokens = peft["num_virtual_tokens"]
     if method == "prompt_tuning":
@@ -119,11 +119,10 @@ def measured_tokens_per_second(base_model: str, *, session: Session) -> float | 
     if latest is None:
         return None
     speeds = session.scalars(
-        select(RunMetric.tokens_per_second).where(
-            RunMetric.run_id == latest, RunMetric.kind == "train", RunMetric.tokens_per_second.is_not(None)
-        )
+        select(RunMetric.tokens_per_second).where(RunMetric.run_id == latest, RunMetric.kind == "train")
     ).all()
-    return statistics.median(speeds) if speeds else None
+    measured = [speed for speed in speeds if speed is not None]
+    return statistics.median(measured) if measured else None
 
 
 def estimate(config: RunConfig, *, dataset_tokens: int | None, session: Session) -> dict:

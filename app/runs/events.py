@@ -135,7 +135,9 @@ class Feed:
     async def wait(self, seen: int) -> int:
         """Until the version passes `seen` (or the feed ends); returns the new version."""
         async with self.condition:
-            await self.condition.wait_for(lambda: self.version > seen or self.ended or self.task.done())
+            await self.condition.wait_for(
+                lambda: self.version > seen or self.ended or self.task is None or self.task.done()
+            )
             return self.version
 
 
@@ -289,7 +291,7 @@ async def list_stream(
     feed = feeds.runs_list()
     feed.join()
     try:
-        sent: dict[int, dict] = {}
+        sent: dict[int, dict | None] = {}
         count = known
         version = 0
         while True:

@@ -108,9 +108,10 @@ def request_from_form(form: dict[str, str]) -> dict[str, Any]:
             group, name = key.split(".", 1)
             if group == "peft" and name not in PEFT_PARAMS[method].model_fields:
                 continue  # a field of another method's fieldset
-            if name in list_fields and value != "all-linear":
-                value = [v.strip() for v in value.split(",") if v.strip()]
-            body.setdefault(group, {})[name] = value
+            listed = name in list_fields and value != "all-linear"
+            body.setdefault(group, {})[name] = (
+                [v.strip() for v in value.split(",") if v.strip()] if listed else value
+            )
         elif key == "dataset_id":  # ids are strict in the API: a form sends text, so convert it here
             body[key] = int(value) if value.isdigit() and len(value) < 19 else value
         elif key in ("base_model", "method", "prompt_format", "name", "preset"):

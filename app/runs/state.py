@@ -185,4 +185,4 @@ def ownership(*, session: Session, run_id: int) -> tuple[str, str | None, int, b
         )
     ).one()
     session.commit()
-    return tuple(row)
+    return row.status, row.worker_id, row.attempts, row.cancel_requested, row.heartbeat_at
