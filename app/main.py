@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import HTTPException, RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 
 from app.config import PROJECT_ROOT, Settings, get_settings
 from app.datasets import jobs
 from app.db import Database
-from app.errors import openai_error, problem
+from app.errors import alert_fragment, error_kind, openai_error, problem
 from app.routes import auth, datasets_api, models_api, openai_api, pages, playground, run_pages, runs_api
 from app.runs.events import Feeds
 from app.security import (
@@ -67,16 +68,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
-        if _wants_page(request):
-            message = exc.detail if isinstance(exc.detail, str) else "That request could not be completed."
-            return render(
-                request, "error.html", {"status": exc.status_code, "message": message}, status=exc.status_code
-            )
-        if request.url.path.startswith("/v1/"):
-            message = exc.detail if isinstance(exc.detail, str) else "That request could not be completed."
-            return openai_error(exc.status_code, message)
-        detail = [problem(exc.detail)] if isinstance(exc.detail, str) else exc.detail
-        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
+        if isinstance(exc.detail, str):
+            problems = [problem(exc.detail)]
+        else:
+            problems = exc.detail  # a list of problems already (app.errors.problem)
+        return error_response(request, exc.status_code, problems, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
@@ -84,20 +80,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             problem(e["msg"], ".".join(str(p) for p in e["loc"] if p not in ("body", "query", "path")))
             for e in exc.errors()
         ]
-        if request.url.path.startswith("/v1/"):
-            first = problems[0]
-            message = "; ".join(
-                f"{p['field']}: {p['message']}" if p["field"] else p["message"] for p in problems
-            )
-            return openai_error(422, message, param=first["field"] or None)
-        if _wants_page(request):
-            message = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
-            return render(request, "error.html", {"status": 422, "message": message}, status=422)
-        return JSONResponse({"detail": problems}, status_code=422)
+        return error_response(request, 422, problems)
 
     return app
 
 
-def _wants_page(request: Request) -> bool:
-    path = request.url.path
-    return not path.startswith(("/api/", "/v1/")) and "text/html" in request.headers.get("accept", "")
+def error_response(
+    request: Request, status: int, problems: list[dict], headers: Mapping[str, str] | None = None
+) -> Response:
+    """Problems in the shape the caller understands (app.errors.error_kind)."""
+    message = "; ".join(f"{p['field']}: {p['message']}" if p["field"] else p["message"] for p in problems)
+    kind = error_kind(
+        request.url.path, request.headers.get("accept", ""), htmx="HX-Request" in request.headers
+    )
+    if kind == "openai":
+        return openai_error(status, message, param=problems[0]["field"] or None)
+    if kind == "json":
+        return JSONResponse({"detail": problems}, status_code=status, headers=headers)
+    if kind == "fragment":
+        return HTMLResponse(alert_fragment(message), status_code=status, headers=headers)
+    return render(request, "error.html", {"status": status, "message": message}, status=status)

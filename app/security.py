@@ -19,7 +19,7 @@ import anyio
 
 from app import jsontext, sessions
 from app.config import Settings
-from app.errors import openai_body, problem
+from app.errors import alert_fragment, error_kind, openai_body, problem
 from app.jsontext import JsonUnreadable
 
 SESSION_COOKIE = sessions.COOKIE
@@ -49,26 +49,21 @@ def _cookies(headers: dict[bytes, bytes]) -> dict[str, str]:
     return {key: morsel.value for key, morsel in jar.items()}
 
 
-def _wants_json(scope, headers: dict[bytes, bytes]) -> bool:
-    path = scope["path"]
-    return (path.startswith(("/api/", "/v1/")) and b"hx-request" not in headers) or (
-        b"application/json" in headers.get(b"accept", b"") and b"text/html" not in headers.get(b"accept", b"")
-    )
-
-
 async def send_error(
     scope, send, headers: dict[bytes, bytes], status: int, message: str, extra=(), field: str | None = None
 ) -> None:
     """A short error response: OpenAI's shape under /v1, JSON for API clients, an HTML fragment for pages
     and htmx."""
-    if scope["path"].startswith("/v1/"):
+    accept = headers.get(b"accept", b"").decode("latin-1")
+    kind = error_kind(scope["path"], accept, htmx=b"hx-request" in headers)
+    if kind == "openai":
         body = json.dumps(openai_body(status, message, param=field)).encode()
         content_type = b"application/json"
-    elif _wants_json(scope, headers):
+    elif kind == "json":
         body = json.dumps({"detail": [problem(message, field)]}).encode()
         content_type = b"application/json"
-    elif b"hx-request" in headers:
-        body = f'<div class="alert alert-error" role="alert"><p>{escape(message)}</p></div>'.encode()
+    elif kind == "fragment":
+        body = alert_fragment(message).encode()
         content_type = b"text/html; charset=utf-8"
     else:  # a whole page: a browser may land here with no stylesheet reachable (a refused Host)
         body = ERROR_PAGE.format(status=status, message=escape(message)).encode()

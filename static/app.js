@@ -78,8 +78,12 @@
   }
 
   document.addEventListener("DOMContentLoaded", setupUpload);
+  // Errors answer htmx with an alert fragment (app.errors.error_kind): show its sentence.
   document.addEventListener("htmx:responseError", function (e) {
-    flash("The server could not complete that request (HTTP " + e.detail.xhr.status + "). Check the server log.");
+    var xhr = e.detail.xhr;
+    var alert = new DOMParser().parseFromString(xhr.responseText || "", "text/html").querySelector(".alert");
+    var sentence = alert && alert.textContent.trim();
+    flash(sentence || "The server could not complete that request (HTTP " + xhr.status + "). Check the server log.");
   });
   document.addEventListener("htmx:sendError", function () {
     flash("Could not reach the Tuneboard server. Is it still running?");

@@ -146,3 +146,23 @@ def test_playground_says_when_the_generation_host_is_down(tmp_path, tiny_model_d
         with client.stream("POST", "/api/playground/chat", json=body) as response:
             text = "".join(response.iter_text())
         assert "event: error" in text and "The generation host is not running" in text
+
+
+def test_errors_answer_each_caller_in_its_own_shape(client):
+    """One rule (app.errors.error_kind) for route errors: a page for a browser, an alert fragment for htmx
+    (app.js shows its sentence), JSON for the API and for clients asking for JSON, OpenAI's shape on /v1."""
+    page = client.get("/runs/999", headers={"Accept": "text/html,application/xhtml+xml"})
+    assert page.status_code == 404 and "<!doctype html>" in page.text and "There is no run 999." in page.text
+    fragment = client.get("/runs/999", headers={"HX-Request": "true"})
+    assert fragment.status_code == 404 and fragment.text.startswith('<div class="alert alert-error"')
+    assert "There is no run 999." in fragment.text
+    asked = client.get("/runs/999", headers={"Accept": "application/json"})
+    assert asked.json()["detail"][0]["message"] == "There is no run 999."
+    api = client.get("/api/runs/999", headers={"Accept": "text/html"})
+    assert api.json()["detail"][0]["message"] == "There is no run 999."
+    invalid = client.get("/api/runs/abc")
+    assert invalid.status_code == 422 and invalid.json()["detail"][0]["field"] == "run_id"
+    invalid_page = client.get("/runs/abc", headers={"HX-Request": "true"})
+    assert invalid_page.status_code == 422 and "run_id:" in invalid_page.text
+    openai = client.post("/v1/chat/completions", json={"messages": []})
+    assert openai.status_code == 422 and openai.json()["error"]["param"] == "model"
