@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 
 from app.config import Settings
+from app.playground import GenerationEvent
 
 NOT_RUNNING = (
     "The generation host is not running, so no model can answer. It starts with the worker: run "
@@ -25,7 +26,7 @@ def _headers(settings: Settings) -> dict[str, str]:
     return {"Authorization": f"Bearer {settings.token.get_secret_value()}"} if settings.token else {}
 
 
-async def generate(settings: Settings, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any]]:
+async def generate(settings: Settings, body: dict[str, Any]) -> AsyncGenerator[GenerationEvent]:
     timeout = httpx.Timeout(10.0, read=None)  # an answer may take minutes; connecting may not
     try:
         async with httpx.AsyncClient(timeout=timeout, headers=_headers(settings)) as client:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NotRequired, TypedDict
 
 from pydantic import BaseModel, Field, model_validator
 from sqlalchemy import select
@@ -148,3 +148,52 @@ class SamplingSpec(BaseModel):
 class GenerateBody(BaseModel):
     panes: list[PaneSpec] = Field(min_length=1, max_length=MAX_PANES)
     sampling: SamplingSpec = SamplingSpec()
+
+
+# ---- what the generation host streams back (one JSON object per line) --------------------------------
+class PaneAnswer(TypedDict):
+    text: str
+    tokens: int
+    prompt_tokens: int
+    finish_reason: Literal["stop", "length", "cancelled"]
+    first_token_seconds: float | None
+    seconds: float
+
+
+class QueuedEvent(TypedDict):
+    type: Literal["queued"]
+    ahead: int  # questions before this one
+    message: str
+
+
+class StatusEvent(TypedDict):
+    type: Literal["status"]
+    pane: int
+    message: str  # loading, attaching, slow while training
+
+
+class StartEvent(TypedDict):
+    type: Literal["start"]
+    pane: int
+    prompt_tokens: int
+
+
+class TextEvent(TypedDict):
+    type: Literal["token", "replace"]  # append `text`, or replace the pane's text with it
+    pane: int
+    text: str
+
+
+class EndEvent(TypedDict):
+    type: Literal["end"]
+    results: list[PaneAnswer]  # one per pane, in order
+
+
+class ErrorEvent(TypedDict):
+    type: Literal["error"]
+    message: str
+    status: NotRequired[int]  # the HTTP status when the host refused the request
+    field: NotRequired[str | None]  # the request field at fault, when one is
+
+
+GenerationEvent = QueuedEvent | StatusEvent | StartEvent | TextEvent | EndEvent | ErrorEvent

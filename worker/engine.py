@@ -26,12 +26,13 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from app.playground import GenerationEvent, PaneAnswer
 from app.prompts import instruction_prompt
 from worker.hardware import choose_dtype, loaded_bytes, shortfall
 
@@ -101,12 +102,22 @@ class PaneResult:
     text: str = ""
     tokens: int = 0
     prompt_tokens: int = 0
-    finish_reason: str = "length"  # stop | length | cancelled
+    finish_reason: Literal["stop", "length", "cancelled"] = "length"
     first_token_seconds: float | None = None
     seconds: float = 0.0
 
+    def answer(self) -> PaneAnswer:
+        return PaneAnswer(
+            text=self.text,
+            tokens=self.tokens,
+            prompt_tokens=self.prompt_tokens,
+            finish_reason=self.finish_reason,
+            first_token_seconds=self.first_token_seconds,
+            seconds=self.seconds,
+        )
 
-Emit = Callable[[dict[str, Any]], None]
+
+Emit = Callable[[GenerationEvent], None]
 
 
 def param_bytes(model: torch.nn.Module) -> int:

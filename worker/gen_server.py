@@ -19,7 +19,6 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -29,7 +28,7 @@ from sqlalchemy import func, select
 from app.config import Settings, get_settings
 from app.db import Database
 from app.models import Run, RunStatus
-from app.playground import GenerateBody, TargetError, resolve_all
+from app.playground import GenerateBody, GenerationEvent, QueuedEvent, TargetError, resolve_all
 from app.security import BodyLimitMiddleware, HostCheckMiddleware, JsonBodyMiddleware, bearer_ok
 
 log = logging.getLogger("tuneboard.generation")
@@ -122,17 +121,17 @@ class GenerationHost:
             )
             return JSONResponse({"message": message}, status_code=503)
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        events: asyncio.Queue[GenerationEvent | None] = asyncio.Queue()  # None: the answer is over
         stop = threading.Event()
         ahead = self.waiting
         self.waiting += 1
 
-        def emit(event: dict[str, Any]) -> None:
+        def emit(event: GenerationEvent) -> None:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
         def done() -> None:
             self.waiting -= 1
-            events.put_nowait({"type": "_closed"})
+            events.put_nowait(None)
 
         sampling = Sampling(**body.sampling.model_dump())
         loop.run_in_executor(
@@ -145,10 +144,11 @@ class GenerationHost:
                     message = (
                         f"Waiting for {ahead} earlier question{'s' if ahead > 1 else ''} to be answered…"
                     )
-                    yield json.dumps({"type": "queued", "ahead": ahead, "message": message}) + "\n"
+                    queued = QueuedEvent(type="queued", ahead=ahead, message=message)
+                    yield json.dumps(queued) + "\n"
                 while True:
                     event = await events.get()
-                    if event["type"] == "_closed":
+                    if event is None:
                         break
                     yield json.dumps(event) + "\n"
             finally:
@@ -169,7 +169,7 @@ class GenerationHost:
             results = self.engine.generate(panes, sampling, emit, stop)
             self.counts["answered"] += 1
             self.counts["cancelled"] += any(r.finish_reason == "cancelled" for r in results)
-            emit({"type": "end", "results": [asdict(r) for r in results]})
+            emit({"type": "end", "results": [r.answer() for r in results]})
         except GenerationError as exc:
             emit({"type": "error", "message": str(exc)})
         except Exception as exc:  # noqa: BLE001 - every failure reaches the user as a sentence

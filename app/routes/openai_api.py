@@ -22,7 +22,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from app import generation_client
 from app.deps import SettingsDep
 from app.errors import openai_error
-from app.playground import Target, TargetError, list_targets, resolve_all
+from app.playground import ErrorEvent, GenerationEvent, Target, TargetError, list_targets, resolve_all
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -101,7 +101,7 @@ FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
 PARAMS = {"sampling.max_new_tokens": "max_tokens", "sampling": "max_tokens"}
 
 
-def host_error(event: dict[str, Any]) -> JSONResponse:
+def host_error(event: ErrorEvent) -> JSONResponse:
     field = event.get("field") or ""
     param = PARAMS.get(field) or ("messages" if field.startswith("panes") else None)
     return openai_error(event.get("status", 500), event["message"], param=param)
@@ -159,7 +159,9 @@ async def chat_completions(body: ChatRequest, request: Request, settings: Settin
     }
 
 
-async def chain_first(first: dict[str, Any], events: AsyncIterator[dict[str, Any]]):
+async def chain_first(
+    first: GenerationEvent, events: AsyncIterator[GenerationEvent]
+) -> AsyncIterator[GenerationEvent]:
     yield first
     async for event in events:
         yield event
