@@ -199,3 +199,10 @@ def load_settings(**overrides) -> Settings:
 @lru_cache
 def get_settings() -> Settings:
     return load_settings()
+
+
+def isolated_env(data_dir: Path, **settings: str) -> dict[str, str]:
+    """This process's environment without any inherited TUNEBOARD_ setting, plus a data folder and exactly
+    the `settings` given: a child configured only by its caller (the tests' and benchmarks' servers)."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("TUNEBOARD_")}
+    return env | {"TUNEBOARD_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"} | settings

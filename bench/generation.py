@@ -9,7 +9,6 @@ and generation host, over HTTP, the way the playground page asks.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import statistics
 import subprocess
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from app.config import PROJECT_ROOT, Settings
+from app.config import PROJECT_ROOT, Settings, isolated_env
 
 QUESTION = [{"role": "user", "content": "Give me three tips for sleeping well."}]
 LENGTH = 64  # tokens per answer in the timing comparison
@@ -164,8 +163,7 @@ def first_token_over_http(model_dir: Path, adapter: Path, threads: int) -> dict:
         settings.run_folder(1).adapter.symlink_to(adapter)
         web_port, host_port = free_port(), free_port()
         extra = {"TUNEBOARD_GENERATION_PORT": str(host_port), "TUNEBOARD_GENERATION_THREADS": str(threads)}
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEBOARD_")}
-        env |= {"TUNEBOARD_DATA_DIR": str(data), **extra}
+        env = isolated_env(data, **extra)
         host = subprocess.Popen(
             [sys.executable, "-m", "worker.gen_server"],
             cwd=PROJECT_ROOT,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from app.config import PROJECT_ROOT, Settings
+from app.config import PROJECT_ROOT, Settings, isolated_env
 from app.db import Database
 from app.runs import state
 from bench.data import add_bench_dataset
@@ -23,8 +23,7 @@ from bench.data import add_bench_dataset
 
 def serve_web(data_dir: Path, port: int, env_extra: dict[str, str] | None = None) -> subprocess.Popen:
     """`tuneboard web` on `port`, started and healthy."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEBOARD_")}
-    env |= {"TUNEBOARD_DATA_DIR": str(data_dir), "TUNEBOARD_PORT": str(port), **(env_extra or {})}
+    env = isolated_env(data_dir, TUNEBOARD_PORT=str(port), **(env_extra or {}))
     process = subprocess.Popen([sys.executable, "-m", "app.cli", "web"], cwd=PROJECT_ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     for _ in range(300):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from app.config import PROJECT_ROOT
+from app.config import PROJECT_ROOT, isolated_env
 
 # A worker that notices things in well under a second, on one thread, without converting the bundled GGUF:
 # what tests that train through real processes give it.
@@ -35,10 +35,8 @@ def free_port() -> int:
 def running(command: str, data_dir: Path, *, log: Path, timeout: float = 60.0, env_extra: dict | None = None):
     """Run `tuneboard <command>` on a free port; yields (base_url, process)."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEBOARD_")}
-    env |= {"TUNEBOARD_DATA_DIR": str(data_dir), "TUNEBOARD_PORT": str(port), "PYTHONUNBUFFERED": "1"}
-    env |= {"TUNEBOARD_GENERATION": "false"}  # tests that chat turn the generation host on
-    env |= env_extra or {}
+    # tests that chat turn the generation host on
+    env = isolated_env(data_dir, TUNEBOARD_PORT=str(port), TUNEBOARD_GENERATION="false", **(env_extra or {}))
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "app.cli", command],
@@ -70,9 +68,7 @@ def running(command: str, data_dir: Path, *, log: Path, timeout: float = 60.0, e
 @contextmanager
 def running_worker(data_dir: Path, env_extra: dict[str, str], *, log: Path):
     """Run `tuneboard worker` in its own process group; yields the process."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEBOARD_")}
-    env |= {"TUNEBOARD_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1", "TUNEBOARD_GENERATION": "false"}
-    env |= env_extra
+    env = isolated_env(data_dir, TUNEBOARD_GENERATION="false", **env_extra)
     with open(log, "ab") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "app.cli", "worker"],
