@@ -23,7 +23,7 @@ from bench.data import add_bench_dataset
 
 def serve_web(data_dir: Path, port: int, env_extra: dict[str, str] | None = None) -> subprocess.Popen:
     """`tuneboard web` on `port`, started and healthy."""
-    env = isolated_env(data_dir, TUNEBOARD_PORT=str(port), **(env_extra or {}))
+    env = isolated_env(data_dir, **{"TUNEBOARD_PORT": str(port), **(env_extra or {})})
     process = subprocess.Popen([sys.executable, "-m", "app.cli", "web"], cwd=PROJECT_ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     for _ in range(300):

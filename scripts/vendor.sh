@@ -11,9 +11,9 @@ fetch() {  # npm pack writes NAME-VERSION.tgz for an unscoped package
   local version; version=$(pin "$1")
   (cd "$work" && npm pack --silent "$1@$version" >/dev/null && mkdir "$1" && tar xzf "$1-$version.tgz" -C "$1")
 }
-htmx=$(pin htmx.org); sse=$(pin htmx-ext-sse); uplot=$(pin uplot)
-rm -f htmx-*.js uPlot-*.js uPlot-*.css
-fetch htmx.org; fetch htmx-ext-sse; fetch uplot
+htmx=$(pin htmx.org); sse=$(pin htmx-ext-sse); uplot=$(pin uplot); parser=$(pin eventsource-parser)
+rm -rf htmx-*.js uPlot-*.js uPlot-*.css eventsource-parser-*/
+fetch htmx.org; fetch htmx-ext-sse; fetch uplot; fetch eventsource-parser
 cp "$work/htmx.org/package/dist/htmx.min.js" "htmx-$htmx.min.js"
 cp "$work/htmx.org/package/LICENSE" htmx.LICENSE
 cp "$work/htmx-ext-sse/package/dist/sse.min.js" "htmx-ext-sse-$sse.min.js"
@@ -21,4 +21,10 @@ cp "$work/htmx-ext-sse/package/LICENSE" htmx-ext-sse.LICENSE
 cp "$work/uplot/package/dist/uPlot.iife.min.js" "uPlot-$uplot.iife.min.js"
 cp "$work/uplot/package/dist/uPlot.min.css" "uPlot-$uplot.min.css"
 cp "$work/uplot/package/LICENSE" uPlot.LICENSE
+# ES modules (the playground imports stream.js), without their source-map comments (maps are not shipped)
+mkdir "eventsource-parser-$parser"
+for module in stream parse errors; do
+  sed '/^\/\/# sourceMappingURL=/d' "$work/eventsource-parser/package/dist/$module.js" > "eventsource-parser-$parser/$module.js"
+done
+cp "$work/eventsource-parser/package/LICENSE" eventsource-parser.LICENSE
 ls -l

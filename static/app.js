@@ -77,7 +77,39 @@
     form.addEventListener("htmx:afterRequest", function () { progress.hidden = true; say(""); });
   }
 
-  document.addEventListener("DOMContentLoaded", setupUpload);
+  // A duration the server rendered keeps counting while the thing it measures runs ([data-ticking]); the
+  // server's next fragment replaces it with the true figure.
+  function formatDuration(s) {
+    if (s < 60) return s + " s";
+    if (s < 3600) return Math.floor(s / 60) + " min " + String(s % 60).padStart(2, "0") + " s";
+    return Math.floor(s / 3600) + " h " + String(Math.floor((s % 3600) / 60)).padStart(2, "0") + " min";
+  }
+  setInterval(function () {
+    document.querySelectorAll("[data-ticking]").forEach(function (el) {
+      el.dataset.seconds = Number(el.dataset.seconds || 0) + 1;
+      el.textContent = formatDuration(Number(el.dataset.seconds));
+    });
+  }, 1000);
+
+  // [data-copy="#selector"]: copy that element's text.
+  document.addEventListener("click", function (e) {
+    var button = e.target.closest("[data-copy]");
+    if (!button) return;
+    var label = button.textContent;
+    navigator.clipboard.writeText(document.querySelector(button.dataset.copy).textContent).then(function () {
+      button.textContent = "Copied";
+      setTimeout(function () { button.textContent = label; }, 2000);
+    });
+  });
+
+  // [data-follow]: a log that stays scrolled to its newest line.
+  function follow(el) { el.scrollTop = el.scrollHeight; }
+  document.addEventListener("htmx:afterSwap", function (e) { if (e.target.hasAttribute("data-follow")) follow(e.target); });
+
+  document.addEventListener("DOMContentLoaded", function () {
+    setupUpload();
+    document.querySelectorAll("[data-follow]").forEach(follow);
+  });
   // Errors answer htmx with an alert fragment (app.errors.error_kind): show its sentence.
   document.addEventListener("htmx:responseError", function (e) {
     var xhr = e.detail.xhr;

@@ -79,45 +79,34 @@
     return messages;
   }
 
+  // A turn is cloned from the page's <template id="turn-template">: the question, one answer box per pane
+  // (cloned from its .answer), the dataset's reference answer when there is one, and an error line.
   function renderTurn(user, labels, reference) {
     var empty = document.getElementById("conversation-empty");
     if (empty) empty.remove();
-    var turn = el("article", "turn");
-    var question = el("div", "turn-question");
-    question.appendChild(el("span", "turn-role", "You"));
-    question.appendChild(el("p", "turn-text", user.content));
-    turn.appendChild(question);
-    var grid = el("div", "answers");
+    var turn = document.getElementById("turn-template").content.firstElementChild.cloneNode(true);
+    turn.querySelector(".turn-text").textContent = user.content;
+    var grid = turn.querySelector(".answers");
+    var model = grid.querySelector(".answer:not(.reference)");
+    var ref = grid.querySelector(".answer.reference");
     grid.style.setProperty("--columns", String(labels.length + (reference ? 1 : 0)));
     var panes = labels.map(function (label, i) {
-      var box = el("section", "answer");
+      var box = model.cloneNode(true);
       box.dataset.pane = String(i);
-      var head = el("header", "answer-head");
-      head.appendChild(el("span", "pane-badge", String(i + 1)));
-      head.appendChild(el("span", "answer-label", label));
-      box.appendChild(head);
-      var state = el("p", "answer-state muted small", "Waiting…");
-      var text = el("div", "answer-text");
-      var stats = el("p", "answer-stats muted small");
-      box.appendChild(state);
-      box.appendChild(text);
-      box.appendChild(stats);
-      grid.appendChild(box);
-      return { box: box, state: state, text: text, stats: stats };
+      box.querySelector(".pane-badge").textContent = String(i + 1);
+      box.querySelector(".answer-label").textContent = label;
+      grid.insertBefore(box, ref);
+      return {
+        box: box,
+        state: box.querySelector(".answer-state"),
+        text: box.querySelector(".answer-text"),
+        stats: box.querySelector(".answer-stats"),
+      };
     });
-    if (reference) {
-      var ref = el("section", "answer reference");
-      var head = el("header", "answer-head");
-      head.appendChild(el("span", "answer-label", "Reference answer (dataset)"));
-      ref.appendChild(head);
-      ref.appendChild(el("div", "answer-text", reference));
-      grid.appendChild(ref);
-    }
-    turn.appendChild(grid);
-    var problem = el("div", "alert alert-error turn-error");
-    problem.setAttribute("role", "alert");
-    problem.hidden = true;
-    turn.appendChild(problem);
+    model.remove();
+    if (reference) ref.querySelector(".answer-text").textContent = reference;
+    else ref.remove();
+    var problem = turn.querySelector(".turn-error");
     conversation.appendChild(turn);
     turn.scrollIntoView({ block: "nearest" });
     return { panes: panes, problem: problem };
@@ -156,29 +145,23 @@
     return sampling;
   }
 
-  // Server-sent events from a fetch body: blocks separated by a blank line, "event:" and "data:" lines.
+  // Server-sent events from a fetch body (a POST, which EventSource cannot send), parsed by the vendored
+  // eventsource-parser.
   function readEvents(response, onEvent) {
-    var reader = response.body.getReader();
-    var decoder = new TextDecoder();
-    var buffer = "";
-    function pump() {
-      return reader.read().then(function (chunk) {
-        if (chunk.done) return;
-        buffer += decoder.decode(chunk.value, { stream: true });
-        var blocks = buffer.split(/\r?\n\r?\n/);
-        buffer = blocks.pop();
-        blocks.forEach(function (block) {
-          var name = "message", data = [];
-          block.split(/\r?\n/).forEach(function (line) {
-            if (line.indexOf("event:") === 0) name = line.slice(6).trim();
-            else if (line.indexOf("data:") === 0) data.push(line.slice(5).replace(/^ /, ""));
-          });
-          if (data.length) onEvent(name, JSON.parse(data.join("\n")));
+    return import("/static/vendor/eventsource-parser-4.1.3/stream.js").then(function (parser) {
+      var reader = response.body
+        .pipeThrough(new TextDecoderStream())
+        .pipeThrough(new parser.EventSourceParserStream())
+        .getReader();
+      function pump() {
+        return reader.read().then(function (chunk) {
+          if (chunk.done) return;
+          onEvent(chunk.value.event || "message", JSON.parse(chunk.value.data));
+          return pump();
         });
-        return pump();
-      });
-    }
-    return pump();
+      }
+      return pump();
+    });
   }
 
   function problemText(body, status) {

@@ -1,22 +1,13 @@
-// A run's page: uPlot charts fed by the run's server-sent event stream (its whole history first, then
-// live points), the progress panel, and refreshes of the server-rendered parts when the status changes.
+// A run's page: uPlot charts fed by the `metric` events of the page's stream (its whole history first,
+// then live points). Everything else on the page is server-rendered fragments swapped in by htmx.
 (function () {
   "use strict";
 
   var page = document.getElementById("run-page");
   if (!page) return;
-  var runId = page.dataset.runId;
   var points = {};       // step -> {loss, eval_loss, learning_rate, grad_norm, tokens_per_second}
   var pending = false;
   var charts = {};
-
-  function fmtDuration(s) {
-    if (s == null) return "—";
-    s = Math.round(s);
-    if (s < 60) return s + " s";
-    if (s < 3600) return Math.floor(s / 60) + " min " + String(s % 60).padStart(2, "0") + " s";
-    return Math.floor(s / 3600) + " h " + String(Math.floor((s % 3600) / 60)).padStart(2, "0") + " min";
-  }
 
   function scientific(u, values) {
     return values.map(function (v) { return v === 0 ? "0" : v.toExponential(1); });
@@ -64,31 +55,6 @@
     if (!pending) { pending = true; requestAnimationFrame(redraw); }
   }
 
-  function refresh(target) {
-    if (!window.htmx || !document.getElementById(target)) return;
-    htmx.ajax("GET", "/runs/" + runId, { target: "#" + target, swap: "outerHTML" });
-  }
-
-  var lastStatus = page.dataset.status;
-  function showStatus(s) {
-    var bar = document.getElementById("run-progress");
-    bar.value = s.fraction || 0;
-    document.getElementById("run-step").textContent = s.step + (s.total_steps ? " / " + s.total_steps : "");
-    document.getElementById("run-epoch").textContent = s.epoch != null ? s.epoch.toFixed(2) : "—";
-    document.getElementById("run-eta").textContent = s.eta_seconds != null ? fmtDuration(s.eta_seconds) : "—";
-    document.getElementById("run-speed").textContent = s.tokens_per_second ? Math.round(s.tokens_per_second) : "—";
-    var elapsed = document.getElementById("run-elapsed");
-    elapsed.dataset.seconds = s.elapsed_seconds || 0;
-    elapsed.textContent = fmtDuration(s.elapsed_seconds);
-    var status = s.status === "running" && s.cancel_requested ? "cancelling" : s.status;
-    if (status !== lastStatus) {
-      lastStatus = status;
-      page.dataset.status = s.status;
-      refresh("run-summary");
-      refresh("run-checkpoints");
-    }
-  }
-
   function start() {
     charts.loss = makeChart("chart-loss", [
       { key: "loss", label: "train loss", color: "#4f46e5" },
@@ -98,39 +64,13 @@
     charts.grad = makeChart("chart-grad", [{ key: "grad_norm", label: "grad norm", color: "#c11574" }], "norm");
     charts.speed = makeChart("chart-speed", [{ key: "tokens_per_second", label: "tokens/s", color: "#2e90fa" }], "tokens/s");
 
-    var source = new EventSource("/api/runs/" + runId + "/events");
-    source.addEventListener("metric", function (e) { add(JSON.parse(e.data)); });
-    source.addEventListener("status", function (e) { showStatus(JSON.parse(e.data)); });
-    source.addEventListener("done", function (e) {
-      source.close();
-      showStatus(JSON.parse(e.data));
-      page.dataset.done = "true";
-      refresh("run-summary");
-      refresh("run-checkpoints");
+    // The page's one stream (htmx's SSE extension, on #run-page) also carries the metrics: listen to each
+    // EventSource it opens (a reconnect replays the history, and points are keyed by step).
+    page.addEventListener("htmx:sseOpen", function (e) {
+      e.detail.source.addEventListener("metric", function (m) { add(JSON.parse(m.data)); });
     });
-
-    setInterval(function () {
-      if (page.dataset.status !== "running") return;
-      var el = document.getElementById("run-elapsed");
-      el.dataset.seconds = Number(el.dataset.seconds) + 1;
-      el.textContent = fmtDuration(Number(el.dataset.seconds));
-    }, 1000);
+    page.addEventListener("htmx:sseClose", function () { page.dataset.done = "true"; });
   }
 
-  document.addEventListener("click", function (e) {
-    var button = e.target.closest("[data-copy]");
-    if (!button) return;
-    var text = document.querySelector(button.dataset.copy).textContent;
-    navigator.clipboard.writeText(text).then(function () {
-      button.textContent = "Copied";
-      setTimeout(function () { button.textContent = "Copy as CLI config"; }, 2000);
-    });
-  });
-
-  function scrollLog() {
-    var log = document.getElementById("run-log");
-    if (log) log.scrollTop = log.scrollHeight;
-  }
-  document.addEventListener("htmx:afterSwap", function (e) { if (e.target.id === "run-log") scrollLog(); });
-  document.addEventListener("DOMContentLoaded", function () { start(); scrollLog(); });
+  start();
 })();

@@ -36,7 +36,9 @@ def running(command: str, data_dir: Path, *, log: Path, timeout: float = 60.0, e
     """Run `tuneboard <command>` on a free port; yields (base_url, process)."""
     port = free_port()
     # tests that chat turn the generation host on
-    env = isolated_env(data_dir, TUNEBOARD_PORT=str(port), TUNEBOARD_GENERATION="false", **(env_extra or {}))
+    env = isolated_env(
+        data_dir, **{"TUNEBOARD_PORT": str(port), "TUNEBOARD_GENERATION": "false", **(env_extra or {})}
+    )
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "app.cli", command],
@@ -68,7 +70,7 @@ def running(command: str, data_dir: Path, *, log: Path, timeout: float = 60.0, e
 @contextmanager
 def running_worker(data_dir: Path, env_extra: dict[str, str], *, log: Path):
     """Run `tuneboard worker` in its own process group; yields the process."""
-    env = isolated_env(data_dir, TUNEBOARD_GENERATION="false", **env_extra)
+    env = isolated_env(data_dir, **{"TUNEBOARD_GENERATION": "false", **env_extra})
     with open(log, "ab") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "app.cli", "worker"],

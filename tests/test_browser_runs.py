@@ -79,13 +79,15 @@ def test_launch_from_the_page_and_watch_the_curve_draw(app, context):
     page.wait_for_url(re.compile(r"/runs/\d+$"))
     run_id = int(page.url.rsplit("/", 1)[1])
     seen = set()
-    while page.get_attribute("#run-page", "data-status") != "succeeded":
-        if page.get_attribute("#run-page", "data-status") == "running":
+
+    def drawn_while_running() -> bool:  # the summary block the stream swaps in carries the status
+        status = page.get_attribute("#run-summary", "data-status")
+        if status == "running":
             seen.add(points(page))
-        page.wait_for_timeout(250)
-        assert api_run(app, run_id)["status"] in ("queued", "running", "succeeded"), api_run(app, run_id)[
-            "error"
-        ]
+        assert api_run(app, run_id)["status"] in ("queued", "running", "succeeded"), api_run(app, run_id)
+        return status == "succeeded"
+
+    wait_until(drawn_while_running, 180, "the page to show the run succeeded", every=0.25)
     assert len([n for n in seen if n > 0]) >= 2, f"the chart never grew while the run trained: {sorted(seen)}"
     page.wait_for_selector("#download-adapter")
     page.wait_for_function("document.getElementById('run-status').textContent.trim() === 'succeeded'")
@@ -171,7 +173,7 @@ def test_chat_with_a_trained_run_side_by_side(app, context):
     page = context.new_page()
     page.goto(f"{app['base']}/runs/{run_id}")
     page.wait_for_function(
-        "document.getElementById('run-page').dataset.status === 'succeeded'", timeout=120_000
+        "document.getElementById('run-summary').dataset.status === 'succeeded'", timeout=120_000
     )
     page.reload()
     page.click("#chat-with-run")

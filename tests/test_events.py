@@ -59,6 +59,29 @@ def test_a_finished_run_streams_its_history_then_done(client, db, run_id):
     assert any(e.event == "status" for e in events)
 
 
+def test_the_run_page_stream_sends_chart_points_and_rendered_blocks(client, db, run_id):
+    """The run page's one stream: metric points for its charts, then its progress, summary and checkpoint
+    blocks rendered by the server (each an element htmx swaps in by its sse-swap name), then done."""
+    for step in range(1, 4):
+        log(db, run_id, step)
+    finish(db, run_id)
+    events = stream(client, f"/runs/{run_id}/stream")
+    assert [e.json["step"] for e in events if e.event == "metric"] == [1, 2, 3]
+    blocks = {e.event: e.data for e in events if e.event in ("progress", "summary", "checkpoints")}
+    assert 'sse-swap="progress"' in blocks["progress"] and 'id="run-step">3 / 10<' in blocks["progress"]
+    assert "data-ticking" not in blocks["progress"]  # a finished run's elapsed time stands still
+    assert 'sse-swap="summary"' in blocks["summary"] and ">succeeded</span>" in blocks["summary"]
+    assert 'sse-swap="checkpoints"' in blocks["checkpoints"] and "None yet." in blocks["checkpoints"]
+    assert [e.event for e in events][-1] == "done"
+    page = client.get(f"/runs/{run_id}")
+    assert f'sse-connect="/runs/{run_id}/stream"' in page.text and 'sse-close="done"' in page.text
+
+
+def test_the_run_page_stream_of_a_missing_run_ends_at_once(client):
+    events = stream(client, "/runs/999/stream")
+    assert [e.event for e in events] == ["done"] and events[0].json == {"error": "There is no run 999."}
+
+
 def test_last_event_id_resumes_exactly_after_that_row(client, db, run_id):
     for step in range(1, 8):
         log(db, run_id, step)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from typing import Annotated
 
+import anyio
 import yaml
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse
+from jinja2_fragments import render_block
 from pydantic import ValidationError
 from sqlalchemy import select
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -21,7 +24,7 @@ from app.prompts import PROMPT_FORMATS
 from app.runs import state
 from app.runs.config import METHOD_LABELS, PRESETS, InvalidRun, RunRequest
 from app.runs.estimate import estimate
-from app.runs.events import latest_train_metric, list_stream, progress, tracked
+from app.runs.events import latest_train_metric, list_stream, progress, run_events, tracked
 from app.runs.folder import RunFolder
 from app.runs.form import peft_fields, request_from_form, training_fields
 from app.runs.launch import build_run_config, enqueue_run
@@ -201,6 +204,48 @@ def run_page(request: Request, run_id: RunId, settings: SettingsDep, session: Se
     # 286 tells htmx to stop polling the log once the run has finished.
     status = 286 if block == "log" and run.status in state.FINISHED else 200
     return render(request, "run.html", context, block=block, status=status)
+
+
+@router.get("/runs/{run_id}/stream")
+async def run_page_stream(request: Request, run_id: RunId, settings: SettingsDep):
+    """The run page's one stream: `metric` events (JSON) for its charts, and the page's `progress`,
+    `summary` and `checkpoints` blocks re-rendered whenever they change; `done` once the run has finished
+    (the page closes the stream on it)."""
+    env, db = request.app.state.templates.env, request.app.state.db
+
+    def blocks(p: dict) -> dict[str, str]:
+        with db.session() as session:
+            run = session.get(Run, run_id)
+            if run is None:
+                return {}
+            folder = settings.run_folder(run_id)
+            summary = {
+                "run": run,
+                "dataset": session.get(Dataset, run.dataset_id),
+                "methods": METHOD_LABELS,
+                "has_adapter": folder.has_adapter,
+            }
+            return {
+                "progress": render_block(env, "run.html", "progress", p=p),
+                "summary": render_block(env, "run.html", "summary", summary),
+                "checkpoints": render_block(env, "run.html", "checkpoints", checkpoints=checkpoints(folder)),
+            }
+
+    async def events() -> AsyncIterator[ServerSentEvent]:
+        sent: dict[str, str] = {}
+        async for kind, payload, _ in run_events(request.app.state.feeds, run_id, 0):
+            if kind == "metric":
+                yield ServerSentEvent(json.dumps(payload), event="metric")
+                continue
+            if "status" in payload:  # not the `done` of a run that does not exist
+                for name, html in (await anyio.to_thread.run_sync(blocks, payload)).items():
+                    if sent.get(name) != html:
+                        sent[name] = html
+                        yield ServerSentEvent(html, event=name)
+            if kind == "done":
+                yield ServerSentEvent(json.dumps(payload), event="done")
+
+    return EventSourceResponse(tracked(request.app, events()), ping=15)
 
 
 @router.post("/runs/{run_id}/cancel", response_class=HTMLResponse)

@@ -18,7 +18,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 from sqlalchemy import func, select
@@ -212,8 +212,12 @@ class Feeds:
         return self.list
 
 
-async def run_stream(feeds: Feeds, run_id: int, after: int) -> AsyncIterator[ServerSentEvent]:
-    """Metric, status and done events of one run, from metric id `after` on."""
+RunEvent = tuple[Literal["metric", "status", "done"], dict[str, Any], int]  # (kind, payload, last metric id)
+
+
+async def run_events(feeds: Feeds, run_id: int, after: int) -> AsyncIterator[RunEvent]:
+    """Metric, status and done events of one run, from metric id `after` on. A run that does not exist
+    gets one `done` with an `error`."""
     feed = await feeds.run(run_id)
     feed.join()  # before reading the history: rows committed meanwhile are then in the feed
     try:
@@ -221,18 +225,18 @@ async def run_stream(feeds: Feeds, run_id: int, after: int) -> AsyncIterator[Ser
         while True:  # the history this viewer missed, read with its own session
             run, rows, latest = await anyio.to_thread.run_sync(_read_run, feeds.db, run_id, last)
             if run is None:
-                yield ServerSentEvent(json.dumps({"error": f"There is no run {run_id}."}), event="done")
+                yield "done", {"error": f"There is no run {run_id}."}, last
                 return
             for row in rows:
                 last = row.id
-                yield ServerSentEvent(json.dumps(metric_payload(row)), event="metric", id=str(row.id))
+                yield "metric", metric_payload(row), last
             if len(rows) < BATCH:
                 break
         status = progress(run, latest)
-        yield ServerSentEvent(json.dumps(status), event="status", id=str(last) if last else None)
+        yield "status", status, last
         sent_status = _changes(status)
         if run.status in FINISHED:
-            yield ServerSentEvent(json.dumps(status), event="done", id=str(last) if last else None)
+            yield "done", status, last
             return
         version = 0
         while True:
@@ -243,19 +247,24 @@ async def run_stream(feeds: Feeds, run_id: int, after: int) -> AsyncIterator[Ser
                 buffered = [(r.id, metric_payload(r)) for r in rows]
             for row_id, payload in buffered:
                 last = row_id
-                yield ServerSentEvent(json.dumps(payload), event="metric", id=str(row_id))
+                yield "metric", payload, last
             if feed.status is not None and _changes(feed.status) != sent_status:
                 sent_status = _changes(feed.status)
-                yield ServerSentEvent(json.dumps(feed.status), event="status", id=str(last) if last else None)
+                yield "status", feed.status, last
             finished = feed.status is not None and feed.status["status"] in FINISHED
             if feed.missing or (feed.ended and finished and feed.rows_after(last) == []):
-                yield ServerSentEvent(
-                    json.dumps(feed.status or {}), event="done", id=str(last) if last else None
-                )
+                yield "done", feed.status or {}, last
                 return
     finally:
         feed.leave()
         feeds.release(feed)
+
+
+async def run_stream(feeds: Feeds, run_id: int, after: int) -> AsyncIterator[ServerSentEvent]:
+    """`run_events` as the API's server-sent events: JSON data, the metric id as the event id."""
+    async for kind, payload, last in run_events(feeds, run_id, after):
+        event_id = str(last) if kind == "metric" or last else None
+        yield ServerSentEvent(json.dumps(payload), event=kind, id=event_id)
 
 
 def _read_list(db: Database) -> list[tuple[Run, RunMetric | None]]:
