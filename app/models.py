@@ -153,6 +153,28 @@ class RunMetric(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class RunAnswer(Base):
+    """One scored answer of an evaluation: a dataset row answered by the base model (step 0) or by the run's
+    checkpoint at `step`, against the row's reference answer (app.scoring)."""
+
+    __tablename__ = "run_answers"
+    __table_args__ = (
+        UniqueConstraint("run_id", "step", "split", "row", name="uq_run_answers_step_split_row"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    step: Mapped[int] = mapped_column(Integer)  # 0: the base model
+    split: Mapped[str] = mapped_column(String(12))  # validation | train
+    row: Mapped[int] = mapped_column(Integer)  # the dataset row's index
+    answer: Mapped[str] = mapped_column(Text)
+    chrf: Mapped[float] = mapped_column(Float)
+    rouge_l: Mapped[float] = mapped_column(Float)
+    exact: Mapped[float] = mapped_column(Float)
+    seconds: Mapped[float] = mapped_column(Float)  # generation time of the batch, shared by its rows
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class BrowserSession(Base):
     """One browser sign-in. The cookie holds a random value; only its SHA-256 is stored, so a copy of the
     database signs nobody in. Sign-out deletes the row; expired rows are refused and swept."""

@@ -102,6 +102,19 @@
     });
   });
 
+  // <button data-sort="name"> in a table head: order the rows by their data-name value, high to low, then
+  // low to high on the next click.
+  document.addEventListener("click", function (e) {
+    var button = e.target.closest("th [data-sort]");
+    if (!button) return;
+    var body = button.closest("table").tBodies[0];
+    var key = button.dataset.sort, down = button.dataset.order !== "down";
+    button.dataset.order = down ? "down" : "up";
+    Array.prototype.slice.call(body.rows)
+      .sort(function (a, b) { return (Number(b.dataset[key]) - Number(a.dataset[key])) * (down ? 1 : -1); })
+      .forEach(function (row) { body.appendChild(row); });
+  });
+
   // [data-follow]: a log that stays scrolled to its newest line.
   function follow(el) { el.scrollTop = el.scrollHeight; }
   document.addEventListener("htmx:afterSwap", function (e) { if (e.target.hasAttribute("data-follow")) follow(e.target); });

@@ -22,7 +22,7 @@
       legend: { live: false },
       axes: [{ label: "step", size: 40 }, { label: yLabel, size: 60, values: yValues }],
       series: [{ label: "step" }].concat(series.map(function (s) {
-        return { label: s.label, stroke: s.color, width: 2, spanGaps: true, points: { show: s.points || false, size: 6, fill: s.color } };
+        return { label: s.label, stroke: s.color, width: s.line === false ? 0 : 2, spanGaps: true, points: { show: s.points || false, size: s.line === false ? 10 : 6, fill: s.color } };
       })),
     };
     var data = [[]].concat(series.map(function () { return []; }));
@@ -34,6 +34,10 @@
   function redraw() {
     pending = false;
     var steps = Object.keys(points).map(Number).sort(function (a, b) { return a - b; });
+    steps.forEach(function (s) {
+      var p = points[s];
+      p.best = s === bestStep ? (p.loss != null ? p.loss : p.eval_loss) : null;
+    });
     Object.keys(charts).forEach(function (name) {
       var c = charts[name];
       var rows = steps.filter(function (s) {
@@ -45,6 +49,36 @@
       c.chart.setData(data);
       c.el.dataset.points = String(rows.filter(function (s) { return points[s][c.keys[0]] != null; }).length);
     });
+  }
+
+  // Scored answers by step (server-rendered into #chart-answers' data-evaluation; the block is swapped in
+  // again at each checkpoint), with the base model's score as flat reference lines; the best checkpoint
+  // is also marked on the loss chart.
+  var bestStep = null;
+  function drawAnswers() {
+    var el = document.getElementById("chart-answers");
+    if (!el || el.dataset.drawn) return;
+    el.dataset.drawn = "true";
+    var data = JSON.parse(el.dataset.evaluation);
+    bestStep = data.best_step;
+    var base = data.steps.filter(function (s) { return s.step === 0; })[0] || {};
+    var steps = data.steps.filter(function (s) { return s.step > 0; });
+    var x = steps.map(function (s) { return s.step; });
+    function line(split, fromBase) {
+      return steps.map(function (s) {
+        var source = fromBase ? base : s;
+        return source[split] ? source[split].chrf : null;
+      });
+    }
+    var chart = makeChart("chart-answers", [
+      { key: "v", label: "held-out chrF", color: "#4f46e5", points: true },
+      { key: "t", label: "training rows chrF", color: "#0e9384", points: true },
+      { key: "vb", label: "base, held out", color: "#a5b4fc" },
+      { key: "tb", label: "base, training rows", color: "#99f6e4" },
+    ], "chrF");
+    chart.chart.setData([x, line("validation"), line("train"), line("validation", true), line("train", true)]);
+    el.dataset.points = String(x.length);
+    if (!pending) { pending = true; requestAnimationFrame(redraw); }
   }
 
   function add(metric) {
@@ -59,6 +93,7 @@
     charts.loss = makeChart("chart-loss", [
       { key: "loss", label: "train loss", color: "#4f46e5" },
       { key: "eval_loss", label: "validation loss", color: "#d97706", points: true },
+      { key: "best", label: "best checkpoint", color: "#16a34a", points: true, line: false },
     ], "loss");
     charts.lr = makeChart("chart-lr", [{ key: "learning_rate", label: "learning rate", color: "#0e9384" }], "learning rate", scientific);
     charts.grad = makeChart("chart-grad", [{ key: "grad_norm", label: "grad norm", color: "#c11574" }], "norm");
@@ -70,6 +105,8 @@
       e.detail.source.addEventListener("metric", function (m) { add(JSON.parse(m.data)); });
     });
     page.addEventListener("htmx:sseClose", function () { page.dataset.done = "true"; });
+    document.addEventListener("htmx:load", drawAnswers);  // the evaluation block, swapped in again
+    drawAnswers();
   }
 
   start();

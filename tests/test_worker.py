@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import threading
@@ -10,11 +11,13 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from app.config import Settings
 from app.db import Database
-from app.models import RunMetric
+from app.models import RunAnswer, RunMetric
 from app.runs import state
+from app.scoring import METRICS, score
 from tests.conftest import DEMO_DATASET, upload
 from tests.servers import running_worker
 from tests.waiting import wait_until
@@ -120,6 +123,25 @@ def test_a_run_succeeds_with_metrics_and_a_downloadable_adapter(client, settings
     assert f"run-{run['id']}-adapter/adapter_config.json" in names
     assert f"run-{run['id']}-adapter/adapter_model.safetensors" in names
     assert not work_once(settings, db, me="w1", stop=threading.Event())  # queue empty
+
+    # Answers were scored for the base model (step 0) and at both checkpoints, on the same rows each time,
+    # and every stored score is what app.scoring computes from the stored answer and the row's reference.
+    report = client.get(f"/api/runs/{run['id']}/evaluation").json()
+    assert [s["step"] for s in report["steps"]] == [0, 4, 8]
+    config = client.get(f"/api/runs/{run['id']}").json()["config"]
+    assert all(s["validation"]["rows"] == len(config["validation_rows"]) for s in report["steps"])
+    assert all(s["train"]["rows"] == 8 for s in report["steps"])
+    assert report["best_step"] in (4, 8) and report["base"]["step"] == 0
+    rows = [json.loads(line) for line in Path(config["dataset_path"]).read_text().splitlines()]
+    for entry in report["rows"]:
+        reference = rows[entry["row"]]["messages"][-1]["content"]
+        assert entry["reference"] == reference
+        for answer in (entry["base"], entry["best"]):
+            assert {k: answer[k] for k in METRICS} == score(answer["text"], reference)
+    with db.session() as session:
+        stored = session.scalars(select(RunAnswer).where(RunAnswer.run_id == run["id"])).all()
+    assert len(stored) == 3 * (len(config["validation_rows"]) + 8)
+    assert all(score(a.answer, rows[a.row]["messages"][-1]["content"])["chrf"] == a.chrf for a in stored)
 
 
 def test_metrics_arrive_while_it_trains(client, launch, background_worker):

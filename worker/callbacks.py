@@ -106,6 +106,11 @@ class ProgressCallback(TrainerCallback):
         )
         self._mark(state)
 
+    def exclude(self, seconds: float) -> None:
+        """Time spent on something else (answering evaluation questions) does not count as training."""
+        if self._last_time is not None:
+            self._last_time += seconds
+
     def on_step_end(self, args, state, control, **kwargs):
         now = time.monotonic()
         if now - self._last_check < self.check_every:

@@ -145,7 +145,13 @@ def prompt_ids(tokenizer, pane: PaneRequest) -> list[int]:
     messages = list(pane.messages)
     if pane.system and pane.system.strip():
         messages = [{"role": "system", "content": pane.system}, *messages]
-    if pane.prompt_format == "instruction" or not tokenizer.chat_template:
+    return messages_prompt_ids(tokenizer, messages, pane.prompt_format)
+
+
+def messages_prompt_ids(tokenizer, messages: list[dict[str, Any]], prompt_format: str) -> list[int]:
+    """`prompt_ids` for a conversation that ends with the user's turn (a user turn may carry its Alpaca
+    fields under "alpaca")."""
+    if prompt_format == "instruction" or not tokenizer.chat_template:
         row: dict[str, Any] = {"messages": [{k: m[k] for k in ("role", "content")} for m in messages]}
         last = messages[-1] if messages else {}
         single_turn = sum(m["role"] == "user" for m in messages) == 1

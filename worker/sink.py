@@ -25,6 +25,9 @@ class Sink:
         """(cancel requested, reason this process must stop at once or None)."""
         return False, None
 
+    def answers(self, *, step: int, split: str, answers: list[dict], seconds: float) -> None:
+        """One evaluation's scored answers (worker.evaluate logs their means itself)."""
+
 
 class DatabaseSink(Sink):
     """Short transactions against the run's rows; never holds one open across a training step."""
@@ -55,6 +58,14 @@ class DatabaseSink(Sink):
         super().metric(values)
         with self.db.write_session() as session:
             state.record_metric(session=session, run_id=self.run_id, values=values)
+
+    def answers(self, *, step: int, split: str, answers: list[dict], seconds: float) -> None:
+        from app.runs.evaluation import record_answers
+
+        with self.db.write_session() as session:
+            record_answers(
+                session=session, run_id=self.run_id, step=step, split=split, answers=answers, seconds=seconds
+            )
 
     def check(self) -> tuple[bool, str | None]:
         from app.runs import state

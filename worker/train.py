@@ -80,6 +80,7 @@ def build_trainer(config: RunConfig, sink, attempt: int | None):
         packing_collator,
         pad_collator,
     )
+    from worker.evaluate import EvaluationCallback, questions
     from worker.peft_methods import build_peft_config
     from worker.trainer import TuneboardTrainer
 
@@ -179,11 +180,15 @@ def build_trainer(config: RunConfig, sink, attempt: int | None):
 
     packing = training.packing and config.method not in PROMPT_LEARNING
     resume = _resume_point(folder)
-    callbacks: list[TrainerCallback] = [
-        ProgressCallback(sink, resumed_from=resume[1], trainable=trainable, total=total)
-    ]
+    progress = ProgressCallback(sink, resumed_from=resume[1], trainable=trainable, total=total)
+    callbacks: list[TrainerCallback] = [progress]
     if config.method == "adalora":
         callbacks.append(AdaLoraCallback())
+    # after ProgressCallback, which marks each checkpoint complete before it is evaluated
+    scored = questions(config, rows, tokenizer)
+    callbacks.append(
+        EvaluationCallback(config, sink, scored, resumed=resume[1] is not None, progress=progress)
+    )
     trainer = TuneboardTrainer(
         lengths=train_split.lengths,
         # Virtual tokens shift the positions of prompt-learning methods, and AdaLoRA adds its orthogonality

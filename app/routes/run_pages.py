@@ -21,7 +21,7 @@ from app.deps import IdQuery, RunId, SessionDep, SettingsDep, WriteSessionDep, g
 from app.model_registry import BUNDLED_ID, find_model, list_models
 from app.models import MAX_ID, Dataset, Run, RunMetric
 from app.prompts import PROMPT_FORMATS
-from app.runs import state
+from app.runs import evaluation, state
 from app.runs.config import METHOD_LABELS, PRESETS, InvalidRun, RunRequest
 from app.runs.estimate import estimate
 from app.runs.events import latest_train_metric, list_stream, progress, run_events, tracked
@@ -198,6 +198,7 @@ def run_page(request: Request, run_id: RunId, settings: SettingsDep, session: Se
         "cli_yaml": cli_yaml(run),
         "has_adapter": folder.has_adapter,
         "methods": METHOD_LABELS,
+        "evaluation": evaluation.report(settings, session=session, run=run),
     }
     target = request.headers.get("HX-Target", "") if request.headers.get("HX-Request") else ""
     block = {"run-summary": "summary", "run-log": "log", "run-checkpoints": "checkpoints"}.get(target)
@@ -213,7 +214,7 @@ async def run_page_stream(request: Request, run_id: RunId, settings: SettingsDep
     (the page closes the stream on it)."""
     env, db = request.app.state.templates.env, request.app.state.db
 
-    def blocks(p: dict) -> dict[str, str]:
+    def blocks(p: dict, with_answers: bool) -> dict[str, str]:
         with db.session() as session:
             run = session.get(Run, run_id)
             if run is None:
@@ -225,20 +226,26 @@ async def run_page_stream(request: Request, run_id: RunId, settings: SettingsDep
                 "methods": METHOD_LABELS,
                 "has_adapter": folder.has_adapter,
             }
-            return {
+            parts = {
                 "progress": render_block(env, "run.html", "progress", p=p),
                 "summary": render_block(env, "run.html", "summary", summary),
                 "checkpoints": render_block(env, "run.html", "checkpoints", checkpoints=checkpoints(folder)),
             }
+            if with_answers or parts["checkpoints"] != sent.get("checkpoints"):  # scored at each checkpoint
+                report = evaluation.report(settings, session=session, run=run)
+                parts["evaluation"] = render_block(env, "run.html", "evaluation", run=run, evaluation=report)
+            return parts
+
+    sent: dict[str, str] = {}
 
     async def events() -> AsyncIterator[ServerSentEvent]:
-        sent: dict[str, str] = {}
         async for kind, payload, _ in run_events(request.app.state.feeds, run_id, 0):
             if kind == "metric":
                 yield ServerSentEvent(json.dumps(payload), event="metric")
                 continue
             if "status" in payload:  # not the `done` of a run that does not exist
-                for name, html in (await anyio.to_thread.run_sync(blocks, payload)).items():
+                parts = await anyio.to_thread.run_sync(blocks, payload, kind == "done")
+                for name, html in parts.items():
                     if sent.get(name) != html:
                         sent[name] = html
                         yield ServerSentEvent(html, event=name)

@@ -17,7 +17,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from app.deps import AfterId, RunId, SessionDep, SettingsDep, WriteSessionDep, get_run_or_404
 from app.errors import problem
 from app.models import MAX_ID, Run, RunMetric
-from app.runs import state
+from app.runs import evaluation, state
 from app.runs.config import PRESETS, InvalidRun, RunRequest
 from app.runs.events import list_stream, progress, run_stream, tracked
 from app.runs.launch import build_run_config, enqueue_run
@@ -114,6 +114,13 @@ def run_metrics(run_id: RunId, session: SessionDep, after: AfterId = 0) -> list[
     )
     columns = [c.name for c in RunMetric.__table__.columns if c.name not in ("run_id", "created_at")]
     return [{c: getattr(m, c) for c in columns} for m in rows]
+
+
+@router.get("/{run_id}/evaluation")
+def run_evaluation(run_id: RunId, settings: SettingsDep, session: SessionDep) -> dict[str, Any]:
+    """Scored answers: mean chrF, ROUGE-L and exact match per step (0 = the base model) for held-out and
+    training rows, the best checkpoint, and each answered row with the base and best answers."""
+    return evaluation.report(settings, session=session, run=get_run_or_404(session, run_id))
 
 
 @router.post("/{run_id}/cancel")

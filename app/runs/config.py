@@ -187,6 +187,14 @@ class ResolvedTraining(TrainingParams):
     eval_steps: int = Field(ge=1, le=MANY)
 
 
+class EvaluationParams(Strict):
+    """Answers scored at the start (the base model) and at every checkpoint (app.scoring)."""
+
+    validation_rows: int = Field(32, ge=0, le=1000)  # held-out rows answered (the first ones); 0: none
+    train_rows: int = Field(8, ge=0, le=1000)  # a fixed sample of training rows: did it learn them?
+    max_new_tokens: int = Field(128, ge=1, le=4096)  # answers are greedy and cut here
+
+
 class RunRequest(Strict):
     """What a client sends to POST /api/runs."""
 
@@ -197,6 +205,7 @@ class RunRequest(Strict):
     prompt_format: PromptFormat = "chat"
     peft: dict[str, Any] = Field(default_factory=dict)
     training: TrainingParams = Field(default_factory=TrainingParams)
+    evaluation: EvaluationParams = Field(default_factory=EvaluationParams)
     name: str | None = Field(None, max_length=200)
 
 
@@ -226,6 +235,7 @@ class RunConfig(Strict):
     prompt_format: PromptFormat
     peft: dict[str, Any]
     training: ResolvedTraining
+    evaluation: EvaluationParams = Field(default_factory=EvaluationParams)
     train_rows: int
     validation_rows: list[int]
     total_steps: int

@@ -55,6 +55,7 @@ def build_run_config(settings: Settings, request: RunRequest, *, session: Sessio
         prompt_format=request.prompt_format,
         peft=peft,
         training=training,
+        evaluation=request.evaluation,
         train_rows=train_rows,
         validation_rows=held_out,
         total_steps=total_steps,

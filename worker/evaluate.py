@@ -1,0 +1,139 @@
+"""Answers, scored, inside the training process: the base model once before the first step, then the
+adapter at every checkpoint saved. The rows and their number come from the run's configuration
+(app.runs.evaluation.evaluation_rows); answers are greedy and bounded, generated in left-padded batches
+with the model training already holds (nothing is loaded twice), and scored with app.scoring.
+
+Training waits while it evaluates: the cost is the evaluation's seconds, logged and stored with the
+answers (make bench reports it per checkpoint).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from app.runs.config import PROMPT_LEARNING, RunConfig
+from app.runs.evaluation import evaluation_rows
+from app.scoring import mean, score
+from worker.callbacks import ProgressCallback
+from worker.engine import messages_prompt_ids
+from worker.sink import Sink
+
+log = logging.getLogger("tuneboard.train")
+BATCH = 8
+
+
+@dataclass
+class Question:
+    row: int
+    prompt: list[int]
+    reference: str
+
+
+def questions(config: RunConfig, rows: list[dict[str, Any]], tokenizer) -> dict[str, list[Question]]:
+    """Each split's rows as prompts (the conversation up to its last answer, as training encodes it) and
+    reference answers (that last answer). A prompt longer than the run's max length keeps its end."""
+    keep = max(1, config.training.max_length - config.evaluation.max_new_tokens)
+    result: dict[str, list[Question]] = {}
+    for split, indices in evaluation_rows(config).items():
+        result[split] = []
+        for index in indices:
+            messages = [dict(m) for m in rows[index]["messages"]]
+            if not messages or messages[-1]["role"] != "assistant":
+                continue
+            reference = messages.pop()["content"]
+            if rows[index].get("alpaca") and messages:
+                messages[-1]["alpaca"] = rows[index]["alpaca"]
+            prompt = messages_prompt_ids(tokenizer, messages, config.prompt_format)[-keep:]
+            result[split].append(Question(index, prompt, reference))
+    return result
+
+
+@torch.no_grad()
+def answer(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+    """Greedy answers to token-id prompts, in left-padded batches."""
+    device = next(model.parameters()).device
+    texts: list[str] = []
+    for start in range(0, len(prompts), BATCH):
+        batch = prompts[start : start + BATCH]
+        width = max(len(p) for p in batch)
+        pad = tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        output = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            use_cache=True,
+            pad_token_id=pad,
+        )
+        texts += tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
+    return [t.strip() for t in texts]
+
+
+class EvaluationCallback(TrainerCallback):
+    """Scores the base model's answers when training starts (not again on a resumed attempt) and the
+    adapter's at every checkpoint."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        sink: Sink,
+        questions: dict[str, list[Question]],
+        *,
+        resumed: bool,
+        progress: ProgressCallback | None = None,
+    ):
+        self.config, self.sink, self.questions, self.resumed = config, sink, questions, resumed
+        self.progress = progress  # told how long evaluating took, so that it is not counted as training
+
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if self.resumed or not state.is_world_process_zero or model is None:
+            return
+        if self.config.method in PROMPT_LEARNING:
+            self.evaluate(model.get_base_model(), processing_class, 0)
+        else:
+            with model.disable_adapter():
+                self.evaluate(model, processing_class, 0)
+
+    def on_save(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if state.is_world_process_zero and model is not None:
+            self.evaluate(model, processing_class, state.global_step)
+
+    def evaluate(self, model, tokenizer, step: int) -> None:
+        if not any(self.questions.values()):
+            return
+        training = model.training
+        side = tokenizer.padding_side
+        model.eval()
+        tokenizer.padding_side = "left"
+        try:
+            for split, items in self.questions.items():
+                if not items:
+                    continue
+                started = time.perf_counter()
+                texts = answer(
+                    model, tokenizer, [q.prompt for q in items], self.config.evaluation.max_new_tokens
+                )
+                seconds = time.perf_counter() - started
+                scores = [score(text, q.reference) for q, text in zip(items, texts, strict=True)]
+                answers = [
+                    {"row": q.row, "answer": text, **scored}
+                    for q, text, scored in zip(items, texts, scores, strict=True)
+                ]
+                self.sink.answers(step=step, split=split, answers=answers, seconds=seconds)
+                if self.progress is not None:
+                    self.progress.exclude(time.perf_counter() - started)
+                log.info("evaluation at step %d, %s rows: %s in %.1f s", step, split, mean(scores), seconds)
+        finally:
+            tokenizer.padding_side = side
+            model.train(training)
