@@ -141,7 +141,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--json", help="also write the raw figures to this file")
     parser.add_argument(
-        "--only", choices=["training", "streams", "generation", "reliability"], help="run one part only"
+        "--only",
+        choices=["training", "streams", "generation", "reliability", "evaluation"],
+        help="run one part only",
     )
     args = parser.parse_args()
 
@@ -173,6 +175,11 @@ def main() -> None:
 
         result["reliability"] = reliability_benchmark(model_dir)
         print(report_reliability(result["reliability"]))
+    if args.only in (None, "evaluation"):
+        from bench.evaluation import evaluation_benchmark, report_evaluation
+
+        result["evaluation"] = evaluation_benchmark(model_dir, args.threads)
+        print(report_evaluation(result["evaluation"]))
     print(f"\n(benchmark took {time.time() - started:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,9 @@ from worker.engine import messages_prompt_ids
 from worker.sink import Sink
 
 log = logging.getLogger("tuneboard.train")
+# Prefix tuning's prefix lives in the attention cache, which generation in this transformers version
+# replaces: its answers would be the base model's, so they are not scored (the page says so).
+UNSCORED = {"prefix_tuning"}
 BATCH = 8
 
 
@@ -33,6 +37,7 @@ class Question:
     row: int
     prompt: list[int]
     reference: str
+    budget: int  # new tokens allowed (answer_budget)
 
 
 def questions(config: RunConfig, rows: list[dict[str, Any]], tokenizer) -> dict[str, list[Question]]:
@@ -50,32 +55,46 @@ def questions(config: RunConfig, rows: list[dict[str, Any]], tokenizer) -> dict[
             if rows[index].get("alpaca") and messages:
                 messages[-1]["alpaca"] = rows[index]["alpaca"]
             prompt = messages_prompt_ids(tokenizer, messages, config.prompt_format)[-keep:]
-            result[split].append(Question(index, prompt, reference))
+            budget = answer_budget(tokenizer, reference, config.evaluation.max_new_tokens)
+            result[split].append(Question(index, prompt, reference, budget))
+        result[split].sort(key=lambda q: q.budget)  # batches of similar length: none waits for a long one
     return result
 
 
+def answer_budget(tokenizer, reference: str, limit: int) -> int:
+    """New tokens an answer may take: twice the reference's length plus a little (a longer answer cannot
+    score better against it), at most `limit`."""
+    return min(limit, 2 * len(tokenizer(reference, add_special_tokens=False)["input_ids"]) + 16)
+
+
 @torch.no_grad()
-def answer(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
-    """Greedy answers to token-id prompts, in left-padded batches."""
+def answer(model, tokenizer, prompts: list[list[int]], budgets: list[int]) -> list[str]:
+    """Greedy answers to token-id prompts, in left-padded batches; a batch generates at most the largest of
+    its prompts' budgets of new tokens."""
     device = next(model.parameters()).device
     texts: list[str] = []
     for start in range(0, len(prompts), BATCH):
         batch = prompts[start : start + BATCH]
+        max_new_tokens = max(budgets[start : start + BATCH])
         width = max(len(p) for p in batch)
         pad = tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
-        output = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            use_cache=True,
-            pad_token_id=pad,
-        )
+        with warnings.catch_warnings():  # prompt-learning models place their virtual tokens themselves
+            warnings.filterwarnings(
+                "ignore", message="Position ids are not supported for parameter efficient"
+            )
+            output = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                use_cache=True,
+                pad_token_id=pad,
+            )
         texts += tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
     return [t.strip() for t in texts]
 
@@ -110,7 +129,7 @@ class EvaluationCallback(TrainerCallback):
             self.evaluate(model, processing_class, state.global_step)
 
     def evaluate(self, model, tokenizer, step: int) -> None:
-        if not any(self.questions.values()):
+        if not any(self.questions.values()) or self.config.method in UNSCORED:
             return
         training = model.training
         side = tokenizer.padding_side
@@ -121,9 +140,7 @@ class EvaluationCallback(TrainerCallback):
                 if not items:
                     continue
                 started = time.perf_counter()
-                texts = answer(
-                    model, tokenizer, [q.prompt for q in items], self.config.evaluation.max_new_tokens
-                )
+                texts = answer(model, tokenizer, [q.prompt for q in items], [q.budget for q in items])
                 seconds = time.perf_counter() - started
                 scores = [score(text, q.reference) for q, text in zip(items, texts, strict=True)]
                 answers = [
