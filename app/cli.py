@@ -59,6 +59,25 @@ def cmd_train(config: Path) -> int:
     return train_main([str(config)])
 
 
+def cmd_eval(settings: Settings, run_id: int, step: int | None, base: bool) -> int:
+    """Answers scored as at a checkpoint (worker.evaluate), stored with the run's other evaluations."""
+    from worker.evaluate import evaluate_run
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    result = evaluate_run(settings, run_id, step, base=base)
+    for entry in result["steps"]:
+        parts = [
+            f"{split}: chrF {entry[split]['chrf']:.1f}, ROUGE-L {entry[split]['rouge_l']:.1f}, "
+            f"exact {entry[split]['exact']:.0f}% ({entry[split]['rows']} rows)"
+            for split in ("validation", "train")
+            if split in entry
+        ]
+        label = "base model" if entry["step"] == 0 else f"step {entry['step']}"
+        best = "  ← best" if entry["step"] == result["best_step"] else ""
+        print(f"{label:>12}  " + "; ".join(parts) + best)
+    return 0
+
+
 def cmd_serve(settings: Settings) -> None:
     """Web server and one worker together: the embedded default. The worker is restarted (with backoff)
     whenever it dies, and stopped when the web server stops."""
@@ -97,9 +116,17 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("migrate", parents=[common], help="apply database migrations and exit")
     train = commands.add_parser("train", help="run one fine-tuning from a run.yaml, without the web app")
     train.add_argument("config", type=Path, help="a run.yaml (every run folder has one)")
+    evaluate = commands.add_parser(
+        "eval", parents=[common], help="score a run's answers again (its final adapter or a checkpoint)"
+    )
+    evaluate.add_argument("run", type=int, help="the run's number")
+    evaluate.add_argument("--checkpoint", type=int, metavar="STEP", help="a complete checkpoint's step")
+    evaluate.add_argument("--base", action="store_true", help="score the base model's answers too")
     args = parser.parse_args(argv)
     if args.command == "train":
         sys.exit(cmd_train(args.config))
+    if args.command == "eval":
+        sys.exit(cmd_eval(_settings(args), args.run, args.checkpoint, args.base))
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per call to the generation host

@@ -99,6 +99,19 @@ def test_launch_from_the_page_and_watch_the_curve_draw(app, context):
     )
     assert page.locator("#chart-loss canvas").count() == 1
     assert page.inner_text("#run-step") == "360 / 360"
+
+    # Answers, scored: a chart by step against the base model, the best checkpoint, the rows side by side.
+    report = httpx.get(f"{app['base']}/api/runs/{run_id}/evaluation").json()
+    checkpoints = [s["step"] for s in report["steps"] if s["step"] > 0]
+    chart = "(document.getElementById('chart-answers') || {dataset: {}})"
+    page.wait_for_function(f"Number({chart}.dataset.points) === {len(checkpoints)}")
+    assert page.locator("#chart-answers canvas").count() == 1 and len(checkpoints) >= 2
+    assert page.inner_text("#eval-best").startswith(f"step {report['best_step']}")
+    table = page.locator("#eval-rows tbody tr")
+    assert table.count() == len(report["rows"]) > 0
+    page.click("#eval-rows [data-sort='best']")
+    best = page.eval_on_selector_all("#eval-rows tbody tr", "rows => rows.map(r => Number(r.dataset.best))")
+    assert best == sorted(best, reverse=True)
     assert context.errors == []
 
 

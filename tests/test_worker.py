@@ -6,6 +6,8 @@ import io
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import zipfile
 from pathlib import Path
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from app.config import Settings
+from app.config import Settings, isolated_env
 from app.db import Database
 from app.models import RunAnswer, RunMetric
 from app.runs import state
@@ -142,6 +144,19 @@ def test_a_run_succeeds_with_metrics_and_a_downloadable_adapter(client, settings
         stored = session.scalars(select(RunAnswer).where(RunAnswer.run_id == run["id"])).all()
     assert len(stored) == 3 * (len(config["validation_rows"]) + 8)
     assert all(score(a.answer, rows[a.row]["messages"][-1]["content"])["chrf"] == a.chrf for a in stored)
+
+    # `tuneboard eval` scores a checkpoint again from the command line: greedy answers, the same scores.
+    before = {s["step"]: s for s in report["steps"]}[4]
+    env = isolated_env(settings.data_dir, TUNEBOARD_TORCH_THREADS="1")
+    command = [sys.executable, "-m", "app.cli", "eval", str(run["id"]), "--checkpoint", "4"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "base model" in done.stdout and "step 4" in done.stdout and "chrF" in done.stdout
+    after = {s["step"]: s for s in client.get(f"/api/runs/{run['id']}/evaluation").json()["steps"]}[4]
+    assert {**after, "seconds": 0} == {**before, "seconds": 0}
+    missing = [*command[:-1], "5"]
+    refused = subprocess.run(missing, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert refused.returncode != 0 and "no complete checkpoint at step 5 (complete: 4, 8)" in refused.stderr
 
 
 def test_metrics_arrive_while_it_trains(client, launch, background_worker):

@@ -116,17 +116,20 @@ class EvaluationCallback(TrainerCallback):
         self.progress = progress  # told how long evaluating took, so that it is not counted as training
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
-        if self.resumed or not state.is_world_process_zero or model is None:
-            return
-        if self.config.method in PROMPT_LEARNING:
-            self.evaluate(model.get_base_model(), processing_class, 0)
-        else:
-            with model.disable_adapter():
-                self.evaluate(model, processing_class, 0)
+        if not self.resumed and state.is_world_process_zero and model is not None:
+            self.evaluate_base(model, processing_class)
 
     def on_save(self, args, state, control, model=None, processing_class=None, **kwargs):
         if state.is_world_process_zero and model is not None:
             self.evaluate(model, processing_class, state.global_step)
+
+    def evaluate_base(self, model, tokenizer) -> None:
+        """The base model's answers (step 0), from the PEFT model with its adapter out of the way."""
+        if self.config.method in PROMPT_LEARNING:
+            self.evaluate(model.get_base_model(), tokenizer, 0)
+        else:
+            with model.disable_adapter():
+                self.evaluate(model, tokenizer, 0)
 
     def evaluate(self, model, tokenizer, step: int) -> None:
         if not any(self.questions.values()) or self.config.method in UNSCORED:
@@ -154,3 +157,51 @@ class EvaluationCallback(TrainerCallback):
         finally:
             tokenizer.padding_side = side
             model.train(training)
+
+
+def evaluate_run(settings, run_id: int, step: int | None, *, base: bool = False) -> dict[str, Any]:
+    """`tuneboard eval`: the same evaluation for a run's final adapter (step None, stored under the run's
+    last step) or one complete checkpoint, and optionally for the base model (step 0), from the command
+    line. Returns the run's evaluation summary afterwards."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from app.db import Database
+    from app.models import Run
+    from app.runs.evaluation import summary
+    from worker.data import load_rows
+    from worker.hardware import choose_dtype
+    from worker.sink import DatabaseSink
+
+    db = Database(settings.sqlalchemy_url)
+    with db.session() as session:
+        run = session.get(Run, run_id)
+        if run is None:
+            raise SystemExit(f"There is no run {run_id}.")
+        config = RunConfig.model_validate(run.config)
+        stored_step = step if step is not None else run.current_step
+    folder = settings.run_folder(run_id)
+    adapter = folder.adapter_at(step)
+    if step is None and not folder.has_adapter:
+        raise SystemExit(f"Run {run_id} has no final adapter yet; name a checkpoint with --checkpoint STEP.")
+    if step is not None and not folder.checkpoint(step).complete:
+        steps = ", ".join(str(c.step) for c in folder.checkpoints() if c.complete) or "none"
+        raise SystemExit(f"Run {run_id} has no complete checkpoint at step {step} (complete: {steps}).")
+    tokenizer = AutoTokenizer.from_pretrained(config.model_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    base_model = AutoModelForCausalLM.from_pretrained(
+        config.model_path, dtype=choose_dtype(config.training.dtype)
+    )
+    model = PeftModel.from_pretrained(base_model, str(adapter))
+    sink = DatabaseSink(settings.sqlalchemy_url, run_id, run.attempts, settings.stale_after_seconds)
+    scoring = EvaluationCallback(
+        config, sink, questions(config, load_rows(config.dataset_path), tokenizer), resumed=True
+    )
+    if base:
+        scoring.evaluate_base(model, tokenizer)
+    scoring.evaluate(model, tokenizer, stored_step)
+    with db.session() as session:
+        result = summary(session=session, run_id=run_id)
+    db.dispose()
+    return result
