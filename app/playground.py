@@ -17,8 +17,9 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.model_registry import find_model, list_models
 from app.models import MAX_ID, WITH_ADAPTER, Run
+from app.runs import evaluation
 
-TARGET_ID = re.compile(r"^run-(\d+)(?:-step-(\d+))?$")
+TARGET_ID = re.compile(r"^run-(\d+)(?:-step-(\d+)|-(best))?$")  # run-3, run-3-step-40, run-3-best
 
 
 MAX_PANES = 4
@@ -51,10 +52,16 @@ def checkpoint_steps(settings: Settings, run_id: int) -> list[int]:
     return [c.step for c in settings.run_folder(run_id).checkpoints() if c.has_adapter]
 
 
-def _run_target(settings: Settings, run: Run, model_path: Path, step: int | None) -> Target:
-    label = f"#{run.id} {run.name}" + (f" · step {step}" if step is not None else "")
+def _run_target(
+    settings: Settings, run: Run, model_path: Path, step: int | None, *, best: bool = False
+) -> Target:
+    if best:
+        suffix, label = "-best", f"#{run.id} {run.name} · best checkpoint (step {step})"
+    else:
+        suffix = f"-step-{step}" if step is not None else ""
+        label = f"#{run.id} {run.name}" + (f" · step {step}" if step is not None else "")
     return Target(
-        id=f"run-{run.id}" + (f"-step-{step}" if step is not None else ""),
+        id=f"run-{run.id}{suffix}",
         label=label,
         base_model=run.base_model,
         model_path=model_path,
@@ -77,6 +84,9 @@ def list_targets(settings: Settings, *, session: Session, checkpoints: bool = Tr
             continue
         if has_adapter(settings, run.id, None):
             targets.append(_run_target(settings, run, model.folder, None))
+        best = evaluation.best_step(session=session, run_id=run.id)
+        if best is not None and has_adapter(settings, run.id, best):
+            targets.append(_run_target(settings, run, model.folder, best, best=True))
         if checkpoints:
             targets += [
                 _run_target(settings, run, model.folder, s) for s in checkpoint_steps(settings, run.id)
@@ -105,6 +115,15 @@ def resolve(settings: Settings, target_id: str, *, session: Session) -> Target:
     run = session.get(Run, run_id) if run_id <= MAX_ID else None
     if run is None:
         raise TargetError(f"There is no run {run_id}.")
+    best = match.group(3) is not None
+    if best:
+        step = evaluation.best_step(session=session, run_id=run_id)
+        if step is None:
+            raise TargetError(
+                f"Run {run_id} has no scored checkpoint yet; answers are scored at each checkpoint."
+            )
+        if not has_adapter(settings, run_id, step):
+            raise TargetError(f"Run {run_id}'s best checkpoint (step {step}) is no longer on disk.")
     if not has_adapter(settings, run_id, step):
         if step is not None:
             raise TargetError(f"Run {run_id} has no complete checkpoint at step {step}.")
@@ -115,7 +134,7 @@ def resolve(settings: Settings, target_id: str, *, session: Session) -> Target:
     model = find_model(settings, run.base_model, session=session)
     if model is None or not model.ready:
         raise TargetError(f"Run {run_id}'s base model '{run.base_model}' is no longer available.")
-    return _run_target(settings, run, model.folder, step)
+    return _run_target(settings, run, model.folder, step, best=best)
 
 
 # ---- what the web server sends the generation host -------------------------------------------------

@@ -36,7 +36,7 @@ def evaluation_benchmark(model_dir: Path, threads: int) -> dict:
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")).eval()
     rows = json.loads(DEMO.read_text(encoding="utf-8"))
     result: dict = {"dtype": str(dtype), "threads": threads, "max_new_tokens": params.max_new_tokens}
-    for split, count in (("validation", params.validation_rows), ("train", params.train_rows)):
+    for split, count in (("validation", params.scored_held_out_rows), ("train", params.scored_train_rows)):
         chosen = rows[:count]
         prompts = [
             messages_prompt_ids(tokenizer, [{"role": "user", "content": r["instruction"]}], "chat")

@@ -31,6 +31,28 @@ def test_dataset_id_alone_launches_a_good_default_run(client, dataset_id):
     assert [r["id"] for r in client.get("/api/runs").json()] == [run["id"]]
 
 
+def test_each_run_chooses_its_held_out_rows(client, dataset_id):
+    """The held-out split is per run: none at all (every row trains), a larger share, or a row limit."""
+
+    def held_out(**evaluation) -> list[int]:
+        body = {"dataset_id": dataset_id, "evaluation": evaluation}
+        response = client.post("/api/runs", json=body)
+        assert response.status_code == 201, response.text
+        config = response.json()["config"]
+        assert config["train_rows"] + len(config["validation_rows"]) == 40
+        return config["validation_rows"]
+
+    assert held_out(held_out_fraction=0) == []
+    assert len(held_out(held_out_fraction=0.25)) == 10
+    assert len(held_out(held_out_fraction=0.25, held_out_max_rows=3)) == 3
+    assert held_out() == held_out()  # the default split is stable
+    response = client.post(
+        "/api/runs", json={"dataset_id": dataset_id, "evaluation": {"held_out_fraction": 0.9}}
+    )
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["field"] == "evaluation.held_out_fraction"
+
+
 def test_tutorial_preset_reproduces_the_recipe(client, dataset_id):
     run = client.post("/api/runs", json={"dataset_id": dataset_id, "preset": "tutorial"}).json()
     assert run["config"]["peft"] | {} == {

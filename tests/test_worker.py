@@ -159,6 +159,22 @@ def test_a_run_succeeds_with_metrics_and_a_downloadable_adapter(client, settings
     assert refused.returncode != 0 and "no complete checkpoint at step 5 (complete: 4, 8)" in refused.stderr
 
 
+def test_the_best_checkpoint_survives_rotation_and_answers_by_name(client, settings, db, launch):
+    """Six checkpoints with save_total_limit 2: the best-scored one is kept beside the newest, and the
+    playground and /v1 reach it as run-N-best."""
+    run = launch(max_steps=6, logging_steps=3, save_steps=1)
+    assert work_once(settings, db, me="w1", stop=threading.Event())
+    report = client.get(f"/api/runs/{run['id']}/evaluation").json()
+    assert [s["step"] for s in report["steps"]] == [0, 1, 2, 3, 4, 5, 6]
+    best = report["best_step"]
+    kept = sorted(c.step for c in settings.run_folder(run["id"]).checkpoints())
+    assert kept == sorted({best, 6}), (best, kept)
+    models = [m["id"] for m in client.get("/v1/models").json()["data"]]
+    assert f"run-{run['id']}-best" in models
+    page = client.get(f"/playground?run={run['id']}").text
+    assert f'value="run-{run["id"]}-best"' in page and f"best checkpoint (step {best})" in page
+
+
 def test_metrics_arrive_while_it_trains(client, launch, background_worker):
     run = launch(max_steps=400, logging_steps=5, save_steps=200)
     worker = background_worker()

@@ -13,13 +13,15 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
 from app.runs.config import PROMPT_LEARNING, RunConfig
-from app.runs.evaluation import evaluation_rows
+from app.runs.evaluation import SELECT_BY, evaluation_rows
+from app.runs.folder import CHECKPOINT_PREFIX
 from app.scoring import mean, score
 from worker.callbacks import ProgressCallback
 from worker.engine import messages_prompt_ids
@@ -114,6 +116,7 @@ class EvaluationCallback(TrainerCallback):
     ):
         self.config, self.sink, self.questions, self.resumed = config, sink, questions, resumed
         self.progress = progress  # told how long evaluating took, so that it is not counted as training
+        self.scores: dict[int, float] = {}  # this attempt's checkpoints: step -> the score that selects
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         if not self.resumed and state.is_world_process_zero and model is not None:
@@ -121,7 +124,12 @@ class EvaluationCallback(TrainerCallback):
 
     def on_save(self, args, state, control, model=None, processing_class=None, **kwargs):
         if state.is_world_process_zero and model is not None:
-            self.evaluate(model, processing_class, state.global_step)
+            selected = self.evaluate(model, processing_class, state.global_step)
+            if selected is not None:
+                self.scores[state.global_step] = selected
+                best = max(self.scores, key=lambda step: (self.scores[step], -step))
+                # The Trainer's checkpoint rotation (save_total_limit) always keeps this one.
+                state.best_model_checkpoint = str(Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{best}")
 
     def evaluate_base(self, model, tokenizer) -> None:
         """The base model's answers (step 0), from the PEFT model with its adapter out of the way."""
@@ -131,9 +139,12 @@ class EvaluationCallback(TrainerCallback):
             with model.disable_adapter():
                 self.evaluate(model, tokenizer, 0)
 
-    def evaluate(self, model, tokenizer, step: int) -> None:
+    def evaluate(self, model, tokenizer, step: int) -> float | None:
+        """Answer and score every split at `step`; returns the mean score that selects the best checkpoint
+        (app.runs.evaluation.SELECT_BY, on held-out rows, else training rows), if any were answered."""
         if not any(self.questions.values()) or self.config.method in UNSCORED:
-            return
+            return None
+        selected: dict[str, float] = {}
         training = model.training
         side = tokenizer.padding_side
         model.eval()
@@ -153,10 +164,14 @@ class EvaluationCallback(TrainerCallback):
                 self.sink.answers(step=step, split=split, answers=answers, seconds=seconds)
                 if self.progress is not None:
                     self.progress.exclude(time.perf_counter() - started)
-                log.info("evaluation at step %d, %s rows: %s in %.1f s", step, split, mean(scores), seconds)
+                means = mean(scores)
+                log.info("evaluation at step %d, %s rows: %s in %.1f s", step, split, means, seconds)
+                if means is not None:
+                    selected[split] = means[SELECT_BY]
         finally:
             tokenizer.padding_side = side
             model.train(training)
+        return selected.get("validation", selected.get("train"))
 
 
 def evaluate_run(settings, run_id: int, step: int | None, *, base: bool = False) -> dict[str, Any]:

@@ -188,10 +188,14 @@ class ResolvedTraining(TrainingParams):
 
 
 class EvaluationParams(Strict):
-    """Answers scored at the start (the base model) and at every checkpoint (app.scoring)."""
+    """Which rows are held out, and the answers scored at the start (the base model) and at every
+    checkpoint (app.scoring)."""
 
-    validation_rows: int = Field(32, ge=0, le=1000)  # held-out rows answered (the first ones); 0: none
-    train_rows: int = Field(8, ge=0, le=1000)  # a fixed sample of training rows: did it learn them?
+    # None: the server's TUNEBOARD_VALIDATION_FRACTION / TUNEBOARD_VALIDATION_MAX_ROWS; 0 trains every row
+    held_out_fraction: float | None = Field(None, ge=0, le=0.5)
+    held_out_max_rows: int | None = Field(None, ge=0, le=1_000_000)
+    scored_held_out_rows: int = Field(32, ge=0, le=1000)  # the first held-out rows are answered; 0: none
+    scored_train_rows: int = Field(8, ge=0, le=1000)  # a fixed sample of training rows: learned them?
     max_new_tokens: int = Field(128, ge=1, le=4096)  # answers are greedy and cut here
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from app.models import Run, RunAnswer
@@ -26,9 +26,11 @@ def evaluation_rows(config: RunConfig) -> dict[str, list[int]]:
     run's seed) of training rows. The same rows at every step, so steps compare."""
     held_out = set(config.validation_rows)
     train = [i for i in range(config.train_rows + len(held_out)) if i not in held_out]
-    sample = random.Random(config.training.seed).sample(train, min(config.evaluation.train_rows, len(train)))
+    sample = random.Random(config.training.seed).sample(
+        train, min(config.evaluation.scored_train_rows, len(train))
+    )
     return {
-        "validation": config.validation_rows[: config.evaluation.validation_rows],
+        "validation": config.validation_rows[: config.evaluation.scored_held_out_rows],
         "train": sorted(sample),
     }
 
@@ -65,18 +67,34 @@ def summary(*, session: Session, run_id: int) -> dict[str, Any]:
             entry[split] = {**(mean([_scores(a) for a in rows]) or {}), "rows": len(rows)}
         entry["seconds"] = round(sum(max(a.seconds for a in rows) for rows in splits.values()), 2)
         steps.append(entry)
-    split = "validation" if any("validation" in s for s in steps) else "train"
-    checkpoints = [s for s in steps if s["step"] > 0 and split in s]
-    best = max(checkpoints, key=lambda s: (s[split][SELECT_BY], -s["step"]), default=None)
-    base = next((s for s in steps if s["step"] == 0), None)
+    means = {(s["step"], split): s[split][SELECT_BY] for s in steps for split in SPLITS if split in s}
+    best, split = _pick(means)
     return {
         "metrics": list(METRICS),
         "select_by": SELECT_BY,
         "split": split,
         "steps": steps,
-        "base": base,
-        "best_step": best["step"] if best else None,
+        "base": next((s for s in steps if s["step"] == 0), None),
+        "best_step": best,
     }
+
+
+def best_step(*, session: Session, run_id: int) -> int | None:
+    """The best checkpoint's step (as `summary` chooses it), from the database's averages alone."""
+    rows = session.execute(
+        select(RunAnswer.step, RunAnswer.split, func.avg(RunAnswer.chrf))
+        .where(RunAnswer.run_id == run_id)
+        .group_by(RunAnswer.step, RunAnswer.split)
+    ).all()
+    return _pick({(step, split): round(value, 2) for step, split, value in rows})[0]
+
+
+def _pick(means: dict[tuple[int, str], float]) -> tuple[int | None, str]:
+    """The checkpoint (step > 0) with the highest mean score on held-out rows (training rows when none are
+    held out; the earlier step on a tie), and that split."""
+    split = "validation" if any(s == "validation" for _, s in means) else "train"
+    scores = {step: value for (step, s), value in means.items() if s == split and step > 0}
+    return max(scores, key=lambda step: (scores[step], -step), default=None), split
 
 
 def row_answers(*, session: Session, run_id: int, step: int) -> dict[tuple[str, int], RunAnswer]:

@@ -37,10 +37,11 @@ def build_run_config(settings: Settings, request: RunRequest, *, session: Sessio
         field = ".".join(["peft", *(str(p) for p in first["loc"] if "[" not in str(p))])  # no union tags
         raise InvalidRun(field, first["msg"].removeprefix("Value error, ")) from None
     check_modules(model, peft)
+    split = request.evaluation
     held_out = validation_rows(
         dataset.rows,
-        fraction=settings.validation_fraction,
-        max_rows=settings.validation_max_rows,
+        fraction=settings.validation_fraction if split.held_out_fraction is None else split.held_out_fraction,
+        max_rows=settings.validation_max_rows if split.held_out_max_rows is None else split.held_out_max_rows,
         seed=request.training.seed,
     )
     train_rows = dataset.rows - len(held_out)
