@@ -166,3 +166,17 @@ def test_errors_answer_each_caller_in_its_own_shape(client):
     assert invalid_page.status_code == 422 and "run_id:" in invalid_page.text
     openai = client.post("/v1/chat/completions", json={"messages": []})
     assert openai.status_code == 422 and openai.json()["error"]["param"] == "model"
+
+
+def test_the_new_run_form_sets_the_held_out_split(client):
+    """The form's evaluation fields reach the run: 0 held out trains every row, 25% holds out ten of 40."""
+    dataset = upload(client, "demo.json", DEMO_DATASET.read_bytes()).json()["id"]
+    page = client.get("/runs/new").text
+    assert 'name="evaluation.held_out_fraction"' in page and 'name="evaluation.scored_train_rows"' in page
+    for fraction, held_out in (("0", 0), ("0.25", 10)):
+        form = {"dataset_id": str(dataset), "method": "lora", "evaluation.held_out_fraction": fraction}
+        response = client.post("/runs", data=form, headers=browser_headers(client))
+        assert response.status_code == 204, response.text
+        run_id = int(response.headers["HX-Redirect"].rsplit("/", 1)[1])
+        config = client.get(f"/api/runs/{run_id}").json()["config"]
+        assert len(config["validation_rows"]) == held_out and config["train_rows"] == 40 - held_out

@@ -26,7 +26,7 @@ from app.runs.config import METHOD_LABELS, PRESETS, InvalidRun, RunRequest
 from app.runs.estimate import estimate
 from app.runs.events import latest_train_metric, list_stream, progress, run_events, tracked
 from app.runs.folder import RunFolder
-from app.runs.form import peft_fields, request_from_form, training_fields
+from app.runs.form import evaluation_fields, peft_fields, request_from_form, training_fields
 from app.runs.launch import build_run_config, enqueue_run
 from app.web import hx_redirect, render
 
@@ -80,6 +80,7 @@ def _form_context(settings, session, values: dict, *, problems=None) -> dict:
         "advanced_training": advanced_training,
         "simple_peft": simple_peft,
         "advanced_peft": advanced_peft,
+        "evaluation_fields": evaluation_fields(),
         "problems": problems or [],
         "bundled": BUNDLED_ID,
     }

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from app.runs.config import PEFT_PARAMS, TrainingParams
+from app.runs.config import PEFT_PARAMS, EvaluationParams, TrainingParams
 
 # Shown in simple mode; everything else sits under "Advanced".
 SIMPLE_TRAINING = ("num_train_epochs", "learning_rate", "per_device_train_batch_size", "max_length")
@@ -28,6 +28,12 @@ HELP = {
     "dtype": "auto = bf16 where the hardware is fast at it",
     "target_modules": "all-linear, or names separated by commas (q_proj, v_proj)",
     "r": "adapter rank",
+    "held_out_fraction": "share of rows kept out of training to measure generalisation; 0 = train every row; "
+    "empty = the server's default (10%)",
+    "held_out_max_rows": "at most this many held-out rows; empty = the server's default",
+    "scored_held_out_rows": "held-out rows answered and scored at every checkpoint; 0 = none",
+    "scored_train_rows": "training rows answered and scored at each checkpoint (learned them?); 0 = none",
+    "max_new_tokens": "longest answer generated for scoring",
 }
 
 
@@ -84,6 +90,10 @@ def training_fields() -> tuple[list[Field], list[Field]]:
     return [f for f in fields if f.short in SIMPLE_TRAINING], [
         f for f in fields if f.short not in SIMPLE_TRAINING
     ]
+
+
+def evaluation_fields() -> list[Field]:
+    return fields_of(EvaluationParams, "evaluation")
 
 
 def peft_fields(method: str) -> tuple[list[Field], list[Field]]:
