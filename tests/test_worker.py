@@ -167,12 +167,44 @@ def test_the_best_checkpoint_survives_rotation_and_answers_by_name(client, setti
     report = client.get(f"/api/runs/{run['id']}/evaluation").json()
     assert [s["step"] for s in report["steps"]] == [0, 1, 2, 3, 4, 5, 6]
     best = report["best_step"]
-    kept = sorted(c.step for c in settings.run_folder(run["id"]).checkpoints())
+    folder = settings.run_folder(run["id"])
+    kept = sorted(c.step for c in folder.checkpoints())
     assert kept == sorted({best, 6}), (best, kept)
+    assert folder.adapter_source() == {"step": 6, "chosen": "last"}
     models = [m["id"] for m in client.get("/v1/models").json()["data"]]
     assert f"run-{run['id']}-best" in models
     page = client.get(f"/playground?run={run['id']}").text
     assert f'value="run-{run["id"]}-best"' in page and f"best checkpoint (step {best})" in page
+
+
+def test_early_stopping_and_the_best_checkpoint_as_the_final_adapter(client, settings, db, launch):
+    """Patience 1 with a checkpoint every step: training stops at the first checkpoint that scores no
+    better than the best so far, and the final adapter is the best checkpoint's, said so on the page."""
+    body = launch(max_steps=6)  # for the ids of the dataset and model the fixture registered
+    config = body["config"]
+    request = {
+        "dataset_id": config["dataset_id"],
+        "base_model": config["base_model"],
+        "training": {"dtype": "float32", "max_steps": 40, "logging_steps": 1, "save_steps": 1},
+        "evaluation": {"early_stopping_patience": 1, "final_adapter": "best", "scored_train_rows": 4},
+    }
+    client.post(f"/api/runs/{body['id']}/cancel")
+    run = client.post("/api/runs", json=request).json()
+    while work_once(settings, db, me="w1", stop=threading.Event()):
+        pass
+    done = client.get(f"/api/runs/{run['id']}").json()
+    assert done["status"] == "succeeded", done["error"]
+    report = client.get(f"/api/runs/{run['id']}/evaluation").json()
+    scored = {s["step"]: s["validation"]["chrf"] for s in report["steps"] if s["step"] > 0}
+    last, best = max(scored), report["best_step"]
+    assert scored[last] <= scored[best] and all(scored[s] < scored[best] for s in scored if s < best)
+    assert last == best + 1 or last == 40  # stopped at the first checkpoint after the best that was no better
+    folder = settings.run_folder(run["id"])
+    assert folder.adapter_source() == {"step": best, "chosen": "best"}
+    weights = "adapter_model.safetensors"
+    assert (folder.adapter / weights).read_bytes() == (folder.checkpoint(best).path / weights).read_bytes()
+    page = client.get(f"/runs/{run['id']}").text
+    assert f"step {best}" in page and "best-scored checkpoint" in page
 
 
 def test_metrics_arrive_while_it_trains(client, launch, background_worker):

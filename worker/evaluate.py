@@ -130,6 +130,13 @@ class EvaluationCallback(TrainerCallback):
                 best = max(self.scores, key=lambda step: (self.scores[step], -step))
                 # The Trainer's checkpoint rotation (save_total_limit) always keeps this one.
                 state.best_model_checkpoint = str(Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{best}")
+                patience = self.config.evaluation.early_stopping_patience
+                since = sum(1 for step in self.scores if step > best)
+                if patience and since >= patience:
+                    log.info(
+                        "stopping early: %d checkpoints in a row scored no better than step %d", since, best
+                    )
+                    control.should_training_stop = True
 
     def evaluate_base(self, model, tokenizer) -> None:
         """The base model's answers (step 0), from the PEFT model with its adapter out of the way."""

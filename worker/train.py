@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from app.runs.config import PROMPT_LEARNING, RunConfig
-from app.runs.folder import RunFolder
+from app.runs.folder import CHECKPOINT_PREFIX, RunFolder
 from worker.hardware import choose_dtype, loaded_bytes, shortfall
 
 log = logging.getLogger("tuneboard.train")
@@ -228,8 +228,19 @@ def train(config: RunConfig, sink, attempt: int | None = None) -> Path:
     staging = adapter.with_name(".adapter.partial")
     shutil.rmtree(staging, ignore_errors=True)
     if trainer.is_world_process_zero():
-        trainer.model.save_pretrained(staging)
+        best = trainer.state.best_model_checkpoint  # named by worker.evaluate, kept by rotation
+        step = trainer.state.global_step
+        wants_best = config.evaluation.final_adapter == "best" and best is not None
+        if wants_best and Path(best).is_dir():
+            staging.mkdir(parents=True)
+            RunFolder.copy_adapter(Path(best), staging)
+            step = int(Path(best).name.removeprefix(CHECKPOINT_PREFIX))
+            log.info("the final adapter is the best-scored checkpoint, step %d", step)
+        else:
+            trainer.model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        chosen = "best" if wants_best else "last"
+        RunFolder.write_adapter_source(staging, step, chosen)
         shutil.rmtree(adapter, ignore_errors=True)
         os.replace(staging, adapter)
         log.info("adapter saved to %s", adapter)

@@ -198,6 +198,7 @@ def run_page(request: Request, run_id: RunId, settings: SettingsDep, session: Se
         "log": folder.tail(),
         "cli_yaml": cli_yaml(run),
         "has_adapter": folder.has_adapter,
+        "adapter_source": folder.adapter_source(),
         "methods": METHOD_LABELS,
         "evaluation": evaluation.report(settings, session=session, run=run),
     }
@@ -226,6 +227,7 @@ async def run_page_stream(request: Request, run_id: RunId, settings: SettingsDep
                 "dataset": session.get(Dataset, run.dataset_id),
                 "methods": METHOD_LABELS,
                 "has_adapter": folder.has_adapter,
+                "adapter_source": folder.adapter_source(),
             }
             parts = {
                 "progress": render_block(env, "run.html", "progress", p=p),

@@ -197,6 +197,9 @@ class EvaluationParams(Strict):
     scored_held_out_rows: int = Field(32, ge=0, le=1000)  # the first held-out rows are answered; 0: none
     scored_train_rows: int = Field(8, ge=0, le=1000)  # a fixed sample of training rows: learned them?
     max_new_tokens: int = Field(128, ge=1, le=4096)  # answers are greedy and cut here
+    # stop once this many checkpoints in a row scored no better than the best; None: never stop early
+    early_stopping_patience: int | None = Field(None, ge=1, le=1000)
+    final_adapter: Literal["last", "best"] = "last"  # best: the best-scored checkpoint's adapter
 
 
 class RunRequest(Strict):

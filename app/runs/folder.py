@@ -7,18 +7,23 @@ train.log                         the training process's output, every attempt
 error.txt                         the training process's own sentence when it fails in a way it can explain
 checkpoints/checkpoint-<step>/    Trainer checkpoints; TUNEBOARD_COMPLETE is written into each once saved
 adapter/                          the trained adapter (PEFT layout) and tokenizer
+adapter/tuneboard.json            which step the adapter is, and whether it is the last or the best one
 ```
 No torch here: the web tier reads folders, the worker and the training process write them.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 CHECKPOINT_MARKER = "TUNEBOARD_COMPLETE"  # written last into a checkpoint folder: the save is complete
 CHECKPOINT_PREFIX = "checkpoint-"
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+ADAPTER_SOURCE = "tuneboard.json"
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,24 @@ class RunFolder:
 
     def complete_checkpoints(self) -> list[Checkpoint]:
         return [c for c in self.checkpoints() if c.complete]
+
+    def adapter_source(self) -> dict | None:
+        """{"step": S, "chosen": "last" | "best"} for the final adapter, when it says."""
+        try:
+            return json.loads((self.adapter / ADAPTER_SOURCE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def write_adapter_source(adapter: Path, step: int, chosen: str) -> None:
+        (adapter / ADAPTER_SOURCE).write_text(json.dumps({"step": step, "chosen": chosen}), encoding="utf-8")
+
+    @staticmethod
+    def copy_adapter(checkpoint: Path, adapter: Path) -> None:
+        """A checkpoint's adapter (its PEFT config and weights) into an adapter folder."""
+        for name in (ADAPTER_CONFIG, *ADAPTER_WEIGHTS):
+            if (checkpoint / name).is_file():
+                shutil.copy2(checkpoint / name, adapter / name)
 
     def adapter_at(self, step: int | None) -> Path:
         """The final adapter (step None) or a checkpoint's."""
