@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,15 @@ from app.migrate import upgrade
 
 # Starlette's TestClient calls the server "testserver": allow that name as a configured host would be.
 os.environ.setdefault("TUNEBOARD_ALLOWED_HOSTS", "testserver")
+
+
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# A suite stopped with SIGTERM (`timeout`, CI) ends like Ctrl-C: fixtures tear down and stop the servers and
+# workers they started (their own process groups would otherwise outlive the run).
+signal.signal(signal.SIGTERM, _interrupted)
 
 DEMO_DATASET = PROJECT_ROOT / "data" / "examples" / "demo_alpaca.json"
 CHATML_TEMPLATE = (

@@ -158,6 +158,8 @@ def test_compare_finished_runs(app, context):
     page.goto(f"{app['base']}/compare?" + "&".join(f"runs={r}" for r in runs))
     page.wait_for_selector("#compare-chart canvas")
     assert page.get_attribute("#compare-chart", "data-series") == "2"
+    page.wait_for_selector("#compare-answers canvas")  # both runs' scored answers by step
+    assert page.get_attribute("#compare-answers", "data-series") == "2"
     assert "training.num_train_epochs" in page.inner_text("#differences")
     assert context.errors == []
 

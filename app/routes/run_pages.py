@@ -280,15 +280,21 @@ def compare_page(request: Request, session: SessionDep, runs: Annotated[list[int
             .where(RunMetric.run_id == run.id)
             .order_by(RunMetric.id)
         ).all()
+        scored = evaluation.summary(session=session, run_id=run.id)
         curves[run.id] = {
             "name": f"#{run.id} {run.name}",
             "train": [[p.step, p.loss] for p in points if p.kind == "train"],
             "eval": [[p.step, p.eval_loss] for p in points if p.kind == "eval"],
+            # the selecting split's mean chrF by step; step 0 is the base model
+            "answers": [
+                [e["step"], e[scored["split"]]["chrf"]] for e in scored["steps"] if scored["split"] in e
+            ],
         }
     context = {
         "all_runs": all_runs,
         "chosen": chosen,
         "curves": json.dumps(curves),
+        "any_answers": any(c["answers"] for c in curves.values()),
         "differences": differences(chosen),
     }
     return render(request, "compare.html", context)
