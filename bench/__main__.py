@@ -142,7 +142,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the raw figures to this file")
     parser.add_argument(
         "--only",
-        choices=["training", "streams", "generation", "reliability", "evaluation"],
+        choices=["training", "streams", "generation", "reliability", "evaluation", "learning"],
         help="run one part only",
     )
     args = parser.parse_args()
@@ -180,6 +180,11 @@ def main() -> None:
 
         result["evaluation"] = evaluation_benchmark(model_dir, args.threads)
         print(report_evaluation(result["evaluation"]))
+    if args.only in (None, "learning"):
+        from bench.learning import learning_benchmark, report_learning
+
+        result["learning"] = learning_benchmark(model_dir, args.threads)
+        print(report_learning(result["learning"]))
     print(f"\n(benchmark took {time.time() - started:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:
