@@ -189,24 +189,32 @@ def cli_yaml(run: Run) -> str:
 def run_page(request: Request, run_id: RunId, settings: SettingsDep, session: SessionDep):
     run = get_run_or_404(session, run_id)
     folder = settings.run_folder(run_id)
-    latest = latest_train_metric(session, run_id)
-    context = {
-        "run": run,
-        "p": progress(run, latest),
-        "dataset": session.get(Dataset, run.dataset_id),
+    target = request.headers.get("HX-Target", "") if request.headers.get("HX-Request") else ""
+    block = {"run-summary": "summary", "run-log": "log", "run-checkpoints": "checkpoints"}.get(target)
+    if block == "log":  # polled every 2 s while the run is active: only the log
+        # 286 tells htmx to stop polling the log once the run has finished.
+        status = 286 if run.status in state.FINISHED else 200
+        return render(request, "run.html", {"run": run, "log": folder.tail()}, block="log", status=status)
+    context = summary_context(settings, session, run) | {
+        "p": progress(run, latest_train_metric(session, run_id)),
         "checkpoints": checkpoints(folder),
         "log": folder.tail(),
         "cli_yaml": cli_yaml(run),
-        "has_adapter": folder.has_adapter,
-        "adapter_source": folder.adapter_source(),
-        "methods": METHOD_LABELS,
         "evaluation": evaluation.report(settings, session=session, run=run),
     }
-    target = request.headers.get("HX-Target", "") if request.headers.get("HX-Request") else ""
-    block = {"run-summary": "summary", "run-log": "log", "run-checkpoints": "checkpoints"}.get(target)
-    # 286 tells htmx to stop polling the log once the run has finished.
-    status = 286 if block == "log" and run.status in state.FINISHED else 200
-    return render(request, "run.html", context, block=block, status=status)
+    return render(request, "run.html", context, block=block)
+
+
+def summary_context(settings, session, run: Run) -> dict:
+    """What the page's summary block shows (the page and its stream both render it)."""
+    folder = settings.run_folder(run.id)
+    return {
+        "run": run,
+        "dataset": session.get(Dataset, run.dataset_id),
+        "methods": METHOD_LABELS,
+        "has_adapter": folder.has_adapter,
+        "adapter_source": folder.adapter_source(),
+    }
 
 
 @router.get("/runs/{run_id}/stream")
@@ -222,16 +230,9 @@ async def run_page_stream(request: Request, run_id: RunId, settings: SettingsDep
             if run is None:
                 return {}
             folder = settings.run_folder(run_id)
-            summary = {
-                "run": run,
-                "dataset": session.get(Dataset, run.dataset_id),
-                "methods": METHOD_LABELS,
-                "has_adapter": folder.has_adapter,
-                "adapter_source": folder.adapter_source(),
-            }
             parts = {
                 "progress": render_block(env, "run.html", "progress", p=p),
-                "summary": render_block(env, "run.html", "summary", summary),
+                "summary": render_block(env, "run.html", "summary", summary_context(settings, session, run)),
                 "checkpoints": render_block(env, "run.html", "checkpoints", checkpoints=checkpoints(folder)),
             }
             if with_answers or parts["checkpoints"] != sent.get("checkpoints"):  # scored at each checkpoint
