@@ -230,8 +230,8 @@ def train(config: RunConfig, sink, attempt: int | None = None) -> Path:
     if trainer.is_world_process_zero():
         best = trainer.state.best_model_checkpoint  # named by worker.evaluate, kept by rotation
         step = trainer.state.global_step
-        wants_best = config.evaluation.final_adapter == "best" and best is not None
-        if wants_best and Path(best).is_dir():
+        from_best = config.evaluation.final_adapter == "best" and best is not None and Path(best).is_dir()
+        if from_best:
             staging.mkdir(parents=True)
             RunFolder.copy_adapter(Path(best), staging)
             step = int(Path(best).name.removeprefix(CHECKPOINT_PREFIX))
@@ -239,8 +239,7 @@ def train(config: RunConfig, sink, attempt: int | None = None) -> Path:
         else:
             trainer.model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        chosen = "best" if wants_best else "last"
-        RunFolder.write_adapter_source(staging, step, chosen)
+        RunFolder.write_adapter_source(staging, step, "best" if from_best else "last")
         shutil.rmtree(adapter, ignore_errors=True)
         os.replace(staging, adapter)
         log.info("adapter saved to %s", adapter)
