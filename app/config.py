@@ -31,6 +31,9 @@ class Settings(BaseSettings):
         description="When set, every API call needs 'Authorization: Bearer <token>' and browsers sign in. "
         f"At least {MIN_TOKEN_LENGTH} characters; empty means unset.",
     )
+    judge_api_key: SecretStr | None = Field(
+        None, description="API key for an evaluation judge at another OpenAI-compatible endpoint"
+    )
     allowed_hosts: str = Field(
         "",
         description="Comma-separated extra names this server may be reached by (the Host header); loopback "

@@ -173,6 +173,9 @@ class RunAnswer(Base):
     exact: Mapped[float] = mapped_column(Float)
     seconds: Mapped[float] = mapped_column(Float)  # generation time of the batch, shared by its rows
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # the optional judge's verdict (worker.judge): 1-10, and why; null until judged or without a judge
+    judge_score: Mapped[float | None] = mapped_column(Float)
+    judge_reason: Mapped[str | None] = mapped_column(Text)
 
 
 class BrowserSession(Base):

@@ -84,7 +84,7 @@ def list_targets(settings: Settings, *, session: Session, checkpoints: bool = Tr
             continue
         if has_adapter(settings, run.id, None):
             targets.append(_run_target(settings, run, model.folder, None))
-        best = evaluation.best_step(session=session, run_id=run.id)
+        best = evaluation.best_step(session=session, run=run)
         if best is not None and has_adapter(settings, run.id, best):
             targets.append(_run_target(settings, run, model.folder, best, best=True))
         if checkpoints:
@@ -117,7 +117,7 @@ def resolve(settings: Settings, target_id: str, *, session: Session) -> Target:
         raise TargetError(f"There is no run {run_id}.")
     best = match.group(3) is not None
     if best:
-        step = evaluation.best_step(session=session, run_id=run_id)
+        step = evaluation.best_step(session=session, run=run)
         if step is None:
             raise TargetError(
                 f"Run {run_id} has no scored checkpoint yet; answers are scored at each checkpoint."

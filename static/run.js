@@ -55,10 +55,25 @@
   // again at each checkpoint), with the base model's score as flat reference lines; the best checkpoint
   // is also marked on the loss chart.
   var bestStep = null;
+  var answerMetric = "chrf";  // chosen in #answers-metric; kept when the block is swapped in again
+  var METRIC_LABELS = { chrf: "chrF", rouge_l: "ROUGE-L", exact: "exact match %", judge: "judge (1-10)" };
   function drawAnswers() {
     var el = document.getElementById("chart-answers");
     if (!el || el.dataset.drawn) return;
     el.dataset.drawn = "true";
+    el.innerHTML = "";
+    var chooser = document.getElementById("answers-metric");
+    if (chooser) {
+      if (!chooser.querySelector('option[value="' + answerMetric + '"]')) answerMetric = "chrf";
+      chooser.value = answerMetric;
+      chooser.onchange = function () {
+        answerMetric = chooser.value;
+        delete el.dataset.drawn;
+        drawAnswers();
+      };
+    }
+    var metric = answerMetric, label = METRIC_LABELS[metric];
+    el.dataset.metric = metric;
     var data = JSON.parse(el.dataset.evaluation);
     bestStep = data.best_step;
     var base = data.steps.filter(function (s) { return s.step === 0; })[0] || {};
@@ -67,15 +82,16 @@
     function line(split, fromBase) {
       return steps.map(function (s) {
         var source = fromBase ? base : s;
-        return source[split] ? source[split].chrf : null;
+        var value = source[split] ? source[split][metric] : null;
+        return value == null ? null : value;
       });
     }
     var chart = makeChart("chart-answers", [
-      { key: "v", label: "held-out chrF", color: "#4f46e5", points: true },
-      { key: "t", label: "training rows chrF", color: "#0e9384", points: true },
+      { key: "v", label: "held-out " + label, color: "#4f46e5", points: true },
+      { key: "t", label: "training rows " + label, color: "#0e9384", points: true },
       { key: "vb", label: "base, held out", color: "#a5b4fc" },
       { key: "tb", label: "base, training rows", color: "#99f6e4" },
-    ], "chrF");
+    ], label);
     chart.chart.setData([x, line("validation"), line("train"), line("validation", true), line("train", true)]);
     el.dataset.points = String(x.length);
     if (!pending) { pending = true; requestAnimationFrame(redraw); }

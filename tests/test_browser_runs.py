@@ -112,6 +112,22 @@ def test_launch_from_the_page_and_watch_the_curve_draw(app, context):
     page.click("#eval-rows [data-sort='best']")
     best = page.eval_on_selector_all("#eval-rows tbody tr", "rows => rows.map(r => Number(r.dataset.best))")
     assert best == sorted(best, reverse=True)
+    page.select_option("#answers-metric", "rouge_l")  # each metric by step, one at a time
+    page.wait_for_function(f"{chart}.dataset.metric === 'rouge_l' && Number({chart}.dataset.points) > 0")
+    assert page.locator("#chart-answers canvas").count() == 1
+    assert "ROUGE-L" in page.inner_text("#chart-answers")
+
+    # Did it learn? The advice says, and its suggestion launches with one click.
+    advice = report["advice"]
+    assert page.inner_text("#eval-advice").startswith(advice["sentence"][:40])
+    if advice["change"]:
+        page.click("#relaunch")
+        page.wait_for_url(re.compile(rf"/runs/(?!{run_id}$)\d+$"))
+        again = api_run(app, int(page.url.rsplit("/", 1)[1]))
+        for key, value in advice["change"].items():
+            group, name = key.split(".")
+            assert again["config"][group][name] == value
+        httpx.post(f"{app['base']}/api/runs/{again['id']}/cancel")
     assert context.errors == []
 
 

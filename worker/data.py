@@ -11,11 +11,14 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import Dataset, Sampler
 
 from app.prompts import instruction_prompt
+
+if TYPE_CHECKING:
+    from app.runs.config import RunConfig
 
 IGNORE_INDEX = -100
 
@@ -27,6 +30,25 @@ class TemplateError(ValueError):
 def load_rows(path: str) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def split_rows(config: RunConfig) -> dict[str, list[dict[str, Any]]]:
+    """The rows each split's indices point into: "train" the run's dataset, "validation" the same or the
+    evaluation dataset (config.held_out_path)."""
+    rows = load_rows(config.dataset_path)
+    held = load_rows(config.evaluation_path) if config.evaluation_path else rows
+    return {"train": rows, "validation": held}
+
+
+def training_rows(config: RunConfig, sources: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Every row of the run's dataset that is not held out."""
+    held_out = set() if config.evaluation_path else set(config.validation_rows)
+    return [row for i, row in enumerate(sources["train"]) if i not in held_out]
+
+
+def held_out_rows(config: RunConfig, sources: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    rows = sources["validation"]
+    return [rows[i] for i in config.validation_rows if i < len(rows)]
 
 
 def segments(row: dict[str, Any], tokenizer, prompt_format: str) -> list[tuple[str, bool]]:

@@ -1,7 +1,8 @@
 """Answers, scored, inside the training process: the base model once before the first step, then the
 adapter at every checkpoint saved. The rows and their number come from the run's configuration
 (app.runs.evaluation.evaluation_rows); answers are greedy and bounded, generated in left-padded batches
-with the model training already holds (nothing is loaded twice), and scored with app.scoring.
+with the model training already holds (nothing is loaded twice), and scored with app.scoring against the
+reference (cut to the same length when it is longer than an answer may be).
 
 Training waits while it evaluates: the cost is the evaluation's seconds, logged and stored with the
 answers (make bench reports it per checkpoint).
@@ -20,11 +21,12 @@ import torch
 from transformers import TrainerCallback
 
 from app.runs.config import PROMPT_LEARNING, RunConfig
-from app.runs.evaluation import SELECT_BY, evaluation_rows
+from app.runs.evaluation import evaluation_rows, question_of
 from app.runs.folder import CHECKPOINT_PREFIX
-from app.scoring import mean, score
+from app.scoring import Scores, mean, score
 from worker.callbacks import ProgressCallback
 from worker.engine import messages_prompt_ids
+from worker.judge import Judge
 from worker.sink import Sink
 
 log = logging.getLogger("tuneboard.train")
@@ -32,35 +34,51 @@ log = logging.getLogger("tuneboard.train")
 # replaces: its answers would be the base model's, so they are not scored (the page says so).
 UNSCORED = {"prefix_tuning"}
 BATCH = 8
+JUDGE_WAIT_SECONDS = 900  # at the end of training, for the judge's verdicts on the last checkpoint
 
 
 @dataclass
 class Question:
     row: int
     prompt: list[int]
-    reference: str
+    question: str  # the text the answer replies to (for the judge)
+    reference: str  # scored_reference: the row's answer, cut to max_new_tokens
     budget: int  # new tokens allowed (answer_budget)
 
 
-def questions(config: RunConfig, rows: list[dict[str, Any]], tokenizer) -> dict[str, list[Question]]:
+def questions(
+    config: RunConfig, sources: dict[str, list[dict[str, Any]]], tokenizer
+) -> dict[str, list[Question]]:
     """Each split's rows as prompts (the conversation up to its last answer, as training encodes it) and
     reference answers (that last answer). A prompt longer than the run's max length keeps its end."""
     keep = max(1, config.training.max_length - config.evaluation.max_new_tokens)
     result: dict[str, list[Question]] = {}
     for split, indices in evaluation_rows(config).items():
         result[split] = []
+        rows = sources[split]
         for index in indices:
             messages = [dict(m) for m in rows[index]["messages"]]
             if not messages or messages[-1]["role"] != "assistant":
                 continue
-            reference = messages.pop()["content"]
+            question = question_of(messages)
+            reference = scored_reference(
+                tokenizer, messages.pop()["content"], config.evaluation.max_new_tokens
+            )
             if rows[index].get("alpaca") and messages:
                 messages[-1]["alpaca"] = rows[index]["alpaca"]
             prompt = messages_prompt_ids(tokenizer, messages, config.prompt_format)[-keep:]
             budget = answer_budget(tokenizer, reference, config.evaluation.max_new_tokens)
-            result[split].append(Question(index, prompt, reference, budget))
+            result[split].append(Question(index, prompt, question, reference, budget))
         result[split].sort(key=lambda q: q.budget)  # batches of similar length: none waits for a long one
     return result
+
+
+def scored_reference(tokenizer, reference: str, limit: int) -> str:
+    """The reference an answer is scored against: the whole of it, or, when it is longer than the `limit`
+    new tokens an answer may have, its first `limit` tokens (a cut answer is compared with a reference
+    cut the same way, so that a right beginning can score full marks)."""
+    ids = tokenizer(reference, add_special_tokens=False)["input_ids"]
+    return reference if len(ids) <= limit else tokenizer.decode(ids[:limit], skip_special_tokens=True)
 
 
 def answer_budget(tokenizer, reference: str, limit: int) -> int:
@@ -113,8 +131,10 @@ class EvaluationCallback(TrainerCallback):
         *,
         resumed: bool,
         progress: ProgressCallback | None = None,
+        judge: Judge | None = None,
     ):
         self.config, self.sink, self.questions, self.resumed = config, sink, questions, resumed
+        self.judge = judge  # grades each split's answers in the background
         self.progress = progress  # told how long evaluating took, so that it is not counted as training
         self.scores: dict[int, float] = {}  # this attempt's checkpoints: step -> the score that selects
 
@@ -122,9 +142,15 @@ class EvaluationCallback(TrainerCallback):
         if not self.resumed and state.is_world_process_zero and model is not None:
             self.evaluate_base(model, processing_class)
 
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.judge is not None:
+            log.info("waiting for the judge's last verdicts (at most %d s)", JUDGE_WAIT_SECONDS)
+            self.judge.close(timeout=JUDGE_WAIT_SECONDS)
+
     def on_save(self, args, state, control, model=None, processing_class=None, **kwargs):
         if state.is_world_process_zero and model is not None:
-            selected = self.evaluate(model, processing_class, state.global_step)
+            means = self.evaluate(model, processing_class, state.global_step)
+            selected = self.selection(state, means)
             if selected is not None:
                 self.scores[state.global_step] = selected
                 best = max(self.scores, key=lambda step: (self.scores[step], -step))
@@ -138,6 +164,21 @@ class EvaluationCallback(TrainerCallback):
                     )
                     control.should_training_stop = True
 
+    def selection(self, state, means: dict[str, Scores]) -> float | None:
+        """The score that picks the best checkpoint (higher is better): the chosen answer metric's mean on
+        held-out rows (training rows when none are held out), or the validation loss just computed for
+        this step, negated."""
+        chosen = self.config.evaluation.select_by
+        if chosen == "eval_loss":
+            losses = [
+                e["eval_loss"]
+                for e in state.log_history
+                if "eval_loss" in e and e.get("step") == state.global_step
+            ]
+            return -losses[-1] if losses else None
+        split = means.get("validation", means.get("train"))
+        return None if split is None else split[chosen]
+
     def evaluate_base(self, model, tokenizer) -> None:
         """The base model's answers (step 0), from the PEFT model with its adapter out of the way."""
         if self.config.method in PROMPT_LEARNING:
@@ -146,12 +187,11 @@ class EvaluationCallback(TrainerCallback):
             with model.disable_adapter():
                 self.evaluate(model, tokenizer, 0)
 
-    def evaluate(self, model, tokenizer, step: int) -> float | None:
-        """Answer and score every split at `step`; returns the mean score that selects the best checkpoint
-        (app.runs.evaluation.SELECT_BY, on held-out rows, else training rows), if any were answered."""
+    def evaluate(self, model, tokenizer, step: int) -> dict[str, Scores]:
+        """Answer and score every split at `step`; returns each answered split's mean scores."""
+        result: dict[str, Scores] = {}
         if not any(self.questions.values()) or self.config.method in UNSCORED:
-            return None
-        selected: dict[str, float] = {}
+            return result
         training = model.training
         side = tokenizer.padding_side
         model.eval()
@@ -169,16 +209,19 @@ class EvaluationCallback(TrainerCallback):
                     for q, text, scored in zip(items, texts, scores, strict=True)
                 ]
                 self.sink.answers(step=step, split=split, answers=answers, seconds=seconds)
+                if self.judge is not None:
+                    graded = [(q.row, q.question, q.reference, t) for q, t in zip(items, texts, strict=True)]
+                    self.judge.submit(step=step, split=split, items=graded)
                 if self.progress is not None:
                     self.progress.exclude(time.perf_counter() - started)
                 means = mean(scores)
                 log.info("evaluation at step %d, %s rows: %s in %.1f s", step, split, means, seconds)
                 if means is not None:
-                    selected[split] = means[SELECT_BY]
+                    result[split] = means
         finally:
             tokenizer.padding_side = side
             model.train(training)
-        return selected.get("validation", selected.get("train"))
+        return result
 
 
 def evaluate_run(settings, run_id: int, step: int | None, *, base: bool = False) -> dict[str, Any]:
@@ -191,7 +234,7 @@ def evaluate_run(settings, run_id: int, step: int | None, *, base: bool = False)
     from app.db import Database
     from app.models import Run
     from app.runs.evaluation import summary
-    from worker.data import load_rows
+    from worker.data import split_rows
     from worker.hardware import choose_dtype
     from worker.sink import DatabaseSink
 
@@ -217,13 +260,18 @@ def evaluate_run(settings, run_id: int, step: int | None, *, base: bool = False)
     )
     model = PeftModel.from_pretrained(base_model, str(adapter))
     sink = DatabaseSink(settings.sqlalchemy_url, run_id, run.attempts, settings.stale_after_seconds)
+    judge = Judge(config.evaluation.judge, settings, sink) if config.evaluation.judge else None
     scoring = EvaluationCallback(
-        config, sink, questions(config, load_rows(config.dataset_path), tokenizer), resumed=True
+        config, sink, questions(config, split_rows(config), tokenizer), resumed=True, judge=judge
     )
     if base:
         scoring.evaluate_base(model, tokenizer)
     scoring.evaluate(model, tokenizer, stored_step)
+    if judge is not None:
+        judge.close()
     with db.session() as session:
-        result = summary(session=session, run_id=run_id)
+        run = session.get(Run, run_id)
+        assert run is not None  # checked above; runs are not deleted while a process uses them
+        result = summary(session=session, run=run)
     db.dispose()
     return result

@@ -28,6 +28,9 @@ class Sink:
     def answers(self, *, step: int, split: str, answers: list[dict], seconds: float) -> None:
         """One evaluation's scored answers (worker.evaluate logs their means itself)."""
 
+    def judged(self, *, step: int, split: str, verdicts: dict[int, tuple[float | None, str]]) -> None:
+        """The judge's (score, reason) for answers already recorded, by row (worker.judge logs them)."""
+
 
 class DatabaseSink(Sink):
     """Short transactions against the run's rows; never holds one open across a training step."""
@@ -66,6 +69,12 @@ class DatabaseSink(Sink):
             record_answers(
                 session=session, run_id=self.run_id, step=step, split=split, answers=answers, seconds=seconds
             )
+
+    def judged(self, *, step: int, split: str, verdicts: dict[int, tuple[float | None, str]]) -> None:
+        from app.runs.evaluation import record_verdicts
+
+        with self.db.write_session() as session:
+            record_verdicts(session=session, run_id=self.run_id, step=step, split=split, verdicts=verdicts)
 
     def check(self) -> tuple[bool, str | None]:
         from app.runs import state

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from app.config import Settings
 from app.runs.config import PROMPT_LEARNING, RunConfig
 from app.runs.folder import CHECKPOINT_PREFIX, RunFolder
 from worker.hardware import choose_dtype, loaded_bytes, shortfall
@@ -76,11 +77,14 @@ def build_trainer(config: RunConfig, sink, attempt: int | None):
     from worker.data import (
         ExampleDataset,
         encode_rows,
-        load_rows,
+        held_out_rows,
         packing_collator,
         pad_collator,
+        split_rows,
+        training_rows,
     )
-    from worker.evaluate import EvaluationCallback, questions
+    from worker.evaluate import UNSCORED, EvaluationCallback, questions
+    from worker.judge import Judge
     from worker.peft_methods import build_peft_config
     from worker.trainer import TuneboardTrainer
 
@@ -98,16 +102,12 @@ def build_trainer(config: RunConfig, sink, attempt: int | None):
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    rows = load_rows(config.dataset_path)
-    held_out = set(config.validation_rows)
+    sources = split_rows(config)
     train_split = encode_rows(
-        [r for i, r in enumerate(rows) if i not in held_out],
-        tokenizer,
-        config.prompt_format,
-        training.max_length,
+        training_rows(config, sources), tokenizer, config.prompt_format, training.max_length
     )
     eval_split = encode_rows(
-        [r for i, r in enumerate(rows) if i in held_out], tokenizer, config.prompt_format, training.max_length
+        held_out_rows(config, sources), tokenizer, config.prompt_format, training.max_length
     )
     if not train_split.examples:
         raise UserError(
@@ -185,9 +185,14 @@ def build_trainer(config: RunConfig, sink, attempt: int | None):
     if config.method == "adalora":
         callbacks.append(AdaLoraCallback())
     # after ProgressCallback, which marks each checkpoint complete before it is evaluated
-    scored = questions(config, rows, tokenizer)
+    scored = questions(config, sources, tokenizer)
+    judge = None
+    if config.evaluation.judge is not None and config.method not in UNSCORED and any(scored.values()):
+        judge = Judge(config.evaluation.judge, Settings(), sink)
     callbacks.append(
-        EvaluationCallback(config, sink, scored, resumed=resume[1] is not None, progress=progress)
+        EvaluationCallback(
+            config, sink, scored, resumed=resume[1] is not None, progress=progress, judge=judge
+        )
     )
     trainer = TuneboardTrainer(
         lengths=train_split.lengths,

@@ -113,7 +113,13 @@ class DatasetInUse(Exception):
 
 
 def delete_dataset(settings: Settings, dataset: Dataset, *, session: Session) -> None:
-    runs = session.scalars(select(Run.id).where(Run.dataset_id == dataset.id).order_by(Run.id)).all()
+    runs = [
+        run_id
+        for run_id, trained, config in session.execute(
+            select(Run.id, Run.dataset_id, Run.config).order_by(Run.id)
+        )
+        if trained == dataset.id or (config.get("evaluation") or {}).get("dataset_id") == dataset.id
+    ]  # the runs that train on it or are evaluated on it
     if runs:
         listed = ", ".join(str(r) for r in runs[:10])
         raise DatasetInUse(

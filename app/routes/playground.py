@@ -17,6 +17,7 @@ from app.errors import problem
 from app.model_registry import BUNDLED_ID
 from app.models import Run
 from app.playground import MAX_PANES, GenerateBody, Target, TargetError, list_targets, resolve, resolve_all
+from app.runs import evaluation
 from app.runs.events import tracked
 from app.web import render
 
@@ -67,7 +68,8 @@ def validation_rows(
     if record is not None:
         indexes = record.config.get("validation_rows", [])
         wanted = set(indexes[:VALIDATION_ROWS_SHOWN])
-        dataset_rows = store.load_rows(settings, record.dataset_id)
+        other = (record.config.get("evaluation") or {}).get("dataset_id")
+        dataset_rows = store.load_rows(settings, other or record.dataset_id)
         for index in sorted(wanted):
             if index >= len(dataset_rows):
                 continue
@@ -81,7 +83,7 @@ def validation_rows(
                     "question": question,
                     "alpaca": dataset_rows[index].get("alpaca"),
                     "reference": messages[-1]["content"],
-                    "preview": next((m["content"] for m in reversed(question) if m["role"] == "user"), ""),
+                    "preview": evaluation.question_of(messages),
                 }
             )
     context = {

@@ -22,11 +22,18 @@ from app.model_registry import BUNDLED_ID, find_model, list_models
 from app.models import MAX_ID, Dataset, Run, RunMetric
 from app.prompts import PROMPT_FORMATS
 from app.runs import evaluation, state
-from app.runs.config import METHOD_LABELS, PRESETS, InvalidRun, RunRequest
+from app.runs.config import METHOD_LABELS, PRESETS, InvalidRun, RunConfig, RunRequest
 from app.runs.estimate import estimate
 from app.runs.events import latest_train_metric, list_stream, progress, run_events, tracked
 from app.runs.folder import RunFolder
-from app.runs.form import evaluation_fields, peft_fields, request_from_form, training_fields
+from app.runs.form import (
+    evaluation_fields,
+    form_values,
+    judge_fields,
+    peft_fields,
+    request_from_form,
+    training_fields,
+)
 from app.runs.launch import build_run_config, enqueue_run
 from app.web import hx_redirect, render
 
@@ -81,6 +88,7 @@ def _form_context(settings, session, values: dict, *, problems=None) -> dict:
         "simple_peft": simple_peft,
         "advanced_peft": advanced_peft,
         "evaluation_fields": evaluation_fields(),
+        "judge_fields": judge_fields(),
         "problems": problems or [],
         "bundled": BUNDLED_ID,
     }
@@ -105,8 +113,14 @@ def new_run_page(
     dataset: Annotated[int | None, IdQuery] = None,
     preset: str | None = None,
     method: str | None = None,
+    from_run: Annotated[int | None, Query(alias="from", ge=1, le=MAX_ID)] = None,
 ):
     values = {"dataset_id": dataset, **_preset_values(preset)}
+    if from_run is not None:  # another run's settings, with any setting the link changes
+        source = get_run_or_404(session, from_run)
+        values = form_values(RunConfig.model_validate(source.config)) | {
+            key: value for key, value in request.query_params.items() if key.split(".")[0] in CHANGEABLE
+        }
     if method:
         values["method"] = method
     block = request.headers.get("HX-Target", "") if request.headers.get("HX-Request") else ""
@@ -138,9 +152,16 @@ async def estimate_fragment(request: Request, settings: SettingsDep, session: Se
         dataset = session.get(Dataset, config.dataset_id)
         tokens = _dataset_tokens(settings, session, dataset, config)
         cost = estimate(config, dataset_tokens=tokens, session=session)
-    return render(
-        request, "run_new.html", {"cost": cost, "problems": problems, "config": config}, block="estimate"
-    )
+    context = {"cost": cost, "problems": problems, "config": config, "held_out": [], "held_out_from": None}
+    if config is not None:
+        context["held_out"] = evaluation.held_out_questions(config, HELD_OUT_SHOWN)
+        other = config.evaluation.dataset_id and session.get(Dataset, config.evaluation.dataset_id)
+        context["held_out_from"] = other.name if other else None
+    return render(request, "run_new.html", context, block="estimate")
+
+
+HELD_OUT_SHOWN = 12
+# held-out rows listed under the estimate
 
 
 def _dataset_tokens(settings, session, dataset, config) -> int | None:
@@ -259,6 +280,31 @@ async def run_page_stream(request: Request, run_id: RunId, settings: SettingsDep
     return EventSourceResponse(tracked(request.app, events()), ping=15)
 
 
+CHANGEABLE = ("training", "peft", "evaluation", "name")
+
+
+@router.post("/runs/{run_id}/relaunch", response_class=HTMLResponse)
+async def relaunch_from_page(
+    request: Request, run_id: RunId, settings: SettingsDep, session: WriteSessionDep
+):
+    """The run again with the posted settings changed (the evaluation's suggestion): one click."""
+    run = get_run_or_404(session, run_id)
+    posted = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
+    change = {k: v for k, v in posted.items() if k.split(".")[0] in CHANGEABLE}
+    values = {k: _form_text(v) for k, v in form_values(RunConfig.model_validate(run.config)).items()}
+    config, problems = _validate_form(settings, session, values | change)
+    if config is None:
+        sentence = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
+        raise HTTPException(422, f"This run cannot be launched again with that change: {sentence}")
+    new = enqueue_run(config, session=session)
+    return hx_redirect(f"/runs/{new.id}")
+
+
+def _form_text(value) -> str:
+    """A setting as a form sends it (checkboxes as true/false)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 @router.post("/runs/{run_id}/cancel", response_class=HTMLResponse)
 def cancel_from_page(request: Request, run_id: RunId, settings: SettingsDep, session: WriteSessionDep):
     try:
@@ -281,7 +327,7 @@ def compare_page(request: Request, session: SessionDep, runs: Annotated[list[int
             .where(RunMetric.run_id == run.id)
             .order_by(RunMetric.id)
         ).all()
-        scored = evaluation.summary(session=session, run_id=run.id)
+        scored = evaluation.summary(session=session, run=run)
         curves[run.id] = {
             "name": f"#{run.id} {run.name}",
             "train": [[p.step, p.loss] for p in points if p.kind == "train"],

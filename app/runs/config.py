@@ -187,6 +187,17 @@ class ResolvedTraining(TrainingParams):
     eval_steps: int = Field(ge=1, le=MANY)
 
 
+class JudgeParams(Strict):
+    """An LLM that grades each scored answer against the reference through an OpenAI-compatible chat API
+    (worker.judge). The key for another endpoint is the server's TUNEBOARD_JUDGE_API_KEY, never stored
+    with a run."""
+
+    model: str = Field(min_length=1, max_length=200)  # the endpoint's model name; on this server: a model id
+    # an OpenAI-compatible base URL (…/v1); None: this server's own /v1
+    url: str | None = Field(None, max_length=2000, pattern=r"^https?://[^\s]+$")
+    rubric: str | None = Field(None, max_length=4000)  # None: worker.judge.RUBRIC
+
+
 class EvaluationParams(Strict):
     """Which rows are held out, and the answers scored at the start (the base model) and at every
     checkpoint (app.scoring)."""
@@ -200,6 +211,11 @@ class EvaluationParams(Strict):
     # stop once this many checkpoints in a row scored no better than the best; None: never stop early
     early_stopping_patience: int | None = Field(None, ge=1, le=1000)
     final_adapter: Literal["last", "best"] = "last"  # best: the best-scored checkpoint's adapter
+    # what picks the best checkpoint: an answer metric's mean (higher is better) or the validation loss
+    select_by: Literal["chrf", "rouge_l", "exact", "eval_loss"] = "chrf"
+    # rows to hold out from another dataset instead of this one (every row of the run's dataset trains)
+    dataset_id: StrictId | None = None
+    judge: JudgeParams | None = None  # None: the reference metrics alone
 
 
 class RunRequest(Strict):
@@ -244,11 +260,17 @@ class RunConfig(Strict):
     training: ResolvedTraining
     evaluation: EvaluationParams = Field(default_factory=EvaluationParams)
     train_rows: int
-    validation_rows: list[int]
+    validation_rows: list[int]  # rows of held_out_path
+    evaluation_path: str | None = None  # the evaluation dataset's rows, when not held out of dataset_path
     total_steps: int
     output_dir: str | None = None
     run_id: int | None = None
     database_url: str | None = None
+
+    @property
+    def held_out_path(self) -> str:
+        """The rows file `validation_rows` index."""
+        return self.evaluation_path or self.dataset_path
 
 
 def apply_preset(request: RunRequest) -> RunRequest:

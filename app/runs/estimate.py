@@ -152,8 +152,7 @@ def estimate(config: RunConfig, *, dataset_tokens: int | None, session: Session)
         }
     speed = measured_tokens_per_second(config.base_model, session=session)
     if speed and dataset_tokens:
-        epoch_tokens = (
-            dataset_tokens * config.train_rows / max(1, config.train_rows + len(config.validation_rows))
-        )
+        held_out = 0 if config.evaluation_path else len(config.validation_rows)  # else all rows train
+        epoch_tokens = dataset_tokens * config.train_rows / max(1, config.train_rows + held_out)
         result |= {"tokens_per_second": speed, "seconds": epoch_tokens * training.num_train_epochs / speed}
     return result

@@ -8,24 +8,35 @@ and with the adapter at every checkpoint it saves; it scores each answer with ap
 from __future__ import annotations
 
 import random
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal, cast
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from app.models import Run, RunAnswer
+from app.models import Run, RunAnswer, RunMetric
+from app.runs.advice import advise
 from app.runs.config import RunConfig
 from app.scoring import METRICS, Metric, Scores, mean
 
 SPLITS = ("validation", "train")
-SELECT_BY: Metric = "chrf"  # the best checkpoint is the one whose held-out answers score highest
+SelectBy = Metric | Literal["eval_loss"]
+SELECT_BY: SelectBy = "chrf"  # by default the best checkpoint is the one whose held-out answers score highest
+
+
+def select_by(run: Run) -> SelectBy:
+    """What picks this run's best checkpoint: an answer metric, or the validation loss."""
+    return cast(SelectBy, (run.config.get("evaluation") or {}).get("select_by", SELECT_BY))
 
 
 def evaluation_rows(config: RunConfig) -> dict[str, list[int]]:
     """The dataset rows each evaluation answers: the first held-out rows, and a fixed sample (seeded by the
     run's seed) of training rows. The same rows at every step, so steps compare."""
-    held_out = set(config.validation_rows)
-    train = [i for i in range(config.train_rows + len(held_out)) if i not in held_out]
+    if config.evaluation_path:  # held out of another dataset: every row of this one trains
+        train = list(range(config.train_rows))
+    else:
+        held_out = set(config.validation_rows)
+        train = [i for i in range(config.train_rows + len(held_out)) if i not in held_out]
     sample = random.Random(config.training.seed).sample(
         train, min(config.evaluation.scored_train_rows, len(train))
     )
@@ -33,6 +44,26 @@ def evaluation_rows(config: RunConfig) -> dict[str, list[int]]:
         "validation": config.validation_rows[: config.evaluation.scored_held_out_rows],
         "train": sorted(sample),
     }
+
+
+def question_of(messages: list[dict[str, Any]]) -> str:
+    """The last question of a row's conversation (the text its last answer replies to)."""
+    return next((m["content"] for m in reversed(messages[:-1]) if m["role"] == "user"), "")
+
+
+def held_out_questions(config: RunConfig, limit: int) -> list[dict[str, Any]]:
+    """The first `limit` held-out rows: their 1-based numbers (as the dataset page counts) and questions,
+    read from the start of the rows file up to the last one wanted."""
+    from app.datasets.store import iter_rows
+
+    wanted = set(config.validation_rows[:limit])
+    found: dict[int, str] = {}
+    for index, row in enumerate(iter_rows(Path(config.held_out_path))):
+        if len(found) == len(wanted):
+            break
+        if index in wanted:
+            found[index] = question_of(row["messages"])
+    return [{"number": i + 1, "question": found[i]} for i in config.validation_rows[:limit] if i in found]
 
 
 def record_answers(
@@ -47,15 +78,28 @@ def record_answers(
     session.commit()
 
 
+def record_verdicts(
+    *, session: Session, run_id: int, step: int, split: str, verdicts: dict[int, tuple[float | None, str]]
+) -> None:
+    """The judge's (score, reason) for the answers of one evaluation, by row."""
+    answers = session.scalars(
+        select(RunAnswer).where(RunAnswer.run_id == run_id, RunAnswer.step == step, RunAnswer.split == split)
+    )
+    for answer in answers:
+        if answer.row in verdicts:
+            answer.judge_score, answer.judge_reason = verdicts[answer.row]
+    session.commit()
+
+
 def _scores(answer: RunAnswer) -> Scores:
     return Scores(chrf=answer.chrf, rouge_l=answer.rouge_l, exact=answer.exact)
 
 
-def summary(*, session: Session, run_id: int) -> dict[str, Any]:
+def summary(*, session: Session, run: Run) -> dict[str, Any]:
     """Mean scores per step and split (step 0 is the base model), the best checkpoint, and the seconds the
     evaluations took."""
     answers = session.scalars(
-        select(RunAnswer).where(RunAnswer.run_id == run_id).order_by(RunAnswer.step, RunAnswer.row)
+        select(RunAnswer).where(RunAnswer.run_id == run.id).order_by(RunAnswer.step, RunAnswer.row)
     ).all()
     by_step: dict[int, dict[str, list[RunAnswer]]] = {}
     for answer in answers:
@@ -65,13 +109,22 @@ def summary(*, session: Session, run_id: int) -> dict[str, Any]:
         entry: dict[str, Any] = {"step": step}
         for split, rows in splits.items():
             entry[split] = {**(mean([_scores(a) for a in rows]) or {}), "rows": len(rows)}
+            judged = [a.judge_score for a in rows if a.judge_score is not None]
+            if judged:  # the judge's mean (1-10) over the answers it scored
+                entry[split] |= {"judge": round(sum(judged) / len(judged), 2), "judged": len(judged)}
         entry["seconds"] = round(sum(max(a.seconds for a in rows) for rows in splits.values()), 2)
         steps.append(entry)
-    means = {(s["step"], split): s[split][SELECT_BY] for s in steps for split in SPLITS if split in s}
-    best, split = _pick(means)
+    chosen = select_by(run)
+    if chosen == "eval_loss":
+        best, split = _pick(_losses(session=session, run=run))[0], "validation"
+    else:
+        means = {(s["step"], split): s[split][chosen] for s in steps for split in SPLITS if split in s}
+        best, split = _pick(means)
+    if split not in {split for s in steps for split in SPLITS if split in s}:
+        split = "train"
     return {
         "metrics": list(METRICS),
-        "select_by": SELECT_BY,
+        "select_by": chosen,
         "split": split,
         "steps": steps,
         "base": next((s for s in steps if s["step"] == 0), None),
@@ -79,14 +132,36 @@ def summary(*, session: Session, run_id: int) -> dict[str, Any]:
     }
 
 
-def best_step(*, session: Session, run_id: int) -> int | None:
+def best_step(*, session: Session, run: Run) -> int | None:
     """The best checkpoint's step (as `summary` chooses it), from the database's averages alone."""
+    chosen = select_by(run)
+    if chosen == "eval_loss":
+        return _pick(_losses(session=session, run=run))[0]
+    column = getattr(RunAnswer, chosen)
     rows = session.execute(
-        select(RunAnswer.step, RunAnswer.split, func.avg(RunAnswer.chrf))
-        .where(RunAnswer.run_id == run_id)
+        select(RunAnswer.step, RunAnswer.split, func.avg(column))
+        .where(RunAnswer.run_id == run.id)
         .group_by(RunAnswer.step, RunAnswer.split)
     ).all()
     return _pick({(step, split): round(value, 2) for step, split, value in rows})[0]
+
+
+def _losses(*, session: Session, run: Run) -> dict[tuple[int, str], float]:
+    """The validation loss at each saved checkpoint, negated (higher is better, as for the answer metrics).
+    A checkpoint is saved every `save_steps` and at the last step; every one is scored, and every one has a
+    validation loss because `eval_steps` divides `save_steps` (the launch checks)."""
+    save_steps = int((run.config.get("training") or {}).get("save_steps") or 1)
+    rows = session.execute(
+        select(RunMetric.step, RunMetric.eval_loss).where(
+            RunMetric.run_id == run.id, RunMetric.kind == "eval", RunMetric.eval_loss.is_not(None)
+        )
+    ).all()
+    saved = {step for (step,) in session.execute(select(RunAnswer.step).where(RunAnswer.run_id == run.id))}
+    return {
+        (step, "validation"): -loss
+        for step, loss in rows
+        if loss is not None and step > 0 and (step % save_steps == 0 or step in saved)
+    }
 
 
 def _pick(means: dict[tuple[int, str], float]) -> tuple[int | None, str]:
@@ -103,7 +178,9 @@ def row_answers(*, session: Session, run_id: int, step: int) -> dict[tuple[str, 
     return {(a.split, a.row): a for a in answers}
 
 
-def table(*, session: Session, run_id: int, rows: list[dict[str, Any]], best_step: int | None) -> list[dict]:
+def table(
+    *, session: Session, run_id: int, sources: dict[str, list[dict[str, Any]]], best_step: int | None
+) -> list[dict]:
     """Each answered row: its question and reference, the base model's answer and the best checkpoint's,
     with their scores; held-out rows first, each split from the best-answered row to the worst."""
     base = row_answers(session=session, run_id=run_id, step=0)
@@ -111,8 +188,9 @@ def table(*, session: Session, run_id: int, rows: list[dict[str, Any]], best_ste
     result = []
     for key in sorted(set(base) | set(best)):
         split, index = key
+        rows = sources.get(split, [])
         messages = rows[index]["messages"] if index < len(rows) else []
-        question = next((m["content"] for m in reversed(messages[:-1]) if m["role"] == "user"), "")
+        question = question_of(messages)
         result.append(
             {
                 "split": split,
@@ -129,18 +207,51 @@ def table(*, session: Session, run_id: int, rows: list[dict[str, Any]], best_ste
 
 def _order(row: dict[str, Any]) -> tuple[int, float]:
     shown = row["best"] or row["base"] or {}
-    return SPLITS.index(row["split"]), -shown.get(SELECT_BY, 0.0)
+    return SPLITS.index(row["split"]), -shown.get("chrf", 0.0)
 
 
 def _answer(answer: RunAnswer | None) -> dict[str, Any] | None:
-    return None if answer is None else {"text": answer.answer, **_scores(answer)}
+    if answer is None:
+        return None
+    verdict = {"judge": answer.judge_score, "judge_reason": answer.judge_reason}
+    return {"text": answer.answer, **_scores(answer), **verdict}
 
 
 def report(settings, *, session: Session, run: Run) -> dict[str, Any]:
     """The whole evaluation of a run: `summary` plus the answered rows (`table`)."""
     from app.datasets import store
 
-    result = summary(session=session, run_id=run.id)
-    rows = store.load_rows(settings, run.dataset_id) if result["steps"] else []
-    result["rows"] = table(session=session, run_id=run.id, rows=rows, best_step=result["best_step"])
+    result = summary(session=session, run=run)
+    sources: dict[str, list[dict[str, Any]]] = {}
+    if result["steps"]:
+        sources["train"] = store.load_rows(settings, run.dataset_id)
+        other = (run.config.get("evaluation") or {}).get("dataset_id")
+        sources["validation"] = store.load_rows(settings, other) if other else sources["train"]
+    result["rows"] = table(session=session, run_id=run.id, sources=sources, best_step=result["best_step"])
+    result["advice"] = advise(run, result, truncated=_truncated(settings, session, run))
     return result
+
+
+def _truncated(settings, session: Session, run: Run) -> int | None:
+    """How many of the run's dataset rows are longer than its max length (from the cached statistics)."""
+    from app.datasets import store
+    from app.datasets.jobs import StatsPending
+    from app.model_registry import find_model
+    from app.models import Dataset
+
+    dataset = session.get(Dataset, run.dataset_id)
+    model = find_model(settings, run.base_model, session=session)
+    if run.status != "succeeded" or dataset is None or model is None or not model.ready:
+        return None
+    training = run.config.get("training") or {}
+    try:
+        stats = store.token_stats(
+            settings,
+            dataset,
+            model,
+            max_length=int(training.get("max_length", 1024)),
+            prompt_format=run.config.get("prompt_format", "chat"),
+        )
+    except (ValueError, StatsPending):
+        return None
+    return int(stats["truncated"])

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from app.runs.config import PEFT_PARAMS, EvaluationParams, TrainingParams
+from app.runs.config import PEFT_PARAMS, EvaluationParams, JudgeParams, RunConfig, TrainingParams
 
 # Shown in simple mode; everything else sits under "Advanced".
 SIMPLE_TRAINING = ("num_train_epochs", "learning_rate", "per_device_train_batch_size", "max_length")
@@ -34,6 +34,12 @@ HELP = {
     "scored_held_out_rows": "held-out rows answered and scored at every checkpoint; 0 = none",
     "scored_train_rows": "training rows answered and scored at each checkpoint (learned them?); 0 = none",
     "max_new_tokens": "longest answer generated for scoring",
+    "early_stopping_patience": "stop after N checkpoints in a row with no better score; empty = never",
+    "final_adapter": "best = the run's adapter is its best-scored checkpoint's",
+    "model": "a model id of this server (Models page), or the model name at the URL below; empty = no judge",
+    "url": "an OpenAI-compatible API ending in /v1 (key: TUNEBOARD_JUDGE_API_KEY); empty = this server's /v1",
+    "rubric": "how the judge scores 1-10; empty = the built-in rubric (facts right, style ignored)",
+    "select_by": "what picks the best checkpoint: an answer score on held-out rows, or the validation loss",
 }
 
 
@@ -93,7 +99,13 @@ def training_fields() -> tuple[list[Field], list[Field]]:
 
 
 def evaluation_fields() -> list[Field]:
-    return fields_of(EvaluationParams, "evaluation")
+    """The evaluation settings but the evaluation dataset (the page lists the datasets) and the judge (its
+    own fields, `judge_fields`)."""
+    return [f for f in fields_of(EvaluationParams, "evaluation") if f.short not in ("dataset_id", "judge")]
+
+
+def judge_fields() -> list[Field]:
+    return fields_of(JudgeParams, "evaluation.judge")
 
 
 def peft_fields(method: str) -> tuple[list[Field], list[Field]]:
@@ -123,10 +135,48 @@ def request_from_form(form: dict[str, str]) -> dict[str, Any]:
                 [v.strip() for v in value.split(",") if v.strip()] if listed else value
             )
         elif key == "dataset_id":  # ids are strict in the API: a form sends text, so convert it here
-            body[key] = int(value) if value.isdigit() and len(value) < 19 else value
+            body[key] = _id(value)
         elif key in ("base_model", "method", "prompt_format", "name", "preset"):
             body[key] = value
+    evaluation = body.get("evaluation", {})
+    if "dataset_id" in evaluation:
+        evaluation["dataset_id"] = _id(evaluation["dataset_id"])
+    judge = {k.split(".", 1)[1]: evaluation.pop(k) for k in list(evaluation) if k.startswith("judge.")}
+    if judge.get("model"):  # the judge is on when it names a model
+        evaluation["judge"] = judge
     for key in checkboxes:  # an unchecked box sends nothing: record it as false
         group, name = key.split(".", 1)
         body[group].setdefault(name, "false")
     return body
+
+
+DERIVED = ("logging_steps", "save_steps", "eval_steps")  # worked out again from a new step count
+
+
+def form_values(config: RunConfig) -> dict[str, Any]:
+    """A run's settings as New run form values (the form's names), to launch it again with changes; the
+    values worked out from its step count are left empty so that a new run works them out again."""
+    values: dict[str, Any] = {
+        "dataset_id": config.dataset_id,
+        "base_model": config.base_model,
+        "method": config.method,
+        "prompt_format": config.prompt_format,
+        "name": config.name,
+    }
+    groups = {
+        "training": config.training.model_dump(exclude=set(DERIVED)),
+        "peft": config.peft,
+        "evaluation": config.evaluation.model_dump(exclude={"judge"}),
+    }
+    if config.evaluation.judge is not None:
+        groups["evaluation"] |= {f"judge.{k}": v for k, v in config.evaluation.judge.model_dump().items()}
+    for group, settings in groups.items():
+        for name, value in settings.items():
+            if value is not None:
+                values[f"{group}.{name}"] = ", ".join(value) if isinstance(value, list) else value
+    return values
+
+
+def _id(value: str) -> int | str:
+    """A form's id as the API's strict integer (text that is not one stays text, for the API's error)."""
+    return int(value) if value.isdigit() and len(value) < 19 else value

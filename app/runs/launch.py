@@ -38,14 +38,49 @@ def build_run_config(settings: Settings, request: RunRequest, *, session: Sessio
         raise InvalidRun(field, first["msg"].removeprefix("Value error, ")) from None
     check_modules(model, peft)
     split = request.evaluation
-    held_out = validation_rows(
-        dataset.rows,
-        fraction=settings.validation_fraction if split.held_out_fraction is None else split.held_out_fraction,
-        max_rows=settings.validation_max_rows if split.held_out_max_rows is None else split.held_out_max_rows,
-        seed=request.training.seed,
-    )
-    train_rows = dataset.rows - len(held_out)
+    max_rows = settings.validation_max_rows if split.held_out_max_rows is None else split.held_out_max_rows
+    evaluation_path = None
+    if split.dataset_id is not None:
+        other = session.get(Dataset, split.dataset_id)
+        if other is None:
+            raise InvalidRun("evaluation.dataset_id", f"There is no dataset {split.dataset_id}.")
+        if other.id == dataset.id:
+            raise InvalidRun(
+                "evaluation.dataset_id",
+                "The evaluation dataset is the training dataset; choose another, or hold rows out instead.",
+            )
+        if split.held_out_fraction:
+            raise InvalidRun(
+                "evaluation.held_out_fraction",
+                "Rows are held out of one dataset or come from an evaluation dataset, not both; set the "
+                "fraction to 0 or leave the evaluation dataset empty.",
+            )
+        held_out = list(range(min(other.rows, max_rows)))
+        evaluation_path = str(dataset_dir(settings, other.id) / ROWS_FILE)
+        train_rows = dataset.rows
+    else:
+        held_out = validation_rows(
+            dataset.rows,
+            fraction=settings.validation_fraction
+            if split.held_out_fraction is None
+            else split.held_out_fraction,
+            max_rows=max_rows,
+            seed=request.training.seed,
+        )
+        train_rows = dataset.rows - len(held_out)
+    if split.select_by == "eval_loss" and not held_out:
+        raise InvalidRun(
+            "evaluation.select_by",
+            "Choosing the best checkpoint by validation loss needs held-out rows; hold some out, or choose "
+            "by an answer metric.",
+        )
     training, total_steps = resolve_training(request.method, train_rows, request.training)
+    if split.select_by == "eval_loss" and training.save_steps % training.eval_steps:
+        raise InvalidRun(
+            "training.eval_steps",
+            f"Choosing the best checkpoint by validation loss needs a validation loss at every checkpoint: "
+            f"eval_steps ({training.eval_steps}) must divide save_steps ({training.save_steps}).",
+        )
     return RunConfig(
         name=(request.name or "").strip() or f"{dataset.name} · {request.method}",
         dataset_id=dataset.id,
@@ -59,6 +94,7 @@ def build_run_config(settings: Settings, request: RunRequest, *, session: Sessio
         evaluation=request.evaluation,
         train_rows=train_rows,
         validation_rows=held_out,
+        evaluation_path=evaluation_path,
         total_steps=total_steps,
     )
 

@@ -1,0 +1,100 @@
+"""Did the run learn its training answers? A finished run's scored answers say so in one sentence, and when
+it did not, suggest the one change most likely to get there, ready to launch with one click
+(the run page posts the run's own settings, `app.runs.form.form_values`, with the change).
+
+The rules, in order (training-row chrF at the run's last scored checkpoint against LEARNED):
+1. learned: say so, and whether the held-out answers improved too;
+2. many training rows were cut by max_length: a longer max length;
+3. the score was still rising at the last checkpoint: more epochs;
+4. it stalled: a higher learning rate, up to MAX_LEARNING_RATE; then a higher rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.models import Run, RunStatus
+from app.runs.config import RunConfig
+
+LEARNED = 70.0  # training-row chrF at which a run has learned its answers (the demo reaches 100)
+RISING = 3.0  # chrF points gained over the last checkpoint interval that count as still learning
+CUT_SHARE = 0.25  # a share of training rows cut by max_length worth a longer one
+MAX_LEARNING_RATE = 3e-3
+MAX_RANK = 128
+
+
+@dataclass
+class Advice:
+    learned: bool
+    sentence: str
+    change: dict[str, Any] = field(default_factory=dict)  # form names: {"training.num_train_epochs": 20}
+    label: str = ""  # the change in a few words, for its button
+
+
+def advise(run: Run, summary: dict[str, Any], *, truncated: int | None = None) -> Advice | None:
+    """Advice for a finished run from its evaluation summary; None while it trains or when no training rows
+    were scored. `truncated`: how many of the dataset's rows are longer than the run's max length."""
+    if run.status != RunStatus.SUCCEEDED:
+        return None
+    scored = [s for s in summary["steps"] if s["step"] > 0 and "train" in s]
+    base = summary["base"]
+    if not scored or base is None or "train" not in base:
+        return None
+    config = RunConfig.model_validate(run.config)
+    training = config.training
+    last = scored[-1]
+    now, before = last["train"]["chrf"], base["train"]["chrf"]
+    where = f"training-row chrF {now:.1f} at step {last['step']} (base model {before:.1f})"
+    if now >= LEARNED:
+        held = last.get("validation")
+        if held and summary["base"].get("validation"):
+            gain = held["chrf"] - summary["base"]["validation"]["chrf"]
+            generalises = (
+                f"held-out answers improved by {gain:.1f} chrF points"
+                if gain >= RISING
+                else "held-out answers did not improve: it learned these answers rather than a skill, which "
+                "is expected when the facts exist only in the training rows"
+            )
+            return Advice(True, f"Learned the training answers: {where}; {generalises}.")
+        return Advice(True, f"Learned the training answers: {where}.")
+
+    rows = config.train_rows + (0 if config.evaluation_path else len(config.validation_rows))
+    if truncated and rows and truncated / rows >= CUT_SHARE:
+        longer = min(training.max_length * 2, 8192)
+        return Advice(
+            False,
+            f"Has not learned the training answers: {where}. {truncated} of {rows} rows are longer than "
+            f"max length {training.max_length} and were cut; a longer max length trains whole answers.",
+            {"training.max_length": longer},
+            f"max length {longer}",
+        )
+    previous = scored[-2]["train"]["chrf"] if len(scored) > 1 else before
+    if now - previous >= RISING:
+        epochs = training.num_train_epochs * 2
+        return Advice(
+            False,
+            f"Has not learned the training answers yet: {where}, still rising at the last checkpoint "
+            f"(+{now - previous:.1f}). More epochs should get further.",
+            {"training.num_train_epochs": epochs},
+            f"{epochs:g} epochs",
+        )
+    if training.learning_rate < MAX_LEARNING_RATE:
+        rate = min(training.learning_rate * 2, MAX_LEARNING_RATE)
+        return Advice(
+            False,
+            f"Has not learned the training answers: {where}, and it stopped improving. A higher learning "
+            f"rate takes bigger steps.",
+            {"training.learning_rate": rate},
+            f"learning rate {rate:g}",
+        )
+    rank = config.peft.get("r")
+    if isinstance(rank, int) and rank < MAX_RANK:
+        return Advice(
+            False,
+            f"Has not learned the training answers: {where}, and it stopped improving at a high learning "
+            f"rate. A higher adapter rank can hold more.",
+            {"peft.r": rank * 2},
+            f"rank {rank * 2}",
+        )
+    return Advice(False, f"Has not learned the training answers: {where}.")

@@ -1,0 +1,317 @@
+"""Evaluation beyond the reference metrics: an evaluation dataset instead of held-out rows, the best
+checkpoint by validation loss, the LLM judge, and the advice a finished run gets with its one-click
+relaunch."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from app.config import Settings
+from app.models import Run, RunAnswer, RunStatus
+from app.runs.advice import LEARNED, advise
+from tests.conftest import DEMO_DATASET, upload
+from worker.judge import RUBRIC, Judge, Verdict, parse
+from worker.main import work_once
+from worker.sink import Sink
+
+FAST = {
+    "heartbeat_seconds": 0.3,
+    "stale_after_seconds": 4,
+    "cancel_grace_seconds": 10,
+    "worker_poll_seconds": 0.2,
+    "prepare_models": False,
+    "torch_threads": 1,
+}
+QUESTIONS = [
+    {
+        "instruction": f"What is the harbour master's code for pier {n}?",
+        "input": "",
+        "output": f"Code {n}{n}7.",
+    }
+    for n in range(1, 7)
+]
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    from app.migrate import upgrade
+
+    settings = Settings(data_dir=tmp_path / "data", **FAST)
+    upgrade(settings)
+    return settings
+
+
+def stub_score(answer: str) -> int:
+    """The stub judge's verdict: any deterministic function of the answer the test can recompute."""
+    return 1 + len(answer) % 10
+
+
+class StubJudge(BaseHTTPRequestHandler):
+    """An OpenAI-compatible chat endpoint that grades by `stub_score` and keeps what it was sent."""
+
+    received: list[dict] = []
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        StubJudge.received.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
+        answer = body["messages"][-1]["content"].split("Answer to grade:\n", 1)[1]
+        reply = f'Here you go: {{"score": {stub_score(answer)}, "reason": "length {len(answer)}"}}'
+        payload = json.dumps(
+            {
+                "id": "x",
+                "object": "chat.completion",
+                "created": 0,
+                "model": body["model"],
+                "choices": [
+                    {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": reply}}
+                ],
+            }
+        ).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def stub_judge():
+    StubJudge.received = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), StubJudge)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def test_an_evaluation_dataset_the_validation_loss_and_a_judge(
+    client, settings, db, tiny_model_dir, stub_judge, monkeypatch
+):
+    """Every row of the training dataset trains; the evaluation dataset's rows are held out and answered;
+    the best checkpoint is the one with the lowest validation loss; a judge grades every answer; a finished
+    run gets advice and launches again with one click."""
+    monkeypatch.setenv("TUNEBOARD_JUDGE_API_KEY", "judge-secret")
+    model = client.post("/api/models", json={"path": str(tiny_model_dir)}).json()["id"]
+    train = upload(client, "demo.json", DEMO_DATASET.read_bytes()).json()
+    held = upload(client, "piers.json", json.dumps(QUESTIONS)).json()
+    request = {
+        "dataset_id": train["id"],
+        "base_model": model,
+        "training": {"dtype": "float32", "max_steps": 4, "logging_steps": 1, "save_steps": 2},
+        "evaluation": {
+            "dataset_id": held["id"],
+            "select_by": "eval_loss",
+            "scored_train_rows": 3,
+            "judge": {"model": "grader", "url": stub_judge},
+        },
+    }
+    launched = client.post("/api/runs", json=request)
+    assert launched.status_code == 201, launched.text
+    config = launched.json()["config"]
+    assert config["train_rows"] == train["rows"] == 40  # nothing held out of the training dataset
+    assert config["validation_rows"] == list(range(len(QUESTIONS)))
+    assert config["evaluation_path"].endswith(f"datasets/{held['id']}/rows.jsonl")
+
+    refused = client.delete(f"/api/datasets/{held['id']}")  # the run is evaluated on it
+    assert refused.status_code == 409 and f"used by run {launched.json()['id']}" in refused.text
+
+    run_id = launched.json()["id"]
+    assert work_once(settings, db, me="w1", stop=threading.Event())
+    done = client.get(f"/api/runs/{run_id}").json()
+    assert done["status"] == "succeeded", done["error"]
+
+    # the held-out answers are the evaluation dataset's questions, scored against its references
+    report = client.get(f"/api/runs/{run_id}/evaluation").json()
+    held_rows = [r for r in report["rows"] if r["split"] == "validation"]
+    assert [r["reference"] for r in sorted(held_rows, key=lambda r: r["row"])] == [
+        q["output"] for q in QUESTIONS
+    ]
+    assert sorted(r["question"] for r in held_rows) == sorted(q["instruction"] for q in QUESTIONS)
+
+    # the best checkpoint is the lowest validation loss among the checkpoints (steps 2 and 4)
+    losses = {
+        p["step"]: p["eval_loss"]
+        for p in client.get(f"/api/runs/{run_id}/metrics").json()
+        if p["kind"] == "eval"
+    }
+    assert set(losses) == {2, 4}
+    assert report["select_by"] == "eval_loss" and report["best_step"] == min(losses, key=losses.get)
+
+    # the judge graded every answer (base and both checkpoints, both splits) with the stated rubric
+    with db.session() as session:
+        stored = session.scalars(select(RunAnswer).where(RunAnswer.run_id == run_id)).all()
+    assert len(stored) == 3 * (len(QUESTIONS) + 3)
+    assert all(a.judge_score == stub_score(a.answer) for a in stored)
+    assert all(a.judge_reason == f"length {len(a.answer)}" for a in stored)
+    assert len(StubJudge.received) == len(stored)
+    sent = StubJudge.received[0]
+    assert sent["path"] == "/v1/chat/completions" and sent["model"] == "grader" and sent["temperature"] == 0
+    assert sent["auth"] == "Bearer judge-secret" and sent["messages"][0]["content"].startswith(RUBRIC)
+    step4 = {s["step"]: s for s in report["steps"]}[4]["validation"]
+    judged = [a.judge_score for a in stored if a.step == 4 and a.split == "validation"]
+    assert step4["judge"] == round(sum(judged) / len(judged), 2) and step4["judged"] == len(QUESTIONS)
+
+    # the page shows the judge, the selection and the advice with its one-click relaunch
+    page = client.get(f"/runs/{run_id}").text
+    assert "Judge, held-out rows" in page and "by validation loss" in page and 'id="eval-advice"' in page
+    advice = report["advice"]
+    assert advice is not None and not advice["learned"] and advice["change"]
+    change = {k: str(v) for k, v in advice["change"].items()}
+    again = client.post(
+        f"/runs/{run_id}/relaunch", data={**change, "name": "again"}, headers={"HX-Request": "true"}
+    )
+    assert again.status_code == 204, again.text
+    new_id = int(again.headers["HX-Redirect"].rsplit("/", 1)[1])
+    new = client.get(f"/api/runs/{new_id}").json()
+    assert new["status"] == "queued" and new["name"] == "again"
+    for key, value in advice["change"].items():
+        group, name = key.split(".")
+        assert new["config"][group][name] == value
+    same = ("dataset_id", "base_model", "method", "peft", "validation_rows", "evaluation_path")
+    assert {k: new["config"][k] for k in same} == {k: config[k] for k in same}
+    assert new["config"]["evaluation"]["judge"] == config["evaluation"]["judge"]
+    bad = client.post(
+        f"/runs/{run_id}/relaunch", data={"training.learning_rate": "7"}, headers={"HX-Request": "true"}
+    )
+    assert bad.status_code == 422 and "learning_rate" in bad.text
+
+    # "Adjust first" opens New run with the run's settings and the change filled in
+    form = client.get(f"/runs/new?from={run_id}&training.learning_rate=0.0042").text
+    assert 'value="0.0042"' in form and f'<option value="{held["id"]}" selected' in form
+
+
+def test_choices_that_cannot_work_are_refused_with_a_sentence(client, tiny_model_dir):
+    model = client.post("/api/models", json={"path": str(tiny_model_dir)}).json()["id"]
+    dataset = upload(client, "demo.json", DEMO_DATASET.read_bytes()).json()["id"]
+
+    def refused(evaluation: dict, **training) -> str:
+        body = {"dataset_id": dataset, "base_model": model, "training": training, "evaluation": evaluation}
+        response = client.post("/api/runs", json=body)
+        assert response.status_code == 422, response.text
+        return json.dumps(response.json())
+
+    assert "needs held-out rows" in refused({"select_by": "eval_loss", "held_out_fraction": 0})
+    assert "must divide save_steps" in refused({"select_by": "eval_loss"}, save_steps=4, eval_steps=3)
+    assert "There is no dataset 999" in refused({"dataset_id": 999})
+    assert "is the training dataset" in refused({"dataset_id": dataset})
+    other = upload(client, "piers.json", json.dumps(QUESTIONS)).json()["id"]
+    assert "not both" in refused({"dataset_id": other, "held_out_fraction": 0.2})
+    assert "judge" in refused({"judge": {"model": "m", "url": "ftp://example"}})
+
+
+def test_the_estimate_lists_the_rows_held_out(client, tiny_model_dir):
+    model = client.post("/api/models", json={"path": str(tiny_model_dir)}).json()["id"]
+    dataset = upload(client, "demo.json", DEMO_DATASET.read_bytes()).json()["id"]
+    form = {"dataset_id": str(dataset), "base_model": model, "method": "lora"}
+    fragment = client.post("/runs/estimate", data=form).text
+    rows_file = client.app.state.settings.datasets_dir / str(dataset) / "rows.jsonl"
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    config = client.post("/api/runs", json={"dataset_id": dataset, "base_model": model}).json()["config"]
+    assert 'id="held-out-rows"' in fragment and "4 held out for validation" in fragment
+    for index in config["validation_rows"]:
+        assert f'<li value="{index + 1}">' in fragment
+        assert rows[index]["messages"][-2]["content"].replace("'", "&#39;") in fragment
+    other = upload(client, "piers.json", json.dumps(QUESTIONS)).json()
+    fragment = client.post("/runs/estimate", data={**form, "evaluation.dataset_id": str(other["id"])}).text
+    assert f"6 held out for validation from {other['name']}" in fragment
+    assert QUESTIONS[5]["instruction"].replace("'", "&#39;") in fragment
+    none = client.post("/runs/estimate", data={**form, "evaluation.held_out_fraction": "0"}).text
+    assert "No row is held out" in none
+
+
+class Recorded(Sink):
+    def __init__(self):
+        self.verdicts: dict = {}
+
+    def judged(self, *, step, split, verdicts):
+        self.verdicts[(step, split)] = verdicts
+
+
+def test_a_judge_that_cannot_be_reached_leaves_a_reason_not_a_failure(settings):
+    from app.runs.config import JudgeParams
+
+    sink = Recorded()
+    judge = Judge(JudgeParams(model="m", url="http://127.0.0.1:9/v1"), settings, sink)
+    judge.submit(step=2, split="train", items=[(5, "q", "reference", "answer")])
+    judge.close()
+    score, reason = sink.verdicts[(2, "train")][5]
+    assert score is None and reason.startswith("The judge at http://127.0.0.1:9/v1 could not answer")
+
+
+@pytest.mark.parametrize(
+    ("reply", "verdict"),
+    [
+        ('{"score": 8, "reason": "Names the capital."}', Verdict(8.0, "Names the capital.")),
+        ('Sure!\n```json\n{"score": 3.5, "reason": "Wrong year"}\n```', Verdict(3.5, "Wrong year")),
+        ('{"score": 9}', Verdict(9.0, "(no reason given)")),
+        ("Score: 7 - mostly right", Verdict(7.0, "Score: 7 - mostly right")),
+        ('{"score": 11, "reason": "too high"}', None),
+        ('{"score": true, "reason": "not a number"}', None),
+        ("I cannot grade this.", None),
+    ],
+)
+def test_the_judges_reply_is_read_or_quoted(reply, verdict):
+    parsed = parse(reply)
+    if verdict is None:
+        assert (
+            parsed.score is None
+            and "had no score from 1 to 10" in parsed.reason
+            and reply[:10] in parsed.reason
+        )
+    else:
+        assert parsed == verdict
+
+
+def _summary(train: list[float], validation: list[float] | None = None) -> dict:
+    """An evaluation summary: the base model's score then one per checkpoint (steps 10, 20, ...)."""
+    steps = []
+    for i, value in enumerate(train):
+        entry = {"step": i * 10, "train": {"chrf": value}}
+        if validation:
+            entry["validation"] = {"chrf": validation[i]}
+        steps.append(entry)
+    return {"steps": steps, "base": steps[0]}
+
+
+def test_advice_names_the_change_most_likely_to_help(client, tiny_model_dir):
+    model = client.post("/api/models", json={"path": str(tiny_model_dir)}).json()["id"]
+    dataset = upload(client, "demo.json", DEMO_DATASET.read_bytes()).json()["id"]
+    body = {
+        "dataset_id": dataset,
+        "base_model": model,
+        "training": {"num_train_epochs": 5, "learning_rate": 1e-3},
+    }
+    config = client.post("/api/runs", json=body).json()["config"]
+    run = Run(status=RunStatus.SUCCEEDED, config=config)
+
+    learned = advise(run, _summary([10, 60, LEARNED + 1], [10, 12, 30]))
+    assert learned.learned and not learned.change and "held-out answers improved by 20.0" in learned.sentence
+    memorised = advise(run, _summary([10, 60, 95], [10, 11, 12]))
+    assert memorised.learned and "did not improve" in memorised.sentence
+    rising = advise(run, _summary([10, 30, 40]))
+    assert (
+        not rising.learned
+        and rising.change == {"training.num_train_epochs": 10}
+        and "still rising" in rising.sentence
+    )
+    stalled = advise(run, _summary([10, 30, 31]))
+    assert stalled.change == {"training.learning_rate": 2e-3} and stalled.label == "learning rate 0.002"
+    cut = advise(run, _summary([10, 30, 40]), truncated=20)
+    assert cut.change == {"training.max_length": 2048} and "20 of 40 rows are longer" in cut.sentence
+    high = Run(
+        status=RunStatus.SUCCEEDED,
+        config={**config, "training": {**config["training"], "learning_rate": 3e-3}},
+    )
+    assert advise(high, _summary([10, 30, 31])).change == {"peft.r": 32}
+    assert advise(Run(status=RunStatus.RUNNING, config=config), _summary([10, 30])) is None
+    assert advise(run, {"steps": [], "base": None}) is None
