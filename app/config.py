@@ -31,8 +31,12 @@ class Settings(BaseSettings):
         description="When set, every API call needs 'Authorization: Bearer <token>' and browsers sign in. "
         f"At least {MIN_TOKEN_LENGTH} characters; empty means unset.",
     )
+    judge_url: str | None = Field(
+        None,
+        description="an OpenAI-compatible endpoint (…/v1) for evaluation judges; the key goes only there",
+    )
     judge_api_key: SecretStr | None = Field(
-        None, description="API key for an evaluation judge at another OpenAI-compatible endpoint"
+        None, description="API key sent to TUNEBOARD_JUDGE_URL when a run's judge uses that endpoint"
     )
     allowed_hosts: str = Field(
         "",

@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 from sqlalchemy import select
 
 from app.config import Settings
@@ -100,6 +101,7 @@ def test_an_evaluation_dataset_the_validation_loss_and_a_judge(
     """Every row of the training dataset trains; the evaluation dataset's rows are held out and answered;
     the best checkpoint is the one with the lowest validation loss; a judge grades every answer; a finished
     run gets advice and launches again with one click."""
+    monkeypatch.setenv("TUNEBOARD_JUDGE_URL", stub_judge)  # the server's judge endpoint gets its key
     monkeypatch.setenv("TUNEBOARD_JUDGE_API_KEY", "judge-secret")
     model = client.post("/api/models", json={"path": str(tiny_model_dir)}).json()["id"]
     train = upload(client, "demo.json", DEMO_DATASET.read_bytes()).json()
@@ -235,6 +237,19 @@ class Recorded(Sink):
 
     def judged(self, *, step, split, verdicts):
         self.verdicts[(step, split)] = verdicts
+
+
+def test_the_judge_key_goes_only_to_the_servers_judge_endpoint(settings):
+    from app.runs.config import JudgeParams
+    from worker.judge import endpoint
+
+    configured = settings.model_copy(
+        update={"judge_url": "https://judge.example/v1/", "judge_api_key": SecretStr("k" * 20)}
+    )
+    assert endpoint(JudgeParams(model="m", url="https://judge.example/v1"), configured)[1] == "k" * 20
+    assert endpoint(JudgeParams(model="m", url="https://elsewhere.example/v1"), configured)[1] == "none"
+    token = configured.model_copy(update={"host": "0.0.0.0", "port": 8123, "token": SecretStr("t" * 20)})
+    assert endpoint(JudgeParams(model="m"), token) == ("http://127.0.0.1:8123/v1", "t" * 20)
 
 
 def test_a_judge_that_cannot_be_reached_leaves_a_reason_not_a_failure(settings):

@@ -1,7 +1,7 @@
 """The optional LLM judge: each scored answer is graded against its reference by a model behind an
-OpenAI-compatible chat API (this server's own /v1 serving a bigger registered model, or another endpoint
-with TUNEBOARD_JUDGE_API_KEY), with a stated rubric. The score (1-10) and the judge's one-line reason are
-stored with the answer.
+OpenAI-compatible chat API (this server's own /v1 serving a bigger registered model, or another endpoint;
+only TUNEBOARD_JUDGE_URL's gets TUNEBOARD_JUDGE_API_KEY), with a stated rubric. The score (1-10) and the
+judge's one-line reason are stored with the answer.
 
 Judging runs in a background thread of the training process: training goes on while the judge answers
 (a remote judge costs this machine nothing but the wait; this server's own /v1 shares its CPU or GPU with
@@ -80,15 +80,19 @@ def _line(text: str, limit: int = 300) -> str:
 
 
 def endpoint(params: JudgeParams, settings: Settings) -> tuple[str, str]:
-    """(base URL, API key): the run's URL with the server's judge key, or this server's own /v1 with its
-    token (any key when it has none)."""
+    """(base URL, API key): the run's URL, with the server's judge key only when it is the server's judge
+    endpoint (a run cannot send the key anywhere else); or this server's own /v1 with its token."""
     if params.url:
-        key = settings.judge_api_key.get_secret_value() if settings.judge_api_key else "none"
-        return params.url.rstrip("/"), key
+        url = params.url.rstrip("/")
+        configured = (settings.judge_url or "").rstrip("/")
+        secret = settings.judge_api_key if url == configured else None
+        return url, secret.get_secret_value() if secret else "none"
     host = "127.0.0.1" if settings.host in WILDCARD_HOSTS else settings.host
     host = f"[{host}]" if ":" in host else host
-    key = settings.token.get_secret_value() if settings.token else "none"
-    return f"http://{host}:{settings.port}/v1", key
+    return (
+        f"http://{host}:{settings.port}/v1",
+        settings.token.get_secret_value() if settings.token else "none",
+    )
 
 
 class Judge:

@@ -189,8 +189,8 @@ class ResolvedTraining(TrainingParams):
 
 class JudgeParams(Strict):
     """An LLM that grades each scored answer against the reference through an OpenAI-compatible chat API
-    (worker.judge). The key for another endpoint is the server's TUNEBOARD_JUDGE_API_KEY, never stored
-    with a run."""
+    (worker.judge). The server's TUNEBOARD_JUDGE_API_KEY goes only to TUNEBOARD_JUDGE_URL, and is never
+    stored with a run."""
 
     model: str = Field(min_length=1, max_length=200)  # the endpoint's model name; on this server: a model id
     # an OpenAI-compatible base URL (…/v1); None: this server's own /v1

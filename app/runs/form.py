@@ -37,10 +37,13 @@ HELP = {
     "early_stopping_patience": "stop after N checkpoints in a row with no better score; empty = never",
     "final_adapter": "best = the run's adapter is its best-scored checkpoint's",
     "model": "a model id of this server (Models page), or the model name at the URL below; empty = no judge",
-    "url": "an OpenAI-compatible API ending in /v1 (key: TUNEBOARD_JUDGE_API_KEY); empty = this server's /v1",
+    "url": "an OpenAI-compatible API ending in /v1; empty = this server's /v1",
     "rubric": "how the judge scores 1-10; empty = the built-in rubric (facts right, style ignored)",
     "select_by": "what picks the best checkpoint: an answer score on held-out rows, or the validation loss",
 }
+
+# What leaving a field empty means, where "auto" would mislead.
+EMPTY = {"url": "this server's /v1", "rubric": "the built-in rubric"}
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class Field:
     choices: tuple[str, ...] = ()
     step: str = "any"
     help: str = ""
+    empty: str = "auto"  # the placeholder of a field with no default: what leaving it empty means
 
     @property
     def short(self) -> str:
@@ -76,16 +80,23 @@ def _kind(annotation) -> tuple[str, tuple[str, ...], str]:
     return "text", (), "any"
 
 
-def fields_of(model: type[BaseModel], prefix: str) -> list[Field]:
+def fields_of(model: type[BaseModel], prefix: str, empty: str = "auto") -> list[Field]:
     result = []
     for name, info in model.model_fields.items():
         kind, choices, step = _kind(info.annotation)
-        default = info.default
+        default = None if info.is_required() else info.default  # a required field starts empty
         if isinstance(default, list):
             default = ", ".join(default)
         result.append(
             Field(
-                f"{prefix}.{name}", name.replace("_", " "), kind, default, choices, step, HELP.get(name, "")
+                f"{prefix}.{name}",
+                name.replace("_", " "),
+                kind,
+                default,
+                choices,
+                step,
+                HELP.get(name, ""),
+                EMPTY.get(name, empty),
             )
         )
     return result
@@ -105,7 +116,7 @@ def evaluation_fields() -> list[Field]:
 
 
 def judge_fields() -> list[Field]:
-    return fields_of(JudgeParams, "evaluation.judge")
+    return fields_of(JudgeParams, "evaluation.judge", empty="none")
 
 
 def peft_fields(method: str) -> tuple[list[Field], list[Field]]:
