@@ -230,6 +230,14 @@ def test_the_estimate_lists_the_rows_held_out(client, tiny_model_dir):
     none = client.post("/runs/estimate", data={**form, "evaluation.held_out_fraction": "0"}).text
     assert "No row is held out" in none
 
+    # the same estimate as JSON, for the API's users: nothing is launched
+    before = len(client.get("/api/runs").json())
+    cost = client.post("/api/runs/estimate", json={"dataset_id": dataset, "base_model": model}).json()
+    assert cost["total_steps"] == config["total_steps"] and cost["trainable"] > 0 and cost["memory_bytes"] > 0
+    assert cost["config"]["validation_rows"] == config["validation_rows"]
+    refused = client.post("/api/runs/estimate", json={"dataset_id": dataset, "training": {"max_length": 1}})
+    assert refused.status_code == 422 and len(client.get("/api/runs").json()) == before
+
 
 class Recorded(Sink):
     def __init__(self):

@@ -16,14 +16,13 @@ from sqlalchemy import select
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app.datasets import store
-from app.datasets.jobs import StatsPending
 from app.deps import IdQuery, RunId, SessionDep, SettingsDep, WriteSessionDep, get_run_or_404
-from app.model_registry import BUNDLED_ID, find_model, list_models
+from app.model_registry import BUNDLED_ID, list_models
 from app.models import MAX_ID, Dataset, Run, RunMetric
 from app.prompts import PROMPT_FORMATS
 from app.runs import evaluation, state
 from app.runs.config import METHOD_LABELS, PRESETS, InvalidRun, RunConfig, RunRequest
-from app.runs.estimate import estimate
+from app.runs.estimate import dataset_tokens, estimate
 from app.runs.events import latest_train_metric, list_stream, progress, run_events, tracked
 from app.runs.folder import RunFolder
 from app.runs.form import (
@@ -149,9 +148,7 @@ async def estimate_fragment(request: Request, settings: SettingsDep, session: Se
     config, problems = _validate_form(settings, session, form)
     cost = None
     if config is not None:
-        dataset = session.get(Dataset, config.dataset_id)
-        tokens = _dataset_tokens(settings, session, dataset, config)
-        cost = estimate(config, dataset_tokens=tokens, session=session)
+        cost = estimate(config, dataset_tokens=dataset_tokens(settings, session, config), session=session)
     context = {"cost": cost, "problems": problems, "config": config, "held_out": [], "held_out_from": None}
     if config is not None:
         context["held_out"] = evaluation.held_out_questions(config, HELD_OUT_SHOWN)
@@ -162,24 +159,6 @@ async def estimate_fragment(request: Request, settings: SettingsDep, session: Se
 
 HELD_OUT_SHOWN = 12
 # held-out rows listed under the estimate
-
-
-def _dataset_tokens(settings, session, dataset, config) -> int | None:
-    """Total tokens of the dataset under the run's model and prompt format (computed once, then cached)."""
-    model = find_model(settings, config.base_model, session=session)
-    if model is None or not model.ready:
-        return None
-    try:
-        stats = store.token_stats(
-            settings,
-            dataset,
-            model,
-            max_length=config.training.max_length,
-            prompt_format=config.prompt_format,
-        )
-    except (ValueError, StatsPending):  # the estimate then counts rows instead of tokens
-        return None
-    return stats["tokens"]
 
 
 @router.post("/runs", response_class=HTMLResponse)

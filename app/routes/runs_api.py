@@ -1,4 +1,4 @@
-"""JSON API for runs: launch, list, show, metrics, cancel, download the adapter."""
+"""JSON API for runs: estimate, launch, list, show, metrics, evaluation, cancel, download the adapter."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from app.errors import problem
 from app.models import MAX_ID, Run, RunMetric
 from app.runs import evaluation, state
 from app.runs.config import PRESETS, InvalidRun, RunRequest
+from app.runs.estimate import dataset_tokens, estimate
 from app.runs.events import list_stream, progress, run_stream, tracked
 from app.runs.launch import build_run_config, enqueue_run
 
@@ -62,6 +63,18 @@ def launch_run(request: RunRequest, settings: SettingsDep, session: WriteSession
     except InvalidRun as exc:
         raise HTTPException(422, [problem(exc.message, exc.field)]) from None
     return RunOut.model_validate(enqueue_run(config, session=session))
+
+
+@router.post("/estimate")
+def estimate_run(request: RunRequest, settings: SettingsDep, session: SessionDep) -> dict[str, Any]:
+    """What a launch request would cost, without launching it: steps, trainable parameters, memory and
+    (once a run on the model has measured its speed) seconds; plus the configuration it resolves to."""
+    try:
+        config = build_run_config(settings, request, session=session)
+    except InvalidRun as exc:
+        raise HTTPException(422, [problem(exc.message, exc.field)]) from None
+    cost = estimate(config, dataset_tokens=dataset_tokens(settings, session, config), session=session)
+    return {**cost, "config": config.model_dump(mode="json")}
 
 
 @router.get("")

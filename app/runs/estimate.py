@@ -125,6 +125,39 @@ def measured_tokens_per_second(base_model: str, *, session: Session) -> float | 
     return statistics.median(measured) if measured else None
 
 
+def length_stats(
+    settings, session: Session, *, dataset_id: int, base_model: str, max_length: int, prompt_format: str
+) -> dict | None:
+    """The dataset's token-length statistics under a model and prompt format (computed once, then cached:
+    app.datasets.store.token_stats); None while they are being computed or when they cannot be."""
+    from app.datasets import store
+    from app.datasets.jobs import StatsPending
+    from app.model_registry import find_model
+    from app.models import Dataset
+
+    dataset = session.get(Dataset, dataset_id)
+    model = find_model(settings, base_model, session=session)
+    if dataset is None or model is None or not model.ready:
+        return None
+    try:
+        return store.token_stats(settings, dataset, model, max_length=max_length, prompt_format=prompt_format)
+    except (ValueError, StatsPending):
+        return None
+
+
+def dataset_tokens(settings, session: Session, config: RunConfig) -> int | None:
+    """Total tokens of the run's dataset; None when unknown (the estimate then counts rows)."""
+    stats = length_stats(
+        settings,
+        session,
+        dataset_id=config.dataset_id,
+        base_model=config.base_model,
+        max_length=config.training.max_length,
+        prompt_format=config.prompt_format,
+    )
+    return None if stats is None else stats["tokens"]
+
+
 def estimate(config: RunConfig, *, dataset_tokens: int | None, session: Session) -> dict:
     """Cost figures for the New run page. None where the model's layout is unknown."""
     shapes = Shapes.read(Path(config.model_path))

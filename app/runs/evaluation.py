@@ -234,24 +234,16 @@ def report(settings, *, session: Session, run: Run) -> dict[str, Any]:
 
 def _truncated(settings, session: Session, run: Run) -> int | None:
     """How many of the run's dataset rows are longer than its max length (from the cached statistics)."""
-    from app.datasets import store
-    from app.datasets.jobs import StatsPending
-    from app.model_registry import find_model
-    from app.models import Dataset
+    from app.runs.estimate import length_stats
 
-    dataset = session.get(Dataset, run.dataset_id)
-    model = find_model(settings, run.base_model, session=session)
-    if run.status != "succeeded" or dataset is None or model is None or not model.ready:
+    if run.status != "succeeded":
         return None
-    training = run.config.get("training") or {}
-    try:
-        stats = store.token_stats(
-            settings,
-            dataset,
-            model,
-            max_length=int(training.get("max_length", 1024)),
-            prompt_format=run.config.get("prompt_format", "chat"),
-        )
-    except (ValueError, StatsPending):
-        return None
-    return int(stats["truncated"])
+    stats = length_stats(
+        settings,
+        session,
+        dataset_id=run.dataset_id,
+        base_model=run.base_model,
+        max_length=int((run.config.get("training") or {}).get("max_length", 1024)),
+        prompt_format=run.config.get("prompt_format", "chat"),
+    )
+    return None if stats is None else int(stats["truncated"])
