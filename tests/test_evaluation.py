@@ -338,3 +338,21 @@ def test_advice_names_the_change_most_likely_to_help(client, tiny_model_dir):
     assert advise(high, _summary([10, 30, 31])).change == {"peft.r": 32}
     assert advise(Run(status=RunStatus.RUNNING, config=config), _summary([10, 30])) is None
     assert advise(run, {"steps": [], "base": None}) is None
+
+
+def test_a_default_batch_holds_fewer_rows_when_rows_are_long(client, tiny_model_dir):
+    """Long rows (the leaflets, 600-1,000 tokens) take more, smaller steps by default; short ones keep 4
+    rows a batch; an explicit batch size is kept."""
+    model = client.post("/api/models", json={"path": str(tiny_model_dir)}).json()["id"]
+    leaflets = (DEMO_DATASET.parent / "leaflets.json").read_bytes()
+    long_rows = upload(client, "leaflets.json", leaflets).json()["id"]
+    short_rows = upload(client, "demo.json", DEMO_DATASET.read_bytes()).json()["id"]
+
+    def training(dataset: int, **values) -> dict:
+        body = {"dataset_id": dataset, "base_model": model, "training": values}
+        return client.post("/api/runs/estimate", json=body).json()["config"]["training"]
+
+    assert training(long_rows)["per_device_train_batch_size"] == 1
+    assert training(long_rows, max_length=256)["per_device_train_batch_size"] == 4
+    assert training(short_rows)["per_device_train_batch_size"] == 4
+    assert training(long_rows, per_device_train_batch_size=3)["per_device_train_batch_size"] == 3

@@ -38,6 +38,10 @@ PROMPT_LEARNING = {"prompt_tuning", "prefix_tuning", "p_tuning"}
 # Optimizer steps a default run aims at: enough for a small dataset to visibly change the answers.
 TARGET_STEPS = 100
 MAX_DEFAULT_EPOCHS = 10
+# A default batch: 4 rows, fewer when the dataset's long rows (p95) would make it more than this many
+# tokens; long rows then take more, smaller steps in less memory (docs/recipe.md).
+DEFAULT_BATCH_ROWS = 4
+BATCH_TOKENS = 1024
 
 
 class InvalidRun(ValueError):
@@ -151,7 +155,7 @@ class TrainingParams(Strict):
     num_train_epochs: float | None = Field(None, gt=0, le=1000)
     max_steps: int = Field(-1, ge=-1, le=MANY)
     learning_rate: float | None = Field(None, gt=0, le=1)
-    per_device_train_batch_size: int = Field(4, ge=1, le=1024)
+    per_device_train_batch_size: int | None = Field(None, ge=1, le=1024)
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
     max_length: int = Field(1024, ge=16, le=1_048_576)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
@@ -181,6 +185,7 @@ class ResolvedTraining(TrainingParams):
     """TrainingParams after `resolve_training`: every dataset-dependent value chosen."""
 
     num_train_epochs: float = Field(gt=0, le=1000)
+    per_device_train_batch_size: int = Field(ge=1, le=1024)
     learning_rate: float = Field(gt=0, le=1)
     logging_steps: int = Field(ge=1, le=MANY)
     save_steps: int = Field(ge=1, le=MANY)
@@ -292,17 +297,29 @@ def validate_peft(method: str, params: dict[str, Any]) -> dict[str, Any]:
     return PEFT_PARAMS[method].model_validate(params).model_dump()
 
 
-def steps_per_epoch(train_rows: int, training: TrainingParams) -> int:
-    return max(
-        1,
-        math.ceil(train_rows / (training.per_device_train_batch_size * training.gradient_accumulation_steps)),
-    )
+def steps_per_epoch(train_rows: int, batch_rows: int, accumulation: int) -> int:
+    return max(1, math.ceil(train_rows / (batch_rows * accumulation)))
 
 
-def resolve_training(method: str, train_rows: int, training: TrainingParams) -> tuple[ResolvedTraining, int]:
-    """Fill the dataset-dependent defaults. Returns (training, total optimizer steps)."""
+def default_batch_rows(row_tokens: int | None, max_length: int) -> int:
+    """Rows in a default batch: DEFAULT_BATCH_ROWS, fewer when rows of `row_tokens` (the dataset's p95,
+    cut at max_length) would make a batch longer than BATCH_TOKENS; 4 when the lengths are unknown."""
+    if not row_tokens:
+        return DEFAULT_BATCH_ROWS
+    return max(1, min(DEFAULT_BATCH_ROWS, BATCH_TOKENS // min(row_tokens, max_length)))
+
+
+def resolve_training(
+    method: str, train_rows: int, training: TrainingParams, row_tokens: int | None = None
+) -> tuple[ResolvedTraining, int]:
+    """Fill the dataset-dependent defaults (`row_tokens`: the dataset's p95 row length, when known).
+    Returns (training, total optimizer steps)."""
     values = training.model_dump()
-    per_epoch = steps_per_epoch(train_rows, training)
+    if values["per_device_train_batch_size"] is None:
+        values["per_device_train_batch_size"] = default_batch_rows(row_tokens, training.max_length)
+    per_epoch = steps_per_epoch(
+        train_rows, values["per_device_train_batch_size"], training.gradient_accumulation_steps
+    )
     if training.max_steps > 0:
         total = training.max_steps
         values["num_train_epochs"] = values["num_train_epochs"] or math.ceil(total / per_epoch)

@@ -21,6 +21,7 @@ HELP = {
     "learning_rate": "empty = chosen from the method and dataset size",
     "max_steps": "-1 = train by epochs",
     "max_length": "longer rows are cut",
+    "per_device_train_batch_size": "rows a step; empty = 4, fewer when rows are long (about 1,024 tokens)",
     "logging_steps": "a loss point every N steps; empty = about 100 points",
     "save_steps": "a checkpoint every N steps; empty = 5 per run",
     "eval_steps": "validation loss every N steps; empty = with each checkpoint",

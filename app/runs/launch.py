@@ -14,6 +14,7 @@ from app.model_registry import BUNDLED_ID, ModelEntry, find_model, weight_module
 from app.models import Dataset, Run
 from app.runs import state
 from app.runs.config import InvalidRun, RunConfig, RunRequest, apply_preset, resolve_training, validate_peft
+from app.runs.estimate import length_stats
 
 
 def build_run_config(settings: Settings, request: RunRequest, *, session: Session) -> RunConfig:
@@ -74,7 +75,18 @@ def build_run_config(settings: Settings, request: RunRequest, *, session: Sessio
             "Choosing the best checkpoint by validation loss needs held-out rows; hold some out, or choose "
             "by an answer metric.",
         )
-    training, total_steps = resolve_training(request.method, train_rows, request.training)
+    row_tokens = None
+    if request.training.per_device_train_batch_size is None:  # the default batch follows the row lengths
+        stats = length_stats(
+            settings,
+            session,
+            dataset_id=dataset.id,
+            base_model=model.id,
+            max_length=request.training.max_length,
+            prompt_format=request.prompt_format,
+        )
+        row_tokens = stats["p95"] if stats else None
+    training, total_steps = resolve_training(request.method, train_rows, request.training, row_tokens)
     if split.select_by == "eval_loss" and training.save_steps % training.eval_steps:
         raise InvalidRun(
             "training.eval_steps",
