@@ -142,7 +142,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the raw figures to this file")
     parser.add_argument(
         "--only",
-        choices=["training", "streams", "generation", "reliability", "evaluation", "learning"],
+        choices=["training", "streams", "generation", "reliability", "evaluation", "learning", "leaflets"],
         help="run one part only",
     )
     args = parser.parse_args()
@@ -185,6 +185,12 @@ def main() -> None:
 
         result["learning"] = learning_benchmark(model_dir, args.threads)
         print(report_learning(result["learning"]))
+    if args.only in (None, "leaflets"):
+        from bench.learning import LEAFLETS, learning_benchmark, report_learning
+
+        # every training row scored, so recall is over the whole set; the training settings stay default
+        result["leaflets"] = learning_benchmark(model_dir, args.threads, LEAFLETS, {"scored_train_rows": 16})
+        print(report_learning(result["leaflets"]))
     print(f"\n(benchmark took {time.time() - started:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:
