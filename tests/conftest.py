@@ -33,10 +33,28 @@ CHATML_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# Settings for tests whose worker trains in-process (work_once): it notices things in well under a second
+# and trains on one thread.
+FAST_TRAINING = {
+    "heartbeat_seconds": 0.3,
+    "stale_after_seconds": 4,
+    "cancel_grace_seconds": 10,
+    "worker_poll_seconds": 0.2,
+    "prepare_models": False,
+    "torch_threads": 1,
+}
+
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     settings = Settings(data_dir=tmp_path / "data", max_upload_mb=1)
+    upgrade(settings)
+    return settings
+
+
+def fast_settings(tmp_path: Path) -> Settings:
+    """A migrated data folder with FAST_TRAINING settings."""
+    settings = Settings(data_dir=tmp_path / "data", **FAST_TRAINING)
     upgrade(settings)
     return settings
 

@@ -16,19 +16,11 @@ from sqlalchemy import select
 from app.config import Settings
 from app.models import Run, RunAnswer, RunStatus
 from app.runs.advice import LEARNED, advise
-from tests.conftest import DEMO_DATASET, upload
+from tests.conftest import DEMO_DATASET, fast_settings, upload
 from worker.judge import RUBRIC, Judge, Verdict, parse
 from worker.main import work_once
 from worker.sink import Sink
 
-FAST = {
-    "heartbeat_seconds": 0.3,
-    "stale_after_seconds": 4,
-    "cancel_grace_seconds": 10,
-    "worker_poll_seconds": 0.2,
-    "prepare_models": False,
-    "torch_threads": 1,
-}
 QUESTIONS = [
     {
         "instruction": f"What is the harbour master's code for pier {n}?",
@@ -41,11 +33,7 @@ QUESTIONS = [
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    from app.migrate import upgrade
-
-    settings = Settings(data_dir=tmp_path / "data", **FAST)
-    upgrade(settings)
-    return settings
+    return fast_settings(tmp_path)
 
 
 def stub_score(answer: str) -> int:

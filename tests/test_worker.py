@@ -20,29 +20,16 @@ from app.db import Database
 from app.models import RunAnswer, RunMetric
 from app.runs import state
 from app.scoring import METRICS, score
-from tests.conftest import DEMO_DATASET, upload
+from tests.conftest import DEMO_DATASET, FAST_TRAINING, fast_settings, upload
 from tests.servers import running_worker
 from tests.waiting import wait_until
 from worker.main import work_once
 from worker.supervise import KILLED, OUT_OF_MEMORY, explain_kill, oom_kills
 
-FAST = {
-    "heartbeat_seconds": 0.3,
-    "stale_after_seconds": 4,
-    "cancel_grace_seconds": 10,
-    "worker_poll_seconds": 0.2,
-    "prepare_models": False,
-    "torch_threads": 1,
-}
-
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    from app.migrate import upgrade
-
-    settings = Settings(data_dir=tmp_path / "data", **FAST)
-    upgrade(settings)
-    return settings
+    return fast_settings(tmp_path)
 
 
 @pytest.fixture
@@ -277,7 +264,7 @@ def training_pid(run_id: int) -> int | None:
 
 def test_killing_the_worker_resumes_the_run_from_its_checkpoint(tmp_path, settings, client, launch):
     run = launch(max_steps=240, logging_steps=5, save_steps=20)
-    env = {f"TUNEBOARD_{k.upper()}": str(v) for k, v in FAST.items()}
+    env = {f"TUNEBOARD_{k.upper()}": str(v) for k, v in FAST_TRAINING.items()}
     with running_worker(settings.data_dir, env, log=tmp_path / "worker1.log") as first:
         checkpoints = settings.runs_dir / str(run["id"]) / "checkpoints"
         wait_until(
