@@ -137,10 +137,11 @@ def report_learning(result: dict) -> str:
         f"and scoring (training waits meanwhile): the run took {evaluated / training_alone:.0%} longer than "
         f"its training alone would have.",
         "",
-        "| step | held-out chrF | training-row chrF | training rows exactly right | "
+        "| step | held-out chrF | training-row chrF | training rows exactly right "
+        "| training rows like the reference | "
         + ("training rows naming the product | " if recall else "")
         + "evaluation seconds |",
-        "|---|---|---|---|" + ("---|" if recall else "") + "---|",
+        "|---|---|---|---|---|" + ("---|" if recall else "") + "---|",
     ]
     for entry in report["steps"]:
         held, train = entry.get("validation"), entry.get("train")
@@ -148,6 +149,7 @@ def report_learning(result: dict) -> str:
         named = f"{recall.get((entry['step'], 'train'), '—')} | " if recall else ""
         lines.append(
             f"| {label} | {held['chrf'] if held else '—'} | {train['chrf'] if train else '—'} "
-            f"| {train['exact'] if train else '—'}% | {named}{entry['seconds']} |"
+            f"| {train['exact'] if train else '—'}% | {train['matched'] if train else '—'}% "
+            f"| {named}{entry['seconds']} |"
         )
     return "\n".join(lines)

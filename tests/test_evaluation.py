@@ -283,11 +283,12 @@ def test_the_judges_reply_is_read_or_quoted(reply, verdict):
         assert parsed == verdict
 
 
-def _summary(train: list[float], validation: list[float] | None = None) -> dict:
-    """An evaluation summary: the base model's score then one per checkpoint (steps 10, 20, ...)."""
+def _summary(train: list[tuple[float, float]], validation: list[float] | None = None) -> dict:
+    """An evaluation summary: the base model's (chrF, % of rows answered like the reference) on training
+    rows, then one per checkpoint (steps 10, 20, ...); optionally held-out chrF."""
     steps = []
-    for i, value in enumerate(train):
-        entry = {"step": i * 10, "train": {"chrf": value}}
+    for i, (chrf, matched) in enumerate(train):
+        entry = {"step": i * 10, "train": {"chrf": chrf, "matched": matched}}
         if validation:
             entry["validation"] = {"chrf": validation[i]}
         steps.append(entry)
@@ -305,26 +306,22 @@ def test_advice_names_the_change_most_likely_to_help(client, tiny_model_dir):
     config = client.post("/api/runs", json=body).json()["config"]
     run = Run(status=RunStatus.SUCCEEDED, config=config)
 
-    learned = advise(run, _summary([10, 60, LEARNED + 1], [10, 12, 30]))
+    learned = advise(run, _summary([(10, 0), (60, 50), (95, LEARNED)], [10, 12, 30]))
     assert learned.learned and not learned.change and "held-out answers improved by 20.0" in learned.sentence
-    memorised = advise(run, _summary([10, 60, 95], [10, 11, 12]))
+    memorised = advise(run, _summary([(10, 0), (60, 50), (99, 100)], [10, 11, 12]))
     assert memorised.learned and "did not improve" in memorised.sentence
-    rising = advise(run, _summary([10, 30, 40]))
-    assert (
-        not rising.learned
-        and rising.change == {"training.num_train_epochs": 10}
-        and "still rising" in rising.sentence
-    )
-    stalled = advise(run, _summary([10, 30, 31]))
+    # long answers: chrF can be high while the facts in them are wrong; the rows answered like their
+    # reference decide
+    rising = advise(run, _summary([(24, 0), (80, 40), (92, 73)]))
+    assert not rising.learned and rising.change == {"training.num_train_epochs": 10}
+    assert "73% of the training rows answered like their reference at step 20" in rising.sentence
+    stalled = advise(run, _summary([(10, 0), (30, 10), (31, 10)]))
     assert stalled.change == {"training.learning_rate": 2e-3} and stalled.label == "learning rate 0.002"
-    cut = advise(run, _summary([10, 30, 40]), truncated=20)
+    cut = advise(run, _summary([(10, 0), (30, 10), (31, 10)]), truncated=20)
     assert cut.change == {"training.max_length": 2048} and "20 of 40 rows are longer" in cut.sentence
-    high = Run(
-        status=RunStatus.SUCCEEDED,
-        config={**config, "training": {**config["training"], "learning_rate": 3e-3}},
-    )
-    assert advise(high, _summary([10, 30, 31])).change == {"peft.r": 32}
-    assert advise(Run(status=RunStatus.RUNNING, config=config), _summary([10, 30])) is None
+    config["training"]["learning_rate"] = 3e-3
+    assert advise(run, _summary([(10, 0), (30, 10), (31, 11)])).change == {"peft.r": 32}
+    assert advise(Run(status=RunStatus.RUNNING, config=config), _summary([(10, 0), (30, 10)])) is None
     assert advise(run, {"steps": [], "base": None}) is None
 
 

@@ -2,10 +2,13 @@
 it did not, suggest the one change most likely to get there, ready to launch with one click
 (the run page posts the run's own settings, `app.runs.form.form_values`, with the change).
 
-The rules, in order (training-row chrF at the run's last scored checkpoint against LEARNED):
+A training row is learned when its answer reproduces the reference (chrF at least
+app.runs.evaluation.MATCHED_CHRF: long answers that share most of their text still differ there, in the
+facts); a run has learned its answers when LEARNED percent of the scored training rows are. The rules, in
+order, at the run's last scored checkpoint:
 1. learned: say so, and whether the held-out answers improved too;
-2. many training rows were cut by max_length: a longer max length;
-3. the score was still rising at the last checkpoint: more epochs;
+2. the training rows' scores were still rising at the last checkpoint: more epochs;
+3. many rows were cut by max_length: a longer max length;
 4. it stalled: a higher learning rate, up to MAX_LEARNING_RATE; then a higher rank.
 """
 
@@ -17,8 +20,8 @@ from typing import Any
 from app.models import Run, RunStatus
 from app.runs.config import RunConfig
 
-LEARNED = 70.0  # training-row chrF at which a run has learned its answers (the demo reaches 100)
-RISING = 3.0  # chrF points gained over the last checkpoint interval that count as still learning
+LEARNED = 90.0  # percent of scored training rows answered like their reference
+RISING = 3.0  # chrF points (or percent of rows) gained over the last checkpoint interval: still learning
 CUT_SHARE = 0.25  # a share of training rows cut by max_length worth a longer one
 MAX_LEARNING_RATE = 3e-3
 MAX_RANK = 128
@@ -44,9 +47,12 @@ def advise(run: Run, summary: dict[str, Any], *, truncated: int | None = None) -
     config = RunConfig.model_validate(run.config)
     training = config.training
     last = scored[-1]
-    now, before = last["train"]["chrf"], base["train"]["chrf"]
-    where = f"training-row chrF {now:.1f} at step {last['step']} (base model {before:.1f})"
-    if now >= LEARNED:
+    matched, chrf, before = last["train"]["matched"], last["train"]["chrf"], base["train"]
+    where = (
+        f"{matched:.0f}% of the training rows answered like their reference at step {last['step']} "
+        f"(base model {before['matched']:.0f}%; training-row chrF {chrf:.1f}, base {before['chrf']:.1f})"
+    )
+    if matched >= LEARNED:
         held = last.get("validation")
         if held and summary["base"].get("validation"):
             gain = held["chrf"] - summary["base"]["validation"]["chrf"]
@@ -59,6 +65,17 @@ def advise(run: Run, summary: dict[str, Any], *, truncated: int | None = None) -
             return Advice(True, f"Learned the training answers: {where}; {generalises}.")
         return Advice(True, f"Learned the training answers: {where}.")
 
+    previous = scored[-2]["train"] if len(scored) > 1 else before
+    gained = max(chrf - previous["chrf"], matched - previous["matched"])
+    if gained >= RISING:
+        epochs = training.num_train_epochs * 2
+        return Advice(
+            False,
+            f"Has not learned the training answers yet: {where}, still rising at the last checkpoint. "
+            f"More epochs should get further.",
+            {"training.num_train_epochs": epochs},
+            f"{epochs:g} epochs",
+        )
     rows = config.train_rows + (0 if config.evaluation_path else len(config.validation_rows))
     if truncated and rows and truncated / rows >= CUT_SHARE:
         longer = min(training.max_length * 2, 8192)
@@ -68,16 +85,6 @@ def advise(run: Run, summary: dict[str, Any], *, truncated: int | None = None) -
             f"max length {training.max_length} and were cut; a longer max length trains whole answers.",
             {"training.max_length": longer},
             f"max length {longer}",
-        )
-    previous = scored[-2]["train"]["chrf"] if len(scored) > 1 else before
-    if now - previous >= RISING:
-        epochs = training.num_train_epochs * 2
-        return Advice(
-            False,
-            f"Has not learned the training answers yet: {where}, still rising at the last checkpoint "
-            f"(+{now - previous:.1f}). More epochs should get further.",
-            {"training.num_train_epochs": epochs},
-            f"{epochs:g} epochs",
         )
     if training.learning_rate < MAX_LEARNING_RATE:
         rate = min(training.learning_rate * 2, MAX_LEARNING_RATE)

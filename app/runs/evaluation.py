@@ -20,6 +20,9 @@ from app.runs.config import RunConfig
 from app.scoring import METRICS, Metric, Scores, mean
 
 SPLITS = ("validation", "train")
+# An answer "like its reference": it reproduces it (exact answers score 100; a right beginning of a long
+# answer scores 100 against the reference cut to the same length; one wrong name in it costs >10 points).
+MATCHED_CHRF = 90.0
 SelectBy = Metric | Literal["eval_loss"]
 SELECT_BY: SelectBy = "chrf"  # by default the best checkpoint is the one whose held-out answers score highest
 
@@ -109,6 +112,8 @@ def summary(*, session: Session, run: Run) -> dict[str, Any]:
         entry: dict[str, Any] = {"step": step}
         for split, rows in splits.items():
             entry[split] = {**(mean([_scores(a) for a in rows]) or {}), "rows": len(rows)}
+            # the percentage of rows answered like their reference
+            entry[split]["matched"] = round(100 * sum(a.chrf >= MATCHED_CHRF for a in rows) / len(rows), 1)
             judged = [a.judge_score for a in rows if a.judge_score is not None]
             if judged:  # the judge's mean (1-10) over the answers it scored
                 entry[split] |= {"judge": round(sum(judged) / len(judged), 2), "judged": len(judged)}
