@@ -23,9 +23,10 @@ def test_dataset_id_alone_launches_a_good_default_run(client, dataset_id):
     assert config["peft"]["r"] == 16 and config["peft"]["target_modules"] == "all-linear"
     training = config["training"]
     # 36 rows at batch 4 are 9 steps an epoch: a small set gets enough epochs and a rate that shows.
-    assert training["num_train_epochs"] == 10 and config["total_steps"] == 90
+    assert training["per_device_train_batch_size"] == 4
+    assert training["num_train_epochs"] == 20 and config["total_steps"] == 180
     assert training["learning_rate"] == 1e-3
-    assert training["logging_steps"] == 1 and training["save_steps"] == 18
+    assert training["logging_steps"] == 1 and training["save_steps"] == 36
     assert config["prompt_format"] == "chat"
     assert client.get(f"/api/runs/{run['id']}").json()["config"] == config
     assert [r["id"] for r in client.get("/api/runs").json()] == [run["id"]]

@@ -35,9 +35,10 @@ METHOD_LABELS: dict[str, str] = {
 }
 PROMPT_LEARNING = {"prompt_tuning", "prefix_tuning", "p_tuning"}
 
-# Optimizer steps a default run aims at: enough for a small dataset to visibly change the answers.
-TARGET_STEPS = 100
-MAX_DEFAULT_EPOCHS = 10
+# Optimizer steps a default run aims at, in at most MAX_DEFAULT_EPOCHS: enough for a small dataset's facts
+# to be learned, long answers included (docs/recipe.md: the leaflets need about 12 of 20 epochs).
+TARGET_STEPS = 300
+MAX_DEFAULT_EPOCHS = 20
 # A default batch: 4 rows, fewer when the dataset's long rows (p95) would make it more than this many
 # tokens; long rows then take more, smaller steps in less memory (docs/recipe.md).
 DEFAULT_BATCH_ROWS = 4
