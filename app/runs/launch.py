@@ -13,7 +13,15 @@ from app.datasets.store import ROWS_FILE, dataset_dir
 from app.model_registry import BUNDLED_ID, ModelEntry, find_model, weight_modules
 from app.models import Dataset, Run
 from app.runs import state
-from app.runs.config import InvalidRun, RunConfig, RunRequest, apply_preset, resolve_training, validate_peft
+from app.runs.config import (
+    EvaluationParams,
+    InvalidRun,
+    RunConfig,
+    RunRequest,
+    apply_preset,
+    resolve_training,
+    validate_peft,
+)
 from app.runs.estimate import length_stats
 
 
@@ -39,36 +47,7 @@ def build_run_config(settings: Settings, request: RunRequest, *, session: Sessio
         raise InvalidRun(field, first["msg"].removeprefix("Value error, ")) from None
     check_modules(model, peft)
     split = request.evaluation
-    max_rows = settings.validation_max_rows if split.held_out_max_rows is None else split.held_out_max_rows
-    evaluation_path = None
-    if split.dataset_id is not None:
-        other = session.get(Dataset, split.dataset_id)
-        if other is None:
-            raise InvalidRun("evaluation.dataset_id", f"There is no dataset {split.dataset_id}.")
-        if other.id == dataset.id:
-            raise InvalidRun(
-                "evaluation.dataset_id",
-                "The evaluation dataset is the training dataset; choose another, or hold rows out instead.",
-            )
-        if split.held_out_fraction:
-            raise InvalidRun(
-                "evaluation.held_out_fraction",
-                "Rows are held out of one dataset or come from an evaluation dataset, not both; set the "
-                "fraction to 0 or leave the evaluation dataset empty.",
-            )
-        held_out = list(range(min(other.rows, max_rows)))
-        evaluation_path = str(dataset_dir(settings, other.id) / ROWS_FILE)
-        train_rows = dataset.rows
-    else:
-        held_out = validation_rows(
-            dataset.rows,
-            fraction=settings.validation_fraction
-            if split.held_out_fraction is None
-            else split.held_out_fraction,
-            max_rows=max_rows,
-            seed=request.training.seed,
-        )
-        train_rows = dataset.rows - len(held_out)
+    held_out, train_rows, evaluation_path = hold_out(settings, session, dataset, split, request.training.seed)
     if split.select_by == "eval_loss" and not held_out:
         raise InvalidRun(
             "evaluation.select_by",
@@ -108,6 +87,40 @@ def build_run_config(settings: Settings, request: RunRequest, *, session: Sessio
         validation_rows=held_out,
         evaluation_path=evaluation_path,
         total_steps=total_steps,
+    )
+
+
+def hold_out(
+    settings: Settings, session: Session, dataset: Dataset, split: EvaluationParams, seed: int
+) -> tuple[list[int], int, str | None]:
+    """(held-out row indices, training rows, the evaluation dataset's rows file or None): rows held out of
+    the dataset (the run's fraction and limit, else the server's), or every row of an evaluation dataset
+    up to the limit while the whole dataset trains."""
+    max_rows = settings.validation_max_rows if split.held_out_max_rows is None else split.held_out_max_rows
+    if split.dataset_id is None:
+        fraction = (
+            settings.validation_fraction if split.held_out_fraction is None else split.held_out_fraction
+        )
+        held_out = validation_rows(dataset.rows, fraction=fraction, max_rows=max_rows, seed=seed)
+        return held_out, dataset.rows - len(held_out), None
+    other = session.get(Dataset, split.dataset_id)
+    if other is None:
+        raise InvalidRun("evaluation.dataset_id", f"There is no dataset {split.dataset_id}.")
+    if other.id == dataset.id:
+        raise InvalidRun(
+            "evaluation.dataset_id",
+            "The evaluation dataset is the training dataset; choose another, or hold rows out instead.",
+        )
+    if split.held_out_fraction:
+        raise InvalidRun(
+            "evaluation.held_out_fraction",
+            "Rows are held out of one dataset or come from an evaluation dataset, not both; set the "
+            "fraction to 0 or leave the evaluation dataset empty.",
+        )
+    return (
+        list(range(min(other.rows, max_rows))),
+        dataset.rows,
+        str(dataset_dir(settings, other.id) / ROWS_FILE),
     )
 
 
