@@ -67,7 +67,9 @@ class Settings(BaseSettings):
     stale_after_seconds: float = Field(30.0, gt=0, description="silence after which a run is requeued")
     cancel_grace_seconds: float = Field(30.0, gt=0, description="wait for a polite stop before SIGTERM")
     num_processes: int = Field(1, ge=1, description="training processes per run (GPUs), via accelerate")
-    torch_threads: int | None = Field(None, ge=1, description="CPU threads per training process")
+    torch_threads: int | None = Field(
+        None, ge=1, description="CPU threads per training process; default: every core the worker may use"
+    )
     generation: bool = Field(True, description="the worker starts the generation host (playground, /v1 API)")
     generation_host: str = Field("127.0.0.1", description="where the generation host listens")
     generation_port: int = Field(8001, ge=1, le=65535, description="port of the generation host")

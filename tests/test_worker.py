@@ -105,7 +105,9 @@ def test_a_run_succeeds_with_metrics_and_a_downloadable_adapter(client, settings
     assert [p["step"] for p in points if p["kind"] == "eval"] == [4, 8]
     assert [p["id"] for p in points] == sorted(p["id"] for p in points)
     folder = settings.runs_dir / str(run["id"])
-    assert (folder / "run.yaml").is_file() and "adapter saved" in (folder / "train.log").read_text()
+    log = (folder / "train.log").read_text()
+    assert (folder / "run.yaml").is_file() and "adapter saved" in log
+    assert "in torch.float32 on 1 CPU threads:" in log  # the settings' torch_threads, set explicitly
     download = client.get(f"/api/runs/{run['id']}/adapter")
     assert download.status_code == 200 and download.headers["content-type"] == "application/zip"
     names = zipfile.ZipFile(io.BytesIO(download.content)).namelist()
@@ -301,3 +303,14 @@ def test_a_run_whose_model_was_removed_fails_with_a_sentence(client, settings, d
     assert failed["error"] == (
         f"The base model '{run['base_model']}' is no longer available (it was removed from the model list)."
     )
+
+
+def test_a_training_process_gets_every_usable_core_unless_told(settings):
+    """`accelerate launch` alone leaves a CPU training process one thread: the supervisor sets them."""
+    from worker.hardware import usable_cores
+    from worker.supervise import training_env
+
+    default = training_env(settings.model_copy(update={"torch_threads": None}))
+    assert default["TUNEBOARD_TORCH_THREADS"] == default["OMP_NUM_THREADS"] == str(usable_cores())
+    told = training_env(settings.model_copy(update={"torch_threads": 3}))
+    assert told["TUNEBOARD_TORCH_THREADS"] == told["OMP_NUM_THREADS"] == "3"

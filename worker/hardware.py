@@ -4,6 +4,7 @@ whether they fit. Torch is imported inside the functions: the worker imports thi
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 HEADROOM = 1.2  # a load that needs more than free memory / HEADROOM is refused
@@ -59,3 +60,10 @@ def shortfall(needed: int, device: str) -> str | None:
     if free is None or needed * HEADROOM <= free:
         return None
     return f"it needs about {needed / 2**30:.1f} GiB and {free / 2**30:.1f} GiB of {where} is free"
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, where the system has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1

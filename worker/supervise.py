@@ -25,6 +25,7 @@ from app.models import Run, RunStatus
 from app.runs import state
 from app.runs.config import RunConfig
 from app.runs.folder import RunFolder
+from worker.hardware import usable_cores
 from worker.prepare import prepare_model
 from worker.train import write_config
 
@@ -34,6 +35,13 @@ TRANSIENT_DB = (OperationalError, InterfaceError)
 
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def training_env(settings: Settings) -> dict[str, str]:
+    """The training process's environment: its CPU threads set explicitly (TUNEBOARD_TORCH_THREADS, else
+    every core this worker may use; `accelerate launch` would otherwise leave it one)."""
+    threads = str(settings.torch_threads or usable_cores())
+    return dict(os.environ, PYTHONUNBUFFERED="1", TUNEBOARD_TORCH_THREADS=threads, OMP_NUM_THREADS=threads)
 
 
 def launch_command(settings: Settings, run_yaml: Path, attempt: int) -> list[str]:
@@ -127,12 +135,7 @@ def supervise(settings: Settings, db: Database, run: Run, *, me: str, stop: thre
             ),
         )
         return RunStatus.FAILED
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if settings.torch_threads:
-        env |= {
-            "TUNEBOARD_TORCH_THREADS": str(settings.torch_threads),
-            "OMP_NUM_THREADS": str(settings.torch_threads),
-        }
+    env = training_env(settings)
     command = launch_command(settings, folder.config, run.attempts)
     log.info("run %d attempt %d: %s", run.id, run.attempts, " ".join(command))
     oom_before = oom_kills()

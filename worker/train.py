@@ -137,10 +137,11 @@ def build_trainer(config: RunConfig, sink, attempt: int | None):
         raise UserError(f"PEFT could not apply {config.method} to this model: {exc}") from exc
     trainable, total = model.get_nb_trainable_parameters()
     log.info(
-        "%s on %s in %s: %d of %d parameters trainable",
+        "%s on %s in %s on %d CPU threads: %d of %d parameters trainable",
         config.method,
         config.base_model,
         dtype,
+        torch.get_num_threads(),
         trainable,
         total,
     )
