@@ -21,7 +21,7 @@ import torch
 from transformers import TrainerCallback
 
 from app.runs.config import PROMPT_LEARNING, RunConfig
-from app.runs.evaluation import evaluation_rows, question_of
+from app.runs.evaluation import best_of, evaluation_rows, question_of
 from app.runs.folder import CHECKPOINT_PREFIX
 from app.scoring import Scores, mean, score
 from worker.callbacks import ProgressCallback
@@ -153,7 +153,7 @@ class EvaluationCallback(TrainerCallback):
             selected = self.selection(state, means)
             if selected is not None:
                 self.scores[state.global_step] = selected
-                best = max(self.scores, key=lambda step: (self.scores[step], -step))
+                best = best_of(self.scores)
                 # The Trainer's checkpoint rotation (save_total_limit) always keeps this one.
                 state.best_model_checkpoint = str(Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{best}")
                 patience = self.config.evaluation.early_stopping_patience

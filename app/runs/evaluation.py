@@ -173,8 +173,13 @@ def _pick(means: dict[tuple[int, str], float]) -> tuple[int | None, str]:
     """The checkpoint (step > 0) with the highest mean score on held-out rows (training rows when none are
     held out; the earlier step on a tie), and that split."""
     split = "validation" if any(s == "validation" for _, s in means) else "train"
-    scores = {step: value for (step, s), value in means.items() if s == split and step > 0}
-    return max(scores, key=lambda step: (scores[step], -step), default=None), split
+    return best_of({step: value for (step, s), value in means.items() if s == split and step > 0}), split
+
+
+def best_of(scores: dict[int, float]) -> int | None:
+    """The step with the highest score (higher is better), the earlier one on a tie: the one rule the
+    training process and the pages both pick the best checkpoint by."""
+    return max(scores, key=lambda step: (scores[step], -step), default=None)
 
 
 def row_answers(*, session: Session, run_id: int, step: int) -> dict[tuple[str, int], RunAnswer]:
