@@ -34,6 +34,23 @@ def app(tmp_path_factory, tiny_model_dir):
         yield {"base": base, "model": model, "dataset": dataset, "folder": folder}
 
 
+@pytest.fixture(autouse=True)
+def nothing_left_training(app):
+    """Each test starts with an idle worker: a run a failed test left behind would queue the next test's
+    runs behind it and fail that one too."""
+    yield
+    for run in httpx.get(f"{app['base']}/api/runs").json():
+        if run["status"] in ("queued", "running"):
+            httpx.post(f"{app['base']}/api/runs/{run['id']}/cancel")
+    wait_until(
+        lambda: all(
+            r["status"] not in ("queued", "running") for r in httpx.get(f"{app['base']}/api/runs").json()
+        ),
+        60,
+        "every run this test launched to stop",
+    )
+
+
 @pytest.fixture
 def context(browser):
     context = browser.new_context(viewport={"width": 1280, "height": 800})

@@ -341,3 +341,25 @@ def test_a_default_batch_holds_fewer_rows_when_rows_are_long(client, tiny_model_
     assert training(long_rows, max_length=256)["per_device_train_batch_size"] == 4
     assert training(short_rows)["per_device_train_batch_size"] == 4
     assert training(long_rows, per_device_train_batch_size=3)["per_device_train_batch_size"] == 3
+
+
+def test_the_run_page_renders_while_an_evaluation_is_half_written(client, db, tiny_model_dir):
+    """A step's held-out answers are stored before its training rows' answers (and a judge's verdicts come
+    later still): the run page renders at every point in between."""
+    model = client.post("/api/models", json={"path": str(tiny_model_dir)}).json()["id"]
+    dataset = upload(client, "demo.json", DEMO_DATASET.read_bytes()).json()["id"]
+    run_id = client.post("/api/runs", json={"dataset_id": dataset, "base_model": model}).json()["id"]
+    answer = {"answer": "x", "chrf": 10.0, "rouge_l": 5.0, "exact": 0.0, "seconds": 1.0}
+    with db.session() as session:
+        session.get(Run, run_id).status = RunStatus.RUNNING
+        session.add(RunAnswer(run_id=run_id, step=0, split="validation", row=2, **answer))
+        session.commit()
+    page = client.get(f"/runs/{run_id}")
+    assert page.status_code == 200 and "chrF, held-out rows" in page.text
+    assert '<option value="judge">' not in page.text
+    with db.session() as session:
+        session.add(RunAnswer(run_id=run_id, step=0, split="train", row=5, judge_score=7.0, **answer))
+        session.add(RunAnswer(run_id=run_id, step=10, split="validation", row=2, **answer))
+        session.commit()
+    page = client.get(f"/runs/{run_id}")
+    assert page.status_code == 200 and '<option value="judge">' in page.text

@@ -134,6 +134,8 @@ def summary(*, session: Session, run: Run) -> dict[str, Any]:
         "steps": steps,
         "base": next((s for s in steps if s["step"] == 0), None),
         "best_step": best,
+        # whether any answer has a judge's score (a step may have one split's answers and not yet the other's)
+        "judged": any("judge" in s[split] for s in steps for split in SPLITS if split in s),
     }
 
 
