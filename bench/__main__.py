@@ -142,7 +142,16 @@ def main() -> None:
     parser.add_argument("--json", help="also write the raw figures to this file")
     parser.add_argument(
         "--only",
-        choices=["training", "streams", "generation", "reliability", "evaluation", "learning", "leaflets"],
+        choices=[
+            "training",
+            "streams",
+            "generation",
+            "reliability",
+            "evaluation",
+            "learning",
+            "leaflets",
+            "memory",
+        ],
         help="run one part only",
     )
     args = parser.parse_args()
@@ -191,6 +200,11 @@ def main() -> None:
         # every training row scored, so recall is over the whole set; the training settings stay default
         result["leaflets"] = learning_benchmark(model_dir, args.threads, LEAFLETS, {"scored_train_rows": 16})
         print(report_learning(result["leaflets"]))
+    if args.only in (None, "memory"):
+        from bench.memory import memory_benchmark, report_memory
+
+        result["memory"] = memory_benchmark(model_dir, args.threads)
+        print(report_memory(result["memory"]))
     print(f"\n(benchmark took {time.time() - started:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:

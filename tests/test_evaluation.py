@@ -326,21 +326,36 @@ def test_advice_names_the_change_most_likely_to_help(client, tiny_model_dir):
 
 
 def test_a_default_batch_holds_fewer_rows_when_rows_are_long(client, tiny_model_dir):
-    """Long rows (the leaflets, 600-1,000 tokens) take more, smaller steps by default; short ones keep 4
-    rows a batch; an explicit batch size is kept."""
+    """Batches fill a token budget: long rows (the leaflets, 600-1,000 tokens) train one a step by default,
+    short ones four; the launch counts the steps from the rows' lengths; an explicit batch size without a
+    budget is a fixed row count."""
     model = client.post("/api/models", json={"path": str(tiny_model_dir)}).json()["id"]
     leaflets = (DEMO_DATASET.parent / "leaflets.json").read_bytes()
-    long_rows = upload(client, "leaflets.json", leaflets).json()["id"]
-    short_rows = upload(client, "demo.json", DEMO_DATASET.read_bytes()).json()["id"]
+    long_rows = upload(client, "leaflets.json", leaflets).json()
+    short_rows = upload(client, "demo.json", DEMO_DATASET.read_bytes()).json()
 
-    def training(dataset: int, **values) -> dict:
-        body = {"dataset_id": dataset, "base_model": model, "training": values}
-        return client.post("/api/runs/estimate", json=body).json()["config"]["training"]
+    def estimate(dataset: dict, **values) -> dict:
+        body = {
+            "dataset_id": dataset["id"],
+            "base_model": model,
+            "training": {"num_train_epochs": 1, **values},
+        }
+        return client.post("/api/runs/estimate", json=body).json()
 
-    assert training(long_rows)["per_device_train_batch_size"] == 1
-    assert training(long_rows, max_length=256)["per_device_train_batch_size"] == 4
-    assert training(short_rows)["per_device_train_batch_size"] == 4
-    assert training(long_rows, per_device_train_batch_size=3)["per_device_train_batch_size"] == 3
+    default = estimate(long_rows)
+    trained = default["config"]["train_rows"]
+    assert default["config"]["training"]["batch_tokens"] == 1024
+    assert default["config"]["training"]["per_device_train_batch_size"] == 4  # at most
+    assert default["total_steps"] == trained  # every leaflet is longer than 256 tokens: one a batch
+    assert 512 < default["largest_batch_tokens"] <= 1024
+    cut = estimate(long_rows, max_length=256)
+    assert cut["total_steps"] == -(-trained // 4) and cut["largest_batch_tokens"] == 1024
+    short = estimate(short_rows)
+    assert short["total_steps"] == -(-short["config"]["train_rows"] // 4)
+    fixed = estimate(long_rows, per_device_train_batch_size=3)
+    assert fixed["config"]["training"]["batch_tokens"] is None and fixed["total_steps"] == -(-trained // 3)
+    assert fixed["largest_batch_tokens"] > default["largest_batch_tokens"]
+    assert fixed["memory_bytes"] > default["memory_bytes"]
 
 
 def test_the_run_page_renders_while_an_evaluation_is_half_written(client, db, tiny_model_dir):

@@ -77,11 +77,10 @@ def test_truncation_keeps_labels_aligned_and_drops_rows_with_no_answer_left(toke
 
 def test_length_buckets_cover_every_row_once_and_change_order_per_epoch():
     lengths = [5, 50, 7, 48, 6, 52, 9, 47, 30, 31]
-    sampler = LengthBucketSampler(lengths, batch_size=2, seed=1)
+    sampler = LengthBucketSampler(lengths, max_rows=2, budget=None, seed=1)
     first = list(sampler)
-    assert sorted(first) == list(range(10))
-    batches = [first[i : i + 2] for i in range(0, 10, 2)]
-    assert all(abs(lengths[a] - lengths[b]) <= 3 for a, b in batches)  # similar lengths share a batch
+    assert sorted(i for batch in first for i in batch) == list(range(10))
+    assert all(abs(lengths[a] - lengths[b]) <= 3 for a, b in first)  # similar lengths share a batch
     assert list(sampler) == first  # same epoch, same order (a resumed run skips the same batches)
     sampler.set_epoch(1)
     assert list(sampler) != first
@@ -199,6 +198,33 @@ def test_answer_only_loss_equals_the_models_own_loss(tiny_model_dir, tokenizer, 
         actual, outputs = answer_only_loss(model, dict(batch))
     assert torch.allclose(actual, expected, atol=1e-6)
     assert outputs.logits.shape[1] < batch["input_ids"].shape[1]  # prompt positions were never projected
+
+
+def test_checkpointing_comes_on_by_itself_when_the_batch_would_not_fit(tmp_path, tiny_model_dir, monkeypatch):
+    """Left to Tuneboard, gradient checkpointing is on only when the free memory is short without it; a run
+    that cannot fit even with it stops before loading, with a sentence."""
+    from app.runs.estimate import memory_needed
+    from worker.hardware import choose_dtype
+    from worker.train import UserError
+
+    config = make_config(tmp_path, tiny_model_dir, "lora", max_steps=1)
+    assert config.training.gradient_checkpointing is None
+    trainer, _, _ = build_trainer(config, Sink(), None)  # this machine has room
+    assert not trainer.model.base_model.model.is_activation_checkpointing
+    lengths = [len(e["input_ids"]) for e in trainer.train_dataset.examples]
+    needed = memory_needed(config, lengths, None, weight_bytes=torch.finfo(choose_dtype("auto")).bits // 8)
+    assert needed is not None
+    without, with_ = needed["memory_without_checkpointing"], needed["memory_bytes"]
+    monkeypatch.setattr("worker.hardware.available_memory_bytes", lambda: int((with_ + without) / 2 * 1.2))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "c").mkdir()
+    trainer, _, _ = build_trainer(
+        make_config(tmp_path / "b", tiny_model_dir, "lora", max_steps=1), Sink(), None
+    )
+    assert trainer.model.base_model.model.is_activation_checkpointing
+    monkeypatch.setattr("worker.hardware.available_memory_bytes", lambda: int(with_ * 0.9))
+    with pytest.raises(UserError, match=r"This run does not fit: it needs about"):
+        build_trainer(make_config(tmp_path / "c", tiny_model_dir, "lora", max_steps=1), Sink(), None)
 
 
 def test_a_model_too_big_for_memory_is_refused_before_loading(tmp_path, tiny_model_dir, monkeypatch):

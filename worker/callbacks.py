@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import resource
 import time
 from pathlib import Path
 
 from transformers import TrainerCallback
 
 from app.runs.folder import RunFolder
+from worker.hardware import peak_memory_mb
 from worker.sink import Sink
 
 
@@ -19,7 +19,7 @@ def process_memory_mb() -> float:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return peak_memory_mb()
 
 
 def gpu_memory_mb() -> float | None:

@@ -1,5 +1,5 @@
 """Training examples: one sequence per row (prompt + answer + EOS), labels masked to the answer, and
-batches of similar length so that almost no compute goes to padding.
+batches of similar length within a token budget, so that almost no compute goes to padding.
 
 The tutorial this product grew from tokenised prompt and answer separately and used the answer's ids as
 labels for the prompt's positions; here a row is one sequence and its labels are its own input ids with
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from torch.utils.data import Dataset, Sampler
 
 from app.prompts import instruction_prompt
+from app.runs.batching import plan_batches
 
 if TYPE_CHECKING:
     from app.runs.config import RunConfig
@@ -140,27 +141,26 @@ class ExampleDataset(Dataset):
         return self.examples[index]
 
 
-class LengthBucketSampler(Sampler[int]):
-    """Sorts the whole set by length into batches of similar length, then visits those batches in a random
-    order that changes every epoch (and is the same again when a run resumes)."""
+class LengthBucketSampler(Sampler[list[int]]):
+    """Batches of rows of similar length (app.runs.batching: at most `max_rows` rows, within `budget` padded
+    tokens when there is one), visited in a random order that changes every epoch (and is the same again
+    when a run resumes). A batch sampler: batches vary in size."""
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int):
-        self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
+    def __init__(self, lengths: list[int], max_rows: int, budget: int | None, seed: int):
+        self.lengths, self.max_rows, self.budget, self.seed, self.epoch = lengths, max_rows, budget, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.lengths)
+        return len(plan_batches(self.lengths, self.max_rows, self.budget))
 
     def __iter__(self):
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
         tie_break = [rng.random() for _ in self.lengths]
-        order = sorted(range(len(self.lengths)), key=lambda i: (self.lengths[i], tie_break[i]))
-        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        batches = plan_batches(self.lengths, self.max_rows, self.budget, tie_break)
         rng.shuffle(batches)
-        for batch in batches:
-            yield from batch
+        yield from batches
 
 
 def pad_collator(tokenizer):

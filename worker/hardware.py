@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-HEADROOM = 1.2  # a load that needs more than free memory / HEADROOM is refused
+from app.machine import HEADROOM, meminfo_bytes
 
 
 def choose_dtype(requested: str):
@@ -24,14 +24,7 @@ def choose_dtype(requested: str):
 
 def available_memory_bytes() -> int | None:
     """The machine's available memory (MemAvailable), or None where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return meminfo_bytes("MemAvailable")
 
 
 def free_memory(device: str) -> tuple[int | None, str]:
@@ -67,3 +60,10 @@ def usable_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def peak_memory_mb() -> float:
+    """The peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

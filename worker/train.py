@@ -20,8 +20,9 @@ import yaml
 
 from app.config import Settings
 from app.runs.config import PROMPT_LEARNING, RunConfig
+from app.runs.estimate import memory_needed, refusal
 from app.runs.folder import CHECKPOINT_PREFIX, RunFolder
-from worker.hardware import choose_dtype, loaded_bytes, shortfall
+from worker.hardware import choose_dtype, free_memory, loaded_bytes, peak_memory_mb, shortfall
 
 log = logging.getLogger("tuneboard.train")
 
@@ -60,6 +61,28 @@ def check_fits(model_path: Path, dtype) -> None:
             f"The base model does not fit: {problem}. Choose a smaller model, or free memory and launch "
             "again."
         )
+
+
+def choose_checkpointing(config: RunConfig, lengths: list[int], dtype) -> bool:
+    """Gradient checkpointing as the run asks; when it leaves it to Tuneboard (None), on only if the largest
+    batch would not fit the free memory without it (app.runs.estimate). Refuses a run that would not fit."""
+    import torch
+
+    free, _ = free_memory("cuda" if torch.cuda.is_available() else "cpu")
+    weight_bytes = torch.finfo(dtype).bits // 8
+    needed = memory_needed(config, lengths, free, weight_bytes)
+    if needed is None:  # a model whose layout the estimate does not know
+        return bool(config.training.gradient_checkpointing)
+    if config.training.gradient_checkpointing is None:
+        log.info(
+            "gradient checkpointing %s: the largest batch is %d padded tokens, about %.1f GiB without it",
+            "on" if needed["gradient_checkpointing"] else "off",
+            needed["largest_batch_tokens"],
+            needed["memory_without_checkpointing"] / 2**30,
+        )
+    if reason := refusal(config, lengths, free, weight_bytes):
+        raise UserError(reason)
+    return needed["gradient_checkpointing"]
 
 
 def build_trainer(config: RunConfig, sink, attempt: int | None):
@@ -123,9 +146,12 @@ def build_trainer(config: RunConfig, sink, attempt: int | None):
 
     dtype = choose_dtype(training.dtype)
     check_fits(model_path, dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    checkpointing = choose_checkpointing(config, train_split.lengths, dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=dtype, attn_implementation=training.attention
+    )
     model.config.use_cache = False  # required for correct packed-sequence masks, useless in training
-    if training.gradient_checkpointing:
+    if checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     peft_config = build_peft_config(
@@ -151,7 +177,8 @@ def build_trainer(config: RunConfig, sink, attempt: int | None):
     args = TrainingArguments(
         output_dir=str(checkpoints),
         num_train_epochs=training.num_train_epochs,
-        max_steps=training.max_steps,
+        # the launch counted the steps (token-budget batches from the dataset's cached lengths): keep them
+        max_steps=config.total_steps,
         learning_rate=training.learning_rate,
         per_device_train_batch_size=training.per_device_train_batch_size,
         per_device_eval_batch_size=training.per_device_train_batch_size,
@@ -197,6 +224,7 @@ def build_trainer(config: RunConfig, sink, attempt: int | None):
     )
     trainer = TuneboardTrainer(
         lengths=train_split.lengths,
+        batch_tokens=training.batch_tokens,
         # Virtual tokens shift the positions of prompt-learning methods, and AdaLoRA adds its orthogonality
         # penalty inside the model's own loss: those keep the model's loss.
         answer_logits_only=config.method not in PROMPT_LEARNING | {"adalora"},
@@ -230,6 +258,7 @@ def train(config: RunConfig, sink, attempt: int | None = None) -> Path:
     """Train and save the adapter; returns its folder."""
     trainer, tokenizer, resume_from = build_trainer(config, sink, attempt)
     trainer.train(resume_from_checkpoint=resume_from)
+    log.info("peak resident memory %.0f MiB", peak_memory_mb())
     adapter = run_folder(config).adapter
     staging = adapter.with_name(".adapter.partial")
     shutil.rmtree(staging, ignore_errors=True)

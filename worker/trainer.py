@@ -1,10 +1,11 @@
-"""Tuneboard's Trainer: HF `Trainer` with length-bucketed batches and a loss that projects onto the
-vocabulary only where a token is learned."""
+"""Tuneboard's Trainer: HF `Trainer` with length-bucketed batches within a token budget, and a loss that
+projects onto the vocabulary only where a token is learned."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer
 
 from worker.data import IGNORE_INDEX, LengthBucketSampler
@@ -30,12 +31,26 @@ def answer_only_loss(model, inputs: dict, num_items_in_batch=None) -> tuple[torc
 
 
 class TuneboardTrainer(Trainer):
-    def __init__(self, *args, lengths: list[int], answer_logits_only: bool, **kwargs):
+    def __init__(
+        self, *args, lengths: list[int], batch_tokens: int | None, answer_logits_only: bool, **kwargs
+    ):
         super().__init__(*args, **kwargs)
-        self.lengths, self.answer_logits_only = lengths, answer_logits_only
+        self.lengths, self.batch_tokens, self.answer_logits_only = lengths, batch_tokens, answer_logits_only
 
-    def _get_train_sampler(self, train_dataset=None):
-        return LengthBucketSampler(self.lengths, self.args.per_device_train_batch_size, self.args.seed)
+    def get_train_dataloader(self) -> DataLoader:
+        """Batches from LengthBucketSampler, whose sizes vary within the token budget."""
+        sampler = LengthBucketSampler(
+            self.lengths, self.args.per_device_train_batch_size, self.batch_tokens, self.args.seed
+        )
+        assert isinstance(self.train_dataset, Dataset)
+        loader = DataLoader(
+            self.train_dataset,
+            batch_sampler=sampler,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
+        return self.accelerator.prepare(loader)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.answer_logits_only or "labels" not in inputs:

@@ -154,13 +154,22 @@ def load_rows(settings: Settings, dataset_id: int, limit: int | None = None) -> 
 
 def _cached(cache: Path, key: list, field: str) -> Any:
     """The cached value if the cache was written for this key, else None."""
-    if not cache.is_file():
-        return None
     try:
-        cached = json.loads(cache.read_text(encoding="utf-8"))
-    except ValueError:
+        stat = cache.stat()
+    except OSError:
         return None
-    return cached[field] if cached.get("key") == key else None
+    cached = _read_cache(str(cache), stat.st_mtime_ns, stat.st_size)
+    return cached[field] if cached is not None and cached.get("key") == key else None
+
+
+@functools.lru_cache(maxsize=64)
+def _read_cache(path: str, mtime_ns: int, size: int) -> dict | None:
+    """A cache file's contents, read once per version of the file (pages and launches ask often; caches
+    are replaced whole by `write_json`, so a new version has a new mtime). Callers must not mutate it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def dataset_summary(settings: Settings, dataset: Dataset) -> dict[str, Any]:
@@ -194,6 +203,15 @@ def token_stats(
     """Token-length statistics of the whole dataset under a ready model's prompt format (cached). Raises
     StatsPending while a large dataset's lengths are computed in the background, ValueError when they
     cannot be (no chat template, a failed job)."""
+    lengths = token_lengths(settings, dataset, model, prompt_format=prompt_format)
+    return dataset_stats.length_stats(lengths, max_length=max_length)
+
+
+def token_lengths(
+    settings: Settings, dataset: Dataset, model: ModelEntry, *, prompt_format: str
+) -> list[int]:
+    """Every row's token length under a ready model's prompt format, uncut (cached; raises as
+    `token_stats` does)."""
     tokenizer_file = model.tokenizer_file
     if tokenizer_file is None:
         raise ValueError(f"{model.name} is not ready yet.")
@@ -212,7 +230,7 @@ def token_stats(
         info = dataset_stats.read_tokenizer_info(model.folder)
         lengths = dataset_stats.token_lengths(load_rows(settings, dataset.id), info, prompt_format)
         write_json(cache, {"key": key, "lengths": lengths})
-    return dataset_stats.length_stats(lengths, max_length=max_length)
+    return lengths
 
 
 def write_json(path: Path, value: Any) -> None:

@@ -22,7 +22,7 @@ from app.models import MAX_ID, Dataset, Run, RunMetric
 from app.prompts import PROMPT_FORMATS
 from app.runs import evaluation, state
 from app.runs.config import METHOD_LABELS, PRESETS, InvalidRun, RunConfig, RunRequest
-from app.runs.estimate import dataset_tokens, estimate
+from app.runs.estimate import run_estimate
 from app.runs.events import latest_train_metric, list_stream, progress, run_events, tracked
 from app.runs.folder import RunFolder
 from app.runs.form import (
@@ -148,7 +148,7 @@ async def estimate_fragment(request: Request, settings: SettingsDep, session: Se
     config, problems = _validate_form(settings, session, form)
     cost = None
     if config is not None:
-        cost = estimate(config, dataset_tokens=dataset_tokens(settings, session, config), session=session)
+        cost = run_estimate(settings, session, config)
     context = {"cost": cost, "problems": problems, "config": config, "held_out": [], "held_out_from": None}
     if config is not None:
         context["held_out"] = evaluation.held_out_questions(config, HELD_OUT_SHOWN)

@@ -19,7 +19,7 @@ from app.errors import problem
 from app.models import MAX_ID, Run, RunMetric
 from app.runs import evaluation, state
 from app.runs.config import PRESETS, InvalidRun, RunRequest
-from app.runs.estimate import dataset_tokens, estimate
+from app.runs.estimate import run_estimate
 from app.runs.events import list_stream, progress, run_stream, tracked
 from app.runs.launch import build_run_config, enqueue_run
 
@@ -73,7 +73,7 @@ def estimate_run(request: RunRequest, settings: SettingsDep, session: SessionDep
         config = build_run_config(settings, request, session=session)
     except InvalidRun as exc:
         raise HTTPException(422, [problem(exc.message, exc.field)]) from None
-    cost = estimate(config, dataset_tokens=dataset_tokens(settings, session, config), session=session)
+    cost = run_estimate(settings, session, config)
     return {**cost, "config": config.model_dump(mode="json")}
 
 

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from app.models import MAX_ID
+from app.runs.batching import plan_batches
 
 Method = Literal["lora", "loha", "lokr", "adalora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning"]
 PromptFormat = Literal["chat", "instruction"]
@@ -39,8 +40,8 @@ PROMPT_LEARNING = {"prompt_tuning", "prefix_tuning", "p_tuning"}
 # to be learned, long answers included (docs/recipe.md: the leaflets need about 12 of 20 epochs).
 TARGET_STEPS = 300
 MAX_DEFAULT_EPOCHS = 20
-# A default batch: 4 rows, fewer when the dataset's long rows (p95) would make it more than this many
-# tokens; long rows then take more, smaller steps in less memory (docs/recipe.md).
+# A default batch: up to 4 rows, as many as fit BATCH_TOKENS padded tokens (app.runs.batching); long rows
+# then take more, smaller steps in less memory (docs/recipe.md).
 DEFAULT_BATCH_ROWS = 4
 BATCH_TOKENS = 1024
 
@@ -156,7 +157,10 @@ class TrainingParams(Strict):
     num_train_epochs: float | None = Field(None, gt=0, le=1000)
     max_steps: int = Field(-1, ge=-1, le=MANY)
     learning_rate: float | None = Field(None, gt=0, le=1)
+    # rows a batch: the most a batch holds when batch_tokens is set, else exactly
     per_device_train_batch_size: int | None = Field(None, ge=1, le=1024)
+    # a token budget per batch (rows × the batch's longest row); None with a batch size: fixed rows
+    batch_tokens: int | None = Field(None, ge=16, le=1_048_576)
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
     max_length: int = Field(1024, ge=16, le=1_048_576)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
@@ -170,8 +174,11 @@ class TrainingParams(Strict):
     eval_steps: int | None = Field(None, ge=1, le=MANY)
     save_total_limit: int = Field(2, ge=1, le=1000)
     seed: int = Field(42, ge=0, le=2**32 - 1)
-    gradient_checkpointing: bool = False
+    # None: on by itself when the run would not fit the training machine's free memory without it
+    gradient_checkpointing: bool | None = None
     packing: bool = False
+    # sdpa: PyTorch's fused attention, no full score matrices kept where the kernel allows; eager: plain
+    attention: Literal["sdpa", "eager"] = "sdpa"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
 
     @field_validator("max_steps")
@@ -298,29 +305,30 @@ def validate_peft(method: str, params: dict[str, Any]) -> dict[str, Any]:
     return PEFT_PARAMS[method].model_validate(params).model_dump()
 
 
-def steps_per_epoch(train_rows: int, batch_rows: int, accumulation: int) -> int:
-    return max(1, math.ceil(train_rows / (batch_rows * accumulation)))
-
-
-def default_batch_rows(row_tokens: int | None, max_length: int) -> int:
-    """Rows in a default batch: DEFAULT_BATCH_ROWS, fewer when rows of `row_tokens` (the dataset's p95,
-    cut at max_length) would make a batch longer than BATCH_TOKENS; 4 when the lengths are unknown."""
-    if not row_tokens:
-        return DEFAULT_BATCH_ROWS
-    return max(1, min(DEFAULT_BATCH_ROWS, BATCH_TOKENS // min(row_tokens, max_length)))
+def batches_per_epoch(train_rows: int, lengths: list[int] | None, max_rows: int, budget: int | None) -> int:
+    """Batches in one pass over the training rows: counted from their token lengths (cut at max_length)
+    when there is a budget and they are known, else `max_rows` rows a batch."""
+    if budget is None or lengths is None:
+        return math.ceil(train_rows / max_rows)
+    return len(plan_batches(lengths, max_rows, budget))
 
 
 def resolve_training(
-    method: str, train_rows: int, training: TrainingParams, row_tokens: int | None = None
+    method: str, train_rows: int, training: TrainingParams, lengths: list[int] | None = None
 ) -> tuple[ResolvedTraining, int]:
-    """Fill the dataset-dependent defaults (`row_tokens`: the dataset's p95 row length, when known).
+    """Fill the dataset-dependent defaults (`lengths`: the training rows' token lengths, when known).
     Returns (training, total optimizer steps)."""
     values = training.model_dump()
     if values["per_device_train_batch_size"] is None:
-        values["per_device_train_batch_size"] = default_batch_rows(row_tokens, training.max_length)
-    per_epoch = steps_per_epoch(
-        train_rows, values["per_device_train_batch_size"], training.gradient_accumulation_steps
+        values["per_device_train_batch_size"] = DEFAULT_BATCH_ROWS
+        if values["batch_tokens"] is None:
+            values["batch_tokens"] = BATCH_TOKENS
+    if lengths is not None:
+        lengths = [min(n, training.max_length) for n in lengths]
+    batches = batches_per_epoch(
+        train_rows, lengths, values["per_device_train_batch_size"], values["batch_tokens"]
     )
+    per_epoch = max(1, math.ceil(batches / training.gradient_accumulation_steps))
     if training.max_steps > 0:
         total = training.max_steps
         values["num_train_epochs"] = values["num_train_epochs"] or math.ceil(total / per_epoch)

@@ -11,9 +11,17 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.machine import HEADROOM, meminfo_bytes
 from app.models import Run, RunMetric, RunStatus
+from app.runs.batching import padded_tokens
 from app.runs.config import RunConfig
 
+ADAPTED = {
+    "lora",
+    "adalora",
+    "loha",
+    "lokr",
+}  # methods that wrap linear modules with a dropout on their input
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -108,6 +116,57 @@ def trainable_parameters(shapes: Shapes, method: str, peft: dict) -> int:
     return 0
 
 
+# The memory model's constants, measured on the bundled model and a larger Llama-shaped one through the
+# real training process (`python -m bench --only memory`, docs/benchmarks.md).
+RUNTIME_BYTES = 900 * 2**20  # python, torch, transformers, the tokenizer, the rows and the Trainer
+# values kept for the backward pass per token and layer: × hidden, × intermediate, and × the input
+# features of each module an adapter wraps (its dropout's copy of the input, in float32 for the adapter)
+HIDDEN_VALUES, INTERMEDIATE_VALUES, ADAPTED_VALUES = 2, 1, 4
+ATTENTION_BYTES = 1.5  # per attention score kept (row length² × heads, each layer): CPU attention keeps some
+CHECKPOINTED_VALUES = 1  # with gradient checkpointing: each layer keeps its input only (× hidden)
+LOGIT_BYTES = 10  # per learned position and vocabulary entry: the logits, their float copy, the softmax
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak resident memory of a training process, in bytes, by what takes it."""
+
+    runtime: int
+    weights: int
+    adapter: int  # trainable parameters, their gradients and two AdamW moments, all float32
+    activations: int
+    logits: int
+
+    @property
+    def total(self) -> int:
+        return self.runtime + self.weights + self.adapter + self.activations + self.logits
+
+
+def training_memory(
+    shapes: Shapes, config: RunConfig, padded: int, longest: int, *, checkpointing: bool, weight_bytes: int
+) -> MemoryEstimate:
+    """What training `config` takes at its largest batch of `padded` tokens (rows × longest row), its rows
+    at most `longest` tokens long."""
+    targets = _targets(shapes, config.peft.get("target_modules")) if config.method in ADAPTED else {}
+    layer = (
+        HIDDEN_VALUES * shapes.hidden
+        + INTERMEDIATE_VALUES * shapes.intermediate
+        + ADAPTED_VALUES * sum(inputs for inputs, _ in targets.values())
+    )
+    scores = padded * longest * shapes.heads * ATTENTION_BYTES  # one layer's
+    if checkpointing:  # every layer's input, and one layer's activations while it is recomputed
+        kept = padded * (shapes.layers * CHECKPOINTED_VALUES * shapes.hidden + layer) * weight_bytes + scores
+    else:
+        kept = shapes.layers * (padded * layer * weight_bytes + scores)
+    return MemoryEstimate(
+        runtime=RUNTIME_BYTES,
+        weights=shapes.total() * weight_bytes,
+        adapter=trainable_parameters(shapes, config.method, config.peft) * 16,
+        activations=int(kept),
+        logits=padded * shapes.vocab * LOGIT_BYTES,
+    )
+
+
 def measured_tokens_per_second(base_model: str, *, session: Session) -> float | None:
     """The median throughput of the latest finished run on this base model, if any."""
     latest = session.scalar(
@@ -125,11 +184,11 @@ def measured_tokens_per_second(base_model: str, *, session: Session) -> float | 
     return statistics.median(measured) if measured else None
 
 
-def length_stats(
-    settings, session: Session, *, dataset_id: int, base_model: str, max_length: int, prompt_format: str
-) -> dict | None:
-    """The dataset's token-length statistics under a model and prompt format (computed once, then cached:
-    app.datasets.store.token_stats); None while they are being computed or when they cannot be."""
+def row_lengths(
+    settings, session: Session, *, dataset_id: int, base_model: str, prompt_format: str
+) -> list[int] | None:
+    """Every row's token length under a model and prompt format (computed once, then cached:
+    app.datasets.store.token_lengths); None while they are being computed or when they cannot be."""
     from app.datasets import store
     from app.datasets.jobs import StatsPending
     from app.model_registry import find_model
@@ -140,52 +199,126 @@ def length_stats(
     if dataset is None or model is None or not model.ready:
         return None
     try:
-        return store.token_stats(settings, dataset, model, max_length=max_length, prompt_format=prompt_format)
+        return store.token_lengths(settings, dataset, model, prompt_format=prompt_format)
     except (ValueError, StatsPending):
         return None
 
 
-def dataset_tokens(settings, session: Session, config: RunConfig) -> int | None:
-    """Total tokens of the run's dataset; None when unknown (the estimate then counts rows)."""
-    stats = length_stats(
+def length_stats(
+    settings, session: Session, *, dataset_id: int, base_model: str, max_length: int, prompt_format: str
+) -> dict | None:
+    """The dataset's token-length statistics under a model and prompt format (`row_lengths`, cut at
+    max_length); None when the lengths are not known."""
+    from app.datasets.stats import length_stats as stats_of
+
+    lengths = row_lengths(
+        settings, session, dataset_id=dataset_id, base_model=base_model, prompt_format=prompt_format
+    )
+    return None if lengths is None else stats_of(lengths, max_length=max_length)
+
+
+def training_lengths(settings, session: Session, config: RunConfig) -> list[int] | None:
+    """The token lengths of the rows a run trains on, cut at its max_length; None when unknown."""
+    lengths = row_lengths(
         settings,
         session,
         dataset_id=config.dataset_id,
         base_model=config.base_model,
-        max_length=config.training.max_length,
         prompt_format=config.prompt_format,
     )
-    return None if stats is None else stats["tokens"]
+    if lengths is None:
+        return None
+    cut = config.training.max_length
+    return [min(n, cut) for n in trained(lengths, [] if config.evaluation_path else config.validation_rows)]
 
 
-def estimate(config: RunConfig, *, dataset_tokens: int | None, session: Session) -> dict:
-    """Cost figures for the New run page. None where the model's layout is unknown."""
+def trained(lengths: list[int], held_out: list[int]) -> list[int]:
+    """The lengths of the rows that train: all but the held-out ones."""
+    held = set(held_out)
+    return [n for i, n in enumerate(lengths) if i not in held]
+
+
+def largest_batch(config: RunConfig, lengths: list[int] | None) -> tuple[int, int]:
+    """(padded tokens of the run's largest batch, its longest row); without lengths, rows of max_length."""
+    training = config.training
+    rows, budget, cut = training.per_device_train_batch_size, training.batch_tokens, training.max_length
+    if lengths:
+        return padded_tokens(lengths, rows, budget), min(max(lengths), cut)
+    return max(cut, min(rows * cut, budget or rows * cut)), cut
+
+
+def memory_needed(
+    config: RunConfig, lengths: list[int] | None, memory_limit: int | None, weight_bytes: int | None = None
+) -> dict | None:
+    """Peak memory of the run's training process and whether gradient checkpointing will be on (the run's
+    choice, or on by itself when the run would not otherwise fit `memory_limit` bytes, as the training
+    process decides); None where the model's layout is unknown. `weight_bytes`: the loaded dtype's size, when
+    known (else 2 for auto, as on machines with fast bf16)."""
+    shapes = Shapes.read(Path(config.model_path))
+    if shapes is None:
+        return None
+    training = config.training
+    if weight_bytes is None:
+        weight_bytes = 2 if training.dtype in ("auto", "bfloat16", "float16") else 4
+    padded, longest = largest_batch(config, lengths)
+    without, with_ = (
+        training_memory(shapes, config, padded, longest, checkpointing=on, weight_bytes=weight_bytes)
+        for on in (False, True)
+    )
+    checkpointing = training.gradient_checkpointing
+    if checkpointing is None:
+        checkpointing = memory_limit is not None and without.total * HEADROOM > memory_limit
+    chosen = with_ if checkpointing else without
+    return {
+        "memory_bytes": chosen.total,
+        "memory_parts": dict(chosen.__dict__),
+        "gradient_checkpointing": checkpointing,
+        "memory_without_checkpointing": without.total,
+        "largest_batch_tokens": padded,
+        "weights_bytes": chosen.weights,
+    }
+
+
+def refusal(
+    config: RunConfig, lengths: list[int] | None, memory_limit: int | None, weight_bytes: int | None = None
+) -> str | None:
+    """A sentence when the run cannot fit `memory_limit` bytes as it is batched (checkpointing on by itself
+    where the run leaves it to Tuneboard)."""
+    needed = memory_needed(config, lengths, memory_limit, weight_bytes)
+    if needed is None or memory_limit is None or needed["memory_bytes"] * HEADROOM <= memory_limit:
+        return None
+    gib = (
+        f"about {needed['memory_bytes'] / 2**30:.1f} GiB, and {memory_limit / 2**30:.1f} GiB is available"
+    )
+    if needed["weights_bytes"] * HEADROOM > memory_limit:
+        return f"The base model alone does not fit: training it needs {gib}. Choose a smaller model."
+    hint = "" if needed["gradient_checkpointing"] else ", or turn on gradient checkpointing"
+    return f"This run does not fit: it needs {gib}. Lower batch tokens, the batch size or max length{hint}."
+
+
+def estimate(
+    config: RunConfig, *, lengths: list[int] | None, session: Session, memory_limit: int | None
+) -> dict:
+    """Cost figures for the New run page (`lengths`: the training rows' token lengths, when known)."""
     shapes = Shapes.read(Path(config.model_path))
     training = config.training
     result: dict = {"total_steps": config.total_steps, "epochs": training.num_train_epochs}
     if shapes is not None:
         total = shapes.total()
         trainable = trainable_parameters(shapes, config.method, config.peft)
-        weight_bytes = 2 if training.dtype in ("auto", "bfloat16", "float16") else 4
-        tokens_per_batch = training.per_device_train_batch_size * min(training.max_length, 512)
-        activations = (
-            tokens_per_batch
-            * shapes.layers
-            * shapes.hidden
-            * 20
-            * (0.25 if training.gradient_checkpointing else 1)
-        )
-        logits = tokens_per_batch * shapes.vocab * 4 * 2
-        memory = total * weight_bytes + trainable * 16 + activations + logits
-        result |= {
-            "trainable": trainable,
-            "total": total,
-            "fraction": trainable / total,
-            "memory_bytes": memory,
-        }
+        result |= {"trainable": trainable, "total": total, "fraction": trainable / total}
+        result |= memory_needed(config, lengths, memory_limit) or {}
     speed = measured_tokens_per_second(config.base_model, session=session)
-    if speed and dataset_tokens:
-        held_out = 0 if config.evaluation_path else len(config.validation_rows)  # else all rows train
-        epoch_tokens = dataset_tokens * config.train_rows / max(1, config.train_rows + held_out)
-        result |= {"tokens_per_second": speed, "seconds": epoch_tokens * training.num_train_epochs / speed}
+    if speed and lengths:
+        result |= {"tokens_per_second": speed, "seconds": sum(lengths) * training.num_train_epochs / speed}
     return result
+
+
+def run_estimate(settings, session: Session, config: RunConfig) -> dict:
+    """`estimate` for a resolved run on this server: its training rows' lengths, this machine's memory."""
+    return estimate(
+        config,
+        lengths=training_lengths(settings, session, config),
+        session=session,
+        memory_limit=meminfo_bytes("MemAvailable"),
+    )

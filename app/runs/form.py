@@ -21,11 +21,16 @@ HELP = {
     "learning_rate": "empty = chosen from the method and dataset size",
     "max_steps": "-1 = train by epochs",
     "max_length": "longer rows are cut",
-    "per_device_train_batch_size": "rows a step; empty = 4, fewer when rows are long (about 1,024 tokens)",
+    "per_device_train_batch_size": "rows a step, at most; empty = 4, fewer when rows are long",
     "logging_steps": "a loss point every N steps; empty = about 100 points",
     "save_steps": "a checkpoint every N steps; empty = 5 per run",
     "eval_steps": "validation loss every N steps; empty = with each checkpoint",
     "packing": "pack rows into one sequence (not for prompt-learning methods)",
+    "batch_tokens": "a batch holds at most this many tokens (rows × its longest row); empty = 1,024 with the "
+    "default batch size, else fixed rows",
+    "gradient_checkpointing": "recompute activations in the backward pass: far less memory, a little slower; "
+    "auto = on when the run would not fit otherwise",
+    "attention": "sdpa = PyTorch's fused attention; eager = plain attention (more memory on long rows)",
     "dtype": "auto = bf16 where the hardware is fast at it",
     "target_modules": "all-linear, or names separated by commas (q_proj, v_proj)",
     "r": "adapter rank",
@@ -69,6 +74,8 @@ def _kind(annotation) -> tuple[str, tuple[str, ...], str]:
         return "select", tuple(str(a) for a in typing.get_args(annotation)), "any"
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if args == [bool]:  # on, off, or empty: Tuneboard decides
+            return "select", ("", "True", "False"), "any"
         if len(args) == 1:
             return _kind(args[0])
         return "text", (), "any"

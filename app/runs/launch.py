@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.datasets.split import validation_rows
 from app.datasets.store import ROWS_FILE, dataset_dir
+from app.machine import meminfo_bytes
 from app.model_registry import BUNDLED_ID, ModelEntry, find_model, weight_modules
 from app.models import Dataset, Run
 from app.runs import state
@@ -22,7 +23,7 @@ from app.runs.config import (
     resolve_training,
     validate_peft,
 )
-from app.runs.estimate import length_stats
+from app.runs.estimate import refusal, row_lengths, trained
 
 
 def build_run_config(settings: Settings, request: RunRequest, *, session: Session) -> RunConfig:
@@ -54,25 +55,19 @@ def build_run_config(settings: Settings, request: RunRequest, *, session: Sessio
             "Choosing the best checkpoint by validation loss needs held-out rows; hold some out, or choose "
             "by an answer metric.",
         )
-    row_tokens = None
-    if request.training.per_device_train_batch_size is None:  # the default batch follows the row lengths
-        stats = length_stats(
-            settings,
-            session,
-            dataset_id=dataset.id,
-            base_model=model.id,
-            max_length=request.training.max_length,
-            prompt_format=request.prompt_format,
-        )
-        row_tokens = stats["p95"] if stats else None
-    training, total_steps = resolve_training(request.method, train_rows, request.training, row_tokens)
+    lengths = row_lengths(
+        settings, session, dataset_id=dataset.id, base_model=model.id, prompt_format=request.prompt_format
+    )
+    if lengths is not None:
+        lengths = trained(lengths, [] if evaluation_path else held_out)
+    training, total_steps = resolve_training(request.method, train_rows, request.training, lengths)
     if split.select_by == "eval_loss" and training.save_steps % training.eval_steps:
         raise InvalidRun(
             "training.eval_steps",
             f"Choosing the best checkpoint by validation loss needs a validation loss at every checkpoint: "
             f"eval_steps ({training.eval_steps}) must divide save_steps ({training.save_steps}).",
         )
-    return RunConfig(
+    config = RunConfig(
         name=(request.name or "").strip() or f"{dataset.name} · {request.method}",
         dataset_id=dataset.id,
         dataset_path=str(dataset_dir(settings, dataset.id) / ROWS_FILE),
@@ -88,6 +83,11 @@ def build_run_config(settings: Settings, request: RunRequest, *, session: Sessio
         evaluation_path=evaluation_path,
         total_steps=total_steps,
     )
+    if reason := refusal(config, lengths, meminfo_bytes("MemTotal")):
+        raise InvalidRun(
+            "base_model" if reason.startswith("The base model") else "training.batch_tokens", reason
+        )
+    return config
 
 
 def hold_out(
