@@ -287,9 +287,8 @@ def refusal(
     needed = memory_needed(config, lengths, memory_limit, weight_bytes)
     if needed is None or memory_limit is None or needed["memory_bytes"] * HEADROOM <= memory_limit:
         return None
-    gib = (
-        f"about {needed['memory_bytes'] / 2**30:.1f} GiB, and {memory_limit / 2**30:.1f} GiB is available"
-    )
+    needs, has = needed["memory_bytes"] / 2**30, memory_limit / 2**30
+    gib = f"about {needs:.1f} GiB, and {has:.1f} GiB is available"
     if needed["weights_bytes"] * HEADROOM > memory_limit:
         return f"The base model alone does not fit: training it needs {gib}. Choose a smaller model."
     hint = "" if needed["gradient_checkpointing"] else ", or turn on gradient checkpointing"
