@@ -11,21 +11,15 @@ right product.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import sqlite3
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-from app.config import PROJECT_ROOT, isolated_env
-from app.model_registry import BUNDLED_ID
-from bench.generation import free_port
+from app.config import PROJECT_ROOT
+from bench.api import serving, wait_for
 
 EXAMPLES = PROJECT_ROOT / "data" / "examples"
 DEMO = EXAMPLES / "demo_alpaca.json"
@@ -45,60 +39,28 @@ def learning_benchmark(
     evaluation: dict | None = None,
     training: dict | None = None,
 ) -> dict:
-    with tempfile.TemporaryDirectory(prefix="tuneboard-learning-") as folder:
-        data = Path(folder) / "data"
-        (data / "models").mkdir(parents=True)
-        (data / "models" / BUNDLED_ID).symlink_to(model_dir, target_is_directory=True)  # converted once
-        port = free_port()
-        env = isolated_env(
-            data, TUNEBOARD_PORT=str(port), TUNEBOARD_GENERATION="false", TUNEBOARD_TORCH_THREADS=str(threads)
-        )
-        server = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve"],
-            cwd=PROJECT_ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        base = f"http://127.0.0.1:{port}"
-        try:
-            for _ in range(240):
-                try:
-                    if httpx.get(f"{base}/healthz").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.5)
-            files = {"file": (dataset.name, dataset.read_bytes())}
-            dataset_id = httpx.post(f"{base}/api/datasets", files=files).json()["id"]
-            request: dict = {"dataset_id": dataset_id}
-            if evaluation:
-                request["evaluation"] = evaluation
-            if training:  # a diagnostic: the benchmark's own figures use the defaults
-                request["training"] = training
-            run = httpx.post(f"{base}/api/runs", json=request).json()
-            started = time.time()
-            while (status := httpx.get(f"{base}/api/runs/{run['id']}").json())["status"] not in (
-                "succeeded",
-                "failed",
-                "cancelled",
-            ):
-                time.sleep(2)
-            report = httpx.get(f"{base}/api/runs/{run['id']}/evaluation").json()
-            return {
-                "dataset": dataset.name,
-                "recall": key_fact_recall(data, dataset, run["id"]),
-                "training": run["config"]["training"],
-                "status": status["status"],
-                "error": status["error"],
-                "wall_seconds": time.time() - started,
-                "total_steps": run["config"]["total_steps"],
-                "report": report,
-            }
-        finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=60)
+    with serving(model_dir, threads) as (base, data):
+        files = {"file": (dataset.name, dataset.read_bytes())}
+        dataset_id = httpx.post(f"{base}/api/datasets", files=files).json()["id"]
+        request: dict = {"dataset_id": dataset_id}
+        if evaluation:
+            request["evaluation"] = evaluation
+        if training:  # a diagnostic: the benchmark's own figures use the defaults
+            request["training"] = training
+        run = httpx.post(f"{base}/api/runs", json=request).json()
+        started = time.time()
+        status = wait_for(base, run["id"])
+        report = httpx.get(f"{base}/api/runs/{run['id']}/evaluation").json()
+        return {
+            "dataset": dataset.name,
+            "recall": key_fact_recall(data, dataset, run["id"]),
+            "training": run["config"]["training"],
+            "status": status["status"],
+            "error": status["error"],
+            "wall_seconds": time.time() - started,
+            "total_steps": run["config"]["total_steps"],
+            "report": report,
+        }
 
 
 def key_fact_recall(data: Path, dataset: Path, run_id: int) -> list[dict]:

@@ -289,6 +289,12 @@ def training_benchmark(model_dir: Path, rows: int, threads: int) -> dict:
         packed["eval_loss"] = eval_loss(packed.pop("model"), tokenizer, held_out_rows)
         progress(f"tuneboard packed: {packed['tokens'] / packed['seconds']:.0f} real tokens/s")
         overhead = dashboard_overhead(model_dir, rows_file, rows, folder)
+    from bench.api import training_through_the_api
+    from bench.learning import LEAFLETS
+
+    through_api = training_through_the_api(model_dir, threads, train, LEAFLETS.read_bytes())
+    for label, run in through_api.items():
+        progress(f"through the API, {label}: {run['steady_tokens_per_second'] or 0:.0f} tokens/s steady")
 
     params = _parameter_count(model_dir)
     lengths = sorted(
@@ -297,6 +303,7 @@ def training_benchmark(model_dir: Path, rows: int, threads: int) -> dict:
     )
     return {
         "rows": rows,
+        "through_api": through_api,
         "threads": threads,
         "params": params,
         "lengths": {"min": lengths[0], "median": lengths[len(lengths) // 2], "max": lengths[-1]},

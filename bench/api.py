@@ -1,0 +1,149 @@
+"""Runs launched the way users launch them: `tuneboard serve` (web server and worker) in a throwaway data
+folder with the converted bundled model linked in, datasets uploaded and runs started through the JSON API.
+
+`training_through_the_api` times whole runs: the steady training speed the run's metrics report, and the
+run's wall time from POST /api/runs to "succeeded" (queue, launch, model load, warm-up, saves)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from app.config import PROJECT_ROOT, isolated_env
+from app.model_registry import BUNDLED_ID
+from bench.generation import free_port
+
+
+@contextmanager
+def serving(model_dir: Path, threads: int) -> Iterator[tuple[str, Path]]:
+    """(base URL, data folder) of a `tuneboard serve` with `threads` training threads; stopped on exit."""
+    with tempfile.TemporaryDirectory(prefix="tuneboard-bench-") as folder:
+        data = Path(folder) / "data"
+        (data / "models").mkdir(parents=True)
+        (data / "models" / BUNDLED_ID).symlink_to(model_dir, target_is_directory=True)  # converted once
+        port = free_port()
+        env = isolated_env(
+            data, TUNEBOARD_PORT=str(port), TUNEBOARD_GENERATION="false", TUNEBOARD_TORCH_THREADS=str(threads)
+        )
+        server = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve"],
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(240):
+                try:
+                    if httpx.get(f"{base}/healthz").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+            yield base, data
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=60)
+
+
+def upload(base: str, name: str, content: bytes) -> int:
+    return httpx.post(f"{base}/api/datasets", files={"file": (name, content)}).json()["id"]
+
+
+def wait_for(base: str, run_id: int) -> dict:
+    while (run := httpx.get(f"{base}/api/runs/{run_id}").json())["status"] not in (
+        "succeeded",
+        "failed",
+        "cancelled",
+    ):
+        time.sleep(1)
+    return run
+
+
+def real_tokens(model_dir: Path, content: bytes, max_length: int = 1024) -> int:
+    """The tokens one epoch trains on (every row, prompt and answer, cut at max_length), as the worker
+    encodes them."""
+    from transformers import AutoTokenizer
+
+    from app.datasets.formats import parse_dataset
+    from worker.data import encode_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return encode_rows(parse_dataset(content).rows, tokenizer, "chat", max_length).tokens
+
+
+def timed_run(base: str, request: dict, tokens: int) -> dict:
+    """Launch a run, wait for it, and read what it cost (`tokens`: what one epoch trains on)."""
+    started = time.monotonic()
+    launched = httpx.post(f"{base}/api/runs", json=request)
+    launched.raise_for_status()
+    run = wait_for(base, launched.json()["id"])
+    wall = time.monotonic() - started
+    metrics = [m for m in httpx.get(f"{base}/api/runs/{run['id']}/metrics").json() if m["kind"] == "train"]
+    speeds = [m["tokens_per_second"] for m in metrics[1:] if m["tokens_per_second"]]  # the first warms up
+    estimate = launched.json()
+    return {
+        "status": run["status"],
+        "error": run["error"],
+        "steps": run["total_steps"],
+        "steady_tokens_per_second": statistics.median(speeds) if speeds else None,
+        "tokens": tokens,
+        "wall_seconds": wall,
+        "whole_run_tokens_per_second": tokens / wall,
+        "peak_memory_mb": max((m["memory_mb"] or 0) for m in metrics) if metrics else None,
+        "config": estimate["config"]["training"],
+    }
+
+
+def training_through_the_api(model_dir: Path, threads: int, rows: list[dict], long_rows: bytes) -> dict:
+    """The tutorial's LoRA and Tuneboard's defaults on the same rows (one epoch, batch 4, nothing held out,
+    answer scoring off), then the defaults on long rows (the leaflets)."""
+    off = {"held_out_fraction": 0, "scored_held_out_rows": 0, "scored_train_rows": 0}
+    content = json.dumps(rows).encode()
+    short_tokens, long_tokens = real_tokens(model_dir, content), real_tokens(model_dir, long_rows)
+    with serving(model_dir, threads) as (base, _):
+        short = upload(base, "alpaca.json", content)
+        long = upload(base, "leaflets.json", long_rows)
+        one_epoch = {"num_train_epochs": 1, "per_device_train_batch_size": 4, "learning_rate": 2e-4}
+        cases = {  # label: (request, tokens)
+            "tutorial LoRA (r8 on q_proj, v_proj)": (
+                {
+                    "dataset_id": short,
+                    "peft": {
+                        "r": 8,
+                        "lora_alpha": 32,
+                        "lora_dropout": 0.1,
+                        "target_modules": ["q_proj", "v_proj"],
+                    },
+                    "training": one_epoch,
+                },
+                short_tokens,
+            ),
+            "Tuneboard's defaults (r16 on all linear layers)": (
+                {"dataset_id": short, "training": one_epoch},
+                short_tokens,
+            ),
+            "Tuneboard's defaults on long rows (the leaflets, 640-700-token answers)": (
+                {"dataset_id": long, "training": {"num_train_epochs": 1}},
+                long_tokens,
+            ),
+        }
+        warm_up = {"dataset_id": short, "training": {"max_steps": 2}, "evaluation": off}
+        timed_run(base, warm_up, short_tokens)
+        return {
+            label: timed_run(base, {**request, "evaluation": off}, tokens)
+            for label, (request, tokens) in cases.items()
+        }
