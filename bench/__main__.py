@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 
@@ -87,6 +88,42 @@ def report_training(result: dict) -> str:
             f"| {run['wall_seconds']:.0f} s | {run['whole_run_tokens_per_second']:.0f} "
             f"| {(run['peak_memory_mb'] or 0) / 1024:.1f} GiB |"
         )
+    lines += [
+        "",
+        "The New run estimate of each (POST /api/runs/estimate just before its launch; its speed from the "
+        "run before it) against what the run measured: duration from start to end, peak resident memory:",
+        "",
+        "| run | estimated duration | measured | error | estimated memory | measured peak | error |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def error(estimated, measured) -> str:
+        return f"{estimated / measured - 1:+.0%}" if estimated and measured else "—"
+
+    for label, run in result["through_api"].items():
+        seconds, memory = run["estimated_seconds"], run["estimated_memory_mb"]
+        lines.append(
+            f"| {label} | {f'{seconds:.0f} s' if seconds else 'none'} | {run['run_seconds']:.0f} s "
+            f"| {error(seconds, run['run_seconds'])} | {f'{memory / 1024:.2f} GiB' if memory else 'none'} "
+            f"| {(run['peak_memory_mb'] or 0) / 1024:.2f} GiB | {error(memory, run['peak_memory_mb'])} |"
+        )
+    return "\n".join(lines)
+
+
+def report_defaults(result: dict) -> str:
+    variants = list(result["variants"].items())
+    base = statistics.median(variants[0][1]["speeds"])
+    lines = [
+        f"The default LoRA's choices: {result['rows']} rows, one epoch, lr 2e-4 constant, "
+        f"{result['threads']} threads, in-process, interleaved",
+        "",
+        "| LoRA | real tokens/s (each round) | × defaults | held-out loss |",
+        "|---|---|---|---|",
+    ]
+    for label, entry in variants:
+        speed = statistics.median(entry["speeds"])
+        rounds = ", ".join(f"{v:.0f}" for v in entry["speeds"])
+        lines.append(f"| {label} | {speed:.0f} ({rounds}) | {speed / base:.2f} | {entry['eval_loss']:.3f} |")
     return "\n".join(lines)
 
 
@@ -155,9 +192,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--json", help="also write the raw figures to this file")
     parser.add_argument(
+        "--peft",
+        type=json.loads,
+        help="learning and leaflets only: LoRA parameters to change from the defaults, as JSON",
+    )
+    parser.add_argument(
         "--only",
         choices=[
             "training",
+            "defaults",
             "streams",
             "generation",
             "reliability",
@@ -185,6 +228,11 @@ def main() -> None:
     if args.only in (None, "training"):
         result["training"] = training_benchmark(model_dir, args.rows, args.threads)
         print(report_training(result["training"]))
+    if args.only in (None, "defaults"):
+        from bench.training import defaults_trade
+
+        result["defaults"] = defaults_trade(model_dir, args.rows, args.threads)
+        print(report_defaults(result["defaults"]))
     if args.only in (None, "streams"):
         result["streams"] = stream_benchmark(model_dir, args.threads)
         print(report_streams(result["streams"]))
@@ -206,13 +254,15 @@ def main() -> None:
     if args.only in (None, "learning"):
         from bench.learning import learning_benchmark, report_learning
 
-        result["learning"] = learning_benchmark(model_dir, args.threads)
+        result["learning"] = learning_benchmark(model_dir, args.threads, peft=args.peft)
         print(report_learning(result["learning"]))
     if args.only in (None, "leaflets"):
         from bench.learning import LEAFLETS, learning_benchmark, report_learning
 
         # every training row scored, so recall is over the whole set; the training settings stay default
-        result["leaflets"] = learning_benchmark(model_dir, args.threads, LEAFLETS, {"scored_train_rows": 16})
+        result["leaflets"] = learning_benchmark(
+            model_dir, args.threads, LEAFLETS, {"scored_train_rows": 16}, peft=args.peft
+        )
         print(report_learning(result["leaflets"]))
     if args.only in (None, "memory"):
         from bench.memory import memory_benchmark, report_memory

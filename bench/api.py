@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -86,7 +87,9 @@ def real_tokens(model_dir: Path, content: bytes, max_length: int = 1024) -> int:
 
 
 def timed_run(base: str, request: dict, tokens: int) -> dict:
-    """Launch a run, wait for it, and read what it cost (`tokens`: what one epoch trains on)."""
+    """Ask for the estimate, launch the run, wait for it, and read what it cost (`tokens`: what one epoch
+    trains on)."""
+    estimate = httpx.post(f"{base}/api/runs/estimate", json=request).json()
     started = time.monotonic()
     launched = httpx.post(f"{base}/api/runs", json=request)
     launched.raise_for_status()
@@ -94,7 +97,7 @@ def timed_run(base: str, request: dict, tokens: int) -> dict:
     wall = time.monotonic() - started
     metrics = [m for m in httpx.get(f"{base}/api/runs/{run['id']}/metrics").json() if m["kind"] == "train"]
     speeds = [m["tokens_per_second"] for m in metrics[1:] if m["tokens_per_second"]]  # the first warms up
-    estimate = launched.json()
+    ran = datetime.fromisoformat(run["finished_at"]) - datetime.fromisoformat(run["started_at"])
     return {
         "status": run["status"],
         "error": run["error"],
@@ -102,48 +105,62 @@ def timed_run(base: str, request: dict, tokens: int) -> dict:
         "steady_tokens_per_second": statistics.median(speeds) if speeds else None,
         "tokens": tokens,
         "wall_seconds": wall,
+        "run_seconds": ran.total_seconds(),  # start to end, as the estimate counts it (no queue wait)
         "whole_run_tokens_per_second": tokens / wall,
         "peak_memory_mb": max((m["memory_mb"] or 0) for m in metrics) if metrics else None,
-        "config": estimate["config"]["training"],
+        "estimated_seconds": estimate.get("seconds"),
+        "estimated_memory_mb": estimate["memory_bytes"] / 2**20 if "memory_bytes" in estimate else None,
+        "config": launched.json()["config"]["training"],
     }
 
 
-def training_through_the_api(model_dir: Path, threads: int, rows: list[dict], long_rows: bytes) -> dict:
+TUTORIAL_LORA = {"r": 8, "lora_alpha": 32, "lora_dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
+
+
+def training_through_the_api(
+    model_dir: Path, threads: int, rows: list[dict], long_rows: bytes, large_model: Path
+) -> dict:
     """The tutorial's LoRA and Tuneboard's defaults on the same rows (one epoch, batch 4, nothing held out,
-    answer scoring off), then the defaults on long rows (the leaflets)."""
+    answer scoring off), then the defaults on long rows (the leaflets), on short and long rows mixed, and on
+    a larger Llama-shaped model. Each run's duration and memory are estimated just before it launches, from
+    the run before it."""
+    from bench.memory import rows_of
+
     off = {"held_out_fraction": 0, "scored_held_out_rows": 0, "scored_train_rows": 0}
-    content = json.dumps(rows).encode()
-    short_tokens, long_tokens = real_tokens(model_dir, content), real_tokens(model_dir, long_rows)
+    content, mixed_rows = json.dumps(rows).encode(), json.dumps(rows_of("mixed", 32, seed=3)).encode()
     with serving(model_dir, threads) as (base, _):
         short = upload(base, "alpaca.json", content)
         long = upload(base, "leaflets.json", long_rows)
-        one_epoch = {"num_train_epochs": 1, "per_device_train_batch_size": 4, "learning_rate": 2e-4}
-        cases = {  # label: (request, tokens)
-            "tutorial LoRA (r8 on q_proj, v_proj)": (
-                {
-                    "dataset_id": short,
-                    "peft": {
-                        "r": 8,
-                        "lora_alpha": 32,
-                        "lora_dropout": 0.1,
-                        "target_modules": ["q_proj", "v_proj"],
-                    },
-                    "training": one_epoch,
-                },
-                short_tokens,
-            ),
-            "Tuneboard's defaults (r16 on all linear layers)": (
-                {"dataset_id": short, "training": one_epoch},
-                short_tokens,
-            ),
-            "Tuneboard's defaults on long rows (the leaflets, 640-700-token answers)": (
-                {"dataset_id": long, "training": {"num_train_epochs": 1}},
-                long_tokens,
-            ),
+        mixed = upload(base, "mixed.json", mixed_rows)
+        large = httpx.post(f"{base}/api/models", json={"path": str(large_model)}).json()["id"]
+        one_epoch = {
+            "training": {"num_train_epochs": 1, "per_device_train_batch_size": 4, "learning_rate": 2e-4}
         }
-        warm_up = {"dataset_id": short, "training": {"max_steps": 2}, "evaluation": off}
-        timed_run(base, warm_up, short_tokens)
-        return {
-            label: timed_run(base, {**request, "evaluation": off}, tokens)
-            for label, (request, tokens) in cases.items()
-        }
+        by_default = {"training": {"num_train_epochs": 1}}
+        larger = {"base_model": large}
+        cases = [  # label, dataset, its rows, request
+            ("tutorial LoRA (r8 on q_proj, v_proj)", short, content, {"peft": TUTORIAL_LORA, **one_epoch}),
+            ("Tuneboard's defaults (r16 on all linear layers)", short, content, one_epoch),
+            (
+                "Tuneboard's defaults on long rows (the leaflets, 640-700-token answers)",
+                long,
+                long_rows,
+                by_default,
+            ),
+            (
+                "Tuneboard's defaults on mixed rows (one in four 700-1,000 tokens)",
+                mixed,
+                mixed_rows,
+                by_default,
+            ),
+            ("larger Llama-shaped model (230M), short rows", short, content, {**larger, **one_epoch}),
+            ("larger Llama-shaped model (230M), long rows", long, long_rows, {**larger, **by_default}),
+        ]
+        # also the first estimate's measure of this machine: a few steady steps after the first
+        warm_up = {"dataset_id": short, "training": {"max_steps": 6}, "evaluation": off}
+        timed_run(base, warm_up, 0)
+        results = {}
+        for label, dataset, data, request in cases:
+            tokens = real_tokens(model_dir, data)
+            results[label] = timed_run(base, {**request, "dataset_id": dataset, "evaluation": off}, tokens)
+        return results

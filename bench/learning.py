@@ -38,6 +38,7 @@ def learning_benchmark(
     dataset: Path = DEMO,
     evaluation: dict | None = None,
     training: dict | None = None,
+    peft: dict | None = None,
 ) -> dict:
     with serving(model_dir, threads) as (base, data):
         files = {"file": (dataset.name, dataset.read_bytes())}
@@ -47,6 +48,8 @@ def learning_benchmark(
             request["evaluation"] = evaluation
         if training:  # a diagnostic: the benchmark's own figures use the defaults
             request["training"] = training
+        if peft:  # likewise: what the defaults trade (docs/benchmarks.md)
+            request["peft"] = peft
         run = httpx.post(f"{base}/api/runs", json=request).json()
         started = time.time()
         status = wait_for(base, run["id"])
@@ -55,6 +58,7 @@ def learning_benchmark(
             "dataset": dataset.name,
             "recall": key_fact_recall(data, dataset, run["id"]),
             "training": run["config"]["training"],
+            "peft": run["config"]["peft"],
             "status": status["status"],
             "error": status["error"],
             "wall_seconds": time.time() - started,
@@ -81,6 +85,12 @@ def key_fact_recall(data: Path, dataset: Path, run_id: int) -> list[dict]:
     return [{"step": s, "split": sp, "named": n, "rows": t} for (s, sp), (n, t) in sorted(counts.items())]
 
 
+def lora(peft: dict) -> str:
+    targets = peft["target_modules"]
+    on = "all linear layers" if targets == "all-linear" else ", ".join(targets)
+    return f"LoRA r{peft['r']} on {on}, dropout {peft['lora_dropout']:g}"
+
+
 def report_learning(result: dict) -> str:
     report = result["report"]
     training = result["training"]
@@ -89,7 +99,7 @@ def report_learning(result: dict) -> str:
     training_alone = max(1.0, result["wall_seconds"] - evaluated)
     lines = [
         f"\nLearning: a default run on {result['dataset']} with the bundled model through `tuneboard serve` "
-        f"({result['total_steps']} steps, {training['num_train_epochs']:g} epochs, "
+        f"({lora(result['peft'])}, {result['total_steps']} steps, {training['num_train_epochs']:g} epochs, "
         f"lr {training['learning_rate']:g}, "
         f"batch {training['per_device_train_batch_size']}, max length {training['max_length']}): "
         f"{result['status']} in {result['wall_seconds']:.0f} s (evaluation included), best checkpoint step "

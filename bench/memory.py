@@ -21,7 +21,8 @@ from app.config import PROJECT_ROOT, isolated_env
 from app.datasets.formats import parse_dataset
 from app.runs.batching import padded_tokens
 from app.runs.config import EvaluationParams, ResolvedTraining, RunConfig, validate_peft
-from app.runs.estimate import Shapes, training_memory
+from app.runs.estimate import training_memory
+from app.runs.shapes import Shapes
 from bench.data import sentence
 
 LARGE = {  # a Llama-shaped body about 1.7× the bundled model's per token (random weights, no download)

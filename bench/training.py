@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from app.datasets.formats import parse_dataset
-from app.runs.config import ResolvedTraining, RunConfig, validate_peft
+from app.runs.config import EvaluationParams, ResolvedTraining, RunConfig, validate_peft
 from bench.data import alpaca_rows
 
 RECIPE_LORA = {"r": 8, "lora_alpha": 32, "lora_dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
@@ -40,7 +40,13 @@ def write_rows(folder: Path, rows: list[dict]) -> Path:
 
 
 def tuneboard_config(
-    folder: Path, model_dir: Path, rows_file: Path, train_rows: int, eval_rows: list[int], **training
+    folder: Path,
+    model_dir: Path,
+    rows_file: Path,
+    train_rows: int,
+    eval_rows: list[int],
+    peft: dict | None = None,
+    **training,
 ):
     params = ResolvedTraining(
         num_train_epochs=1,
@@ -62,10 +68,12 @@ def tuneboard_config(
         model_path=str(model_dir),
         method="lora",
         prompt_format="chat",
-        peft=validate_peft("lora", RECIPE_LORA),
+        peft=validate_peft("lora", RECIPE_LORA if peft is None else peft),
         training=params,
         train_rows=train_rows,
         validation_rows=eval_rows,
+        # the training loop alone: no answers scored at the start or at checkpoints
+        evaluation=EvaluationParams(scored_held_out_rows=0, scored_train_rows=0),
         total_steps=-(-train_rows // 4),
         output_dir=str(folder),
     )
@@ -291,8 +299,11 @@ def training_benchmark(model_dir: Path, rows: int, threads: int) -> dict:
         overhead = dashboard_overhead(model_dir, rows_file, rows, folder)
     from bench.api import training_through_the_api
     from bench.learning import LEAFLETS
+    from bench.memory import build_large
 
-    through_api = training_through_the_api(model_dir, threads, train, LEAFLETS.read_bytes())
+    with tempfile.TemporaryDirectory() as tmp:
+        large = build_large(model_dir, Path(tmp) / "large")
+        through_api = training_through_the_api(model_dir, threads, train, LEAFLETS.read_bytes(), large)
     for label, run in through_api.items():
         progress(f"through the API, {label}: {run['steady_tokens_per_second'] or 0:.0f} tokens/s steady")
 
@@ -338,3 +349,44 @@ def _quiet_sink():
             pass
 
     return Quiet()
+
+
+DEFAULTS_TRADE = {  # label: LoRA parameters; the first is Tuneboard's default (app.runs.config.LoraParams)
+    "defaults: r16/α32 on all linear layers, dropout {dropout:g}": {},
+    "dropout 0.05 (the previous default)": {"lora_dropout": 0.05},
+    "rank 8 (α16)": {"r": 8, "lora_alpha": 16},
+    "q_proj, v_proj only": {"target_modules": ["q_proj", "v_proj"]},
+}
+
+
+def defaults_trade(model_dir: Path, rows: int, threads: int, rounds: int = 2) -> dict:
+    """What each choice in the default LoRA costs and buys: real tokens/s and held-out loss after one epoch
+    of the in-process loop (lr 2e-4 constant), each variant against the defaults, interleaved."""
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(threads)
+    data = alpaca_rows(rows + 16, seed=1)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    held_out = parse_dataset(json.dumps(data[rows:]).encode()).rows
+    defaults = validate_peft("lora", {})
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        rows_file = write_rows(folder, data[:rows])
+        run_tuneboard(
+            tuneboard_config(folder / "warmup", model_dir, rows_file, rows, [], defaults, max_steps=3),
+            _quiet_sink(),
+        )
+        for round_ in range(rounds):
+            for index, (label, change) in enumerate(DEFAULTS_TRADE.items()):
+                label = label.format(dropout=defaults["lora_dropout"])
+                peft = validate_peft("lora", {**defaults, **change})
+                config = tuneboard_config(folder / f"{round_}-{index}", model_dir, rows_file, rows, [], peft)
+                run = run_tuneboard(config, _quiet_sink())
+                entry = results.setdefault(label, {"speeds": [], "peft": peft})
+                entry["speeds"].append(run["tokens"] / run["seconds"])
+                entry["eval_loss"] = eval_loss(run.pop("model"), tokenizer, held_out)  # same every round
+                progress(
+                    f"{label}: {entry['speeds'][-1]:.0f} tokens/s, held-out loss {entry['eval_loss']:.3f}"
+                )
+    return {"rows": rows, "threads": threads, "variants": results}

@@ -1,88 +1,26 @@
 """What a run will cost, before it starts and without torch: trainable parameters from the model's
-config.json, optimizer steps, memory, and a duration from throughput measured on this machine."""
+config.json, optimizer steps, memory, and a duration (app.runs.duration) from this machine's latest run."""
 
 from __future__ import annotations
 
-import json
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.machine import HEADROOM, meminfo_bytes
-from app.models import Run, RunMetric, RunStatus
+from app.models import Run
 from app.runs.batching import padded_tokens
 from app.runs.config import RunConfig
-
-ADAPTED = {
-    "lora",
-    "adalora",
-    "loha",
-    "lokr",
-}  # methods that wrap linear modules with a dropout on their input
-LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass(frozen=True)
-class Shapes:
-    """The linear layers of a Llama/Qwen/Mistral-style decoder, read from config.json."""
-
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    tied: bool
-
-    @classmethod
-    def read(cls, folder: Path) -> Shapes | None:
-        try:
-            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-            hidden, heads = config["hidden_size"], config["num_attention_heads"]
-            return cls(
-                hidden=hidden,
-                intermediate=config["intermediate_size"],
-                layers=config["num_hidden_layers"],
-                heads=heads,
-                kv_heads=config.get("num_key_value_heads") or heads,
-                head_dim=config.get("head_dim") or hidden // heads,
-                vocab=config["vocab_size"],
-                tied=bool(config.get("tie_word_embeddings", False)),
-            )
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
-    def linear(self) -> dict[str, tuple[int, int]]:
-        """(in, out) features of each linear module in one layer."""
-        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        h, i = self.hidden, self.intermediate
-        return {
-            "q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
-        }  # fmt: skip
-
-    def total(self) -> int:
-        per_layer = sum(a * b for a, b in self.linear().values()) + 2 * self.hidden
-        embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
-        return embeddings + self.layers * per_layer + self.hidden
-
-
-def _targets(shapes: Shapes, target_modules) -> dict[str, tuple[int, int]]:
-    linear = shapes.linear()
-    if target_modules in (None, "all-linear"):
-        return linear
-    return {name: dims for name, dims in linear.items() if name in set(target_modules)}
+from app.runs.duration import Calibration, duration, latest_calibration
+from app.runs.shapes import ADAPTED, Shapes, adapted_modules
 
 
 def trainable_parameters(shapes: Shapes, method: str, peft: dict) -> int:
     layers = shapes.layers
     if method in ("lora", "adalora"):
         r = peft["r"] if method == "lora" else peft["init_r"]
-        targets = _targets(shapes, peft.get("target_modules"))
+        targets = adapted_modules(shapes, peft.get("target_modules"))
         per_layer = sum(r * (a + b) for a, b in targets.values())
         if method == "adalora":
             per_layer += r * len(targets)  # the singular values
@@ -91,12 +29,12 @@ def trainable_parameters(shapes: Shapes, method: str, peft: dict) -> int:
         return layers * per_layer
     if method == "loha":
         return layers * sum(
-            2 * peft["r"] * (a + b) for a, b in _targets(shapes, peft.get("target_modules")).values()
+            2 * peft["r"] * (a + b) for a, b in adapted_modules(shapes, peft.get("target_modules")).values()
         )
     if method == "lokr":
         # Kronecker factors are far smaller than LoRA's; this counts the low-rank factor, the larger one.
         return layers * sum(
-            peft["r"] * (a + b) // 2 for a, b in _targets(shapes, peft.get("target_modules")).values()
+            peft["r"] * (a + b) // 2 for a, b in adapted_modules(shapes, peft.get("target_modules")).values()
         )
     if method == "ia3":
         linear = shapes.linear()
@@ -120,11 +58,16 @@ def trainable_parameters(shapes: Shapes, method: str, peft: dict) -> int:
 # real training process (`python -m bench --only memory`, docs/benchmarks.md).
 RUNTIME_BYTES = 900 * 2**20  # python, torch, transformers, the tokenizer, the rows and the Trainer
 # values kept for the backward pass per token and layer: × hidden, × intermediate, and × the input
-# features of each module an adapter wraps (its dropout's copy of the input, in float32 for the adapter)
-HIDDEN_VALUES, INTERMEDIATE_VALUES, ADAPTED_VALUES = 2, 1, 4
+# features of each module an adapter wraps (its float32 copy of the input; with dropout, also the mask and
+# the dropped copy)
+HIDDEN_VALUES, INTERMEDIATE_VALUES, ADAPTED_VALUES, DROPOUT_VALUES = 2, 1, 2, 2
 ATTENTION_BYTES = 1.5  # per attention score kept (row length² × heads, each layer): CPU attention keeps some
 CHECKPOINTED_VALUES = 1  # with gradient checkpointing: each layer keeps its input only (× hidden)
 LOGIT_BYTES = 10  # per learned position and vocabulary entry: the logits, their float copy, the softmax
+
+
+def adapted_values(config: RunConfig) -> int:
+    return ADAPTED_VALUES + (DROPOUT_VALUES if config.peft.get("lora_dropout") else 0)
 
 
 @dataclass(frozen=True)
@@ -147,11 +90,11 @@ def training_memory(
 ) -> MemoryEstimate:
     """What training `config` takes at its largest batch of `padded` tokens (rows × longest row), its rows
     at most `longest` tokens long."""
-    targets = _targets(shapes, config.peft.get("target_modules")) if config.method in ADAPTED else {}
+    targets = adapted_modules(shapes, config.peft.get("target_modules")) if config.method in ADAPTED else {}
     layer = (
         HIDDEN_VALUES * shapes.hidden
         + INTERMEDIATE_VALUES * shapes.intermediate
-        + ADAPTED_VALUES * sum(inputs for inputs, _ in targets.values())
+        + adapted_values(config) * sum(inputs for inputs, _ in targets.values())
     )
     scores = padded * longest * shapes.heads * ATTENTION_BYTES  # one layer's
     if checkpointing:  # every layer's input, and one layer's activations while it is recomputed
@@ -165,23 +108,6 @@ def training_memory(
         activations=int(kept),
         logits=padded * shapes.vocab * LOGIT_BYTES,
     )
-
-
-def measured_tokens_per_second(base_model: str, *, session: Session) -> float | None:
-    """The median throughput of the latest finished run on this base model, if any."""
-    latest = session.scalar(
-        select(Run.id)
-        .where(Run.base_model == base_model, Run.status == RunStatus.SUCCEEDED)
-        .order_by(Run.id.desc())
-        .limit(1)
-    )
-    if latest is None:
-        return None
-    speeds = session.scalars(
-        select(RunMetric.tokens_per_second).where(RunMetric.run_id == latest, RunMetric.kind == "train")
-    ).all()
-    measured = [speed for speed in speeds if speed is not None]
-    return statistics.median(measured) if measured else None
 
 
 def row_lengths(
@@ -296,28 +222,43 @@ def refusal(
 
 
 def estimate(
-    config: RunConfig, *, lengths: list[int] | None, session: Session, memory_limit: int | None
+    config: RunConfig,
+    *,
+    lengths: list[int] | None,
+    memory_limit: int | None,
+    calibration: Calibration | None = None,
 ) -> dict:
-    """Cost figures for the New run page (`lengths`: the training rows' token lengths, when known)."""
+    """Cost figures for the New run page (`lengths`: the training rows' token lengths, when known;
+    `calibration`: this machine's speed, from its latest finished run)."""
     shapes = Shapes.read(Path(config.model_path))
     training = config.training
     result: dict = {"total_steps": config.total_steps, "epochs": training.num_train_epochs}
-    if shapes is not None:
-        total = shapes.total()
-        trainable = trainable_parameters(shapes, config.method, config.peft)
-        result |= {"trainable": trainable, "total": total, "fraction": trainable / total}
-        result |= memory_needed(config, lengths, memory_limit) or {}
-    speed = measured_tokens_per_second(config.base_model, session=session)
-    if speed and lengths:
-        result |= {"tokens_per_second": speed, "seconds": sum(lengths) * training.num_train_epochs / speed}
+    if shapes is None:
+        return result
+    total = shapes.total()
+    trainable = trainable_parameters(shapes, config.method, config.peft)
+    result |= {"trainable": trainable, "total": total, "fraction": trainable / total}
+    needed = memory_needed(config, lengths, memory_limit)
+    result |= needed or {}
+    if calibration is not None and lengths:
+        checkpointing = bool(needed and needed["gradient_checkpointing"])
+        result |= duration(config, lengths, calibration, shapes, checkpointing=checkpointing)
     return result
 
 
 def run_estimate(settings, session: Session, config: RunConfig) -> dict:
-    """`estimate` for a resolved run on this server: its training rows' lengths, this machine's memory."""
+    """`estimate` for a resolved run on this server: its training rows' lengths, this machine's memory and
+    speed."""
+
+    def lengths_of(run: Run) -> list[int] | None:
+        try:
+            return training_lengths(settings, session, RunConfig.model_validate(run.config))
+        except ValueError:  # a run stored by an older version, whose configuration no longer reads
+            return None
+
     return estimate(
         config,
         lengths=training_lengths(settings, session, config),
-        session=session,
         memory_limit=meminfo_bytes("MemAvailable"),
+        calibration=latest_calibration(session, config.base_model, lengths_of),
     )

@@ -1,0 +1,172 @@
+"""How long a run will take, before it starts and without torch.
+
+A run's training work is counted batch by batch, in the batches the training process will cut (app.runs.
+batching), from the model's shapes (app.runs.shapes): the frozen weights' matmuls, the adapters'
+per-element work (dropout, casts and small matmuls on every adapted module's inputs and outputs), and
+attention, which grows with the batch's longest row. Work becomes seconds through the latest run that
+finished on this server: its measured training seconds over its own counted work, its start-up time (launch,
+model load, first-step warm-up, the final save) and its seconds per scored answer. So the estimate follows
+this machine, whatever its speed, from the first run on; the constants below only set how the parts weigh
+against each other (`python -m bench --only training` checks the result against runs through the API)."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.models import Run, RunAnswer, RunMetric, RunStatus
+from app.runs.batching import plan_batches
+from app.runs.config import RunConfig
+from app.runs.shapes import ADAPTED, Shapes, adapted_modules
+
+# Relative weights, per token (fitted to the runs of `python -m bench --only training` on a 2-core CPU, where
+# a layer's element-wise work and the adapters' weigh more than the matmuls):
+LINEAR_WORK = 4  # per frozen weight: the forward matmul and the backward pass's input gradient
+ANSWER_SHARE = 0.5  # of a row's positions project onto the vocabulary (answer tokens only: worker.trainer)
+ELEMENTWISE_WORK = 10_000  # per hidden and intermediate feature of each layer: norms, rotary, activation
+ADAPTER_WORK = 2000  # per input and output feature of each adapted module: casts and thin matmuls
+DROPOUT_WORK = 2100  # per input feature of each adapted module, with dropout: random mask, copies
+ATTENTION_WORK = 48  # per key position × query/key feature, each layer: scores, softmax and their backward
+RECOMPUTE = 1.5  # gradient checkpointing runs each layer's forward pass twice
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What the latest finished run on this server measured."""
+
+    run_id: int
+    seconds_per_work: float
+    startup_seconds: float
+    seconds_per_answer: float | None  # None: it scored no answers
+
+
+def token_work(config: RunConfig, shapes, checkpointing: bool) -> tuple[float, float]:
+    """(work per padded token, work per padded token and key position) of one training step."""
+    linear = shapes.linear()
+    body = shapes.layers * sum(a * b for a, b in linear.values())
+    per_token = LINEAR_WORK * (body + ANSWER_SHARE * shapes.vocab * shapes.hidden)
+    per_token += ELEMENTWISE_WORK * shapes.layers * (shapes.hidden + shapes.intermediate)
+    attention = ATTENTION_WORK * shapes.layers * shapes.heads * shapes.head_dim
+    if checkpointing:
+        per_token, attention = per_token * RECOMPUTE, attention * RECOMPUTE
+    if config.method in ADAPTED:
+        targets = adapted_modules(shapes, config.peft.get("target_modules")).values()
+        per_token += ADAPTER_WORK * shapes.layers * sum(a + b for a, b in targets)
+        if config.peft.get("lora_dropout"):
+            per_token += DROPOUT_WORK * shapes.layers * sum(a for a, _ in targets)
+    return per_token, attention
+
+
+def epoch_work(config: RunConfig, lengths: list[int], shapes, checkpointing: bool) -> float:
+    """The work of one pass over rows of these token lengths (already cut at max_length)."""
+    per_token, attention = token_work(config, shapes, checkpointing)
+    training = config.training
+    total = 0.0
+    for batch in plan_batches(lengths, training.per_device_train_batch_size, training.batch_tokens):
+        longest = max(lengths[i] for i in batch)
+        total += len(batch) * longest * (per_token + attention * longest)
+    return total
+
+
+def run_work(config: RunConfig, lengths: list[int], shapes, checkpointing: bool) -> float:
+    """The work of the whole run: its optimizer steps, as a share of the epochs they make."""
+    training = config.training
+    batches = len(plan_batches(lengths, training.per_device_train_batch_size, training.batch_tokens))
+    per_epoch = max(1, -(-batches // training.gradient_accumulation_steps))
+    return epoch_work(config, lengths, shapes, checkpointing) * config.total_steps / per_epoch
+
+
+def evaluations(config: RunConfig) -> tuple[int, int]:
+    """(scored evaluations, answers each): the base model, then every checkpoint (one each save_steps
+    and one at the end)."""
+    from app.runs.evaluation import evaluation_rows
+
+    steps, every = config.total_steps, config.training.save_steps
+    count = 1 + steps // every + (1 if steps % every else 0)
+    answers = sum(len(rows) for rows in evaluation_rows(config).values())
+    return count, answers
+
+
+def seconds_per_answer(session: Session, run_id: int) -> tuple[float | None, int]:
+    """(a run's typical seconds per scored answer, answers it gave): the median over its evaluations (each
+    answer stores its evaluation's seconds), so the first one's warm-up does not count."""
+    groups = session.execute(
+        select(func.max(RunAnswer.seconds), func.count())
+        .where(RunAnswer.run_id == run_id)
+        .group_by(RunAnswer.step, RunAnswer.split)
+    ).all()
+    if not groups:
+        return None, 0
+    return statistics.median(seconds / count for seconds, count in groups), sum(n for _, n in groups)
+
+
+def calibrate(session: Session, run: Run, lengths: list[int] | None) -> Calibration | None:
+    """What `run` (finished) says about this machine's speed; None when it cannot say (unknown model shape
+    or lengths, no steps measured after the first, or a run resumed after a crash)."""
+    if lengths is None or run.started_at is None or run.finished_at is None or run.attempts != 1:
+        return None
+    config = RunConfig.model_validate(run.config)
+    shapes = Shapes.read(Path(config.model_path))
+    points = session.execute(
+        select(RunMetric.step, RunMetric.step_time, RunMetric.tokens_per_second)
+        .where(RunMetric.run_id == run.id, RunMetric.kind == "train")
+        .order_by(RunMetric.step)
+    ).all()
+    if shapes is None or len(points) < 2 or not lengths:
+        return None
+    # as the run set it; one that left it to Tuneboard counts as off (it is on only when memory is short)
+    checkpointing = bool(config.training.gradient_checkpointing)
+    work_per_token = epoch_work(config, lengths, shapes, checkpointing) / sum(lengths)
+    seconds = tokens = 0.0
+    previous = points[0].step
+    for point in points[1:]:  # the first point carries the warm-up, which start-up counts
+        elapsed = (point.step_time or 0) * (point.step - previous)
+        seconds, tokens = seconds + elapsed, tokens + elapsed * (point.tokens_per_second or 0)
+        previous = point.step
+    if seconds <= 0 or tokens <= 0:
+        return None
+    seconds_per_work = seconds / (tokens * work_per_token)
+    training = seconds_per_work * run_work(config, lengths, shapes, checkpointing)
+    per_answer, answers = seconds_per_answer(session, run.id)
+    wall = (run.finished_at - run.started_at).total_seconds()
+    return Calibration(
+        run_id=run.id,
+        seconds_per_work=seconds_per_work,
+        # what is neither steady training nor typical answering: launch, load, warm-ups, the last save
+        startup_seconds=max(0.0, wall - training - answers * (per_answer or 0.0)),
+        seconds_per_answer=per_answer,
+    )
+
+
+def latest_calibration(session: Session, base_model: str, lengths_of) -> Calibration | None:
+    """The calibration of the latest finished run that gives one, on the same base model if there is one
+    (`lengths_of(run)`: its training rows' token lengths, or None); the last few of each are tried."""
+    finished = select(Run).where(Run.status == RunStatus.SUCCEEDED).order_by(Run.finished_at.desc()).limit(5)
+    for query in (finished.where(Run.base_model == base_model), finished.where(Run.base_model != base_model)):
+        for run in session.scalars(query).all():
+            if (calibration := calibrate(session, run, lengths_of(run))) is not None:
+                return calibration
+    return None
+
+
+def duration(
+    config: RunConfig, lengths: list[int], calibration: Calibration, shapes, *, checkpointing: bool
+) -> dict:
+    """Seconds the run will take from its start to its end, by part."""
+    training = calibration.seconds_per_work * run_work(config, lengths, shapes, checkpointing)
+    count, answers = evaluations(config)
+    answering = count * answers * (calibration.seconds_per_answer or 0.0)
+    return {
+        "seconds": calibration.startup_seconds + training + answering,
+        "duration_parts": {
+            "startup": calibration.startup_seconds,
+            "training": training,
+            "evaluation": answering,
+        },
+        "calibrated_by": calibration.run_id,
+        "evaluation_measured": calibration.seconds_per_answer is not None or not answers,
+    }
