@@ -32,6 +32,8 @@ install-test: $(TEST_STAMP)
 $(TEST_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet $(CONSTRAINTS) -e ".[test]"
 	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core)
+	# PostgreSQL's server programs: the tests start a throwaway cluster of their own (tests/postgres.py)
+	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql)
 	touch $@
 
 run: install

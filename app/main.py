@@ -39,6 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         yield
         jobs.stop_all()
+        await app.state.feeds.close()
         app.state.db.dispose()
 
     app = FastAPI(title="Tuneboard", version="0.1.0", lifespan=lifespan)

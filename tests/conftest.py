@@ -45,16 +45,40 @@ FAST_TRAINING = {
 }
 
 
+def pytest_generate_tests(metafunc):
+    """Tests marked `databases` run once on SQLite and once on a real PostgreSQL server."""
+    if metafunc.definition.get_closest_marker("databases") and "database" in metafunc.fixturenames:
+        metafunc.parametrize("database", ["sqlite", "postgresql"], indirect=True)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One throwaway PostgreSQL server for the session (tests/postgres.py); each test gets a new database."""
+    from tests.postgres import PostgresServer
+
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    settings = Settings(data_dir=tmp_path / "data", max_upload_mb=1)
+def database(request) -> str | None:
+    """The database URL of a test: None (SQLite in its data folder) unless the test runs on PostgreSQL."""
+    if getattr(request, "param", "sqlite") == "postgresql":
+        return request.getfixturevalue("postgres").new_database()
+    return None
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database: str | None) -> Settings:
+    settings = Settings(data_dir=tmp_path / "data", database_url=database, max_upload_mb=1)
     upgrade(settings)
     return settings
 
 
-def fast_settings(tmp_path: Path) -> Settings:
-    """A migrated data folder with FAST_TRAINING settings."""
-    settings = Settings(data_dir=tmp_path / "data", **FAST_TRAINING)
+def fast_settings(tmp_path: Path, database: str | None = None) -> Settings:
+    """A migrated data folder with FAST_TRAINING settings (`database`: a PostgreSQL URL, else SQLite)."""
+    settings = Settings(data_dir=tmp_path / "data", database_url=database, **FAST_TRAINING)
     upgrade(settings)
     return settings
 

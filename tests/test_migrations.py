@@ -13,6 +13,7 @@ from app.migrate import alembic_config
 from app.models import Base
 
 
+@pytest.mark.databases
 def test_migrations_produce_the_models_schema(settings):
     engine = make_engine(settings.sqlalchemy_url)
     with engine.connect() as connection:
@@ -30,6 +31,7 @@ def test_sqlite_runs_in_wal_mode_with_foreign_keys(settings):
     engine.dispose()
 
 
+@pytest.mark.databases
 def test_downgrade_to_base_and_back(settings):
     config = alembic_config(settings)
     command.downgrade(config, "base")

@@ -21,15 +21,15 @@ from app.models import RunAnswer, RunMetric
 from app.runs import state
 from app.scoring import METRICS, score
 from tests.conftest import DEMO_DATASET, FAST_TRAINING, fast_settings, upload
-from tests.servers import running_worker
+from tests.servers import database_env, running_worker
 from tests.waiting import wait_until
 from worker.main import work_once
 from worker.supervise import KILLED, OUT_OF_MEMORY, explain_kill, oom_kills
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return fast_settings(tmp_path)
+def settings(tmp_path: Path, database: str | None) -> Settings:
+    return fast_settings(tmp_path, database)
 
 
 @pytest.fixture
@@ -70,6 +70,7 @@ def metrics(client, run_id: int) -> list[dict]:
     return client.get(f"/api/runs/{run_id}/metrics").json()
 
 
+@pytest.mark.databases
 def test_claims_are_atomic_under_two_workers(settings, launch):
     ids = {launch()["id"] for _ in range(24)}
     claimed: dict[str, list[int]] = {"a": [], "b": []}
@@ -93,6 +94,7 @@ def test_claims_are_atomic_under_two_workers(settings, launch):
     assert not set(claimed["a"]) & set(claimed["b"])
 
 
+@pytest.mark.databases
 def test_a_run_succeeds_with_metrics_and_a_downloadable_adapter(client, settings, db, launch):
     run = launch(max_steps=8, logging_steps=2, save_steps=4)
     assert work_once(settings, db, me="w1", stop=threading.Event())
@@ -136,7 +138,7 @@ def test_a_run_succeeds_with_metrics_and_a_downloadable_adapter(client, settings
 
     # `tuneboard eval` scores a checkpoint again from the command line: greedy answers, the same scores.
     before = {s["step"]: s for s in report["steps"]}[4]
-    env = isolated_env(settings.data_dir, TUNEBOARD_TORCH_THREADS="1")
+    env = isolated_env(settings.data_dir, TUNEBOARD_TORCH_THREADS="1", **database_env(settings))
     command = [sys.executable, "-m", "app.cli", "eval", str(run["id"]), "--checkpoint", "4"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
@@ -196,6 +198,7 @@ def test_early_stopping_and_the_best_checkpoint_as_the_final_adapter(client, set
     assert f"step {best}" in page and "best-scored checkpoint" in page
 
 
+@pytest.mark.databases
 def test_metrics_arrive_while_it_trains(client, launch, background_worker):
     run = launch(max_steps=400, logging_steps=5, save_steps=200)
     worker = background_worker()
@@ -264,9 +267,10 @@ def training_pid(run_id: int) -> int | None:
     return None
 
 
+@pytest.mark.databases
 def test_killing_the_worker_resumes_the_run_from_its_checkpoint(tmp_path, settings, client, launch):
     run = launch(max_steps=240, logging_steps=5, save_steps=20)
-    env = {f"TUNEBOARD_{k.upper()}": str(v) for k, v in FAST_TRAINING.items()}
+    env = {f"TUNEBOARD_{k.upper()}": str(v) for k, v in FAST_TRAINING.items()} | database_env(settings)
     with running_worker(settings.data_dir, env, log=tmp_path / "worker1.log") as first:
         checkpoints = settings.runs_dir / str(run["id"]) / "checkpoints"
         wait_until(

@@ -102,8 +102,9 @@ class Feed:
 
     interval = POLL_SECONDS
 
-    def __init__(self, db: Database):
+    def __init__(self, db: Database, tasks: set[asyncio.Task]):
         self.db = db
+        self.tasks = tasks  # every polling task of the process's feeds, so that shutdown can stop them
         self.version = 0
         self.listeners = 0
         self.ended = False
@@ -128,6 +129,8 @@ class Feed:
         self.listeners += 1
         if self.task is None or self.task.done():
             self.task = asyncio.get_running_loop().create_task(self._loop())
+            self.tasks.add(self.task)
+            self.task.add_done_callback(self.tasks.discard)
 
     def leave(self) -> None:
         self.listeners -= 1
@@ -142,8 +145,8 @@ class Feed:
 
 
 class RunFeed(Feed):
-    def __init__(self, db: Database, run_id: int, start_after: int):
-        super().__init__(db)
+    def __init__(self, db: Database, tasks: set[asyncio.Task], run_id: int, start_after: int):
+        super().__init__(db, tasks)
         self.run_id = run_id
         self.floor = self.max_id = start_after  # the buffer holds every row of this run after `floor`
         self.rows: list[tuple[int, dict]] = []
@@ -189,13 +192,14 @@ class Feeds:
         self.db = db
         self.runs: dict[int, RunFeed] = {}
         self.list: ListFeed | None = None
+        self.tasks: set[asyncio.Task] = set()
 
     async def run(self, run_id: int) -> RunFeed:
         feed = self.runs.get(run_id)
         if feed is None:
             start = await anyio.to_thread.run_sync(_last_metric_id, self.db, run_id)
             feed = self.runs.setdefault(
-                run_id, RunFeed(self.db, run_id, start)
+                run_id, RunFeed(self.db, self.tasks, run_id, start)
             )  # another viewer may have won
         return feed
 
@@ -204,11 +208,18 @@ class Feeds:
         if feed.listeners == 0 and self.runs.get(feed.run_id) is feed:
             del self.runs[feed.run_id]
 
+    async def close(self) -> None:
+        """Stop every feed's polling and wait for a read in flight to finish, before the engine goes."""
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     def runs_list(self) -> ListFeed:
         if self.list is None or (
             self.list.listeners == 0 and (self.list.task is None or self.list.task.done())
         ):
-            self.list = ListFeed(self.db)
+            self.list = ListFeed(self.db, self.tasks)
         return self.list
 
 
@@ -278,8 +289,8 @@ def _read_list(db: Database) -> list[tuple[Run, RunMetric | None]]:
 class ListFeed(Feed):
     interval = LIST_POLL_SECONDS
 
-    def __init__(self, db: Database):
-        super().__init__(db)
+    def __init__(self, db: Database, tasks: set[asyncio.Task]):
+        super().__init__(db, tasks)
         self.runs: list[tuple[Run, RunMetric | None]] = []
         self.keys: dict[int, dict] = {}
 
