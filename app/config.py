@@ -148,10 +148,11 @@ class Settings(BaseSettings):
 
     def child_env(self, **extra: str) -> dict[str, str]:
         """The environment that gives a child process (worker, generation host) these same settings."""
-        env = dict(os.environ, TUNEBOARD_DATA_DIR=str(self.data_dir), **extra)
-        if self.database_url:
-            env["TUNEBOARD_DATABASE_URL"] = self.database_url
-        return env
+        return dict(os.environ, TUNEBOARD_DATA_DIR=str(self.data_dir), **self.database_env(), **extra)
+
+    def database_env(self) -> dict[str, str]:
+        """What a child process needs to use this database (nothing for SQLite in the data folder)."""
+        return {"TUNEBOARD_DATABASE_URL": self.database_url} if self.database_url else {}
 
     def ensure_dirs(self) -> None:
         for folder in (self.data_dir, self.datasets_dir, self.models_dir, self.runs_dir, self.tmp_dir):

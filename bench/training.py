@@ -385,7 +385,8 @@ def defaults_trade(model_dir: Path, rows: int, threads: int, rounds: int = 2) ->
                 run = run_tuneboard(config, _quiet_sink())
                 entry = results.setdefault(label, {"speeds": [], "peft": peft})
                 entry["speeds"].append(run["tokens"] / run["seconds"])
-                entry["eval_loss"] = eval_loss(run.pop("model"), tokenizer, held_out)  # same every round
+                if "eval_loss" not in entry:  # seeded: every round trains the same adapter
+                    entry["eval_loss"] = eval_loss(run.pop("model"), tokenizer, held_out)
                 progress(
                     f"{label}: {entry['speeds'][-1]:.0f} tokens/s, held-out loss {entry['eval_loss']:.3f}"
                 )

@@ -31,11 +31,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def database_env(settings) -> dict[str, str]:
-    """What a child process needs to use the same database as `settings` (none: SQLite in its data folder)."""
-    return {"TUNEBOARD_DATABASE_URL": settings.database_url} if settings.database_url else {}
-
-
 @contextmanager
 def running(command: str, data_dir: Path, *, log: Path, timeout: float = 60.0, env_extra: dict | None = None):
     """Run `tuneboard <command>` on a free port; yields (base_url, process)."""

@@ -37,7 +37,7 @@ def test_work_follows_what_a_step_computes(tmp_path):
     short, long = [150] * 16, [900] * 16
 
     def per_token(cfg, lengths, checkpointing=False):
-        return epoch_work(cfg, lengths, shapes, checkpointing) / sum(lengths)
+        return epoch_work(cfg, lengths, shapes, checkpointing)[0] / sum(lengths)
 
     # attention grows with the row: a long row's token costs more than a short row's
     assert per_token(config, long) > 1.1 * per_token(config, short)
@@ -51,7 +51,7 @@ def test_work_follows_what_a_step_computes(tmp_path):
     assert per_token(config, short, checkpointing=True) > 1.2 * per_token(config, short)
     # padding counts: rows of mixed lengths in one batch cost more than their tokens alone
     unpadded = token_work(config, shapes, False)
-    assert epoch_work(config, [100, 400], shapes, False) > unpadded[0] * 500
+    assert epoch_work(config, [100, 400], shapes, False)[0] > unpadded[0] * 500
 
 
 def test_the_estimate_scales_the_latest_finished_run_to_the_new_one(

@@ -10,7 +10,7 @@ import pytest
 
 from app.runs import state
 from tests.conftest import DEMO_DATASET, upload
-from tests.servers import database_env, running
+from tests.servers import running
 from tests.sse import parse
 
 pytestmark = pytest.mark.databases
@@ -120,7 +120,7 @@ def test_unknown_run_is_404(client):
 
 
 def test_a_closed_client_releases_its_stream(tmp_path, db, run_id, settings):
-    web = running("web", settings.data_dir, log=tmp_path / "web.log", env_extra=database_env(settings))
+    web = running("web", settings.data_dir, log=tmp_path / "web.log", env_extra=settings.database_env())
     with web as (base, _):
         with httpx.stream("GET", f"{base}/api/runs/{run_id}/events", timeout=10) as response:
             lines = response.iter_lines()  # kept referenced: dropping it would close the response early
@@ -135,7 +135,7 @@ def test_a_closed_client_releases_its_stream(tmp_path, db, run_id, settings):
 
 
 def test_the_list_stream_sends_each_changed_run(tmp_path, db, run_id, settings):
-    web = running("web", settings.data_dir, log=tmp_path / "web.log", env_extra=database_env(settings))
+    web = running("web", settings.data_dir, log=tmp_path / "web.log", env_extra=settings.database_env())
     with web as (base, _):
         with httpx.stream("GET", f"{base}/api/runs/events", timeout=10) as response:
             lines = response.iter_lines()
@@ -159,7 +159,7 @@ def test_a_run_created_before_the_runs_page_connects_is_announced(
 ):
     """Regression: a run created between rendering the Runs page and opening its stream never appeared,
     because the stream took the new count as its starting point."""
-    web = running("web", settings.data_dir, log=tmp_path / "web.log", env_extra=database_env(settings))
+    web = running("web", settings.data_dir, log=tmp_path / "web.log", env_extra=settings.database_env())
     with web as (base, _):
         with httpx.stream("GET", f"{base}/runs/stream?count={shown}", timeout=10) as response:
             lines = response.iter_lines()

@@ -21,7 +21,7 @@ from app.models import RunAnswer, RunMetric
 from app.runs import state
 from app.scoring import METRICS, score
 from tests.conftest import DEMO_DATASET, FAST_TRAINING, fast_settings, upload
-from tests.servers import database_env, running_worker
+from tests.servers import running_worker
 from tests.waiting import wait_until
 from worker.main import work_once
 from worker.supervise import KILLED, OUT_OF_MEMORY, explain_kill, oom_kills
@@ -114,7 +114,7 @@ def test_a_run_succeeds_with_metrics_and_a_downloadable_adapter(client, settings
 
     # `tuneboard eval` scores a checkpoint again from the command line: greedy answers, the same scores.
     before = {s["step"]: s for s in report["steps"]}[4]
-    env = isolated_env(settings.data_dir, TUNEBOARD_TORCH_THREADS="1", **database_env(settings))
+    env = isolated_env(settings.data_dir, TUNEBOARD_TORCH_THREADS="1", **settings.database_env())
     command = [sys.executable, "-m", "app.cli", "eval", str(run["id"]), "--checkpoint", "4"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
@@ -246,7 +246,7 @@ def training_pid(run_id: int) -> int | None:
 @pytest.mark.databases
 def test_killing_the_worker_resumes_the_run_from_its_checkpoint(tmp_path, settings, client, launch):
     run = launch(max_steps=240, logging_steps=5, save_steps=20)
-    env = {f"TUNEBOARD_{k.upper()}": str(v) for k, v in FAST_TRAINING.items()} | database_env(settings)
+    env = {f"TUNEBOARD_{k.upper()}": str(v) for k, v in FAST_TRAINING.items()} | settings.database_env()
     with running_worker(settings.data_dir, env, log=tmp_path / "worker1.log") as first:
         checkpoints = settings.runs_dir / str(run["id"]) / "checkpoints"
         wait_until(

@@ -61,23 +61,24 @@ def token_work(config: RunConfig, shapes, checkpointing: bool) -> tuple[float, f
     return per_token, attention
 
 
-def epoch_work(config: RunConfig, lengths: list[int], shapes, checkpointing: bool) -> float:
-    """The work of one pass over rows of these token lengths (already cut at max_length)."""
+def epoch_work(config: RunConfig, lengths: list[int], shapes, checkpointing: bool) -> tuple[float, int]:
+    """(the work of one pass over rows of these token lengths (already cut at max_length), its batches)."""
     per_token, attention = token_work(config, shapes, checkpointing)
     training = config.training
+    batches = plan_batches(lengths, training.per_device_train_batch_size, training.batch_tokens)
     total = 0.0
-    for batch in plan_batches(lengths, training.per_device_train_batch_size, training.batch_tokens):
+    for batch in batches:
         longest = max(lengths[i] for i in batch)
         total += len(batch) * longest * (per_token + attention * longest)
-    return total
+    return total, len(batches)
 
 
-def run_work(config: RunConfig, lengths: list[int], shapes, checkpointing: bool) -> float:
-    """The work of the whole run: its optimizer steps, as a share of the epochs they make."""
-    training = config.training
-    batches = len(plan_batches(lengths, training.per_device_train_batch_size, training.batch_tokens))
-    per_epoch = max(1, -(-batches // training.gradient_accumulation_steps))
-    return epoch_work(config, lengths, shapes, checkpointing) * config.total_steps / per_epoch
+def run_work(config: RunConfig, epoch: tuple[float, int]) -> float:
+    """The work of the whole run from one epoch's (`epoch_work`): its optimizer steps, as a share of the
+    epochs they make."""
+    work, batches = epoch
+    per_epoch = max(1, -(-batches // config.training.gradient_accumulation_steps))
+    return work * config.total_steps / per_epoch
 
 
 def evaluations(config: RunConfig) -> tuple[int, int]:
@@ -104,23 +105,22 @@ def seconds_per_answer(session: Session, run_id: int) -> tuple[float | None, int
     return statistics.median(seconds / count for seconds, count in groups), sum(n for _, n in groups)
 
 
-def calibrate(session: Session, run: Run, lengths: list[int] | None) -> Calibration | None:
-    """What `run` (finished) says about this machine's speed; None when it cannot say (unknown model shape
-    or lengths, no steps measured after the first, or a run resumed after a crash)."""
-    if lengths is None or run.started_at is None or run.finished_at is None or run.attempts != 1:
+def calibrate(session: Session, run: Run, config: RunConfig, lengths: list[int] | None) -> Calibration | None:
+    """What `run` (finished, its configuration `config`) says about this machine's speed; None when it
+    cannot say (unknown model shape or lengths, no steps measured after the first, or a run resumed after a
+    crash)."""
+    if not lengths or run.started_at is None or run.finished_at is None or run.attempts != 1:
         return None
-    config = RunConfig.model_validate(run.config)
     shapes = Shapes.read(Path(config.model_path))
     points = session.execute(
         select(RunMetric.step, RunMetric.step_time, RunMetric.tokens_per_second)
         .where(RunMetric.run_id == run.id, RunMetric.kind == "train")
         .order_by(RunMetric.step)
     ).all()
-    if shapes is None or len(points) < 2 or not lengths:
+    if shapes is None or len(points) < 2:
         return None
     # as the run set it; one that left it to Tuneboard counts as off (it is on only when memory is short)
-    checkpointing = bool(config.training.gradient_checkpointing)
-    work_per_token = epoch_work(config, lengths, shapes, checkpointing) / sum(lengths)
+    epoch = epoch_work(config, lengths, shapes, bool(config.training.gradient_checkpointing))
     seconds = tokens = 0.0
     previous = points[0].step
     for point in points[1:]:  # the first point carries the warm-up, which start-up counts
@@ -129,8 +129,8 @@ def calibrate(session: Session, run: Run, lengths: list[int] | None) -> Calibrat
         previous = point.step
     if seconds <= 0 or tokens <= 0:
         return None
-    seconds_per_work = seconds / (tokens * work_per_token)
-    training = seconds_per_work * run_work(config, lengths, shapes, checkpointing)
+    seconds_per_work = seconds / (tokens * epoch[0] / sum(lengths))
+    training = seconds_per_work * run_work(config, epoch)
     per_answer, answers = seconds_per_answer(session, run.id)
     wall = (run.finished_at - run.started_at).total_seconds()
     return Calibration(
@@ -144,11 +144,16 @@ def calibrate(session: Session, run: Run, lengths: list[int] | None) -> Calibrat
 
 def latest_calibration(session: Session, base_model: str, lengths_of) -> Calibration | None:
     """The calibration of the latest finished run that gives one, on the same base model if there is one
-    (`lengths_of(run)`: its training rows' token lengths, or None); the last few of each are tried."""
+    (`lengths_of(config)`: the training rows' token lengths of a run so configured, or None); the last few
+    of each are tried. A run stored by an older version, whose configuration no longer reads, is skipped."""
     finished = select(Run).where(Run.status == RunStatus.SUCCEEDED).order_by(Run.finished_at.desc()).limit(5)
     for query in (finished.where(Run.base_model == base_model), finished.where(Run.base_model != base_model)):
         for run in session.scalars(query).all():
-            if (calibration := calibrate(session, run, lengths_of(run))) is not None:
+            try:
+                config = RunConfig.model_validate(run.config)
+            except ValueError:
+                continue
+            if (calibration := calibrate(session, run, config, lengths_of(config))) is not None:
                 return calibration
     return None
 
@@ -157,7 +162,9 @@ def duration(
     config: RunConfig, lengths: list[int], calibration: Calibration, shapes, *, checkpointing: bool
 ) -> dict:
     """Seconds the run will take from its start to its end, by part."""
-    training = calibration.seconds_per_work * run_work(config, lengths, shapes, checkpointing)
+    training = calibration.seconds_per_work * run_work(
+        config, epoch_work(config, lengths, shapes, checkpointing)
+    )
     count, answers = evaluations(config)
     answering = count * answers * (calibration.seconds_per_answer or 0.0)
     return {

@@ -9,7 +9,6 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 
 from app.machine import HEADROOM, meminfo_bytes
-from app.models import Run
 from app.runs.batching import padded_tokens
 from app.runs.config import RunConfig
 from app.runs.duration import Calibration, duration, latest_calibration
@@ -249,16 +248,11 @@ def estimate(
 def run_estimate(settings, session: Session, config: RunConfig) -> dict:
     """`estimate` for a resolved run on this server: its training rows' lengths, this machine's memory and
     speed."""
-
-    def lengths_of(run: Run) -> list[int] | None:
-        try:
-            return training_lengths(settings, session, RunConfig.model_validate(run.config))
-        except ValueError:  # a run stored by an older version, whose configuration no longer reads
-            return None
-
     return estimate(
         config,
         lengths=training_lengths(settings, session, config),
         memory_limit=meminfo_bytes("MemAvailable"),
-        calibration=latest_calibration(session, config.base_model, lengths_of),
+        calibration=latest_calibration(
+            session, config.base_model, lambda run_config: training_lengths(settings, session, run_config)
+        ),
     )
