@@ -51,7 +51,7 @@ test-fast: install-test
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -m "not browser and not slow and not faults"
+	$(BIN)/python -m pytest -m "not browser and not slow and not faults and not fleet"
 
 lint: install-test
 	$(BIN)/ruff check .

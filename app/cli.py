@@ -50,7 +50,7 @@ def cmd_web(settings: Settings) -> None:
 def cmd_worker(settings: Settings) -> None:
     from worker.main import run_worker
 
-    run_worker(settings)
+    run_worker(settings)  # ends with exit code 0, also when the Workers page stopped it: it stays down
 
 
 def cmd_train(config: Path) -> int:

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
         5, ge=1, description="failed sign-ins allowed per client address per minute; more get 429"
     )
     max_upload_mb: float = Field(200, gt=0, description="Largest dataset file accepted, in MB.")
+    max_artifact_mb: float = Field(
+        50_000, gt=0, description="largest checkpoint or adapter a worker may send the web server, in MB"
+    )
     max_rows: int = Field(2_000_000, ge=1, description="most rows a dataset may have; more get a 422")
     stats_inline_rows: int = Field(
         20_000,
@@ -66,6 +69,13 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = Field(3.0, gt=0, description="how often a worker marks its run alive")
     stale_after_seconds: float = Field(30.0, gt=0, description="silence after which a run is requeued")
     cancel_grace_seconds: float = Field(30.0, gt=0, description="wait for a polite stop before SIGTERM")
+    server_url: str | None = Field(
+        None,
+        description="A worker on another machine: the web server's URL (with TUNEBOARD_TOKEN). It fetches "
+        "datasets and checkpoints from it and sends back logs, checkpoints and adapters, keeping its own "
+        "copies under its TUNEBOARD_DATA_DIR. Unset: the worker shares the web server's data folder.",
+        pattern=r"^https?://[^\s]+$",
+    )
     num_processes: int = Field(1, ge=1, description="training processes per run (GPUs), via accelerate")
     torch_threads: int | None = Field(
         None, ge=1, description="CPU threads per training process; default: every core the worker may use"

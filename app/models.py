@@ -19,7 +19,8 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy import false as sa_false
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
 class UTCDateTime(TypeDecorator):
@@ -126,6 +127,28 @@ class Run(Base):
     trainable_params: Mapped[int | None] = mapped_column(BigInteger)
     total_params: Mapped[int | None] = mapped_column(BigInteger)
     resumed_from_step: Mapped[int | None] = mapped_column(Integer)
+    # GPUs the run needs; 0: any worker
+    gpus: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # every attempt, oldest first: which worker trained it and how it ended
+    history: Mapped[list[RunAttempt]] = relationship(
+        order_by="RunAttempt.attempt", lazy="selectin", viewonly=True
+    )
+
+
+class RunAttempt(Base):
+    """One attempt at a run: which worker trained it, when, and how the attempt ended (a run that was
+    requeued has several)."""
+
+    __tablename__ = "run_attempts"
+    __table_args__ = (UniqueConstraint("run_id", "attempt", name="uq_run_attempts_run_attempt"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    worker_id: Mapped[str] = mapped_column(String(200))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    outcome: Mapped[str | None] = mapped_column(String(12))  # a finished status, or requeued
 
 
 class RunMetric(Base):
@@ -202,3 +225,11 @@ class Worker(Base):
     started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     last_error: Mapped[str | None] = mapped_column(Text)
+    # what the worker announced: {"cpus", "memory_mb", "gpus": [{"name", "memory_mb"}]}, the base model ids
+    # it can load, and its GPU count (claims compare runs' needs with these)
+    hardware: Mapped[dict | None] = mapped_column(JSON)
+    models: Mapped[list | None] = mapped_column(JSON)
+    gpus: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # set from the Workers page: take no new runs / stop now (its run goes back to the queue)
+    draining: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
+    stop_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())

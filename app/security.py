@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import re
 import secrets
 from html import escape
 from http.cookies import SimpleCookie
@@ -220,19 +221,44 @@ def upload_limit(settings: Settings) -> tuple[int, str]:
     return settings.max_upload_bytes + MULTIPART_SLACK, message
 
 
-class BodyLimitMiddleware:
-    """Refuse request bodies over a limit with 413 before anything parses them."""
+# A worker's uploads of a run's checkpoints and adapter (app.routes.artifacts_api): larger than datasets,
+# streamed to disk by their route rather than read whole.
+ARTIFACT_UPLOAD = re.compile(r"^/api/runs/\d+/(checkpoints/\d+\.tar|adapter\.tar)$")
 
-    def __init__(self, app, limit: int, message: str):
+
+def artifact_limit(settings: Settings) -> tuple[int, str]:
+    message = (
+        f"The file is larger than the {settings.max_artifact_mb:g} MB limit for a run's files "
+        "(TUNEBOARD_MAX_ARTIFACT_MB). Nothing was stored."
+    )
+    return int(settings.max_artifact_mb * 1_000_000), message
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over a limit with 413 before anything parses them. Artifact uploads have
+    their own, larger limit and are streamed on to their route."""
+
+    def __init__(self, app, limit: int, message: str, artifacts: tuple[int, str] | None = None):
         self.app = app
         self.limit = limit
         self.message = message
+        self.artifacts = artifacts
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] not in UNSAFE_METHODS:
             await self.app(scope, receive, send)
             return
         headers = _headers(scope)
+        if self.artifacts is not None and ARTIFACT_UPLOAD.match(scope["path"]):
+            limit, message = self.artifacts
+            declared = headers.get(b"content-length")
+            if declared is None or not declared.isdigit():
+                await send_error(scope, send, headers, 411, "A run's files are sent with a Content-Length.")
+            elif int(declared) > limit:
+                await send_error(scope, send, headers, 413, message)
+            else:
+                await self.app(scope, receive, send)
+            return
         length = headers.get(b"content-length")
         if length is not None:
             try:

@@ -4,12 +4,36 @@ The one owner of that table's writes and of what "alive" means."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import Worker, utcnow
+from app.models import Run, RunStatus, Worker, utcnow
+
+WORKER_HEADER = "X-Tuneboard-Worker"  # names the worker sending a run's files to the web server
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a worker has: its hardware ({"cpus", "memory_mb", "gpus": [{"name", "memory_mb"}]}) and the
+    base models it can load. It claims only runs these serve."""
+
+    hardware: dict
+    models: list[str]
+
+    @property
+    def gpus(self) -> int:
+        return len(self.hardware.get("gpus") or [])
+
+
+@dataclass(frozen=True)
+class Orders:
+    """What the Workers page asked of a worker: take no new runs, or stop now."""
+
+    drain: bool = False
+    stop: bool = False
 
 
 def beat(
@@ -19,8 +43,10 @@ def beat(
     status: str,
     run_id: int | None = None,
     error: str | None = None,
-) -> None:
-    """Record that `worker_id` is alive and what it is doing (creates its row on the first beat)."""
+    capabilities: Capabilities | None = None,
+) -> Orders:
+    """Record that `worker_id` is alive and what it is doing (creates its row on the first beat), and
+    return the orders the Workers page left for it."""
     host, _, pid = worker_id.rpartition(":")
     row = session.get(Worker, worker_id)
     if row is None:
@@ -29,6 +55,26 @@ def beat(
     row.status, row.current_run_id, row.heartbeat_at = status, run_id, utcnow()
     if error is not None:
         row.last_error = error[:2000]
+    if capabilities is not None:
+        row.hardware, row.models, row.gpus = capabilities.hardware, capabilities.models, capabilities.gpus
+    return Orders(drain=bool(row.draining), stop=bool(row.stop_requested))
+
+
+ORDERS = ("drain", "undrain", "stop")
+
+
+def order(*, session: Session, worker_id: str, what: str) -> Worker:
+    """Leave an order for a worker (it reads it at its next heartbeat). LookupError: no such worker."""
+    if what not in ORDERS:
+        raise ValueError(what)
+    row = session.get(Worker, worker_id)
+    if row is None:
+        raise LookupError(worker_id)
+    if what == "stop":
+        row.stop_requested = True
+    else:
+        row.draining = what == "drain"
+    return row
 
 
 def stopped(*, session: Session, worker_id: str) -> None:
@@ -58,3 +104,26 @@ def any_alive(*, session: Session, stale_after: float) -> bool:
         )
         is not None
     )
+
+
+def waiting_reason(*, session: Session, run: Run, stale_after: float) -> str | None:
+    """Why a queued run is not being taken although workers are alive (no alive worker at all is every
+    page's banner), or None."""
+    if run.status != RunStatus.QUEUED:
+        return None
+    alive = [w for w, up in list_workers(session=session, stale_after=stale_after) if up]
+    if not alive:
+        return None
+    taking = [w for w in alive if not w.draining and not w.stop_requested]
+    if not taking:
+        return "Every worker that is running is draining: this run waits until one takes runs again."
+    loading = [w for w in taking if w.models is None or run.base_model in w.models]
+    if not loading:
+        return f"No worker that is running can load {run.base_model}: this run waits for one that can."
+    if run.gpus and not any(w.gpus >= run.gpus for w in loading):
+        most = max(w.gpus for w in loading)
+        return (
+            f"This run needs {run.gpus} GPU{'s' if run.gpus > 1 else ''}; the workers running that can load "
+            f"its model have at most {most}. It waits for a worker with enough."
+        )
+    return None

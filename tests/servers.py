@@ -68,13 +68,13 @@ def running(command: str, data_dir: Path, *, log: Path, timeout: float = 60.0, e
 
 
 @contextmanager
-def running_worker(data_dir: Path, env_extra: dict[str, str], *, log: Path):
-    """Run `tuneboard worker` in its own process group; yields the process."""
+def running_worker(data_dir: Path, env_extra: dict[str, str], *, log: Path, cwd: Path = PROJECT_ROOT):
+    """Run `tuneboard worker` in its own process group (in `cwd`); yields the process."""
     env = isolated_env(data_dir, **{"TUNEBOARD_GENERATION": "false", **env_extra})
     with open(log, "ab") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "app.cli", "worker"],
-            cwd=PROJECT_ROOT,
+            cwd=cwd,
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,

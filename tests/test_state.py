@@ -84,6 +84,8 @@ def test_a_silent_worker_loses_its_run_which_resumes_elsewhere_then_gives_up(db,
     with db.session() as session:
         run = session.get(Run, run_id)
         assert run.status == RunStatus.FAILED and "stopped responding 3 times" in run.error
+        outcomes = [(a.worker_id, a.outcome) for a in state.attempts_of(session=session, run_id=run_id)]
+        assert outcomes == [("w1", "lost"), ("w2", "lost"), ("w3", "failed")]
 
 
 def start(db, run_id: int, resumed_from: int | None) -> None:
@@ -135,3 +137,30 @@ def test_claims_are_atomic_under_many_workers(settings, db, dataset_id):
         worker.join()
     every = [run_id for runs in claimed.values() for run_id in runs]
     assert sorted(every) == sorted(ids)  # each run claimed exactly once
+
+
+def test_a_worker_claims_only_runs_it_can_serve_and_each_attempt_names_its_worker(db, dataset_id):
+    with db.write_session() as session:
+        needs = {"dataset_id": dataset_id, "method": "lora", "config": {}}
+        big = state.enqueue(session=session, name="big", base_model="m", gpus=2, **needs).id
+        other = state.enqueue(
+            session=session, name="other", dataset_id=dataset_id, base_model="n", method="lora", config={}
+        ).id
+    with db.write_session() as session:
+        assert state.claim_next(session=session, worker_id="cpu", models=["m"], gpus=0) is None
+        run = state.claim_next(session=session, worker_id="cpu", models=["m", "n"], gpus=0)
+        assert run is not None and run.id == other  # the older run needs GPUs this worker lacks
+    with db.write_session() as session:
+        run = state.claim_next(session=session, worker_id="gpu-1", models=["m"], gpus=2)
+        assert run is not None and run.id == big
+        state.requeue(session=session, run_id=big, worker_id="gpu-1")
+    with db.write_session() as session:
+        assert state.claim_next(session=session, worker_id="gpu-2", models=["m"], gpus=4).id == big
+        state.finish(session=session, run_id=big, worker_id="gpu-2", status="succeeded", exit_code=0)
+    with db.session() as session:
+        attempts = state.attempts_of(session=session, run_id=big)
+        expected = [(1, "gpu-1", "requeued"), (2, "gpu-2", "succeeded")]
+        assert [(a.attempt, a.worker_id, a.outcome) for a in attempts] == expected
+        assert all(a.ended_at is not None for a in attempts)
+        (open_attempt,) = state.attempts_of(session=session, run_id=other)
+        assert open_attempt.worker_id == "cpu" and open_attempt.outcome is None

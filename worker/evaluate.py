@@ -33,6 +33,12 @@ log = logging.getLogger("tuneboard.train")
 # Prefix tuning's prefix lives in the attention cache, which generation in this transformers version
 # replaces: its answers would be the base model's, so they are not scored (the page says so).
 UNSCORED = {"prefix_tuning"}
+
+
+def scored(config: RunConfig) -> bool:
+    """Whether this run's answers are scored: not for prefix tuning (generation drops its prefix), nor for a
+    run whose weights FSDP shards across processes (the main process alone cannot generate with them)."""
+    return config.method not in UNSCORED and not (config.distributed == "fsdp" and config.gpus > 1)
 BATCH = 8
 JUDGE_WAIT_SECONDS = 900  # at the end of training, for the judge's verdicts on the last checkpoint
 
@@ -190,7 +196,7 @@ class EvaluationCallback(TrainerCallback):
     def evaluate(self, model, tokenizer, step: int) -> dict[str, Scores]:
         """Answer and score every split at `step`; returns each answered split's mean scores."""
         result: dict[str, Scores] = {}
-        if not any(self.questions.values()) or self.config.method in UNSCORED:
+        if not any(self.questions.values()) or not scored(self.config):
             return result
         training = model.training
         side = tokenizer.padding_side

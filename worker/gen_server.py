@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,7 @@ from app.db import Database
 from app.models import Run, RunStatus
 from app.playground import GenerateBody, GenerationEvent, QueuedEvent, TargetError, resolve_all
 from app.security import BodyLimitMiddleware, HostCheckMiddleware, JsonBodyMiddleware, bearer_ok
+from worker.remote import Server
 
 log = logging.getLogger("tuneboard.generation")
 
@@ -71,6 +73,11 @@ class GenerationHost:
         self.waiting = 0
         self.counts = {"answered": 0, "cancelled": 0}
         self.token = settings.token.get_secret_value() if settings.token else None
+        self.server = (
+            Server(settings, f"{socket.gethostname()}:{os.getpid()}-generation")
+            if settings.server_url
+            else None
+        )
 
     def authorised(self, request: Request) -> bool:
         return self.token is None or bearer_ok(request.headers.get("authorization", ""), self.token)
@@ -78,7 +85,11 @@ class GenerationHost:
     def panes_for(self, body: GenerateBody) -> list:
         from worker.engine import AdapterRef, PaneRequest
 
-        targets = resolve_all(self.settings, self.db, [pane.target for pane in body.panes])
+        target_ids = [pane.target for pane in body.panes]
+        if self.server is not None:  # no shared disk: fetch the adapters this machine does not hold yet
+            with self.db.session() as session:
+                self.server.fetch_adapters(session, target_ids)
+        targets = resolve_all(self.settings, self.db, target_ids)
         return [
             PaneRequest(
                 model_key=t.base_model,

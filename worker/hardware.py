@@ -5,6 +5,7 @@ whether they fit. Torch is imported inside the functions: the worker imports thi
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 from app.machine import HEADROOM, meminfo_bytes
@@ -67,3 +68,35 @@ def peak_memory_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def visible_gpus() -> list[dict]:
+    """The NVIDIA GPUs this process may use ({"name", "memory_mb"} each), read with `nvidia-smi` so that
+    the worker need not load torch (CUDA_VISIBLE_DEVICES narrows them). Empty without a GPU or driver."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index,name,memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return []
+    gpus = {}
+    for line in out.splitlines():
+        index, name, memory = (part.strip() for part in line.split(",", 2))
+        if index.isdigit() and memory.isdigit():
+            gpus[index] = {"name": name, "memory_mb": int(memory)}
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return list(gpus.values())
+    return [gpus[i] for i in (v.strip() for v in visible.split(",")) if i in gpus]
+
+
+def machine_summary() -> dict:
+    """What a worker announces of its machine: CPU cores, memory (total and free now) and GPUs."""
+    mib = 2**20
+    return {
+        "cpus": usable_cores(),
+        "memory_mb": (meminfo_bytes("MemTotal") or 0) // mib,
+        "free_memory_mb": (available_memory_bytes() or 0) // mib,
+        "gpus": visible_gpus(),
+    }

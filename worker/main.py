@@ -18,8 +18,11 @@ from app.config import Settings
 from app.db import Database
 from app.keeper import Backoff, ChildKeeper
 from app.migrate import schema_ready
+from app.model_registry import list_models
 from app.runs import state
+from worker.hardware import machine_summary
 from worker.prepare import prepare_pending_models
+from worker.remote import Server
 from worker.supervise import supervise, worker_id
 
 log = logging.getLogger("tuneboard.worker")
@@ -31,6 +34,7 @@ TRANSIENT = (OperationalError, InterfaceError, OSError)
 
 
 def run_worker(settings: Settings, *, stop: threading.Event | None = None) -> None:
+    """The worker until it is told to stop (a signal, or the Workers page)."""
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -41,7 +45,13 @@ def run_worker(settings: Settings, *, stop: threading.Event | None = None) -> No
     settings.ensure_dirs()
     db = Database(settings.sqlalchemy_url)
     me = worker_id()
-    log.info("worker %s started; data in %s", me, settings.data_dir)
+    server = Server(settings, me) if settings.server_url else None
+    log.info(
+        "worker %s started; data in %s%s",
+        me,
+        settings.data_dir,
+        f"; runs' files to and from {settings.server_url}" if server else " (shared with the web server)",
+    )
     host = None
     try:
         if not wait_for_schema(settings, db, stop):
@@ -54,7 +64,7 @@ def run_worker(settings: Settings, *, stop: threading.Event | None = None) -> No
         backoff = Backoff(first=settings.worker_poll_seconds)
         while not stop.is_set():
             try:
-                did = work_once(settings, db, me=me, stop=stop)
+                did = work_once(settings, db, me=me, stop=stop, server=server)
             except TRANSIENT as exc:
                 delay = backoff.next()
                 log.warning("passing fault (%s); trying again in %.0f s", _short(exc), delay)
@@ -69,6 +79,8 @@ def run_worker(settings: Settings, *, stop: threading.Event | None = None) -> No
             host.close(grace=10)
         _say_stopped(db, me)
         db.dispose()
+        if server is not None:
+            server.close()
         log.info("worker stopped")
 
 
@@ -113,10 +125,25 @@ def _say_stopped(db: Database, me: str) -> None:
         pass  # the row goes stale and the pages call the worker gone
 
 
-def work_once(settings: Settings, db: Database, *, me: str, stop: threading.Event) -> bool:
+def capabilities(settings: Settings, db: Database) -> workers.Capabilities:
+    """What this worker announces: its machine, and the base models it can load (ready here, or a GGUF
+    file it can convert first)."""
+    with db.session() as session:
+        models = [m.id for m in list_models(settings, session=session) if m.status in ("ready", "preparing")]
+    return workers.Capabilities(hardware=machine_summary(), models=models)
+
+
+def work_once(
+    settings: Settings, db: Database, *, me: str, stop: threading.Event, server: Server | None = None
+) -> bool:
     """One pass of the loop. Returns whether it did something (then it looks again at once)."""
+    has = capabilities(settings, db)
     with db.write_session() as session:
-        workers.beat(session=session, worker_id=me, status="idle")
+        orders = workers.beat(session=session, worker_id=me, status="idle", capabilities=has)
+    if orders.stop:
+        log.info("stopping: asked to from the Workers page")
+        stop.set()
+        return False
     if settings.prepare_models:
         prepare_pending_models(settings, db, stop=stop)
     with db.write_session() as session:
@@ -125,11 +152,11 @@ def work_once(settings: Settings, db: Database, *, me: str, stop: threading.Even
         )
     if requeued:
         log.warning("requeued runs whose worker stopped responding: %s", requeued)
-    if stop.is_set():
+    if stop.is_set() or orders.drain:
         return False
     with db.write_session() as session:
-        run = state.claim_next(session=session, worker_id=me)
+        run = state.claim_next(session=session, worker_id=me, models=has.models, gpus=has.gpus)
     if run is None:
         return False
-    supervise(settings, db, run, me=me, stop=stop)
+    supervise(settings, db, run, me=me, stop=stop, server=server)
     return True

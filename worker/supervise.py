@@ -20,13 +20,14 @@ from app import workers
 from app.config import Settings
 from app.db import Database
 from app.keeper import Backoff, describe_exit
-from app.model_registry import find_model
-from app.models import Run, RunStatus
+from app.model_registry import find_model, removed_model
+from app.models import WITH_ADAPTER, Run, RunStatus
 from app.runs import state
 from app.runs.config import RunConfig
 from app.runs.folder import RunFolder
-from worker.hardware import usable_cores
+from worker.hardware import usable_cores, visible_gpus
 from worker.prepare import prepare_model
+from worker.remote import ArtifactSync, Server, ServerError
 from worker.train import write_config
 
 log = logging.getLogger("tuneboard.worker")
@@ -37,24 +38,58 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def training_env(settings: Settings) -> dict[str, str]:
-    """The training process's environment: its CPU threads set explicitly (TUNEBOARD_TORCH_THREADS, else
-    every core this worker may use; `accelerate launch` would otherwise leave it one)."""
-    threads = str(settings.torch_threads or usable_cores())
-    return dict(os.environ, PYTHONUNBUFFERED="1", TUNEBOARD_TORCH_THREADS=threads, OMP_NUM_THREADS=threads)
+def training_env(settings: Settings, processes: int = 1, *, gpus: bool = False) -> dict[str, str]:
+    """The training processes' environment: CPU threads set explicitly (TUNEBOARD_TORCH_THREADS, else the
+    cores this worker may use shared among the run's processes; `accelerate launch` would otherwise leave
+    each one), and on a machine without GPUs, several processes train data parallel on the CPU (gloo)."""
+    threads = str(settings.torch_threads or max(1, usable_cores() // processes))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TUNEBOARD_TORCH_THREADS=threads, OMP_NUM_THREADS=threads)
+    if processes > 1 and not gpus:
+        env["ACCELERATE_USE_CPU"] = "1"  # else each CPU process would train alone on every row
+    return env
 
 
-def launch_command(settings: Settings, run_yaml: Path, attempt: int) -> list[str]:
-    """The same command on a laptop and on a multi-GPU box: accelerate starts one process per device."""
+def processes_for(settings: Settings, gpus: int) -> int:
+    """A run that asked for GPUs gets one process per GPU; any other TUNEBOARD_NUM_PROCESSES."""
+    return gpus or settings.num_processes
+
+
+# FSDP for a model one GPU cannot hold: each decoder layer sharded over the run's GPUs (FSDP2), the adapter's
+# parameters trained as they are, and whole (not sharded) weights saved, so that the adapter is PEFT's usual
+# files and a checkpoint resumes on any number of GPUs.
+FSDP = [
+    "--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+    "--fsdp_reshard_after_forward", "true", "--fsdp_state_dict_type", "FULL_STATE_DICT",
+    "--fsdp_cpu_ram_efficient_loading", "true",
+]  # fmt: skip
+
+
+def launch_command(
+    settings: Settings, run_yaml: Path, attempt: int, *, gpus: int = 0, distributed: str = "ddp"
+) -> list[str]:
+    """The same command on a laptop and on a multi-GPU box: accelerate starts one process per GPU the run
+    asked for (else TUNEBOARD_NUM_PROCESSES), data parallel or, with `distributed="fsdp"`, sharded."""
+    processes = processes_for(settings, gpus)
     accelerate = [
         sys.executable, "-m", "accelerate.commands.launch",
-        "--num_processes", str(settings.num_processes), "--num_machines", "1",
+        "--num_processes", str(processes), "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no",
     ]  # fmt: skip
-    if settings.num_processes > 1:
-        accelerate.append("--multi_gpu")
+    if processes > 1:  # accelerate takes one of --multi_gpu (DDP) and --use_fsdp
+        accelerate += [
+            *(FSDP if distributed == "fsdp" else ["--multi_gpu"]),
+            "--main_process_port",
+            str(free_port()),
+        ]
     training = ["-m", "worker.train", str(run_yaml), "--attempt", str(attempt)]
     return [*accelerate, *training, "--stale-after", str(settings.stale_after_seconds / 2)]
+
+
+def free_port() -> int:
+    """A port free on this machine now, for the run's processes to meet on (two runs may train at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def oom_kills() -> int | None:
@@ -113,30 +148,77 @@ def write_with_retry(db: Database, write, *, attempts: int = 8) -> None:
             time.sleep(delay)
 
 
-def prepare_run_folder(settings: Settings, run: Run) -> RunFolder:
+def prepare_run_folder(
+    settings: Settings, run: Run, model_folder: Path | None = None, server: Server | None = None
+) -> RunFolder:
+    """The run's folder on this machine with its run.yaml: the model's folder as this machine has it and,
+    for a worker without the web server's disk (`server`), the dataset rows and the checkpoints fetched
+    from the server, and a fresh log (each attempt's log is sent on; the server keeps them all)."""
     folder = settings.run_folder(run.id)
     folder.path.mkdir(parents=True, exist_ok=True)
-    config = RunConfig.model_validate(run.config).model_copy(
-        update={"run_id": run.id, "output_dir": str(folder.path), "database_url": settings.sqlalchemy_url}
-    )
-    write_config(config, folder.config)
+    config = RunConfig.model_validate(run.config)
+    update: dict = {"run_id": run.id, "output_dir": str(folder.path), "database_url": settings.sqlalchemy_url}
+    if model_folder is not None:
+        update["model_path"] = str(model_folder)
+    if server is not None:
+        update["dataset_path"] = str(server.dataset_rows(config.dataset_id))
+        if config.evaluation_path and config.evaluation.dataset_id is not None:
+            update["evaluation_path"] = str(server.dataset_rows(config.evaluation.dataset_id))
+        steps = server.fetch_checkpoints(run.id, folder)
+        log.info(
+            "run %d: %s from the web server", run.id, f"checkpoints {steps}" if steps else "no checkpoint"
+        )
+        folder.log.unlink(missing_ok=True)
+    write_config(config.model_copy(update=update), folder.config)
     return folder
 
 
-def supervise(settings: Settings, db: Database, run: Run, *, me: str, stop: threading.Event) -> str:
+def fail(db: Database, run: Run, me: str, problem: str) -> str:
+    write_with_retry(
+        db,
+        lambda session: state.finish(
+            session=session, run_id=run.id, worker_id=me, status=RunStatus.FAILED, error=problem
+        ),
+    )
+    return RunStatus.FAILED
+
+
+def supervise(
+    settings: Settings,
+    db: Database,
+    run: Run,
+    *,
+    me: str,
+    stop: threading.Event,
+    server: Server | None = None,
+) -> str:
     """Run `run` to its end. Returns the final status, or "requeued" when this worker is stopping."""
-    folder = prepare_run_folder(settings, run)
-    problem = ensure_model(settings, db, run, stop=stop)
+    problem, model_folder = ensure_model(settings, db, run, stop=stop)
     if problem:
-        write_with_retry(
-            db,
-            lambda session: state.finish(
-                session=session, run_id=run.id, worker_id=me, status=RunStatus.FAILED, error=problem
-            ),
-        )
-        return RunStatus.FAILED
-    env = training_env(settings)
-    command = launch_command(settings, folder.config, run.attempts)
+        return fail(db, run, me, problem)
+    try:
+        folder = prepare_run_folder(settings, run, model_folder, server)
+    except ServerError as exc:
+        write_with_retry(db, lambda session: state.requeue(session=session, run_id=run.id, worker_id=me))
+        log.warning("run %d handed back to the queue: %s", run.id, exc)
+        return "requeued"
+    sync = ArtifactSync(server, run.id, folder) if server is not None else None
+    return _attempt(settings, db, run, folder, me=me, stop=stop, sync=sync)
+
+
+def _attempt(
+    settings: Settings,
+    db: Database,
+    run: Run,
+    folder: RunFolder,
+    *,
+    me: str,
+    stop: threading.Event,
+    sync: ArtifactSync | None,
+) -> str:
+    env = training_env(settings, processes_for(settings, run.gpus), gpus=bool(visible_gpus()))
+    distributed = str(run.config.get("distributed", "ddp"))
+    command = launch_command(settings, folder.config, run.attempts, gpus=run.gpus, distributed=distributed)
     log.info("run %d attempt %d: %s", run.id, run.attempts, " ".join(command))
     oom_before = oom_kills()
     with open(folder.log, "ab") as out:
@@ -151,13 +233,19 @@ def supervise(settings: Settings, db: Database, run: Run, *, me: str, stop: thre
         if stop.wait(settings.heartbeat_seconds):
             _signal(child, signal.SIGTERM)
             _wait(child, settings.cancel_grace_seconds)
+            _close_sync(sync, adapter=False)
             write_with_retry(db, lambda session: state.requeue(session=session, run_id=run.id, worker_id=me))
             log.info("run %d handed back to the queue (worker stopping)", run.id)
             return "requeued"
         try:
             with db.write_session() as session:
                 cancel = state.heartbeat(session=session, run_id=run.id, worker_id=me)
-                workers.beat(session=session, worker_id=me, status="training", run_id=run.id)
+                orders = workers.beat(session=session, worker_id=me, status="training", run_id=run.id)
+            if orders.stop:
+                log.info(
+                    "run %d: stopping, as the Workers page asked; the run goes back to the queue", run.id
+                )
+                stop.set()  # handled at the top of the loop: SIGTERM, send what is left, requeue
         except state.TransitionError:
             lost = True  # requeued behind our back (we were too slow to heartbeat): stop our copy
             cancel = True
@@ -181,6 +269,7 @@ def supervise(settings: Settings, db: Database, run: Run, *, me: str, stop: thre
             _signal(child, signal.SIGKILL)
     code = child.returncode
     if lost:
+        _close_sync(sync, adapter=False)
         return "lost"
     with db.session() as session:
         current = session.get(Run, run.id, populate_existing=True)
@@ -202,6 +291,14 @@ def supervise(settings: Settings, db: Database, run: Run, *, me: str, stop: thre
                 f"The training process ended unexpectedly ({describe_exit(code)}). Last lines of its log:\n"
             )
             error += log_tail
+    if sync is not None:
+        try:
+            sync.close(adapter=status in WITH_ADAPTER)
+        except ServerError as exc:
+            status, error = (
+                RunStatus.FAILED,
+                f"The run trained, but its files could not be sent to the web server: {exc}",
+            )
     write_with_retry(
         db,
         lambda session: state.finish(
@@ -212,22 +309,33 @@ def supervise(settings: Settings, db: Database, run: Run, *, me: str, stop: thre
     return status
 
 
-def ensure_model(settings: Settings, db: Database, run: Run, *, stop: threading.Event) -> str | None:
-    """Convert the run's base model first if it still is a GGUF file. Returns why it cannot be used."""
+def ensure_model(
+    settings: Settings, db: Database, run: Run, *, stop: threading.Event
+) -> tuple[str | None, Path | None]:
+    """Convert the run's base model first if it still is a GGUF file. Returns why it cannot be used, or
+    the folder this machine loads it from."""
     with db.session() as session:
         model = find_model(settings, run.base_model, session=session)
     if model is None:
-        return (
-            f"The base model '{run.base_model}' is no longer available (it was removed from the model list)."
-        )
+        return removed_model(run.base_model), None
     if model.status == "preparing":
         log.info("run %d: preparing %s first", run.id, model.id)
         reason = prepare_model(model, stop=stop)
         if reason:
-            return reason
+            return reason, None
     elif model.status != "ready":
-        return f"{model.name} cannot be used: {model.error}"
-    return None
+        return f"{model.name} cannot be used: {model.error}", None
+    return None, model.folder
+
+
+def _close_sync(sync: ArtifactSync | None, *, adapter: bool) -> None:
+    """Send what an attempt being handed on left (its log, its checkpoints), if the server takes it."""
+    if sync is None:
+        return
+    try:
+        sync.close(adapter=adapter, tries=2)
+    except ServerError as exc:
+        log.warning("the run's last files could not be sent: %s", exc)
 
 
 def _signal(child: subprocess.Popen, sig: int) -> None:

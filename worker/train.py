@@ -94,6 +94,7 @@ def build_trainer(config: RunConfig, sink, attempt: int | None):
         PrinterCallback,
         TrainerCallback,
         TrainingArguments,
+        set_seed,
     )
 
     from worker.callbacks import AdaLoraCallback, ProgressCallback
@@ -106,7 +107,8 @@ def build_trainer(config: RunConfig, sink, attempt: int | None):
         split_rows,
         training_rows,
     )
-    from worker.evaluate import UNSCORED, EvaluationCallback, questions
+    from worker.evaluate import EvaluationCallback, questions
+    from worker.evaluate import scored as answers_scored
     from worker.judge import Judge
     from worker.peft_methods import build_peft_config
     from worker.trainer import TuneboardTrainer
@@ -157,6 +159,7 @@ def build_trainer(config: RunConfig, sink, attempt: int | None):
     peft_config = build_peft_config(
         config.method, config.peft, total_steps=config.total_steps, model_path=str(model_path)
     )
+    set_seed(training.seed)  # the adapter's initial weights follow the run's seed: a rerun starts the same
     try:
         model = get_peft_model(model, peft_config)
     except ValueError as exc:
@@ -215,7 +218,7 @@ def build_trainer(config: RunConfig, sink, attempt: int | None):
     # after ProgressCallback, which marks each checkpoint complete before it is evaluated
     scored = questions(config, sources, tokenizer)
     judge = None
-    if config.evaluation.judge is not None and config.method not in UNSCORED and any(scored.values()):
+    if config.evaluation.judge is not None and answers_scored(config) and any(scored.values()):
         judge = Judge(config.evaluation.judge, Settings(), sink)
     callbacks.append(
         EvaluationCallback(
@@ -257,11 +260,16 @@ def _resume_point(folder: RunFolder) -> tuple[str | None, int | None]:
 def train(config: RunConfig, sink, attempt: int | None = None) -> Path:
     """Train and save the adapter; returns its folder."""
     trainer, tokenizer, resume_from = build_trainer(config, sink, attempt)
+    if trainer.is_world_process_zero() and trainer.args.world_size > 1:
+        kind = trainer.accelerator.distributed_type.value  # MULTI_GPU, MULTI_CPU (gloo) or FSDP
+        log.info("training with %d processes (%s)", trainer.args.world_size, kind)
     trainer.train(resume_from_checkpoint=resume_from)
     log.info("peak resident memory %.0f MiB", peak_memory_mb())
     adapter = run_folder(config).adapter
     staging = adapter.with_name(".adapter.partial")
     shutil.rmtree(staging, ignore_errors=True)
+    # under FSDP every process holds a shard: all of them take part in gathering the whole weights
+    whole = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
     if trainer.is_world_process_zero():
         best = trainer.state.best_model_checkpoint  # named by worker.evaluate, kept by rotation
         step = trainer.state.global_step
@@ -272,7 +280,7 @@ def train(config: RunConfig, sink, attempt: int | None = None) -> Path:
             step = int(Path(best).name.removeprefix(CHECKPOINT_PREFIX))
             log.info("the final adapter is the best-scored checkpoint, step %d", step)
         else:
-            trainer.model.save_pretrained(staging)
+            trainer.model.save_pretrained(staging, state_dict=whole)
         tokenizer.save_pretrained(staging)
         RunFolder.write_adapter_source(staging, step, "best" if from_best else "last")
         shutil.rmtree(adapter, ignore_errors=True)

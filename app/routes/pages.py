@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse
 from markupsafe import Markup
 from sqlalchemy.orm import Session
@@ -186,7 +186,35 @@ def unregister_from_page(
 
 
 @router.get("/workers", response_class=HTMLResponse)
-def workers_page(request: Request, settings: SettingsDep, session: SessionDep):
+def workers_page(request: Request, settings: SettingsDep, session: SessionDep, message: str | None = None):
     stale = settings.stale_after_seconds
-    context = {"workers": workers.list_workers(session=session, stale_after=stale), "stale": f"{stale:g}"}
+    context = {
+        "workers": workers.list_workers(session=session, stale_after=stale),
+        "stale": f"{stale:g}",
+        "message": message,
+    }
     return render(request, "workers.html", context)
+
+
+ORDER_SAID = {
+    "drain": "{host} finishes its current run and takes no new ones.",
+    "undrain": "{host} takes runs again.",
+    "stop": "{host} stops at its next report; its run goes back to the queue.",
+}
+
+
+@router.post("/workers/orders", response_class=HTMLResponse)
+def order_worker(
+    request: Request,
+    settings: SettingsDep,
+    session: WriteSessionDep,
+    worker_id: Annotated[str, Form(max_length=200)],
+    what: Annotated[Literal["drain", "undrain", "stop"], Form()],
+):
+    """Drain, undrain or stop a worker from the Workers page; it obeys at its next heartbeat."""
+    try:
+        row = workers.order(session=session, worker_id=worker_id, what=what)
+    except LookupError:
+        raise HTTPException(404, f"There is no worker {worker_id}.") from None
+    session.commit()
+    return workers_page(request, settings, session, message=ORDER_SAID[what].format(host=row.host))

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from app import workers
 from app.datasets import store
 from app.deps import IdQuery, RunId, SessionDep, SettingsDep, WriteSessionDep, get_run_or_404
 from app.model_registry import BUNDLED_ID, list_models
@@ -214,6 +215,7 @@ def summary_context(settings, session, run: Run) -> dict:
         "methods": METHOD_LABELS,
         "has_adapter": folder.has_adapter,
         "adapter_source": folder.adapter_source(),
+        "waiting": workers.waiting_reason(session=session, run=run, stale_after=settings.stale_after_seconds),
     }
 
 

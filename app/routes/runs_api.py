@@ -26,6 +26,16 @@ from app.runs.launch import build_run_config, enqueue_run
 router = APIRouter(prefix="/api/runs", tags=["runs"])
 
 
+class AttemptOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    attempt: int
+    worker_id: str
+    started_at: datetime
+    ended_at: datetime | None
+    outcome: str | None  # succeeded | failed | cancelled | requeued (its worker stopped) | lost (went silent)
+
+
 class RunOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -48,6 +58,8 @@ class RunOut(BaseModel):
     trainable_params: int | None
     total_params: int | None
     resumed_from_step: int | None
+    gpus: int
+    history: list[AttemptOut]  # each attempt: the worker that trained it, and how it ended
     config: dict[str, Any]
 
 
@@ -155,7 +167,7 @@ def download_adapter(run_id: RunId, settings: SettingsDep, session: SessionDep) 
     if not run_folder.has_adapter:
         raise HTTPException(404, f"Run {run_id} has no adapter yet (it is {run.status}).")
     buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, strict_timestamps=False) as archive:
         for path in sorted(folder.rglob("*")):
             if path.is_file():
                 archive.write(path, f"run-{run_id}-adapter/{path.relative_to(folder)}")

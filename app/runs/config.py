@@ -233,6 +233,9 @@ class EvaluationParams(Strict):
     judge: JudgeParams | None = None  # None: the reference metrics alone
 
 
+Distributed = Literal["ddp", "fsdp"]
+
+
 class RunRequest(Strict):
     """What a client sends to POST /api/runs."""
 
@@ -245,6 +248,10 @@ class RunRequest(Strict):
     training: TrainingParams = Field(default_factory=TrainingParams)
     evaluation: EvaluationParams = Field(default_factory=EvaluationParams)
     name: str | None = Field(None, max_length=200)
+    # GPUs the run needs: 0 trains on any worker (one process); N waits for a worker with N GPUs and
+    # trains there with N processes (data parallel, or FSDP's sharded weights for a model one GPU cannot hold)
+    gpus: int = Field(0, ge=0, le=64)
+    distributed: Distributed = "ddp"
 
 
 # The tutorial's recipe, with its labels bug fixed (docs/recipe.md): LoRA r8/α32 on q_proj, v_proj.
@@ -281,6 +288,8 @@ class RunConfig(Strict):
     output_dir: str | None = None
     run_id: int | None = None
     database_url: str | None = None
+    gpus: int = 0
+    distributed: Distributed = "ddp"
 
     @property
     def held_out_path(self) -> str:

@@ -9,15 +9,20 @@ checkpoints/checkpoint-<step>/    Trainer checkpoints; TUNEBOARD_COMPLETE is wri
 adapter/                          the trained adapter (PEFT layout) and tokenizer
 adapter/tuneboard.json            which step the adapter is, and whether it is the last or the best one
 ```
-No torch here: the web tier reads folders, the worker and the training process write them.
+No torch here: the web tier reads folders, the worker and the training process write them. A worker on
+another machine keeps its own copy and sends checkpoints, the adapter and the log to the web server, which
+stores them here (`store_checkpoint`, `store_adapter`, `append_log`) as uncompressed tar streams (`pack`).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import tarfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 CHECKPOINT_MARKER = "TUNEBOARD_COMPLETE"  # written last into a checkpoint folder: the save is complete
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -129,3 +134,68 @@ class RunFolder:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+    def store_checkpoint(self, step: int, source: IO[bytes], keep: set[int] | None = None) -> Checkpoint:
+        """A whole checkpoint received as a tar stream: unpacked beside the others, marked complete, then
+        renamed into place (a half-received one is never seen). Checkpoints not in `keep` (the sender's
+        own set after its rotation) are deleted."""
+        checkpoint = self.checkpoint(step)
+        staging = unpack(source, self.checkpoints_dir)
+        Checkpoint(staging, step).mark_complete()
+        _replace(staging, checkpoint.path)
+        if keep is not None:
+            for other in self.checkpoints():
+                if other.step not in keep | {step}:
+                    shutil.rmtree(other.path, ignore_errors=True)
+        return checkpoint
+
+    def store_adapter(self, source: IO[bytes]) -> None:
+        """The final adapter received as a tar stream, swapped in whole."""
+        staging = unpack(source, self.path)
+        if not (staging / ADAPTER_CONFIG).is_file():
+            shutil.rmtree(staging, ignore_errors=True)
+            raise ValueError(f"The adapter received has no {ADAPTER_CONFIG}.")
+        _replace(staging, self.adapter)
+
+    def append_log(self, data: bytes) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as f:
+            f.write(data)
+
+
+def pack(folder: Path, into: IO[bytes]) -> None:
+    """The folder's files as an uncompressed tar stream (names relative to the folder)."""
+    with tarfile.open(fileobj=into, mode="w|") as archive:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                archive.add(path, arcname=str(path.relative_to(folder)), recursive=False)
+
+
+def unpack(source: IO[bytes], parent: Path) -> Path:
+    """A tar stream unpacked into a new hidden folder under `parent` (returned). Only plain files and
+    folders inside it are accepted (tarfile's "data" filter: no links out, no devices, no absolute
+    paths); anything else raises tarfile.TarError and leaves nothing behind."""
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = parent / f".incoming-{uuid.uuid4().hex}"
+    staging.mkdir()
+    try:
+        with tarfile.open(fileobj=source, mode="r|") as archive:
+            for member in archive:
+                if not (member.isfile() or member.isdir()):
+                    raise tarfile.TarError(f"{member.name} is neither a file nor a folder")
+                archive.extract(member, staging, filter="data")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return staging
+
+
+def _replace(staging: Path, target: Path) -> None:
+    """Put `staging` where `target` is, the old one (if any) removed first."""
+    if target.exists():
+        old = target.with_name(f".old-{uuid.uuid4().hex}")
+        target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(target)

@@ -157,6 +157,10 @@ def request_from_form(form: dict[str, str]) -> dict[str, Any]:
             body[key] = _id(value)
         elif key in ("base_model", "method", "prompt_format", "name", "preset"):
             body[key] = value
+        elif key == "gpus":
+            body[key] = int(value) if value.isdigit() and len(value) < 4 else value
+        elif key == "distributed":
+            body[key] = value
     evaluation = body.get("evaluation", {})
     if "dataset_id" in evaluation:
         evaluation["dataset_id"] = _id(evaluation["dataset_id"])
@@ -181,6 +185,8 @@ def form_values(config: RunConfig) -> dict[str, Any]:
         "method": config.method,
         "prompt_format": config.prompt_format,
         "name": config.name,
+        "gpus": config.gpus,
+        "distributed": config.distributed,
     }
     groups = {
         "training": config.training.model_dump(exclude=set(DERIVED)),

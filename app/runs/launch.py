@@ -82,8 +82,11 @@ def build_run_config(settings: Settings, request: RunRequest, *, session: Sessio
         validation_rows=held_out,
         evaluation_path=evaluation_path,
         total_steps=total_steps,
+        gpus=request.gpus,
+        distributed=request.distributed,
     )
-    if reason := refusal(config, lengths, meminfo_bytes("MemTotal")):
+    # a run for GPU workers is checked by the worker that claims it, against its own memory
+    if not config.gpus and (reason := refusal(config, lengths, meminfo_bytes("MemTotal"))):
         raise InvalidRun(
             "base_model" if reason.startswith("The base model") else "training.batch_tokens", reason
         )
@@ -156,4 +159,5 @@ def enqueue_run(config: RunConfig, *, session: Session) -> Run:
         base_model=config.base_model,
         method=config.method,
         config=config.model_dump(mode="json"),
+        gpus=config.gpus,
     )

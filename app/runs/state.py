@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from app.models import FINISHED, Run, RunMetric, RunStatus, utcnow
+from app.models import FINISHED, Run, RunAttempt, RunMetric, RunStatus, utcnow
 
 MAX_ATTEMPTS = 3
 
@@ -25,9 +25,10 @@ class TransitionError(Exception):
 
 
 def enqueue(
-    *, session: Session, name: str, dataset_id: int, base_model: str, method: str, config: dict
+    *, session: Session, name: str, dataset_id: int, base_model: str, method: str, config: dict, gpus: int = 0
 ) -> Run:
     run = Run(
+        gpus=gpus,
         name=name,
         dataset_id=dataset_id,
         base_model=base_model,
@@ -40,13 +41,21 @@ def enqueue(
     return run
 
 
-def claim_next(*, session: Session, worker_id: str) -> Run | None:
-    """Atomically take the oldest queued run. SQLite serialises this through BEGIN IMMEDIATE;
+def claim_next(
+    *, session: Session, worker_id: str, models: list[str] | None = None, gpus: int | None = None
+) -> Run | None:
+    """Atomically take the oldest queued run this worker can serve: one on a base model in `models` and
+    needing at most `gpus` GPUs (None: any). SQLite serialises this through BEGIN IMMEDIATE;
     PostgreSQL through FOR UPDATE SKIP LOCKED (SQLite's compiler leaves that clause out)."""
     now = utcnow()
+    servable = [Run.status == RunStatus.QUEUED]
+    if models is not None:
+        servable.append(Run.base_model.in_(models))
+    if gpus is not None:
+        servable.append(Run.gpus <= gpus)
     oldest = (
         select(Run.id)
-        .where(Run.status == RunStatus.QUEUED)
+        .where(*servable)
         .order_by(Run.id)
         .limit(1)
         .with_for_update(skip_locked=True)
@@ -68,8 +77,26 @@ def claim_next(*, session: Session, worker_id: str) -> Run | None:
         session.rollback()
         return None
     session.execute(update(Run).where(Run.id == claimed, Run.started_at.is_(None)).values(started_at=now))
+    run = session.get(Run, claimed, populate_existing=True)
+    assert run is not None
+    session.add(RunAttempt(run_id=claimed, attempt=run.attempts, worker_id=worker_id, started_at=now))
     session.commit()
-    return session.get(Run, claimed, populate_existing=True)
+    return run
+
+
+def _end_attempt(session: Session, run_id: int, outcome: str) -> None:
+    """Close the run's open attempt (the one that just ended) with how it ended."""
+    session.execute(
+        update(RunAttempt)
+        .where(RunAttempt.run_id == run_id, RunAttempt.ended_at.is_(None))
+        .values(ended_at=utcnow(), outcome=outcome)
+    )
+
+
+def attempts_of(*, session: Session, run_id: int) -> list[RunAttempt]:
+    return list(
+        session.scalars(select(RunAttempt).where(RunAttempt.run_id == run_id).order_by(RunAttempt.attempt))
+    )
 
 
 def heartbeat(*, session: Session, run_id: int, worker_id: str) -> bool:
@@ -85,6 +112,14 @@ def heartbeat(*, session: Session, run_id: int, worker_id: str) -> bool:
     if owned is None:
         raise TransitionError(f"run {run_id} is no longer owned by {worker_id}")
     return bool(owned)
+
+
+def fail_queued_on(*, session: Session, base_model: str, error: str) -> None:
+    """Runs queued on a base model that no worker will ever have again fail with `error` (the caller
+    commits, with the model's removal)."""
+    queued = session.scalars(select(Run).where(Run.status == RunStatus.QUEUED, Run.base_model == base_model))
+    for run in queued:
+        run.status, run.finished_at, run.error = RunStatus.FAILED, utcnow(), error
 
 
 def request_cancel(*, session: Session, run_id: int) -> Run:
@@ -113,21 +148,25 @@ def finish(
 ) -> None:
     if status not in FINISHED:
         raise ValueError(status)
-    session.execute(
+    ended = session.execute(
         update(Run)
         .where(Run.id == run_id, Run.status == RunStatus.RUNNING, Run.worker_id == worker_id)
         .values(status=status, error=error, exit_code=exit_code, finished_at=utcnow(), worker_id=None)
     )
+    if ended.rowcount:  # type: ignore[attr-defined]
+        _end_attempt(session, run_id, status)
     session.commit()
 
 
 def requeue(*, session: Session, run_id: int, worker_id: str) -> None:
     """The worker is stopping: hand the run back so it resumes from its last checkpoint."""
-    session.execute(
+    handed = session.execute(
         update(Run)
         .where(Run.id == run_id, Run.status == RunStatus.RUNNING, Run.worker_id == worker_id)
         .values(status=RunStatus.QUEUED, worker_id=None, heartbeat_at=None)
     )
+    if handed.rowcount:  # type: ignore[attr-defined]
+        _end_attempt(session, run_id, "requeued")
     session.commit()
 
 
@@ -145,6 +184,7 @@ def requeue_stale(*, session: Session, stale_after: timedelta, now: datetime | N
             run.error = f"The worker running this run stopped responding {run.attempts} times; giving up."
         else:
             run.status, run.worker_id, run.heartbeat_at = RunStatus.QUEUED, None, None
+        _end_attempt(session, run.id, "lost" if run.status == RunStatus.QUEUED else run.status)
     session.commit()
     return [run.id for run in stale]
 

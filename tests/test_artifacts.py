@@ -1,0 +1,163 @@
+"""The files a worker without the web server's disk exchanges with it (app/routes/artifacts_api.py): only
+the worker training the run may send them, a half-sent or hostile archive stores nothing, and what is
+stored comes back the same."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from app.runs import state
+from app.runs.folder import pack
+from tests.conftest import DEMO_DATASET, upload
+
+
+@pytest.fixture
+def running_run(client, db, tiny_model_dir) -> int:
+    model = client.post("/api/models", json={"path": str(tiny_model_dir)}).json()["id"]
+    dataset = upload(client, "demo.json", DEMO_DATASET.read_bytes()).json()["id"]
+    run = client.post("/api/runs", json={"dataset_id": dataset, "base_model": model}).json()["id"]
+    with db.write_session() as session:
+        assert state.claim_next(session=session, worker_id="box:7").id == run
+    return run
+
+
+def tar_of(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+CHECKPOINT = {
+    "adapter_config.json": b"{}",
+    "adapter_model.safetensors": b"weights",
+    "state/trainer.json": b"1",
+}
+OWNER = {"X-Tuneboard-Worker": "box:7", "Content-Type": "application/x-tar"}
+
+
+def test_a_checkpoint_sent_by_the_runs_worker_is_stored_whole_and_comes_back(client, settings, running_run):
+    run = running_run
+    url = f"/api/runs/{run}/checkpoints/20.tar"
+    assert client.put(url, content=tar_of(CHECKPOINT), headers=OWNER).status_code == 201
+    assert client.put(f"/api/runs/{run}/checkpoints/40.tar", content=tar_of(CHECKPOINT), headers=OWNER)
+    assert [c["step"] for c in client.get(f"/api/runs/{run}/checkpoints").json()] == [20, 40]
+    # the worker's rotation kept only 40 and 60: the server follows it
+    url = f"/api/runs/{run}/checkpoints/60.tar?keep=40,60"
+    keep = client.put(url, content=tar_of(CHECKPOINT), headers=OWNER)
+    assert keep.status_code == 201
+    stored = client.get(f"/api/runs/{run}/checkpoints").json()
+    assert [c["step"] for c in stored] == [40, 60] and all(c["has_adapter"] for c in stored)
+    back = client.get(f"/api/runs/{run}/checkpoints/60.tar")
+    assert back.status_code == 200 and back.headers["content-type"] == "application/x-tar"
+    with tarfile.open(fileobj=io.BytesIO(back.content)) as archive:
+        files = {m.name: archive.extractfile(m).read() for m in archive if m.isfile()}
+    assert {k: v for k, v in files.items() if k != "TUNEBOARD_COMPLETE"} == CHECKPOINT
+    assert client.get(f"/api/runs/{run}/checkpoints/20.tar").status_code == 404
+    # the log grows by what is sent; the adapter arrives whole
+    assert client.post(f"/api/runs/{run}/log", content=b"step 1\n", headers=OWNER).status_code == 204
+    assert client.post(f"/api/runs/{run}/log", content=b"step 2\n", headers=OWNER).status_code == 204
+    assert (settings.run_folder(run).log.read_text()) == "step 1\nstep 2\n"
+    adapter = {"adapter_config.json": b"{}", "adapter_model.safetensors": b"final"}
+    sent = client.put(f"/api/runs/{run}/adapter.tar", content=tar_of(adapter), headers=OWNER)
+    assert sent.status_code == 201
+    assert (settings.run_folder(run).adapter / "adapter_model.safetensors").read_bytes() == b"final"
+    assert client.get(f"/api/runs/{run}/adapter").status_code == 200
+
+
+def test_only_the_worker_training_the_run_may_send_its_files(client, db, settings, running_run):
+    run = running_run
+    body = tar_of(CHECKPOINT)
+    url = f"/api/runs/{run}/checkpoints/20.tar"
+    anonymous = client.put(url, content=body, headers={"Content-Type": "application/x-tar"})
+    assert anonymous.status_code == 400 and "X-Tuneboard-Worker" in anonymous.json()["detail"][0]["message"]
+    other = client.put(url, content=body, headers=OWNER | {"X-Tuneboard-Worker": "elsewhere:1"})
+    assert other.status_code == 409 and "is not being trained by elsewhere:1" in other.text
+    with db.write_session() as session:  # the run was requeued: its old worker's late files are refused
+        state.requeue(session=session, run_id=run, worker_id="box:7")
+    late = client.post(f"/api/runs/{run}/log", content=b"late", headers=OWNER)
+    assert late.status_code == 409 and "it is queued" in late.text
+    assert not settings.run_folder(run).checkpoints() and not settings.run_folder(run).log.exists()
+
+
+@pytest.mark.parametrize(
+    "archive, sentence",
+    [
+        (b"not a tar at all" * 100, "not a readable tar stream"),
+        (tar_of({"../../escape.txt": b"x"}), "not a readable tar stream"),
+    ],
+)
+def test_a_broken_or_hostile_archive_stores_nothing(client, settings, running_run, archive, sentence):
+    response = client.put(f"/api/runs/{running_run}/checkpoints/20.tar", content=archive, headers=OWNER)
+    assert response.status_code == 422 and sentence in response.text
+    folder = settings.run_folder(running_run)
+    assert not folder.checkpoints()
+    assert not list(folder.checkpoints_dir.glob(".incoming-*"))  # nothing half-unpacked left behind
+    assert not (settings.data_dir.parent / "escape.txt").exists()
+
+
+def test_an_absolute_name_stays_inside_the_checkpoint(client, settings, running_run):
+    archive = tar_of({"/tmp/tuneboard-owned-by-a-test": b"x", "adapter_config.json": b"{}"})
+    response = client.put(f"/api/runs/{running_run}/checkpoints/20.tar", content=archive, headers=OWNER)
+    assert response.status_code == 201
+    checkpoint = settings.run_folder(running_run).checkpoint(20).path
+    assert (checkpoint / "tmp" / "tuneboard-owned-by-a-test").is_file()
+    assert not Path("/tmp/tuneboard-owned-by-a-test").exists()
+
+
+def test_a_link_inside_an_archive_is_refused(client, settings, running_run, tmp_path):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        info = tarfile.TarInfo("adapter_model.safetensors")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        archive.addfile(info)
+    response = client.put(f"/api/runs/{running_run}/adapter.tar", content=buffer.getvalue(), headers=OWNER)
+    assert response.status_code == 422 and "neither a file nor a folder" in response.text
+    assert not settings.run_folder(running_run).has_adapter
+
+
+def test_an_adapter_without_its_config_is_refused(client, settings, running_run):
+    response = client.put(
+        f"/api/runs/{running_run}/adapter.tar", content=tar_of({"readme.txt": b"x"}), headers=OWNER
+    )
+    assert response.status_code == 422 and "no adapter_config.json" in response.text
+    assert not settings.run_folder(running_run).adapter.exists()
+
+
+def test_uploads_need_a_length_and_stay_within_the_limit(client, settings, running_run):
+    def chunks():
+        yield b"x" * 10
+
+    url = f"/api/runs/{running_run}/checkpoints/20.tar"
+    assert client.put(url, content=chunks(), headers=OWNER).status_code == 411
+    too_big = str(int(settings.max_artifact_mb * 1_000_000) + 1)
+    response = client.put(url, content=b"", headers=OWNER | {"Content-Length": too_big})
+    assert response.status_code == 413 and "TUNEBOARD_MAX_ARTIFACT_MB" in response.text
+
+
+def test_the_dataset_rows_a_worker_trains_on_are_the_normalised_rows(client, settings, running_run):
+    dataset = client.get("/api/datasets").json()[0]["id"]
+    rows = client.get(f"/api/datasets/{dataset}/rows.jsonl")
+    assert rows.status_code == 200
+    assert rows.content == (settings.datasets_dir / str(dataset) / "rows.jsonl").read_bytes()
+    assert client.get("/api/datasets/999/rows.jsonl").status_code == 404
+
+
+def test_pack_then_store_is_the_same_folder(settings, tmp_path):
+    source = tmp_path / "source"
+    (source / "deep").mkdir(parents=True)
+    (source / "adapter_config.json").write_text("{}")
+    (source / "deep" / "w.bin").write_bytes(b"\0" * 1000)
+    buffer = io.BytesIO()
+    pack(source, buffer)
+    buffer.seek(0)
+    folder = settings.run_folder(5)
+    checkpoint = folder.store_checkpoint(7, buffer)
+    assert checkpoint.complete and (checkpoint.path / "deep" / "w.bin").read_bytes() == b"\0" * 1000
