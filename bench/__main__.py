@@ -208,6 +208,7 @@ def main() -> None:
             "learning",
             "leaflets",
             "memory",
+            "fleet",
         ],
         help="run one part only",
     )
@@ -269,6 +270,11 @@ def main() -> None:
 
         result["memory"] = memory_benchmark(model_dir, args.threads)
         print(report_memory(result["memory"]))
+    if args.only in (None, "fleet"):
+        from bench.fleet import fleet_benchmark, report_fleet
+
+        result["fleet"] = fleet_benchmark()
+        print(report_fleet(result["fleet"]))
     print(f"\n(benchmark took {time.time() - started:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:
