@@ -85,6 +85,11 @@ def cmd_serve(settings: Settings) -> None:
     from app.migrate import upgrade
 
     settings.check_exposure()
+    if settings.server_url:  # its worker shares this server's data folder: files must not travel
+        raise SystemExit(
+            "TUNEBOARD_SERVER_URL is for a worker on another machine (`tuneboard worker`); `tuneboard serve` "
+            "runs its worker beside the web server, sharing its data folder. Unset it here."
+        )
     upgrade(settings)  # before the worker starts, so both see the same schema
     # uvicorn re-raises the signal that stopped it once it has shut down; turn that into SystemExit
     # so that the `finally` below still stops the worker.

@@ -78,7 +78,10 @@ class Settings(BaseSettings):
     )
     num_processes: int = Field(1, ge=1, description="training processes per run (GPUs), via accelerate")
     torch_threads: int | None = Field(
-        None, ge=1, description="CPU threads per training process; default: every core the worker may use"
+        None,
+        ge=1,
+        description="CPU threads per training process; default: the cores the worker may use, shared "
+        "among the run's processes",
     )
     generation: bool = Field(True, description="the worker starts the generation host (playground, /v1 API)")
     generation_host: str = Field("127.0.0.1", description="where the generation host listens")

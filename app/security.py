@@ -290,7 +290,11 @@ class JsonBodyMiddleware:
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] not in UNSAFE_METHODS:
+        if (
+            scope["type"] != "http"
+            or scope["method"] not in UNSAFE_METHODS
+            or ARTIFACT_UPLOAD.match(scope["path"])  # archives, streamed to disk by their route
+        ):
             await self.app(scope, receive, send)
             return
         headers = _headers(scope)

@@ -4,8 +4,11 @@ The one owner of that table's writes and of what "alive" means."""
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Literal
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -13,6 +16,7 @@ from sqlalchemy.orm import Session
 from app.models import Run, RunStatus, Worker, utcnow
 
 WORKER_HEADER = "X-Tuneboard-Worker"  # names the worker sending a run's files to the web server
+LOG_OFFSET_HEADER = "X-Tuneboard-Log-Offset"  # where in its copy of the log a worker's bytes start
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,11 @@ class Orders:
 
     drain: bool = False
     stop: bool = False
+
+
+def worker_id() -> str:
+    """This process's name in the workers table: host and process id."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def beat(
@@ -60,13 +69,11 @@ def beat(
     return Orders(drain=bool(row.draining), stop=bool(row.stop_requested))
 
 
-ORDERS = ("drain", "undrain", "stop")
+Order = Literal["drain", "undrain", "stop"]
 
 
-def order(*, session: Session, worker_id: str, what: str) -> Worker:
+def order(*, session: Session, worker_id: str, what: Order) -> Worker:
     """Leave an order for a worker (it reads it at its next heartbeat). LookupError: no such worker."""
-    if what not in ORDERS:
-        raise ValueError(what)
     row = session.get(Worker, worker_id)
     if row is None:
         raise LookupError(worker_id)
@@ -75,6 +82,14 @@ def order(*, session: Session, worker_id: str, what: str) -> Worker:
     else:
         row.draining = what == "drain"
     return row
+
+
+def started(*, session: Session, worker_id: str) -> None:
+    """A worker process starts: the orders left for an earlier process of the same name do not apply."""
+    row = session.get(Worker, worker_id)
+    if row is not None:
+        row.draining, row.stop_requested, row.started_at, row.last_error = False, False, utcnow(), None
+    session.commit()
 
 
 def stopped(*, session: Session, worker_id: str) -> None:

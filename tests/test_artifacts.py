@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from app.runs import state
-from app.runs.folder import pack
+from app.runs.folder import Checkpoint, pack
 from tests.conftest import DEMO_DATASET, upload
 
 
@@ -39,6 +39,7 @@ CHECKPOINT = {
     "adapter_config.json": b"{}",
     "adapter_model.safetensors": b"weights",
     "state/trainer.json": b"1",
+    "TUNEBOARD_COMPLETE": b"20",  # the worker's marker: the save was complete
 }
 OWNER = {"X-Tuneboard-Worker": "box:7", "Content-Type": "application/x-tar"}
 
@@ -59,12 +60,17 @@ def test_a_checkpoint_sent_by_the_runs_worker_is_stored_whole_and_comes_back(cli
     assert back.status_code == 200 and back.headers["content-type"] == "application/x-tar"
     with tarfile.open(fileobj=io.BytesIO(back.content)) as archive:
         files = {m.name: archive.extractfile(m).read() for m in archive if m.isfile()}
-    assert {k: v for k, v in files.items() if k != "TUNEBOARD_COMPLETE"} == CHECKPOINT
+    assert files == CHECKPOINT and list(files)[-1] == "TUNEBOARD_COMPLETE"  # the marker travels last
     assert client.get(f"/api/runs/{run}/checkpoints/20.tar").status_code == 404
-    # the log grows by what is sent; the adapter arrives whole
-    assert client.post(f"/api/runs/{run}/log", content=b"step 1\n", headers=OWNER).status_code == 204
-    assert client.post(f"/api/runs/{run}/log", content=b"step 2\n", headers=OWNER).status_code == 204
-    assert (settings.run_folder(run).log.read_text()) == "step 1\nstep 2\n"
+
+    # the log grows by what is sent, once: a chunk sent again (its answer lost) adds nothing
+    def log(data: bytes, offset: int) -> int:
+        headers = OWNER | {"X-Tuneboard-Log-Offset": str(offset)}
+        return client.post(f"/api/runs/{run}/log", content=data, headers=headers).status_code
+
+    assert log(b"step 1\n", 0) == log(b"step 2\n", 7) == log(b"step 2\n", 7) == 204
+    assert log(b"2\nstep 3\n", 12) == 204  # overlapping what arrived: only the new bytes
+    assert settings.run_folder(run).log.read_text() == "step 1\nstep 2\nstep 3\n"
     adapter = {"adapter_config.json": b"{}", "adapter_model.safetensors": b"final"}
     sent = client.put(f"/api/runs/{run}/adapter.tar", content=tar_of(adapter), headers=OWNER)
     assert sent.status_code == 201
@@ -90,8 +96,8 @@ def test_only_the_worker_training_the_run_may_send_its_files(client, db, setting
 @pytest.mark.parametrize(
     "archive, sentence",
     [
-        (b"not a tar at all" * 100, "not a readable tar stream"),
-        (tar_of({"../../escape.txt": b"x"}), "not a readable tar stream"),
+        (b"not a tar at all" * 100, "could not be stored"),
+        (tar_of({"../../escape.txt": b"x"}), "could not be stored"),
     ],
 )
 def test_a_broken_or_hostile_archive_stores_nothing(client, settings, running_run, archive, sentence):
@@ -100,11 +106,11 @@ def test_a_broken_or_hostile_archive_stores_nothing(client, settings, running_ru
     folder = settings.run_folder(running_run)
     assert not folder.checkpoints()
     assert not list(folder.checkpoints_dir.glob(".incoming-*"))  # nothing half-unpacked left behind
-    assert not (settings.data_dir.parent / "escape.txt").exists()
+    assert not list(settings.data_dir.rglob("escape.txt"))
 
 
 def test_an_absolute_name_stays_inside_the_checkpoint(client, settings, running_run):
-    archive = tar_of({"/tmp/tuneboard-owned-by-a-test": b"x", "adapter_config.json": b"{}"})
+    archive = tar_of({"/tmp/tuneboard-owned-by-a-test": b"x", "TUNEBOARD_COMPLETE": b"20"})
     response = client.put(f"/api/runs/{running_run}/checkpoints/20.tar", content=archive, headers=OWNER)
     assert response.status_code == 201
     checkpoint = settings.run_folder(running_run).checkpoint(20).path
@@ -119,8 +125,25 @@ def test_a_link_inside_an_archive_is_refused(client, settings, running_run, tmp_
         info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
         archive.addfile(info)
     response = client.put(f"/api/runs/{running_run}/adapter.tar", content=buffer.getvalue(), headers=OWNER)
-    assert response.status_code == 422 and "neither a file nor a folder" in response.text
+    assert response.status_code == 422 and "neither a plain file nor a folder" in response.text
     assert not settings.run_folder(running_run).has_adapter
+
+
+def test_a_checkpoint_without_its_marker_is_refused_as_incomplete(client, settings, running_run):
+    partial = {k: v for k, v in CHECKPOINT.items() if k != "TUNEBOARD_COMPLETE"}
+    response = client.put(
+        f"/api/runs/{running_run}/checkpoints/20.tar", content=tar_of(partial), headers=OWNER
+    )
+    assert response.status_code == 422 and "without its TUNEBOARD_COMPLETE marker" in response.text
+    assert not settings.run_folder(running_run).checkpoints()
+
+
+def test_an_archive_sent_as_json_is_still_streamed_to_its_route(client, settings, running_run):
+    headers = OWNER | {"Content-Type": "application/json"}  # not read whole by the JSON checker
+    response = client.put(
+        f"/api/runs/{running_run}/checkpoints/20.tar", content=tar_of(CHECKPOINT), headers=headers
+    )
+    assert response.status_code == 201
 
 
 def test_an_adapter_without_its_config_is_refused(client, settings, running_run):
@@ -150,14 +173,16 @@ def test_the_dataset_rows_a_worker_trains_on_are_the_normalised_rows(client, set
     assert client.get("/api/datasets/999/rows.jsonl").status_code == 404
 
 
-def test_pack_then_store_is_the_same_folder(settings, tmp_path):
-    source = tmp_path / "source"
+def test_pack_then_store_is_the_same_folder_and_a_vanished_folder_packs_nothing(settings, tmp_path):
+    source = tmp_path / "checkpoint-7"
     (source / "deep").mkdir(parents=True)
     (source / "adapter_config.json").write_text("{}")
     (source / "deep" / "w.bin").write_bytes(b"\0" * 1000)
+    Checkpoint(source, 7).mark_complete()
     buffer = io.BytesIO()
     pack(source, buffer)
     buffer.seek(0)
-    folder = settings.run_folder(5)
-    checkpoint = folder.store_checkpoint(7, buffer)
-    assert checkpoint.complete and (checkpoint.path / "deep" / "w.bin").read_bytes() == b"\0" * 1000
+    checkpoint = settings.run_folder(5).store_checkpoint(7, buffer)
+    assert checkpoint.has_adapter and (checkpoint.path / "deep" / "w.bin").read_bytes() == b"\0" * 1000
+    with pytest.raises(FileNotFoundError):  # rotated away: an error, never an empty archive
+        pack(tmp_path / "checkpoint-3", io.BytesIO())

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
 
+from app.config import PROJECT_ROOT, isolated_env
 from tests.servers import running
 
 
@@ -42,3 +45,13 @@ def test_serve_starts_web_and_worker_and_stops_both(tmp_path):
         assert time.monotonic() < deadline, group_members(process.pid)
         time.sleep(0.2)
     assert not list((data / "models").glob(".*partial*"))
+
+
+def test_serve_refuses_a_server_url_its_worker_would_misuse(tmp_path):
+    """`tuneboard serve`'s worker shares the web server's data folder: files must not travel to itself."""
+    env = isolated_env(tmp_path / "data", TUNEBOARD_SERVER_URL="http://127.0.0.1:9")
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", "serve"], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert done.returncode != 0 and "TUNEBOARD_SERVER_URL is for a worker on another machine" in done.stderr

@@ -85,7 +85,6 @@ def test_a_run_asking_for_gpus_gets_a_process_per_gpu_data_parallel_or_sharded(s
     assert "--use_fsdp" in fsdp and "--multi_gpu" not in fsdp  # accelerate takes one or the other
     assert fsdp[fsdp.index("--fsdp_version") + 1] == "2"
     assert fsdp[fsdp.index("--fsdp_state_dict_type") + 1] == "FULL_STATE_DICT"  # PEFT's usual files
-    assert ddp[ddp.index("--main_process_port") + 1] != fsdp[fsdp.index("--main_process_port") + 1]
     assert training_env(settings, 2)["ACCELERATE_USE_CPU"] == "1"  # several processes on a CPU: gloo
     assert "ACCELERATE_USE_CPU" not in training_env(settings, 2, gpus=True)
     assert training_env(settings.model_copy(update={"torch_threads": None}), 2)["OMP_NUM_THREADS"] == str(
@@ -94,7 +93,7 @@ def test_a_run_asking_for_gpus_gets_a_process_per_gpu_data_parallel_or_sharded(s
 
 
 def test_answers_are_not_scored_when_fsdp_shards_the_model(settings):
-    config = RunConfig.model_construct(method="lora", distributed="fsdp", gpus=2)
-    assert not scored(config)
-    assert scored(RunConfig.model_construct(method="lora", distributed="ddp", gpus=2))
-    assert not scored(RunConfig.model_construct(method="prefix_tuning", distributed="ddp", gpus=0))
+    fsdp = RunConfig.model_construct(method="lora", distributed="fsdp", gpus=0)
+    assert not scored(fsdp, processes=2) and scored(fsdp, processes=1)  # FSDP on one process shards nothing
+    assert scored(RunConfig.model_construct(method="lora", distributed="ddp"), processes=2)
+    assert not scored(RunConfig.model_construct(method="prefix_tuning", distributed="ddp"), processes=1)

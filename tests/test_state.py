@@ -164,3 +164,18 @@ def test_a_worker_claims_only_runs_it_can_serve_and_each_attempt_names_its_worke
         assert all(a.ended_at is not None for a in attempts)
         (open_attempt,) = state.attempts_of(session=session, run_id=other)
         assert open_attempt.worker_id == "cpu" and open_attempt.outcome is None
+
+
+def test_runs_handed_back_on_purpose_do_not_count_as_lost(db, dataset_id):
+    """A worker that cannot reach the web server hands its run back; only silent workers use up tries."""
+    (run_id,) = queue(db, dataset_id)
+    for worker in ("w1", "w2", "w3"):
+        claim(db, worker)
+        with db.write_session() as session:
+            state.requeue(session=session, run_id=run_id, worker_id=worker)
+    claim(db, "w4")
+    with db.write_session() as session:
+        later = utcnow() + timedelta(minutes=5)
+        assert state.requeue_stale(session=session, stale_after=timedelta(seconds=30), now=later) == [run_id]
+        run = session.get(Run, run_id, populate_existing=True)
+        assert run.status == RunStatus.QUEUED and run.attempts == 4

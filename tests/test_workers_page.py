@@ -120,3 +120,27 @@ def test_the_new_run_form_asks_for_gpus_and_how_to_spread_the_model(client):
     assert run["gpus"] == 2 and run["config"]["distributed"] == "fsdp"
     refused = client.post("/runs", data=form | {"gpus": "-1"}, headers=browser_headers(client))
     assert refused.status_code == 422 and "gpus" in refused.text
+
+
+def test_a_worker_started_again_under_the_same_name_is_not_stopped_by_the_old_order(db):
+    beat(db, "box:1")  # a container's worker is pid 1 on the same host every time
+    with db.write_session() as session:
+        workers.order(session=session, worker_id="box:1", what="stop")
+        workers.order(session=session, worker_id="box:1", what="drain")
+        session.commit()
+    assert beat(db, "box:1") == workers.Orders(drain=True, stop=True)
+    with db.write_session() as session:
+        workers.started(session=session, worker_id="box:1")
+    assert beat(db, "box:1") == workers.Orders(drain=False, stop=False)
+
+
+def test_orders_from_another_site_are_refused(client, db):
+    beat(db, "gpu-box:4242")
+    client.get("/workers")
+    forged = client.post(
+        "/workers/orders",
+        data={"worker_id": "gpu-box:4242", "what": "stop"},
+        headers={"Origin": "http://evil.example", "HX-Request": "true"},
+    )
+    assert forged.status_code == 403
+    assert beat(db, "gpu-box:4242") == workers.Orders(drain=False, stop=False)

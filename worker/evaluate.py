@@ -11,6 +11,7 @@ answers (make bench reports it per checkpoint).
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -35,10 +36,12 @@ log = logging.getLogger("tuneboard.train")
 UNSCORED = {"prefix_tuning"}
 
 
-def scored(config: RunConfig) -> bool:
+def scored(config: RunConfig, processes: int = 1) -> bool:
     """Whether this run's answers are scored: not for prefix tuning (generation drops its prefix), nor for a
-    run whose weights FSDP shards across processes (the main process alone cannot generate with them)."""
-    return config.method not in UNSCORED and not (config.distributed == "fsdp" and config.gpus > 1)
+    run whose weights FSDP shards across its `processes` (one process cannot generate with them alone)."""
+    return config.method not in UNSCORED and not (config.distributed == "fsdp" and processes > 1)
+
+
 BATCH = 8
 JUDGE_WAIT_SECONDS = 900  # at the end of training, for the judge's verdicts on the last checkpoint
 
@@ -196,7 +199,8 @@ class EvaluationCallback(TrainerCallback):
     def evaluate(self, model, tokenizer, step: int) -> dict[str, Scores]:
         """Answer and score every split at `step`; returns each answered split's mean scores."""
         result: dict[str, Scores] = {}
-        if not any(self.questions.values()) or not scored(self.config):
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        if not any(self.questions.values()) or not scored(self.config, processes):
             return result
         training = model.training
         side = tokenizer.padding_side

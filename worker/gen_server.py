@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import func, select
 
+from app import workers
 from app.config import Settings, get_settings
 from app.db import Database
 from app.models import Run, RunStatus
@@ -73,11 +73,7 @@ class GenerationHost:
         self.waiting = 0
         self.counts = {"answered": 0, "cancelled": 0}
         self.token = settings.token.get_secret_value() if settings.token else None
-        self.server = (
-            Server(settings, f"{socket.gethostname()}:{os.getpid()}-generation")
-            if settings.server_url
-            else None
-        )
+        self.server = Server(settings, f"{workers.worker_id()}-generation") if settings.server_url else None
 
     def authorised(self, request: Request) -> bool:
         return self.token is None or bearer_ok(request.headers.get("authorization", ""), self.token)
@@ -87,8 +83,7 @@ class GenerationHost:
 
         target_ids = [pane.target for pane in body.panes]
         if self.server is not None:  # no shared disk: fetch the adapters this machine does not hold yet
-            with self.db.session() as session:
-                self.server.fetch_adapters(session, target_ids)
+            self.server.fetch_adapters(self.db, target_ids)
         targets = resolve_all(self.settings, self.db, target_ids)
         return [
             PaneRequest(

@@ -82,7 +82,10 @@ def visible_gpus() -> list[dict]:
         return []
     gpus = {}
     for line in out.splitlines():
-        index, name, memory = (part.strip() for part in line.split(",", 2))
+        parts = [part.strip() for part in line.split(",")]
+        if len(parts) < 3:
+            continue
+        index, name, memory = parts[0], ", ".join(parts[1:-1]), parts[-1]
         if index.isdigit() and memory.isdigit():
             gpus[index] = {"name": name, "memory_mb": int(memory)}
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")

@@ -22,15 +22,16 @@ from app.model_registry import list_models
 from app.runs import state
 from worker.hardware import machine_summary
 from worker.prepare import prepare_pending_models
-from worker.remote import Server
-from worker.supervise import supervise, worker_id
+from worker.remote import Server, ServerError
+from worker.supervise import supervise
 
 log = logging.getLogger("tuneboard.worker")
 
 
-# Faults that pass: the database busy or briefly unreachable, a file that vanished under us. The loop logs
-# them, waits (with backoff) and carries on; anything else is a bug or a fatal setting and ends the worker.
-TRANSIENT = (OperationalError, InterfaceError, OSError)
+# Faults that pass: the database or the web server busy or briefly unreachable, a file that vanished under
+# us. The loop logs them, waits (with backoff) and carries on; anything else is a bug or a fatal setting and
+# ends the worker.
+TRANSIENT = (OperationalError, InterfaceError, OSError, ServerError)
 
 
 def run_worker(settings: Settings, *, stop: threading.Event | None = None) -> None:
@@ -44,7 +45,7 @@ def run_worker(settings: Settings, *, stop: threading.Event | None = None) -> No
         settings.check_exposure(settings.generation_host, "the generation host")
     settings.ensure_dirs()
     db = Database(settings.sqlalchemy_url)
-    me = worker_id()
+    me = workers.worker_id()
     server = Server(settings, me) if settings.server_url else None
     log.info(
         "worker %s started; data in %s%s",
@@ -56,6 +57,8 @@ def run_worker(settings: Settings, *, stop: threading.Event | None = None) -> No
     try:
         if not wait_for_schema(settings, db, stop):
             return
+        with db.write_session() as session:  # a new process under an old name (a container's pid 1)
+            workers.started(session=session, worker_id=me)
         if settings.generation:
             log.info("generation host starting on port %d", settings.generation_port)
             host = ChildKeeper(

@@ -9,29 +9,35 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tarfile
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import httpx
-from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.datasets.store import ROWS_FILE, dataset_dir
+from app.db import Database
 from app.keeper import Backoff
 from app.models import Run
 from app.playground import TARGET_ID, has_adapter
 from app.runs import evaluation
 from app.runs.folder import RunFolder, pack
-from app.workers import WORKER_HEADER
+from app.workers import LOG_OFFSET_HEADER, WORKER_HEADER
 
 log = logging.getLogger("tuneboard.worker")
 LOG_CHUNK = 1 << 20
 
 
 class ServerError(Exception):
-    """The web server could not be reached, or refused; the text says which and why."""
+    """The web server could not be reached, or refused; the text says which and why. `lasting`: asking
+    again will not help (it refused the request, or what it sent cannot be read)."""
+
+    def __init__(self, message: str, *, lasting: bool = False):
+        super().__init__(message)
+        self.lasting = lasting
 
 
 class LostRun(ServerError):
@@ -69,7 +75,8 @@ class Server:
             raise LostRun(_detail(response))
         if response.status_code >= 400:
             raise ServerError(
-                f"The web server answered {response.status_code} to {method} {path}: {_detail(response)}"
+                f"The web server answered {response.status_code} to {method} {path}: {_detail(response)}",
+                lasting=response.status_code < 500 and response.status_code not in (408, 429),
             )
 
     def _download(self, path: str, into) -> None:
@@ -113,14 +120,19 @@ class Server:
     def _fetch_into(self, path: str, folder: RunFolder, step: int | None) -> None:
         with tempfile.TemporaryFile(dir=self.settings.tmp_dir) as body:
             self._download(path, body)
-            if step is None:
-                folder.store_adapter(body)
-            else:
-                folder.store_checkpoint(step, body)
+            try:
+                if step is None:
+                    folder.store_adapter(body)
+                else:
+                    folder.store_checkpoint(step, body)
+            except (tarfile.TarError, ValueError) as exc:
+                message = f"What the web server sent for {path} cannot be read ({exc})."
+                raise ServerError(message, lasting=True) from exc
 
     # ---- during and after an attempt -------------------------------------------------------------------
-    def push_log(self, run_id: int, data: bytes) -> None:
-        self._request("POST", f"/api/runs/{run_id}/log", content=data)
+    def push_log(self, run_id: int, data: bytes, offset: int) -> None:
+        headers = {LOG_OFFSET_HEADER: str(offset)}
+        self._request("POST", f"/api/runs/{run_id}/log", content=data, headers=headers)
 
     def push_checkpoint(self, run_id: int, folder: RunFolder, step: int, keep: list[int]) -> None:
         query = ",".join(str(s) for s in keep)
@@ -136,31 +148,31 @@ class Server:
             self._request("PUT", path, content=body, headers={"Content-Type": "application/x-tar"})
 
     # ---- the generation host ---------------------------------------------------------------------------
-    def fetch_adapters(self, session: Session, target_ids: list[str]) -> None:
+    def fetch_adapters(self, db: Database, target_ids: list[str]) -> None:
         """Fetch each run adapter named in `target_ids` (run-3, run-3-step-40, run-3-best) that this
-        machine does not hold yet. A finished run's adapter and its complete checkpoints never change."""
-        for target_id in target_ids:
-            match = TARGET_ID.match(target_id)
-            if match is None:
-                continue
-            run_id = int(match.group(1))
-            step = int(match.group(2)) if match.group(2) else None
-            if match.group(3):
-                run = session.get(Run, run_id)
-                step = evaluation.best_step(session=session, run=run) if run is not None else None
-                if step is None:
-                    continue  # resolving says why
+        machine does not hold yet. A finished run's adapter and its complete checkpoints never change.
+        A fetch that fails is logged; resolving the target then says it cannot answer."""
+        wanted = []
+        with db.session() as session:  # closed before any download
+            for target_id in target_ids:
+                match = TARGET_ID.match(target_id)
+                if match is None:
+                    continue
+                run_id = int(match.group(1))
+                step = int(match.group(2)) if match.group(2) else None
+                if match.group(3):
+                    run = session.get(Run, run_id)
+                    step = evaluation.best_step(session=session, run=run) if run is not None else None
+                    if step is None:
+                        continue  # resolving says why
+                wanted.append((target_id, run_id, step))
+        for target_id, run_id, step in wanted:
             if has_adapter(self.settings, run_id, step):
                 continue
-            folder = self.settings.run_folder(run_id)
-            path = (
-                f"/api/runs/{run_id}/adapter.tar"
-                if step is None
-                else f"/api/runs/{run_id}/checkpoints/{step}.tar"
-            )
+            what = "adapter.tar" if step is None else f"checkpoints/{step}.tar"
             try:
-                self._fetch_into(path, folder, step)
-            except ServerError as exc:
+                self._fetch_into(f"/api/runs/{run_id}/{what}", self.settings.run_folder(run_id), step)
+            except (ServerError, OSError) as exc:
                 log.warning("could not fetch %s from the web server: %s", target_id, exc)
 
 
@@ -190,7 +202,10 @@ class ArtifactSync:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
-            self._pass(quiet=True)
+            try:
+                self._pass(quiet=True)
+            except Exception:  # a surprise must not end the sending: the next pass tries again
+                log.exception("run %d: sending files failed", self.run_id)
 
     def _pass(self, *, quiet: bool) -> None:
         if self.lost:
@@ -220,14 +235,18 @@ class ArtifactSync:
             while self.log_sent < size:
                 f.seek(self.log_sent)
                 data = f.read(min(LOG_CHUNK, size - self.log_sent))
-                self.server.push_log(self.run_id, data)
+                self.server.push_log(self.run_id, data, self.log_sent)
                 self.log_sent += len(data)
+
+    def stop(self) -> None:
+        """Stop the sending thread (idempotent)."""
+        self._stop.set()
+        self._thread.join()
 
     def close(self, *, adapter: bool, tries: int = 5) -> None:
         """Stop the thread, send what is left, then the adapter (`adapter`), trying `tries` times with
         backoff. Raises ServerError when the server cannot take them."""
-        self._stop.set()
-        self._thread.join()
+        self.stop()
         backoff = Backoff()
         for attempt in range(tries):
             if self.lost:

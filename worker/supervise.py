@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -32,10 +33,6 @@ from worker.train import write_config
 
 log = logging.getLogger("tuneboard.worker")
 TRANSIENT_DB = (OperationalError, InterfaceError)
-
-
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def training_env(settings: Settings, processes: int = 1, *, gpus: bool = False) -> dict[str, str]:
@@ -192,18 +189,49 @@ def supervise(
     stop: threading.Event,
     server: Server | None = None,
 ) -> str:
-    """Run `run` to its end. Returns the final status, or "requeued" when this worker is stopping."""
-    problem, model_folder = ensure_model(settings, db, run, stop=stop)
-    if problem:
-        return fail(db, run, me, problem)
-    try:
-        folder = prepare_run_folder(settings, run, model_folder, server)
-    except ServerError as exc:
-        write_with_retry(db, lambda session: state.requeue(session=session, run_id=run.id, worker_id=me))
-        log.warning("run %d handed back to the queue: %s", run.id, exc)
-        return "requeued"
+    """Run `run` to its end. Returns the final status, or "requeued" when this worker is stopping. Raises
+    ServerError after handing the run back when the web server cannot be reached (the worker loop waits)."""
+    with beating(settings, db, run.id, me):  # converting the model and fetching files may take minutes
+        problem, model_folder = ensure_model(settings, db, run, stop=stop)
+        if problem:
+            return fail(db, run, me, problem)
+        try:
+            folder = prepare_run_folder(settings, run, model_folder, server)
+        except ServerError as exc:
+            if exc.lasting:  # refused, or unreadable: asking again will not help
+                return fail(db, run, me, f"The run's files could not be fetched from the web server. {exc}")
+            write_with_retry(db, lambda session: state.requeue(session=session, run_id=run.id, worker_id=me))
+            log.warning("run %d handed back to the queue: %s", run.id, exc)
+            raise
     sync = ArtifactSync(server, run.id, folder) if server is not None else None
-    return _attempt(settings, db, run, folder, me=me, stop=stop, sync=sync)
+    try:
+        return _attempt(settings, db, run, folder, me=me, stop=stop, sync=sync)
+    finally:
+        if sync is not None:
+            sync.stop()
+
+
+@contextmanager
+def beating(settings: Settings, db: Database, run_id: int, me: str):
+    """The run's heartbeat from a thread while the worker itself is busy with it (converting its model,
+    moving its files), so that nobody takes it for lost."""
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(settings.heartbeat_seconds):
+            try:
+                with db.write_session() as session:
+                    state.heartbeat(session=session, run_id=run_id, worker_id=me)
+            except (state.TransitionError, *TRANSIENT_DB):
+                pass  # lost, or a busy database: the caller finds out by itself
+
+    thread = threading.Thread(target=beat, name=f"beat-run-{run_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def _attempt(
@@ -293,7 +321,8 @@ def _attempt(
             error += log_tail
     if sync is not None:
         try:
-            sync.close(adapter=status in WITH_ADAPTER)
+            with beating(settings, db, run.id, me):
+                sync.close(adapter=status in WITH_ADAPTER)
         except ServerError as exc:
             status, error = (
                 RunStatus.FAILED,

@@ -51,12 +51,18 @@ def write_config(config: RunConfig, path: Path) -> None:
     )
 
 
-def check_fits(model_path: Path, dtype) -> None:
-    """Refuse a model whose weights alone would not fit, before loading it takes the machine down."""
+def world_size() -> int:
+    """How many processes train this run (accelerate's launcher says; 1 when started alone)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_fits(model_path: Path, dtype, shards: int = 1) -> None:
+    """Refuse a model whose weights alone would not fit, before loading it takes the machine down (under
+    FSDP each of the run's `shards` processes holds its part)."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if problem := shortfall(loaded_bytes(model_path, dtype), device):
+    if problem := shortfall(loaded_bytes(model_path, dtype) // shards, device):
         raise UserError(
             f"The base model does not fit: {problem}. Choose a smaller model, or free memory and launch "
             "again."
@@ -147,7 +153,7 @@ def build_trainer(config: RunConfig, sink, attempt: int | None):
         )
 
     dtype = choose_dtype(training.dtype)
-    check_fits(model_path, dtype)
+    check_fits(model_path, dtype, world_size() if config.distributed == "fsdp" else 1)
     checkpointing = choose_checkpointing(config, train_split.lengths, dtype)
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=dtype, attn_implementation=training.attention
@@ -218,7 +224,7 @@ def build_trainer(config: RunConfig, sink, attempt: int | None):
     # after ProgressCallback, which marks each checkpoint complete before it is evaluated
     scored = questions(config, sources, tokenizer)
     judge = None
-    if config.evaluation.judge is not None and answers_scored(config) and any(scored.values()):
+    if config.evaluation.judge is not None and answers_scored(config, world_size()) and any(scored.values()):
         judge = Judge(config.evaluation.judge, Settings(), sink)
     callbacks.append(
         EvaluationCallback(

@@ -9,24 +9,27 @@ import asyncio
 import os
 import tarfile
 import tempfile
-from pathlib import Path
+from contextlib import asynccontextmanager
+from pathlib import Path as FolderPath
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException, Request
+from fastapi import APIRouter, Header, HTTPException, Path, Request
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
 from app.config import Settings
 from app.datasets.store import ROWS_FILE, dataset_dir
 from app.deps import DatasetId, RunId, SessionDep, SettingsDep, get_dataset_or_404, get_run_or_404
-from app.models import RunStatus
+from app.models import MAX_ID, Run
+from app.runs import state
 from app.runs.folder import pack
-from app.workers import WORKER_HEADER
+from app.workers import LOG_OFFSET_HEADER, WORKER_HEADER
 
 router = APIRouter(tags=["artifacts"])
 
 WorkerHeader = Annotated[str | None, Header(alias=WORKER_HEADER)]
 TAR = "application/x-tar"
+Step = Annotated[int, Path(ge=0, le=MAX_ID, description="a checkpoint's step")]
 
 
 @router.get("/api/datasets/{dataset_id}/rows.jsonl")
@@ -50,7 +53,7 @@ def list_checkpoints(run_id: RunId, settings: SettingsDep, session: SessionDep) 
 
 
 @router.get("/api/runs/{run_id}/checkpoints/{step}.tar")
-def checkpoint_tar(run_id: RunId, step: int, settings: SettingsDep, session: SessionDep) -> FileResponse:
+def checkpoint_tar(run_id: RunId, step: Step, settings: SettingsDep, session: SessionDep) -> FileResponse:
     get_run_or_404(session, run_id)
     checkpoint = settings.run_folder(run_id).checkpoint(step)
     if not checkpoint.complete:
@@ -70,30 +73,25 @@ def adapter_tar(run_id: RunId, settings: SettingsDep, session: SessionDep) -> Fi
 @router.put("/api/runs/{run_id}/checkpoints/{step}.tar", status_code=201)
 async def upload_checkpoint(
     run_id: RunId,
-    step: int,
+    step: Step,
     request: Request,
     settings: SettingsDep,
     worker: WorkerHeader = None,
     keep: str = "",
 ) -> dict[str, Any]:
-    """A complete checkpoint from the worker training the run. `keep`: the steps it still holds (comma
-    separated); the server drops the others, as the worker's rotation did."""
-    if step < 0:
-        raise HTTPException(422, "A checkpoint's step is 0 or more.")
+    """A complete checkpoint (its marker inside) from the worker training the run. `keep`: the steps it
+    still holds (comma separated); the server drops the others, as the worker's rotation did."""
     try:
         kept = {int(s) for s in keep.split(",") if s.strip()} if keep else None
     except ValueError:
         raise HTTPException(422, "keep: a comma-separated list of steps.") from None
-    _check_owner(request, run_id, worker)
     folder = settings.run_folder(run_id)
-    body = await _receive(request, settings)
-    try:
-        checkpoint = await asyncio.to_thread(folder.store_checkpoint, step, body, kept)
-    except tarfile.TarError as exc:
-        message = f"The checkpoint is not a readable tar stream ({exc}). Nothing was stored."
-        raise HTTPException(422, message) from None
-    finally:
-        body.close()
+    async with _received(request, settings, run_id, worker) as body:
+        try:
+            checkpoint = await asyncio.to_thread(folder.store_checkpoint, step, body, kept)
+        except (tarfile.TarError, ValueError) as exc:
+            message = f"The checkpoint could not be stored ({exc}). Nothing was stored."
+            raise HTTPException(422, message) from None
     return {"step": step, "bytes": checkpoint.size()}
 
 
@@ -101,58 +99,68 @@ async def upload_checkpoint(
 async def upload_adapter(
     run_id: RunId, request: Request, settings: SettingsDep, worker: WorkerHeader = None
 ) -> dict[str, Any]:
-    _check_owner(request, run_id, worker)
     folder = settings.run_folder(run_id)
-    body = await _receive(request, settings)
-    try:
-        await asyncio.to_thread(folder.store_adapter, body)
-    except (tarfile.TarError, ValueError) as exc:
-        message = f"The adapter is not a readable tar stream ({exc}). Nothing was stored."
-        raise HTTPException(422, message) from None
-    finally:
-        body.close()
+    async with _received(request, settings, run_id, worker) as body:
+        try:
+            await asyncio.to_thread(folder.store_adapter, body)
+        except (tarfile.TarError, ValueError) as exc:
+            message = f"The adapter could not be stored ({exc}). Nothing was stored."
+            raise HTTPException(422, message) from None
     return {"stored": True}
 
 
 @router.post("/api/runs/{run_id}/log", status_code=204)
 async def append_log(
-    run_id: RunId, request: Request, settings: SettingsDep, worker: WorkerHeader = None
+    run_id: RunId,
+    request: Request,
+    settings: SettingsDep,
+    worker: WorkerHeader = None,
+    offset: Annotated[int, Header(alias=LOG_OFFSET_HEADER, ge=0)] = 0,
 ) -> None:
-    """The next bytes of the training process's log, appended to the run's log here."""
-    _check_owner(request, run_id, worker)
+    """Bytes `offset`… of this attempt's log on the worker, appended to the run's log here (once: a
+    request sent again after a lost answer adds nothing)."""
+    run = await asyncio.to_thread(_owned, request, run_id, worker)
     data = await request.body()
-    await asyncio.to_thread(settings.run_folder(run_id).append_log, data)
+    sender = f"{worker}/{run.attempts}"
+    await asyncio.to_thread(settings.run_folder(run_id).append_log, data, sender, offset)
 
 
-def _check_owner(request: Request, run_id: int, worker: str | None) -> None:
+def _owned(request: Request, run_id: int, worker: str | None) -> Run:
     if not worker:
         raise HTTPException(400, f"The {WORKER_HEADER} header names the worker sending the run's files.")
     with request.app.state.db.session() as session:
-        run = get_run_or_404(session, run_id)
-        if run.status != RunStatus.RUNNING or run.worker_id != worker:
-            raise HTTPException(
-                409,
-                f"Run {run_id} is not being trained by {worker} (it is {run.status}"
-                + (f", on {run.worker_id}" if run.worker_id else "")
-                + "); its files were not changed.",
-            )
+        try:
+            return state.owned_run(session=session, run_id=run_id, worker_id=worker)
+        except LookupError:
+            raise HTTPException(404, f"There is no run {run_id}.") from None
+        except state.TransitionError as exc:
+            raise HTTPException(409, f"{exc} Its files were not changed.") from None
 
 
-async def _receive(request: Request, settings: Settings):
-    """The request body spooled to a temporary file in the data folder (it may be gigabytes)."""
+@asynccontextmanager
+async def _received(request: Request, settings: Settings, run_id: int, worker: str | None):
+    """The request body spooled to a temporary file in the data folder (it may be gigabytes), from the
+    worker training the run: checked before the body is read and again once it has arrived (the run may
+    have been requeued meanwhile)."""
+    await asyncio.to_thread(_owned, request, run_id, worker)
     body = tempfile.TemporaryFile(dir=settings.tmp_dir)
     try:
         async for chunk in request.stream():
             await asyncio.to_thread(body.write, chunk)
-    except BaseException:
+        body.seek(0)
+        await asyncio.to_thread(_owned, request, run_id, worker)
+        yield body
+    finally:
         body.close()
-        raise
-    body.seek(0)
-    return body
 
 
-def _tar_response(settings: Settings, folder: Path, filename: str) -> FileResponse:
+def _tar_response(settings: Settings, folder: FolderPath, filename: str) -> FileResponse:
     handle, name = tempfile.mkstemp(dir=settings.tmp_dir, suffix=".tar")
-    with os.fdopen(handle, "wb") as out:
-        pack(folder, out)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            pack(folder, out)
+    except FileNotFoundError:
+        os.unlink(name)
+        message = "That folder was replaced or removed while it was being packed; ask again."
+        raise HTTPException(404, message) from None
     return FileResponse(name, media_type=TAR, filename=filename, background=BackgroundTask(os.unlink, name))

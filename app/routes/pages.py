@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse
@@ -196,7 +196,7 @@ def workers_page(request: Request, settings: SettingsDep, session: SessionDep, m
     return render(request, "workers.html", context)
 
 
-ORDER_SAID = {
+ORDER_SAID: dict[workers.Order, str] = {
     "drain": "{host} finishes its current run and takes no new ones.",
     "undrain": "{host} takes runs again.",
     "stop": "{host} stops at its next report; its run goes back to the queue.",
@@ -209,7 +209,7 @@ def order_worker(
     settings: SettingsDep,
     session: WriteSessionDep,
     worker_id: Annotated[str, Form(max_length=200)],
-    what: Annotated[Literal["drain", "undrain", "stop"], Form()],
+    what: Annotated[workers.Order, Form()],
 ):
     """Drain, undrain or stop a worker from the Workers page; it obeys at its next heartbeat."""
     try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import shutil
 import tarfile
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 ADAPTER_SOURCE = "tuneboard.json"
+LOG_RECEIVED = ".log-received"  # [sender, bytes of its log received]: a resent chunk is appended once
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,9 @@ class RunFolder:
         own set after its rotation) are deleted."""
         checkpoint = self.checkpoint(step)
         staging = unpack(source, self.checkpoints_dir)
-        Checkpoint(staging, step).mark_complete()
+        if not Checkpoint(staging, step).complete:  # the sender's marker travels last: a cut one has none
+            shutil.rmtree(staging, ignore_errors=True)
+            raise ValueError(f"checkpoint {step} arrived without its {CHECKPOINT_MARKER} marker (incomplete)")
         _replace(staging, checkpoint.path)
         if keep is not None:
             for other in self.checkpoints():
@@ -157,18 +161,40 @@ class RunFolder:
             raise ValueError(f"The adapter received has no {ADAPTER_CONFIG}.")
         _replace(staging, self.adapter)
 
-    def append_log(self, data: bytes) -> None:
+    def append_log(self, data: bytes, sender: str, offset: int) -> None:
+        """Bytes `offset`… of `sender`'s copy of the log (one attempt's), appended; bytes already received
+        from that sender (a request sent again because its answer was lost) are not appended twice."""
         self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "ab") as f:
-            f.write(data)
+        with _REPLACING:
+            received = self._log_received()
+            have = received[1] if received and received[0] == sender else 0
+            new = data[max(0, have - offset) :]
+            if new:
+                with open(self.log, "ab") as f:
+                    f.write(new)
+            (self.path / LOG_RECEIVED).write_text(json.dumps([sender, max(have, offset + len(data))]))
+
+    def _log_received(self) -> list | None:
+        try:
+            return json.loads((self.path / LOG_RECEIVED).read_text())
+        except (OSError, ValueError):
+            return None
 
 
 def pack(folder: Path, into: IO[bytes]) -> None:
-    """The folder's files as an uncompressed tar stream (names relative to the folder)."""
+    """The folder's files as an uncompressed tar stream (names relative to the folder), a checkpoint's
+    marker last. FileNotFoundError when the folder, or a file of it, goes away meanwhile (a checkpoint
+    rotated away): never a partial archive."""
+    if not folder.is_dir():
+        raise FileNotFoundError(folder)
+    files = sorted(
+        (p for p in folder.rglob("*") if not p.is_dir()), key=lambda p: (p.name == CHECKPOINT_MARKER, p)
+    )
     with tarfile.open(fileobj=into, mode="w|") as archive:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                archive.add(path, arcname=str(path.relative_to(folder)), recursive=False)
+        for path in files:
+            archive.add(path, arcname=str(path.relative_to(folder)), recursive=False)
+    if not folder.is_dir():
+        raise FileNotFoundError(folder)
 
 
 def unpack(source: IO[bytes], parent: Path) -> Path:
@@ -181,8 +207,8 @@ def unpack(source: IO[bytes], parent: Path) -> Path:
     try:
         with tarfile.open(fileobj=source, mode="r|") as archive:
             for member in archive:
-                if not (member.isfile() or member.isdir()):
-                    raise tarfile.TarError(f"{member.name} is neither a file nor a folder")
+                if not (member.isfile() or member.isdir()) or member.issparse():
+                    raise tarfile.TarError(f"{member.name} is neither a plain file nor a folder")
                 archive.extract(member, staging, filter="data")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -190,12 +216,16 @@ def unpack(source: IO[bytes], parent: Path) -> Path:
     return staging
 
 
+_REPLACING = threading.Lock()  # two stores of one target in one process (a retried upload, two fetches)
+
+
 def _replace(staging: Path, target: Path) -> None:
     """Put `staging` where `target` is, the old one (if any) removed first."""
-    if target.exists():
-        old = target.with_name(f".old-{uuid.uuid4().hex}")
-        target.rename(old)
-        staging.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(target)
+    with _REPLACING:
+        if target.exists():
+            old = target.with_name(f".old-{uuid.uuid4().hex}")
+            target.rename(old)
+            staging.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(target)

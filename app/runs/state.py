@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from app.models import FINISHED, Run, RunAttempt, RunMetric, RunStatus, utcnow
@@ -122,6 +122,20 @@ def fail_queued_on(*, session: Session, base_model: str, error: str) -> None:
         run.status, run.finished_at, run.error = RunStatus.FAILED, utcnow(), error
 
 
+def owned_run(*, session: Session, run_id: int, worker_id: str) -> Run:
+    """The run, if `worker_id` is training it now. LookupError: no such run; TransitionError: another worker
+    has it, or it is not running (requeued, finished)."""
+    run = session.get(Run, run_id, populate_existing=True)
+    if run is None:
+        raise LookupError(run_id)
+    if run.status != RunStatus.RUNNING or run.worker_id != worker_id:
+        elsewhere = f", on {run.worker_id}" if run.worker_id else ""
+        raise TransitionError(
+            f"Run {run_id} is not being trained by {worker_id} (it is {run.status}{elsewhere})."
+        )
+    return run
+
+
 def request_cancel(*, session: Session, run_id: int) -> Run:
     """A queued run is cancelled at once; a running one is flagged and its trainer stops at the next step."""
     run = session.get(Run, run_id, populate_existing=True)
@@ -171,17 +185,26 @@ def requeue(*, session: Session, run_id: int, worker_id: str) -> None:
 
 
 def requeue_stale(*, session: Session, stale_after: timedelta, now: datetime | None = None) -> list[int]:
-    """Runs whose worker went silent go back to the queue (or fail after MAX_ATTEMPTS tries)."""
+    """Runs whose worker went silent go back to the queue, or fail once workers have gone silent on them
+    MAX_ATTEMPTS times (attempts handed back on purpose, by a stopping worker, do not count)."""
     cutoff = (now or utcnow()) - stale_after
     stale = session.scalars(
         select(Run).where(Run.status == RunStatus.RUNNING, Run.heartbeat_at < cutoff)
     ).all()
     for run in stale:
+        silent = 1 + (
+            session.scalar(
+                select(func.count())
+                .select_from(RunAttempt)
+                .where(RunAttempt.run_id == run.id, RunAttempt.outcome == "lost")
+            )
+            or 0
+        )
         if run.cancel_requested:
             run.status, run.finished_at, run.worker_id = RunStatus.CANCELLED, utcnow(), None
-        elif run.attempts >= MAX_ATTEMPTS:
+        elif silent >= MAX_ATTEMPTS:
             run.status, run.finished_at, run.worker_id = RunStatus.FAILED, utcnow(), None
-            run.error = f"The worker running this run stopped responding {run.attempts} times; giving up."
+            run.error = f"The worker running this run stopped responding {silent} times; giving up."
         else:
             run.status, run.worker_id, run.heartbeat_at = RunStatus.QUEUED, None, None
         _end_attempt(session, run.id, "lost" if run.status == RunStatus.QUEUED else run.status)
