@@ -26,6 +26,7 @@ from app.routes import (
     playground,
     run_pages,
     runs_api,
+    workers_api,
 )
 from app.runs.events import Feeds
 from app.security import (
@@ -78,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         datasets_api,
         models_api,
         runs_api,
+        workers_api,
         openai_api,
     )
     for module in routers:

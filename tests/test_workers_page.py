@@ -144,3 +144,16 @@ def test_orders_from_another_site_are_refused(client, db):
     )
     assert forged.status_code == 403
     assert beat(db, "gpu-box:4242") == workers.Orders(drain=False, stop=False)
+
+
+def test_the_workers_api_lists_workers_and_takes_orders(client, db):
+    beat(db, "gpu-box:4242")
+    (listed,) = client.get("/api/workers").json()
+    assert listed["id"] == "gpu-box:4242" and listed["alive"] and listed["gpus"] == 2
+    assert listed["models"] == GPU_BOX.models and listed["hardware"]["cpus"] == 32
+    drained = client.post("/api/workers/gpu-box:4242/orders", json={"what": "drain"})
+    assert drained.status_code == 200 and drained.json()["draining"] is True
+    assert beat(db, "gpu-box:4242").drain
+    assert client.post("/api/workers/nobody:1/orders", json={"what": "stop"}).status_code == 404
+    bad = client.post("/api/workers/gpu-box:4242/orders", json={"what": "explode"})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["field"] == "what"
