@@ -129,10 +129,9 @@ class Run(Base):
     resumed_from_step: Mapped[int | None] = mapped_column(Integer)
     # GPUs the run needs; 0: any worker
     gpus: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-    # every attempt, oldest first: which worker trained it and how it ended
-    history: Mapped[list[RunAttempt]] = relationship(
-        order_by="RunAttempt.attempt", lazy="selectin", viewonly=True
-    )
+    # every attempt, oldest first: which worker trained it and how it ended (loaded when asked for, so that
+    # the feeds' polls of every run do not read the attempts too)
+    history: Mapped[list[RunAttempt]] = relationship(order_by="RunAttempt.attempt", viewonly=True)
 
 
 class RunAttempt(Base):

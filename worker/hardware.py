@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from functools import cache
 from pathlib import Path
 
 from app.machine import HEADROOM, meminfo_bytes
@@ -70,6 +71,7 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+@cache  # a process's GPUs do not change: asked once, not at every poll of the worker loop
 def visible_gpus() -> list[dict]:
     """The NVIDIA GPUs this process may use ({"name", "memory_mb"} each), read with `nvidia-smi` so that
     the worker need not load torch (CUDA_VISIBLE_DEVICES narrows them). Empty without a GPU or driver."""
@@ -101,5 +103,5 @@ def machine_summary() -> dict:
         "cpus": usable_cores(),
         "memory_mb": (meminfo_bytes("MemTotal") or 0) // mib,
         "free_memory_mb": (available_memory_bytes() or 0) // mib,
-        "gpus": visible_gpus(),
+        "gpus": list(visible_gpus()),
     }

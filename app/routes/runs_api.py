@@ -12,6 +12,7 @@ from fastapi import APIRouter, Header, HTTPException, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
+from sqlalchemy.orm import selectinload
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app.deps import AfterId, RunId, SessionDep, SettingsDep, WriteSessionDep, get_run_or_404
@@ -91,7 +92,8 @@ def estimate_run(request: RunRequest, settings: SettingsDep, session: SessionDep
 
 @router.get("")
 def list_runs(session: SessionDep) -> list[RunOut]:
-    return [RunOut.model_validate(r) for r in session.scalars(select(Run).order_by(Run.id.desc()))]
+    runs = session.scalars(select(Run).options(selectinload(Run.history)).order_by(Run.id.desc()))
+    return [RunOut.model_validate(r) for r in runs]
 
 
 @router.get("/events")
