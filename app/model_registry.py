@@ -74,22 +74,32 @@ def weight_modules(folder: Path) -> dict[str, int]:
     """The model's modules that hold a weight, with the weight's number of dimensions (2 for linear
     layers), read from the safetensors headers alone (no torch, no tensor data). Empty when the weights
     are not safetensors."""
-    files = sorted(folder.glob("*.safetensors"))
+    return {
+        name.removesuffix(WEIGHT_SUFFIX): len(shape)
+        for name, (shape, _) in tensor_shapes(folder).items()
+        if name.endswith(WEIGHT_SUFFIX)
+    }
+
+
+def tensor_shapes(folder: Path, pattern: str = "*.safetensors") -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every tensor in the folder's safetensors files: its shape and its dtype (safetensors' name, e.g.
+    "BF16"), read from the headers alone."""
+    files = sorted(folder.glob(pattern))
     stamp = tuple(p.stat().st_mtime_ns for p in files)
-    return dict(_weight_modules(tuple(str(p) for p in files), stamp))
+    return dict(_tensor_shapes(tuple(str(p) for p in files), stamp))
 
 
 @lru_cache(maxsize=16)
-def _weight_modules(files: tuple[str, ...], _stamp: tuple[int, ...]) -> tuple[tuple[str, int], ...]:
+def _tensor_shapes(files: tuple[str, ...], _stamp: tuple[int, ...]) -> tuple[tuple[str, tuple], ...]:
     from safetensors import safe_open
 
-    modules: dict[str, int] = {}
+    found: dict[str, tuple[tuple[int, ...], str]] = {}
     for file in files:
         with safe_open(file, framework="np") as weights:
             for key in weights.keys():  # noqa: SIM118 - safe_open is not a mapping
-                if key.endswith(WEIGHT_SUFFIX):
-                    modules[key.removesuffix(WEIGHT_SUFFIX)] = len(weights.get_slice(key).get_shape())
-    return tuple(modules.items())
+                part = weights.get_slice(key)
+                found[key] = (tuple(part.get_shape()), part.get_dtype())
+    return tuple(found.items())
 
 
 def error_file(folder: Path) -> Path:

@@ -10,14 +10,7 @@ from jinja2_fragments.fastapi import Jinja2Blocks
 
 from app import workers
 from app.config import PROJECT_ROOT
-
-
-def filesize(size: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size} B"
+from app.units import filesize
 
 
 def ago(moment: datetime, *, seconds: bool = False) -> str:

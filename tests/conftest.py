@@ -142,16 +142,13 @@ def build_tiny_tokenizer(folder: Path) -> None:
     fast.save_pretrained(folder)
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A 2-layer, hidden-size-64 Llama with random weights and a real tokenizer, saved like any model."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def tiny_config(folder: Path, architecture: str = "llama", **extra):
+    """A 2-layer, hidden-size-64 decoder's config for the tokenizer saved in `folder`."""
+    from transformers import AutoConfig, AutoTokenizer
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    build_tiny_tokenizer(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    config = LlamaConfig(
+    return AutoConfig.for_model(
+        architecture,
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
@@ -162,10 +159,20 @@ def tiny_model_dir(tmp_path_factory) -> Path:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
+        **extra,
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer, hidden-size-64 Llama with random weights and a real tokenizer, saved like any model."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny_tokenizer(folder)
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    LlamaForCausalLM(tiny_config(folder, tie_word_embeddings=True)).save_pretrained(folder)
     return folder
 
 

@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 from app.config import Settings
 from app.db import Database
 from app.model_registry import ModelEntry, error_file, list_models
+from worker.child import run_child
 
 log = logging.getLogger("tuneboard.prepare")
 
@@ -54,43 +54,12 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
 
 
 def run_conversion(gguf_path: Path, target: Path, *, stop: threading.Event | None = None) -> str | None:
-    """Convert in a child interpreter. Returns None on success, else the reason it failed."""
-    child = subprocess.Popen(
-        [sys.executable, "-m", "worker.prepare", str(gguf_path), str(target)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    output: list[str] = []
-
-    stderr = child.stderr
-    assert stderr is not None  # opened with stderr=PIPE
-
-    def drain() -> None:
-        with stderr as stream:
-            output.append(stream.read())
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
-    stop = stop or threading.Event()
-    while child.poll() is None:
-        if stop.wait(0.5):  # the worker is stopping: end the conversion, it starts over next time
-            child.terminate()
-            try:
-                child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-            reader.join(timeout=5)
-            return None
-    reader.join(timeout=5)
-    if child.returncode == 0:
+    """Convert in a child interpreter. Returns None on success (or when stopped: it starts over next
+    time), else the reason it failed."""
+    ended = run_child([sys.executable, "-m", "worker.prepare", str(gguf_path), str(target)], stop=stop)
+    if ended.code in (0, None):
         return None
-    lines = [line for line in "".join(output).splitlines() if line.strip()]
-    reason = next(
-        (line for line in reversed(lines) if not line.startswith(" ")), f"exit code {child.returncode}"
-    )
-    return f"Could not convert {gguf_path.name} to a transformers model: {reason}"
+    return f"Could not convert {gguf_path.name} to a transformers model: {ended.reason()}"
 
 
 def prepare_pending_models(settings: Settings, db: Database, *, stop: threading.Event | None = None) -> None:

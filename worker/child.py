@@ -1,0 +1,60 @@
+"""A short job in a fresh interpreter (a GGUF conversion, an export): started, watched, stopped when the
+worker stops, its error output kept for the sentence that says why it failed."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Ended:
+    code: int | None  # None: stopped before it finished (the worker is stopping, or `tick` said so)
+    stderr: str
+
+    def reason(self, marker: str = "") -> str:
+        """The child's own sentence: the line after `marker` when it printed one, else its last line."""
+        lines = [line for line in self.stderr.splitlines() if line.strip()]
+        if marker:
+            said = [line.split(marker, 1)[1].strip() for line in lines if marker in line]
+            if said:
+                return said[-1]
+        return next((line for line in reversed(lines) if not line.startswith(" ")), f"exit code {self.code}")
+
+
+def run_child(
+    args: list[str],
+    *,
+    stop: threading.Event | None = None,
+    env: dict[str, str] | None = None,
+    tick: Callable[[], bool] | None = None,
+    every: float = 0.5,
+) -> Ended:
+    """Run `args` until it exits. Every `every` seconds `tick` (when given) is called; False from it, or
+    `stop` being set, ends the child (SIGTERM, then SIGKILL after 10 s)."""
+    child = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    output: list[str] = []
+    stderr = child.stderr
+    assert stderr is not None  # opened with stderr=PIPE
+
+    def drain() -> None:
+        with stderr as stream:
+            output.append(stream.read())
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    stop = stop or threading.Event()
+    while child.poll() is None:
+        if stop.wait(every) or (tick is not None and child.poll() is None and not tick()):
+            child.terminate()
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+            reader.join(timeout=5)
+            return Ended(None, "".join(output))
+    reader.join(timeout=5)
+    return Ended(child.returncode, "".join(output))
