@@ -30,6 +30,8 @@ $(STAMP): pyproject.toml $(LOCK)
 install-test: $(TEST_STAMP)
 
 $(TEST_STAMP): $(STAMP)
+	# llama-cpp-python (llama.cpp, for the export tests) builds from its source package with a C++ compiler
+	command -v g++ >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++)
 	$(BIN)/python -m pip install --quiet $(CONSTRAINTS) -e ".[test]"
 	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core)
 	# PostgreSQL's server programs: the tests start a throwaway cluster of their own (tests/postgres.py)

@@ -232,3 +232,39 @@ class Worker(Base):
     # set from the Workers page: take no new runs / stop now (its run goes back to the queue)
     draining: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
     stop_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
+
+
+class ExportStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class Export(Base):
+    """A run's adapter (or one checkpoint's) made into something other tools load: a merged model, a GGUF
+    file, a llama.cpp LoRA file. Made by a worker (app.exports owns every change); its files live in the
+    run's folder (`RunFolder.export_dir`)."""
+
+    __tablename__ = "exports"
+    __table_args__ = (
+        UniqueConstraint("run_id", "step", "format", name="uq_exports_run_step_format"),
+        Index("ix_exports_status_id", "status", "id"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    step: Mapped[int] = mapped_column(Integer)  # 0: the run's final adapter, else that checkpoint's
+    format: Mapped[str] = mapped_column(String(20))  # a key of app.exports.FORMATS
+    status: Mapped[str] = mapped_column(String(12), default=ExportStatus.QUEUED.value)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    stage: Mapped[str | None] = mapped_column(String(200))
+    estimated_bytes: Mapped[int] = mapped_column(BigInteger)
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    error: Mapped[str | None] = mapped_column(Text)
+    worker_id: Mapped[str | None] = mapped_column(String(200))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

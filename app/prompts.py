@@ -15,6 +15,17 @@ PROMPT_FORMATS: dict[str, str] = {
     "instruction": "Tutorial layout (Instruction / Input / Answer)",
 }
 
+# The tutorial layout as a chat template, for exported models trained on it (one question, as trained;
+# a system prompt is folded into the Input line as instruction_prompt does).
+INSTRUCTION_CHAT_TEMPLATE = (
+    "{%- set system = messages | selectattr('role', 'equalto', 'system') | map(attribute='content') -%}"
+    "{%- set system = system | list -%}"
+    "{%- set users = messages | selectattr('role', 'equalto', 'user') | list %}"
+    "Instruction: {{ users[-1]['content'] if users else '' }}\n"
+    "{% if system %}Input: system: {{ system[0] }}\n{% endif %}"
+    "Answer: "
+)
+
 
 def instruction_prompt(row: dict[str, Any]) -> tuple[str, str]:
     """(prompt, answer) in the tutorial's layout. Non-Alpaca rows use their last user turn before the

@@ -274,3 +274,82 @@ def test_chat_with_a_trained_run_side_by_side(app, context):
     page.wait_for_function("!document.getElementById('send').disabled", timeout=60_000)
     assert page.locator(".turn").count() == 1
     assert context.errors == []
+
+
+def test_export_a_run_as_merged_safetensors_and_gguf_and_load_both(app, context, tmp_path):
+    """From a finished run's page: see each format's size, export the merged model and an F16 GGUF, follow
+    them, download both; the files load and answer as the run does (transformers, its GGUF loader and
+    llama.cpp); then the GGUF becomes a base model."""
+    import zipfile
+
+    import torch
+    from llama_cpp import Llama
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    (run_id,) = finished_runs(app, 1)
+    page = context.new_page()
+    page.goto(f"{app['base']}/runs/{run_id}")
+    assert "About" in page.inner_text("#export-size")  # the first format's size, before anything starts
+    files = {}
+    for format in ("gguf-f16", "merged"):  # merged is the first choice: choosing F16 first changes both
+        before = page.inner_text("#export-estimate")
+        page.select_option("#export-format", format)
+        page.wait_for_function("t => document.getElementById('export-estimate').innerText !== t", arg=before)
+        assert re.search(r"About \d[\d.,]* (kB|MB)", page.inner_text("#export-size"))
+        page.click("#export-button")
+        row = f".export-row[data-format='{format}']"
+        page.wait_for_selector(row)
+        page.wait_for_selector(f"{row}[data-status='succeeded']", timeout=120_000)
+        with page.expect_download() as download:
+            page.click(f"{row} .export-download")
+        files[format] = tmp_path / download.value.suggested_filename
+        download.value.save_as(files[format])
+    page.locator("#run-exports").screenshot(path=str(tmp_path / "exports-1280.png"))
+    page.set_viewport_size({"width": 390, "height": 800})
+    # the charts follow the new width once their resize handler has run: then nothing sticks out
+    page.wait_for_function("document.documentElement.scrollWidth <= window.innerWidth", timeout=5_000)
+    page.locator("#run-exports").screenshot(path=str(tmp_path / "exports-390.png"))
+    assert files["merged"].name == f"run-{run_id}-merged.zip"
+    # deleting an export removes it from the list (and its files)
+    page.on("dialog", lambda dialog: dialog.accept())
+    page.click(".export-row[data-format='merged'] .export-delete")
+    page.wait_for_selector(".export-row[data-format='merged']", state="detached")
+    assert page.locator(".export-row").count() == 1
+    assert files["gguf-f16"].name == f"run-{run_id}-f16.gguf"
+
+    torch.set_num_threads(1)
+    model_dir = httpx.get(f"{app['base']}/api/models").json()
+    model_dir = next(m["path"] for m in model_dir if m["id"] == app["model"])
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of Quillmere?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    run = PeftModel.from_pretrained(base, app["folder"] / "data" / "runs" / str(run_id) / "adapter").eval()
+    with zipfile.ZipFile(files["merged"]) as archive:
+        archive.extractall(tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged" / f"run-{run_id}-merged").eval()
+    from_gguf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=files["gguf-f16"].name).eval()
+    with torch.no_grad():
+        expected = run.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :].tolist()
+        assert merged.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :].tolist() == expected
+        assert (from_gguf(ids).logits - run(ids).logits).abs().max().item() < 0.01
+    llm = Llama(model_path=str(files["gguf-f16"]), n_ctx=256, n_threads=1, verbose=True)
+    try:
+        answer = []
+        for token in llm.generate(ids[0].tolist(), temp=0.0, top_k=1):
+            answer.append(token)
+            if len(answer) == 8:
+                break
+    finally:
+        llm.close()
+    assert answer == expected
+
+    page.click(".export-row[data-format='gguf-f16'] .export-register")
+    page.wait_for_url(re.compile(r"/models$"))
+    assert f"#{run_id}" in page.inner_text("main") and "(F16)" in page.inner_text("main")
+    assert context.errors == []

@@ -1,5 +1,6 @@
-"""The worker loop: wait for the database schema, then prepare base models, requeue runs whose worker went
-silent, claim the next queued run and supervise it; until SIGTERM or SIGINT. A passing fault (database
+"""The worker loop: wait for the database schema, then prepare base models, requeue runs and exports whose
+worker went silent, make the next queued export (they are short and someone is waiting for them) or else
+claim the next queued run and supervise it; until SIGTERM or SIGINT. A passing fault (database
 busy, a vanished file) is logged and retried with backoff, never fatal. Beside the loop, the generation
 host (worker.gen_server) runs as a child process, restarted with backoff if it dies."""
 
@@ -13,13 +14,14 @@ from datetime import timedelta
 
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from app import workers
+from app import exports, workers
 from app.config import Settings
 from app.db import Database
 from app.keeper import Backoff, ChildKeeper
 from app.migrate import schema_ready
 from app.model_registry import list_models
 from app.runs import state
+from worker.export import run_export
 from worker.hardware import machine_summary
 from worker.prepare import prepare_pending_models
 from worker.remote import Server, ServerError
@@ -153,10 +155,19 @@ def work_once(
         requeued = state.requeue_stale(
             session=session, stale_after=timedelta(seconds=settings.stale_after_seconds)
         )
-    if requeued:
-        log.warning("requeued runs whose worker stopped responding: %s", requeued)
+        handed_back = exports.requeue_stale(
+            session=session, stale_after=timedelta(seconds=settings.stale_after_seconds)
+        )
+    if requeued or handed_back:
+        log.warning("requeued runs %s and exports %s whose worker stopped responding", requeued, handed_back)
     if stop.is_set() or orders.drain:
         return False
+    if server is None:  # exports are written into the run's folder: only a worker sharing the server's disk
+        with db.write_session() as session:
+            export = exports.claim_next(session=session, worker_id=me, models=has.models)
+        if export is not None:
+            run_export(settings, db, export, me=me, stop=stop)
+            return True
     with db.write_session() as session:
         run = state.claim_next(session=session, worker_id=me, models=has.models, gpus=has.gpus)
     if run is None:

@@ -21,6 +21,7 @@ from app.deps import IdQuery, RunId, SessionDep, SettingsDep, WriteSessionDep, g
 from app.model_registry import BUNDLED_ID, list_models
 from app.models import MAX_ID, Dataset, Run, RunMetric
 from app.prompts import PROMPT_FORMATS
+from app.routes.export_pages import export_context
 from app.runs import evaluation, state
 from app.runs.config import METHOD_LABELS, PRESETS, InvalidRun, RunConfig, RunRequest
 from app.runs.estimate import run_estimate
@@ -196,13 +197,17 @@ def run_page(request: Request, run_id: RunId, settings: SettingsDep, session: Se
         # 286 tells htmx to stop polling the log once the run has finished.
         status = 286 if run.status in state.FINISHED else 200
         return render(request, "run.html", {"run": run, "log": folder.tail()}, block="log", status=status)
-    context = summary_context(settings, session, run) | {
-        "p": progress(run, latest_train_metric(session, run_id)),
-        "checkpoints": checkpoints(folder),
-        "log": folder.tail(),
-        "cli_yaml": cli_yaml(run),
-        "evaluation": evaluation.report(settings, session=session, run=run),
-    }
+    context = (
+        summary_context(settings, session, run)
+        | {
+            "p": progress(run, latest_train_metric(session, run_id)),
+            "checkpoints": checkpoints(folder),
+            "log": folder.tail(),
+            "cli_yaml": cli_yaml(run),
+            "evaluation": evaluation.report(settings, session=session, run=run),
+        }
+        | export_context(settings, session, run)
+    )
     return render(request, "run.html", context, block=block)
 
 

@@ -8,6 +8,7 @@ error.txt                         the training process's own sentence when it fa
 checkpoints/checkpoint-<step>/    Trainer checkpoints; TUNEBOARD_COMPLETE is written into each once saved
 adapter/                          the trained adapter (PEFT layout) and tokenizer
 adapter/tuneboard.json            which step the adapter is, and whether it is the last or the best one
+exports/<format>-<final|step-S>/  a finished export's files (app.exports names them); made aside, renamed in
 ```
 No torch here: the web tier reads folders, the worker and the training process write them. A worker on
 another machine keeps its own copy and sends checkpoints, the adapter and the log to the web server, which
@@ -86,6 +87,14 @@ class RunFolder:
     @property
     def has_adapter(self) -> bool:
         return (self.adapter / ADAPTER_CONFIG).is_file()
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.path / "exports"
+
+    def export_dir(self, format: str, step: int) -> Path:
+        """Where one export's files live: of the final adapter (step 0) or of that checkpoint."""
+        return self.exports_dir / f"{format}-{'final' if step == 0 else f'step-{step}'}"
 
     def checkpoint(self, step: int) -> Checkpoint:
         return Checkpoint(self.checkpoints_dir / f"{CHECKPOINT_PREFIX}{step}", step)
