@@ -209,6 +209,7 @@ def main() -> None:
             "leaflets",
             "memory",
             "fleet",
+            "export",
         ],
         help="run one part only",
     )
@@ -275,6 +276,11 @@ def main() -> None:
 
         result["fleet"] = fleet_benchmark()
         print(report_fleet(result["fleet"]))
+    if args.only in (None, "export"):
+        from bench.export import export_benchmark, report_export
+
+        result["export"] = export_benchmark(model_dir, args.threads)
+        print(report_export(result["export"]))
     print(f"\n(benchmark took {time.time() - started:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:
