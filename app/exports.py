@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from sqlalchemy import delete as sa_delete
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -77,6 +79,7 @@ MODELFILE = "Modelfile"
 GGUF_VALUE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
 SAFETENSORS_VALUE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1}
 DISK_MARGIN = 1.1  # the worker wants this much more free space than the estimate
+MAX_ATTEMPTS = 3  # tries of an export whose worker goes silent before it fails
 
 
 class ExportRefused(ValueError):
@@ -118,9 +121,13 @@ def export_file(settings: Settings, export: Export) -> Path:
     return export_dir(settings, export) / file_name(export)
 
 
-def modelfile_path(settings: Settings, export: Export) -> Path | None:
-    path = export_dir(settings, export) / MODELFILE
-    return path if FORMATS[export.format].gguf_type or export.format == "lora-gguf" else None
+def has_modelfile(export: Export) -> bool:
+    """GGUF exports (whole model or adapter) come with an Ollama Modelfile."""
+    return bool(FORMATS[export.format].gguf_type or FORMATS[export.format].adapter_only)
+
+
+def modelfile_path(settings: Settings, export: Export) -> Path:
+    return export_dir(settings, export) / MODELFILE
 
 
 # --- checks and sizes, before anything is queued --------------------------------------------------------
@@ -158,12 +165,77 @@ def plan(settings: Settings, *, session: Session, run: Run, step: int, format: s
             f"The run's base model {run.base_model} is not available on this server, and an export needs it."
         )
     config = json.loads((model.folder / "config.json").read_text(encoding="utf-8"))
-    if (chosen.gguf_type or chosen.adapter_only) and config.get("model_type") not in GGUF_ARCHITECTURES:
-        raise ExportRefused(
-            f"GGUF export supports Llama and Qwen2 models; this run's base model is "
-            f"{config.get('model_type', 'of an unknown architecture')!r}. Export the merged model instead."
-        )
+    if chosen.gguf_type or chosen.adapter_only:
+        gguf_check(config, model.folder)
     return Plan(chosen, run, step, model, adapter, estimate(chosen, model.folder, adapter, config))
+
+
+# --- what a GGUF file can hold ---------------------------------------------------------------------------
+
+
+def gguf_check(config: dict, folder: Path, original_pre: str | None = None) -> str:
+    """Check that a model can be written as GGUF here (the architecture, its rotary embedding, its
+    tokenizer) and return llama.cpp's name for its pre-tokenizer. Raises ExportRefused with a sentence."""
+    model_type = config.get("model_type", "of an unknown kind")
+    if model_type not in GGUF_ARCHITECTURES:
+        raise ExportRefused(
+            f"GGUF export supports Llama and Qwen2 models; this run's base model is {model_type!r}. "
+            "Export the merged model instead."
+        )
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"
+    if rope_type != "default":
+        raise ExportRefused(
+            f"GGUF export supports the plain rotary embedding; this model scales it ({rope_type!r}). "
+            "Export the merged model instead."
+        )
+    tokenizer = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    pre = tokenizer.get("pre_tokenizer") or {}
+    if (tokenizer.get("model") or {}).get("type") != "BPE" or "ByteLevel" not in json.dumps(pre):
+        raise ExportRefused(
+            "GGUF export supports byte-level BPE tokenizers (those of Llama 3, Qwen2 and SmolLM2); this "
+            "model's tokenizer is another kind. Export the merged model instead."
+        )
+    name = original_pre or pre_tokenizer(pre, model_type)
+    if name is None:
+        raise ExportRefused(
+            "This model's tokenizer splits text in a way Tuneboard cannot name for llama.cpp, which would "
+            "then split it differently. Export the merged model instead."
+        )
+    return name
+
+
+QWEN2_DIGITS = "\\p{N}|"  # Qwen2's split rule takes digits one by one; Llama 3's up to three
+LLAMA3_DIGITS = "\\p{N}{1,3}"
+
+
+def pre_tokenizer(pre: dict, model_type: str) -> str | None:
+    """llama.cpp's name for a tokenizer.json pre-tokenizer it knows (it picks its splitting rules by
+    it), or None."""
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    types = [p.get("type") for p in parts]
+    if types == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
+        return "smollm"
+    if types == ["Split", "ByteLevel"]:
+        pattern = json.dumps(parts[0].get("pattern"))
+        if LLAMA3_DIGITS in pattern:
+            return "llama-bpe"
+        if QWEN2_DIGITS in pattern and model_type == "qwen2":
+            return "qwen2"
+        return None
+    if types == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return "gpt-2"
+    return None
+
+
+def gguf_tensor_kind(kind: str, shape: tuple[int, ...]) -> str:
+    """A tensor's type in a GGUF file of `kind`: vectors (norms, biases) stay f32 as llama.cpp expects;
+    matrices take the file's type, except rows Q8_0's 32-value blocks cannot divide, which stay f16."""
+    if len(shape) < 2:
+        return "f32"
+    if kind == "q8_0" and shape[-1] % 32:
+        return "f16"
+    return kind
 
 
 def estimate(chosen: Format, model_folder: Path, adapter: Path, config: dict) -> int:
@@ -179,16 +251,11 @@ def estimate(chosen: Format, model_folder: Path, adapter: Path, config: dict) ->
             _count(shape) * SAFETENSORS_VALUE_BYTES.get(dtype, 4) for shape, dtype in shapes.values()
         )
         return int(values + tokenizer)
-    total = 0.0
-    for name, (shape, _) in shapes.items():
-        if name == "lm_head.weight" and config.get("tie_word_embeddings"):
-            continue
-        kind = chosen.gguf_type
-        if len(shape) < 2:
-            kind = "f32"
-        elif kind == "q8_0" and shape[-1] % 32:
-            kind = "f16"
-        total += _count(shape) * GGUF_VALUE_BYTES[kind]
+    total = sum(
+        _count(shape) * GGUF_VALUE_BYTES[gguf_tensor_kind(chosen.gguf_type, shape)]
+        for name, (shape, _) in shapes.items()
+        if not (name == "lm_head.weight" and config.get("tie_word_embeddings"))
+    )
     return int(total + tokenizer)
 
 
@@ -202,25 +269,37 @@ def _count(shape: tuple[int, ...]) -> int:
 # --- the table -------------------------------------------------------------------------------------------
 
 
+def _find(session: Session, run_id: int, step: int, format: str) -> Export | None:
+    return session.scalar(
+        select(Export).where(Export.run_id == run_id, Export.step == step, Export.format == format)
+    )
+
+
 def request(settings: Settings, *, session: Session, run: Run, step: int, format: str) -> tuple[Export, bool]:
     """Queue an export, or give the one already made or under way (exports are cached per run, source and
-    format). A failed one, or one whose files were removed, is queued again. Returns (export, queued now)."""
-    chosen = plan(settings, session=session, run=run, step=step, format=format)
-    export = session.scalar(
-        select(Export).where(Export.run_id == run.id, Export.step == step, Export.format == format)
-    )
+    format, even once the checkpoint they came from is gone). A failed one, or one whose files were
+    removed, is queued again. Returns (export, queued now)."""
+    export = _find(session, run.id, step, format)
     if export is not None and (
         export.status in (ExportStatus.QUEUED, ExportStatus.RUNNING)
         or (export.status == ExportStatus.SUCCEEDED and export_file(settings, export).is_file())
     ):
         return export, False
+    chosen = plan(settings, session=session, run=run, step=step, format=format)
     if export is None:
         export = Export(run_id=run.id, step=step, format=format)
         session.add(export)
     export.status, export.progress, export.stage = ExportStatus.QUEUED, 0.0, None
-    export.error, export.size_bytes, export.worker_id = None, None, None
+    export.error, export.size_bytes, export.worker_id, export.attempts = None, None, None, 0
     export.estimated_bytes, export.created_at, export.finished_at = chosen.estimated_bytes, utcnow(), None
-    session.commit()
+    try:
+        session.commit()
+    except IntegrityError:  # the same export asked for twice at once: the other request queued it
+        session.rollback()
+        again = _find(session, run.id, step, format)
+        if again is None:
+            raise
+        return again, False
     return export, True
 
 
@@ -241,7 +320,13 @@ def claim_next(*, session: Session, worker_id: str, models: list[str] | None = N
     claimed = session.execute(
         update(Export)
         .where(Export.id == oldest, Export.status == ExportStatus.QUEUED)
-        .values(status=ExportStatus.RUNNING, worker_id=worker_id, heartbeat_at=now, started_at=now)
+        .values(
+            status=ExportStatus.RUNNING,
+            worker_id=worker_id,
+            heartbeat_at=now,
+            started_at=now,
+            attempts=Export.attempts + 1,
+        )
         .returning(Export.id)
     ).scalar_one_or_none()
     if claimed is None:
@@ -251,7 +336,8 @@ def claim_next(*, session: Session, worker_id: str, models: list[str] | None = N
     return session.get(Export, claimed, populate_existing=True)
 
 
-def _owned(session: Session, export_id: int, worker_id: str):
+def _owned(export_id: int, worker_id: str):
+    """An update of the export only while `worker_id` is making it."""
     return update(Export).where(
         Export.id == export_id, Export.worker_id == worker_id, Export.status == ExportStatus.RUNNING
     )
@@ -266,33 +352,35 @@ def report(
     stage: str | None = None,
 ) -> bool:
     """The worker's heartbeat on an export, with how far it got. False: the export is no longer its own
-    (deleted, or handed back after the worker went silent) and the worker should stop making it."""
+    (handed back after the worker went silent, or gone) and the worker should stop making it."""
     values: dict = {"heartbeat_at": utcnow()}
     if progress is not None:
         values["progress"] = max(0.0, min(1.0, progress))
     if stage is not None:
         values["stage"] = stage[:200]
-    changed = session.execute(_owned(session, export_id, worker_id).values(**values)).rowcount  # type: ignore[attr-defined]
+    changed = session.execute(_owned(export_id, worker_id).values(**values)).rowcount  # type: ignore[attr-defined]
     session.commit()
     return bool(changed)
 
 
-def finish(*, session: Session, export_id: int, worker_id: str, size_bytes: int) -> None:
-    session.execute(
-        _owned(session, export_id, worker_id).values(
+def finish(*, session: Session, export_id: int, worker_id: str, size_bytes: int) -> bool:
+    """Mark the export made. False: it was no longer this worker's (its files are the next attempt's)."""
+    done = session.execute(
+        _owned(export_id, worker_id).values(
             status=ExportStatus.SUCCEEDED,
             progress=1.0,
             stage=None,
             size_bytes=size_bytes,
             finished_at=utcnow(),
         )
-    )
+    ).rowcount  # type: ignore[attr-defined]
     session.commit()
+    return bool(done)
 
 
 def fail(*, session: Session, export_id: int, worker_id: str, error: str) -> None:
     session.execute(
-        _owned(session, export_id, worker_id).values(
+        _owned(export_id, worker_id).values(
             status=ExportStatus.FAILED, stage=None, error=error[:4000], finished_at=utcnow()
         )
     )
@@ -300,22 +388,41 @@ def fail(*, session: Session, export_id: int, worker_id: str, error: str) -> Non
 
 
 def hand_back(*, session: Session, export_id: int, worker_id: str) -> None:
-    """The worker stops before the export is made: it goes back to the queue, from the start."""
+    """The worker stops before the export is made: it goes back to the queue, from the start (a stop on
+    purpose does not use up one of its tries)."""
     session.execute(
-        _owned(session, export_id, worker_id).values(
-            status=ExportStatus.QUEUED, progress=0.0, stage=None, worker_id=None, started_at=None
+        _owned(export_id, worker_id).values(
+            status=ExportStatus.QUEUED,
+            progress=0.0,
+            stage=None,
+            worker_id=None,
+            started_at=None,
+            attempts=Export.attempts - 1,
         )
     )
     session.commit()
 
 
 def requeue_stale(*, session: Session, stale_after: timedelta) -> list[int]:
-    """Exports whose worker stopped beating go back to the queue."""
+    """Exports whose worker stopped beating go back to the queue; after MAX_ATTEMPTS tries they fail (a
+    model that kills its worker each time must not block the queue for ever)."""
     cutoff = utcnow() - stale_after
+    stale = (Export.status == ExportStatus.RUNNING, Export.heartbeat_at < cutoff)
+    session.execute(
+        update(Export)
+        .where(*stale, Export.attempts >= MAX_ATTEMPTS)
+        .values(
+            status=ExportStatus.FAILED,
+            stage=None,
+            finished_at=utcnow(),
+            error=f"The worker making this export stopped responding {MAX_ATTEMPTS} times (most often it "
+            "ran out of memory). Free some memory or choose a smaller format, then try again.",
+        )
+    )
     ids = list(
         session.scalars(
             update(Export)
-            .where(Export.status == ExportStatus.RUNNING, Export.heartbeat_at < cutoff)
+            .where(*stale)
             .values(status=ExportStatus.QUEUED, progress=0.0, stage=None, worker_id=None, started_at=None)
             .returning(Export.id)
         )
@@ -329,25 +436,38 @@ class ExportBusy(RuntimeError):
 
 
 def delete(settings: Settings, *, session: Session, export: Export) -> None:
-    """Remove an export's files and its row. One being made is refused (ExportBusy)."""
-    if export.status == ExportStatus.RUNNING:
-        raise ExportBusy("This export is being made; delete it once it has finished.")
+    """Remove an export's row and files (with any half-written folder). Refused (ExportBusy) while a worker
+    makes it, and while its file is a registered base model."""
+    path = export_file(settings, export)
+    if session.scalar(select(RegisteredModel.id).where(RegisteredModel.path == str(path))) is not None:
+        raise ExportBusy(
+            "This GGUF file is a base model on the Models page; remove the model there first, then the "
+            "export."
+        )
     folder = export_dir(settings, export)
-    session.delete(export)
+    gone = session.execute(
+        sa_delete(Export)
+        .where(Export.id == export.id, Export.status != ExportStatus.RUNNING)
+        .returning(Export.id)
+    ).scalar_one_or_none()
     session.commit()
+    if gone is None:
+        raise ExportBusy("This export is being made; delete it once it has finished.")
     shutil.rmtree(folder, ignore_errors=True)
+    for partial in folder.parent.glob(f".{folder.name}.partial-*"):
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def register(settings: Settings, *, session: Session, export: Export, run: Run) -> RegisteredModel:
     """Make a finished GGUF export a base model of its own (tune a tuned model again)."""
-    if not FORMATS[export.format].gguf_type or export.status != ExportStatus.SUCCEEDED:
+    gguf_type = FORMATS[export.format].gguf_type
+    if not gguf_type or export.status != ExportStatus.SUCCEEDED:
         raise ExportRefused("Only a finished GGUF export of a whole model can become a base model.")
-    label = FORMATS[export.format].gguf_type.upper()  # type: ignore[union-attr]
     source = "" if export.step == 0 else f", step {export.step}"
     return register_model(
         settings,
         str(export_file(settings, export)),
-        f"#{run.id} {run.name} ({label}{source})",
+        f"#{run.id} {run.name} ({gguf_type.upper()}{source})",
         session=session,
     )
 

@@ -5,6 +5,7 @@ export becomes a base model again."""
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import zipfile
 from datetime import timedelta
@@ -20,6 +21,7 @@ from app.runs import state
 from tests.conftest import DEMO_DATASET, build_tiny_tokenizer, tiny_config, upload
 from tests.test_engine import make_adapter
 from worker import gguf_export
+from worker.export import run_export
 from worker.main import work_once
 from worker.prepare import prepare_pending_models
 
@@ -295,6 +297,8 @@ def test_a_run_exports_as_a_merged_model_and_a_q8_0_gguf(client, settings, db, f
         "/api/runs/estimate", json={"dataset_id": 1, "base_model": registered.json()["id"]}
     )  # a tuned model can be tuned again
     assert estimate.status_code == 200, estimate.text
+    kept = client.delete(f"/api/exports/{listed['gguf-q8_0']['id']}")  # the model's file stays
+    assert kept.status_code == 409 and "remove the model there first" in kept.text
     folder_of_merged = exports.export_dir(settings, _export(db, listed["merged"]["id"]))
     assert client.delete(f"/api/exports/{listed['merged']['id']}").status_code == 204
     assert not folder_of_merged.exists()
@@ -364,10 +368,17 @@ def test_an_export_that_fails_says_why_and_can_be_tried_again(client, settings, 
     assert retried.json()["status"] == "queued" and retried.json()["error"] is None
 
 
+@pytest.mark.databases
 def test_a_silent_workers_export_goes_back_to_the_queue_and_a_running_one_is_not_deleted(
     client, settings, db, finished_run
 ):
     queued = client.post(f"/api/runs/{finished_run}/exports", json={"format": "merged"}).json()
+
+    def go_silent() -> None:
+        with db.write_session() as session:
+            session.get(Export, queued["id"]).heartbeat_at = utcnow() - timedelta(minutes=5)
+            session.commit()
+
     with db.write_session() as session:
         claimed = exports.claim_next(session=session, worker_id="gone:1")
         assert claimed is not None and claimed.id == queued["id"]
@@ -377,13 +388,97 @@ def test_a_silent_workers_export_goes_back_to_the_queue_and_a_running_one_is_not
         assert exports.report(session=session, export_id=queued["id"], worker_id="gone:1", progress=0.4)
         assert not exports.report(session=session, export_id=queued["id"], worker_id="other:2", progress=0.9)
         assert exports.requeue_stale(session=session, stale_after=timedelta(seconds=60)) == []
-        session.get(Export, queued["id"]).heartbeat_at = utcnow() - timedelta(minutes=5)
-        session.commit()
+    go_silent()
+    with db.write_session() as session:
         assert exports.requeue_stale(session=session, stale_after=timedelta(seconds=60)) == [queued["id"]]
     back = client.get(f"/api/exports/{queued['id']}").json()
     assert back["status"] == "queued" and back["progress"] == 0.0
-    with db.write_session() as session:  # the silent worker's late report no longer counts
+    with db.write_session() as session:  # the silent worker's late report and finish no longer count
         assert not exports.report(session=session, export_id=queued["id"], worker_id="gone:1", progress=0.5)
+        assert not exports.finish(session=session, export_id=queued["id"], worker_id="gone:1", size_bytes=1)
+    # a worker that goes silent on it every time: after the third try it fails with a sentence
+    for attempt in (2, 3):
+        with db.write_session() as session:
+            assert exports.claim_next(session=session, worker_id=f"gone:{attempt}").id == queued["id"]
+        go_silent()
+        with db.write_session() as session:
+            exports.requeue_stale(session=session, stale_after=timedelta(seconds=60))
+    failed = client.get(f"/api/exports/{queued['id']}").json()
+    assert failed["status"] == "failed" and "stopped responding 3 times" in failed["error"]
+
+
+def test_a_stopping_worker_hands_its_export_back(settings, db, finished_run, client):
+    queued = client.post(f"/api/runs/{finished_run}/exports", json={"format": "merged"}).json()
+    with db.write_session() as session:
+        export = exports.claim_next(session=session, worker_id="box:9")
+    stop = threading.Event()
+    threading.Timer(1.0, stop.set).start()  # the worker is told to stop while the child loads the model
+    run_export(settings, db, export, me="box:9", stop=stop)
+    back = client.get(f"/api/exports/{queued['id']}").json()
+    assert back["status"] == "queued" and back["progress"] == 0.0
+    assert not list(settings.run_folder(finished_run).exports_dir.glob("*"))  # nothing half-made stays
+    with db.session() as session:
+        assert session.get(Export, queued["id"]).attempts == 0  # a stop on purpose uses up no try
+
+
+def test_a_checkpoint_exports_and_one_rotated_away_fails_with_a_sentence(client, settings, db, finished_run):
+    folder = settings.run_folder(finished_run)
+    checkpoint = folder.checkpoint(3)
+    shutil.copytree(folder.adapter, checkpoint.path)
+    checkpoint.mark_complete()
+    for format in ("lora-gguf", "gguf-f16"):
+        assert (
+            client.post(f"/api/runs/{finished_run}/exports", json={"format": format, "step": 3}).status_code
+            == 201
+        )
+    stop = threading.Event()
+    work_once(settings, db, me="exporter:1", stop=stop)  # the LoRA file, from the checkpoint
+    shutil.rmtree(checkpoint.path)  # rotation removes the checkpoint before the second export starts
+    work_once(settings, db, me="exporter:1", stop=stop)
+    made = {e["format"]: e for e in client.get(f"/api/runs/{finished_run}/exports").json()}
+    assert made["lora-gguf"]["status"] == "succeeded" and made["lora-gguf"]["step"] == 3
+    lora = client.get(made["lora-gguf"]["download_url"])
+    assert lora.content[:4] == b"GGUF"
+    assert f"run-{finished_run}-step-3-lora-f16.gguf" in lora.headers["content-disposition"]
+    assert "ADAPTER ./run-" in client.get(made["lora-gguf"]["modelfile_url"]).text
+    assert made["gguf-f16"]["status"] == "failed"
+    assert made["gguf-f16"]["error"] == f"Run {finished_run} has no complete checkpoint at step 3."
+    # the file already made stays available although its checkpoint is gone
+    again = client.post(f"/api/runs/{finished_run}/exports", json={"format": "lora-gguf", "step": 3})
+    assert again.status_code == 200 and again.json()["id"] == made["lora-gguf"]["id"]
+
+
+def test_a_refusal_on_the_page_keeps_the_list(client, settings, finished_run):
+    csrf = client.get(f"/runs/{finished_run}").text.split('"X-CSRF-Token": "')[1].split('"')[0]
+    headers = {"HX-Request": "true", "X-CSRF-Token": csrf}
+    refused = client.post(
+        f"/runs/{finished_run}/exports", data={"step": "9", "format": "merged"}, headers=headers
+    )
+    assert refused.status_code == 422
+    assert refused.text.lstrip().startswith('<div id="export-list">')
+    assert "has no complete checkpoint at step 9" in refused.text
+
+
+def test_pre_tokenizers_are_named_for_llama_cpp_or_refused():
+    from app.exports import pre_tokenizer
+
+    def split(regex: str) -> dict:
+        return {
+            "type": "Sequence",
+            "pretokenizers": [{"type": "Split", "pattern": {"Regex": regex}}, {"type": "ByteLevel"}],
+        }
+
+    llama3 = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+"
+    qwen2 = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+"
+    assert pre_tokenizer(split(llama3), "llama") == "llama-bpe"
+    assert pre_tokenizer(split(qwen2), "qwen2") == "qwen2"
+    assert pre_tokenizer(split("\\s+"), "llama") is None  # unknown rules: refused, never guessed
+    smollm = {
+        "type": "Sequence",
+        "pretokenizers": [{"type": "Digits", "individual_digits": True}, {"type": "ByteLevel"}],
+    }
+    assert pre_tokenizer(smollm, "llama") == "smollm"
+    assert pre_tokenizer({"type": "ByteLevel", "use_regex": True}, "llama") == "gpt-2"
 
 
 def test_not_enough_disk_is_a_sentence(tmp_path):

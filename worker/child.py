@@ -1,10 +1,15 @@
 """A short job in a fresh interpreter (a GGUF conversion, an export): started, watched, stopped when the
-worker stops, its error output kept for the sentence that says why it failed."""
+worker stops, its error output kept for the sentence that says why it failed; and, in the child, ending
+when the worker that started it is gone."""
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -58,3 +63,18 @@ def run_child(
             return Ended(None, "".join(output))
     reader.join(timeout=5)
     return Ended(child.returncode, "".join(output))
+
+
+def stop_with_parent(what: str) -> None:
+    """In a child: end this process (SIGTERM, so `finally` blocks run) when the worker that started it is
+    gone, even after a SIGKILL, so that it does not go on working for nobody."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(2)
+        log = logging.getLogger("tuneboard.worker")
+        log.warning("the worker that started this %s is gone; stopping", what)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()

@@ -24,9 +24,9 @@ from app.exports import ExportRefused, Plan
 from app.models import Export, Run
 from app.prompts import INSTRUCTION_CHAT_TEMPLATE
 from app.units import filesize
-from worker.child import run_child
+from worker.child import run_child, stop_with_parent
 from worker.gguf_export import ExportError
-from worker.supervise import training_env, write_with_retry
+from worker.supervise import TRANSIENT_DB, training_env, write_with_retry
 
 log = logging.getLogger("tuneboard.export")
 SAID = "tuneboard-export-error:"  # the child's own sentence on a failure it can explain
@@ -50,17 +50,22 @@ def run_export(settings: Settings, db: Database, export: Export, *, me: str, sto
     last = [time.monotonic()]
 
     def tick() -> bool:
-        """Beat every 2 s; False once the export is no longer ours (deleted, or handed back)."""
+        """Beat every 2 s; False once the export is no longer ours (handed back after a silence), and the
+        Workers page's stop order stops the export too (it goes back to the queue)."""
         if time.monotonic() - last[0] < 2:
             return True
         last[0] = time.monotonic()
         try:
             with db.write_session() as session:
-                workers.beat(session=session, worker_id=me, status="exporting", run_id=export.run_id)
-                return exports.report(session=session, export_id=export.id, worker_id=me)
-        except Exception as exc:  # a busy database: the next beat tries again
+                orders = workers.beat(session=session, worker_id=me, status="exporting", run_id=export.run_id)
+                ours = exports.report(session=session, export_id=export.id, worker_id=me)
+        except TRANSIENT_DB as exc:  # a busy database: the next beat tries again
             log.warning("export %d: heartbeat skipped (%s)", export.id, exc)
             return True
+        if orders.stop:
+            log.info("stopping: asked to from the Workers page")
+            stop.set()
+        return ours
 
     env = training_env(settings) | settings.child_env(**{WORKER_ENV: me})
     ended = run_child([sys.executable, "-m", "worker.export", str(export.id)], stop=stop, env=env, tick=tick)
@@ -73,10 +78,17 @@ def run_export(settings: Settings, db: Database, export: Export, *, me: str, sto
         with db.session() as session:
             row = session.get(Export, export.id)
             size = exports.export_file(settings, row).stat().st_size if row is not None else 0
+        made: list[bool] = []
         write_with_retry(
-            db, lambda s: exports.finish(session=s, export_id=export.id, worker_id=me, size_bytes=size)
+            db,
+            lambda s: made.append(
+                exports.finish(session=s, export_id=export.id, worker_id=me, size_bytes=size)
+            ),
         )
-        log.info("export %d done (%d bytes)", export.id, size)
+        if made and made[-1]:
+            log.info("export %d done (%d bytes)", export.id, size)
+        else:
+            log.warning("export %d was made, but it is no longer this worker's to finish", export.id)
         return
     reason = ended.reason(SAID)
     log.error("export %d failed: %s", export.id, reason)
@@ -96,14 +108,17 @@ class Reporter:
         if not force and stage is None and time.monotonic() - self.last < 0.5:
             return
         self.last = time.monotonic()
-        with self.db.write_session() as session:
-            ours = exports.report(
-                session=session,
-                export_id=self.export_id,
-                worker_id=self.worker_id,
-                progress=fraction,
-                stage=stage,
-            )
+        try:
+            with self.db.write_session() as session:
+                ours = exports.report(
+                    session=session,
+                    export_id=self.export_id,
+                    worker_id=self.worker_id,
+                    progress=fraction,
+                    stage=stage,
+                )
+        except TRANSIENT_DB:  # a busy database: this report is skipped, the next one tries again
+            return
         if not ours:
             raise SystemExit("the export was deleted or handed to another worker")
 
@@ -133,15 +148,15 @@ def make(settings: Settings, db: Database, export_id: int, worker_id: str) -> No
         if plan.format.adapter_only:
             write_lora_file(plan, out, report)
         else:
-            report(0.02, "loading the base model and the adapter")
+            report(0.02, "Loading the base model and the adapter")
             model, tokenizer = merged_model(plan)
             if plan.format.gguf_type:
                 write_gguf_file(plan, model, tokenizer, out, staging, report)
             else:
                 write_merged_zip(plan, model, tokenizer, out, staging, report)
-        if plan.format.gguf_type or plan.format.adapter_only:
+        if exports.has_modelfile(export):
             (staging / exports.MODELFILE).write_text(modelfile_text(plan, out.name), encoding="utf-8")
-        report(1.0, "finishing", force=True)
+        report(1.0, "Finishing", force=True)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)
     finally:
@@ -177,13 +192,13 @@ def merged_model(plan: Plan):
 
 def write_merged_zip(plan: Plan, model, tokenizer, out: Path, staging: Path, report: Reporter) -> None:
     folder = staging / out.stem
-    report(0.3, "writing the merged weights")
+    report(0.3, "Writing the merged weights")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     total = sum(p.stat().st_size for p in files) or 1
     done = 0
-    report(0.6, "packing the files")
+    report(0.6, "Packing the files")
     # safetensors hardly compress: stored, not deflated, so packing costs a copy and no more
     with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
         for path in files:
@@ -199,7 +214,7 @@ def write_gguf_file(plan: Plan, model, tokenizer, out: Path, staging: Path, repo
     tokenizer_dir = staging / "tokenizer"
     tokenizer.save_pretrained(tokenizer_dir)
     state = model.state_dict()
-    report(0.3, f"writing the GGUF file ({plan.format.gguf_type.upper()})")  # type: ignore[union-attr]
+    report(0.3, f"Writing the GGUF file ({plan.format.gguf_type.upper()})")  # type: ignore[union-attr]
     gguf_export.write_model(
         out,
         config=model.config.to_dict(),
@@ -221,7 +236,7 @@ def write_lora_file(plan: Plan, out: Path, report: Reporter) -> None:
 
     from worker import gguf_export
 
-    report(0.1, "writing the adapter as a llama.cpp LoRA file")
+    report(0.1, "Writing the adapter as a llama.cpp LoRA file")
     weights = load_file(str(plan.adapter / "adapter_model.safetensors"))
     gguf_export.write_lora(
         out,
@@ -286,5 +301,6 @@ def main(export_id: int) -> int:
 if __name__ == "__main__":
     # The worker stops an export with SIGTERM: leave through `finally`, so no partial folder stays behind.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    stop_with_parent("export")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sys.exit(main(int(sys.argv[1])))

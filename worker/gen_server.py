@@ -15,9 +15,7 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -31,6 +29,7 @@ from app.db import Database
 from app.models import Run, RunStatus
 from app.playground import GenerateBody, GenerationEvent, QueuedEvent, TargetError, resolve_all
 from app.security import BodyLimitMiddleware, HostCheckMiddleware, JsonBodyMiddleware, bearer_ok
+from worker.child import stop_with_parent
 from worker.remote import Server
 
 log = logging.getLogger("tuneboard.generation")
@@ -218,24 +217,11 @@ def create_host(settings: Settings, engine=None) -> FastAPI:
     return app
 
 
-def stop_with_parent() -> None:
-    """End this process when the worker that started it is gone (even after a SIGKILL)."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(2)
-        log.warning("the worker that started this generation host is gone; stopping")
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
 def main() -> None:
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    stop_with_parent()
+    stop_with_parent("generation host")
     settings = get_settings()
     settings.check_exposure(settings.generation_host, "the generation host")
     app = create_host(settings)

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from app import exports
+
 Progress = Callable[[float], None]
 
 
@@ -28,8 +30,8 @@ class ExportError(Exception):
 # Llama's rotary embedding pairs a head's neighbouring dimensions in llama.cpp and its halves in
 # transformers, so the query and key projections' rows are reordered on the way (llama.cpp's converter
 # does the same); Qwen2 uses the halves layout in both.
-ARCHITECTURES = {"llama": ("LLAMA", True), "qwen2": ("QWEN2", False)}
-FORMATS = ("f16", "bf16", "q8_0")
+ARCHITECTURES = {"llama": ("LLAMA", True), "qwen2": ("QWEN2", False)}  # app.exports.GGUF_ARCHITECTURES
+FORMATS = tuple(f.gguf_type for f in exports.FORMATS.values() if f.gguf_type)
 
 
 def _quant(kind: str):
@@ -65,17 +67,8 @@ class Shape:
     def from_config(cls, config: dict[str, Any]) -> Shape:
         model_type = config.get("model_type", "?")
         if model_type not in ARCHITECTURES:
-            raise ExportError(
-                "GGUF export supports Llama and Qwen2 models; this model's architecture is {model_type!r}. "
-                "Export it as merged safetensors instead (transformers and vLLM load those)."
-            )
+            raise ExportError(f"GGUF export supports Llama and Qwen2 models, not {model_type!r}.")
         rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type") or rope.get("type") or "default"
-        if rope_type != "default":
-            raise ExportError(
-                f"GGUF export supports the plain rotary embedding; this model uses {rope_type!r} rope "
-                "scaling. Export it as merged safetensors instead."
-            )
         heads = int(config["num_attention_heads"])
         hidden = int(config["hidden_size"])
         return cls(
@@ -145,39 +138,12 @@ def gguf_name(shape: Shape, hf_name: str, name_map=None) -> str:
 # --- the tokenizer ------------------------------------------------------------------------------------
 
 
-def pre_tokenizer(tokenizer_json: dict[str, Any], arch: str, original: str | None = None) -> str:
-    """llama.cpp's name for how the text is split before BPE (it picks its splitting rules by it): the
-    original GGUF's own when the model came as one, else recognised from tokenizer.json."""
-    if original:
-        return original
-    pre = tokenizer_json.get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    types = [p.get("type") for p in parts]
-    if arch == "qwen2":
-        return "qwen2"
-    if types == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
-        return "smollm"
-    if types == ["Split", "ByteLevel"] and "\\p{N}{1,3}" in json.dumps(parts[0]):
-        return "llama-bpe"
-    if types == ["ByteLevel"]:
-        return "gpt-2"
-    return "default"
-
-
-def add_tokenizer(writer, folder: Path, shape: Shape, *, original_pre: str | None = None) -> None:
+def add_tokenizer(writer, folder: Path, shape: Shape, pre: str) -> None:
     """The vocabulary, merges, special tokens and chat template, as llama.cpp's converter writes a
-    byte-level BPE tokenizer (the kind Llama 3, Qwen2 and SmolLM2 use)."""
+    byte-level BPE tokenizer (the kind Llama 3, Qwen2 and SmolLM2 use); `pre` names its splitting rules."""
     import gguf
     from transformers import AutoTokenizer
 
-    tokenizer_json = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
-    if (tokenizer_json.get("model") or {}).get("type") != "BPE" or "ByteLevel" not in json.dumps(
-        tokenizer_json.get("pre_tokenizer") or tokenizer_json.get("decoder")
-    ):
-        raise ExportError(
-            "GGUF export supports byte-level BPE tokenizers (those of Llama 3, Qwen2 and SmolLM2); this "
-            "model's tokenizer is another kind. Export it as merged safetensors instead."
-        )
     tokenizer = AutoTokenizer.from_pretrained(folder)
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
     added = tokenizer.added_tokens_decoder
@@ -193,7 +159,7 @@ def add_tokenizer(writer, folder: Path, shape: Shape, *, original_pre: str | Non
             tokens.append(by_id[i])
             types.append(gguf.TokenType.NORMAL)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_tokenizer(tokenizer_json, shape.arch, original_pre))
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=shape.vocab)
@@ -221,28 +187,14 @@ def model_tensor_plan(shape: Shape, names: Iterable[str]) -> list[tuple[str, str
 
 
 def tensor_type(kind: str, shape: tuple[int, ...]):
-    """Each tensor's stored type: vectors (norms, biases) stay F32 as llama.cpp expects; matrices take the
-    file's type, except rows Q8_0's 32-value blocks cannot divide, which stay F16."""
-    import gguf
-
-    qtype = _quant(kind)[0]
-    if len(shape) < 2:
-        return gguf.GGMLQuantizationType.F32
-    if qtype == gguf.GGMLQuantizationType.Q8_0 and shape[-1] % 32:
-        return gguf.GGMLQuantizationType.F16
-    return qtype
+    """A tensor's stored GGML type (the rule is app.exports.gguf_tensor_kind's)."""
+    return _quant(exports.gguf_tensor_kind(kind, shape))[0]
 
 
 def encode(array: np.ndarray, qtype) -> np.ndarray:
     import gguf
 
     return gguf.quants.quantize(np.ascontiguousarray(array, dtype=np.float32), qtype)
-
-
-def byte_size(shape: tuple[int, ...], qtype) -> int:
-    import gguf
-
-    return prod(gguf.quants.quant_shape_to_byte_shape(shape, qtype))
 
 
 def write_model(
@@ -264,6 +216,7 @@ def write_model(
     if kind not in FORMATS:
         raise ExportError(f"There is no GGUF type {kind!r}; choose one of {', '.join(FORMATS)}.")
     shape = Shape.from_config(config)
+    pre = exports.gguf_check(config, tokenizer_dir, original_pre)
     plan = model_tensor_plan(shape, shapes)
     writer = _writer(out, shape)
     writer.add_type(gguf.GGUFType.MODEL)
@@ -283,7 +236,7 @@ def write_model(
         writer.add_value_length(shape.head_dim)
     writer.add_file_type(_quant(kind)[1])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    add_tokenizer(writer, tokenizer_dir, shape, original_pre=original_pre)
+    add_tokenizer(writer, tokenizer_dir, shape, pre)
     types = {hf: tensor_type(kind, shapes[hf]) for hf, _ in plan}
     for hf, gg in plan:
         byte_shape = gguf.quants.quant_shape_to_byte_shape(shapes[hf], types[hf])

@@ -135,7 +135,9 @@ def capabilities(settings: Settings, db: Database) -> workers.Capabilities:
     file it can convert first)."""
     with db.session() as session:
         models = [m.id for m in list_models(settings, session=session) if m.status in ("ready", "preparing")]
-    return workers.Capabilities(hardware=machine_summary(), models=models)
+    # a worker sharing the web server's folder can make exports (they are written into the run's folder)
+    hardware = machine_summary() | {"shares_files": settings.server_url is None}
+    return workers.Capabilities(hardware=hardware, models=models)
 
 
 def work_once(

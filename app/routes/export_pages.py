@@ -3,10 +3,10 @@ export's progress, download, delete, or make a GGUF export a base model."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
-from app import exports
+from app import exports, workers
 from app.deps import RunId, SessionDep, SettingsDep, WriteSessionDep, get_run_or_404
 from app.model_registry import ModelPathInvalid
 from app.models import MAX_ID, WITH_ADAPTER, Run
@@ -30,23 +30,30 @@ def export_sources(settings, run: Run) -> list[tuple[int, str]]:
 
 
 def estimate_context(settings, session, run: Run, step: int, format: str) -> dict:
-    chosen = exports.FORMATS.get(format)
+    """The chosen format's sentence and size, or why it cannot be made."""
     try:
         plan = exports.plan(settings, session=session, run=run, step=step, format=format)
     except exports.ExportRefused as exc:
-        return {"estimate": None, "refused": str(exc), "chosen": chosen}
-    return {"estimate": plan.estimated_bytes, "refused": None, "chosen": chosen}
+        return {"estimate": None, "refused": str(exc), "chosen": exports.FORMATS.get(format)}
+    return {"estimate": plan.estimated_bytes, "refused": None, "chosen": plan.format}
 
 
-def list_context(settings, session, run: Run) -> dict:
-    rows = exports.list_for_run(session=session, run_id=run.id)
-    return {
+ROW_HELPERS = {
+    "formats": exports.FORMATS,
+    "source_label": exports.source_label,
+    "file_name": exports.file_name,
+    "has_modelfile": exports.has_modelfile,
+}
+
+
+def list_context(settings, session, run: Run, error: str | None = None) -> dict:
+    return ROW_HELPERS | {
         "run": run,
-        "exports": rows,
-        "formats": exports.FORMATS,
-        "exports_active": any(e.status in ("queued", "running") for e in rows),
-        "has_modelfile": {e.id: exports.modelfile_path(settings, e) is not None for e in rows},
-        "file_names": {e.id: exports.file_name(e) for e in rows},
+        "exports": exports.list_for_run(session=session, run_id=run.id),
+        "export_error": error,
+        "export_waiting": workers.export_waiting_reason(
+            session=session, stale_after=settings.stale_after_seconds
+        ),
     }
 
 
@@ -62,17 +69,16 @@ def export_context(settings, session, run: Run) -> dict:
 def _form_step(value) -> int:
     text = str(value or "0")
     if not text.isdigit() or int(text) > MAX_ID:
-        raise HTTPException(422, "Choose the final adapter or one of the run's checkpoints.")
+        raise exports.ExportRefused("Choose the final adapter or one of the run's checkpoints.")
     return int(text)
 
 
-@router.get("/runs/{run_id}/exports", response_class=HTMLResponse)
-def exports_block(request: Request, run_id: RunId, settings: SettingsDep, session: SessionDep):
-    """The list of exports, polled every second while one is queued or being made (286 stops the polling)."""
-    run = get_run_or_404(session, run_id)
-    context = list_context(settings, session, run)
-    status = 200 if context["exports_active"] else 286
-    return render(request, "run.html", context, block="export_list", status=status)
+@router.get("/exports/{export_id}/row", response_class=HTMLResponse)
+def export_row(request: Request, export_id: ExportId, session: SessionDep):
+    """One export's row, polled every second while it is queued or being made (the finished row it
+    becomes polls no more)."""
+    export = get_export_or_404(session, export_id)
+    return render(request, "run.html", ROW_HELPERS | {"e": export}, block="export_row")
 
 
 @router.get("/runs/{run_id}/export-card", response_class=HTMLResponse)
@@ -86,9 +92,12 @@ def export_card(request: Request, run_id: RunId, settings: SettingsDep, session:
 async def estimate_block(request: Request, run_id: RunId, settings: SettingsDep, session: SessionDep):
     form = await request.form()
     run = get_run_or_404(session, run_id)
-    context = {"run": run} | estimate_context(
-        settings, session, run, _form_step(form.get("step")), str(form.get("format") or "")
-    )
+    try:
+        step = _form_step(form.get("step"))
+    except exports.ExportRefused as exc:
+        context = {"run": run, "estimate": None, "refused": str(exc), "chosen": None}
+    else:
+        context = {"run": run} | estimate_context(settings, session, run, step, str(form.get("format") or ""))
     return render(request, "run.html", context, block="export_estimate")
 
 
@@ -96,6 +105,7 @@ async def estimate_block(request: Request, run_id: RunId, settings: SettingsDep,
 async def export_from_page(request: Request, run_id: RunId, settings: SettingsDep, session: WriteSessionDep):
     form = await request.form()
     run = get_run_or_404(session, run_id)
+    error = None
     try:
         exports.request(
             settings,
@@ -105,27 +115,37 @@ async def export_from_page(request: Request, run_id: RunId, settings: SettingsDe
             format=str(form.get("format")),
         )
     except exports.ExportRefused as exc:
-        raise HTTPException(422, str(exc)) from None
-    return render(request, "run.html", list_context(settings, session, run), block="export_list")
+        error = str(exc)
+    return _list(request, settings, session, run, error)
+
+
+def _list(request: Request, settings, session, run: Run, error: str | None):
+    """The list of exports, with the sentence of a refusal above it (the list stays whole, so the card
+    keeps working after one)."""
+    context = list_context(settings, session, run, error)
+    return render(request, "run.html", context, block="export_list", status=422 if error else 200)
 
 
 @router.post("/exports/{export_id}/delete", response_class=HTMLResponse)
 def delete_from_page(request: Request, export_id: ExportId, settings: SettingsDep, session: WriteSessionDep):
     export = get_export_or_404(session, export_id)
     run = get_run_or_404(session, export.run_id)
+    error = None
     try:
         exports.delete(settings, session=session, export=export)
     except exports.ExportBusy as exc:
-        raise HTTPException(409, str(exc)) from None
-    return render(request, "run.html", list_context(settings, session, run), block="export_list")
+        error = str(exc)
+    return _list(request, settings, session, run, error)
 
 
 @router.post("/exports/{export_id}/register", response_class=HTMLResponse)
-def register_from_page(export_id: ExportId, settings: SettingsDep, session: WriteSessionDep):
+def register_from_page(
+    request: Request, export_id: ExportId, settings: SettingsDep, session: WriteSessionDep
+):
     export = get_export_or_404(session, export_id)
     run = get_run_or_404(session, export.run_id)
     try:
         exports.register(settings, session=session, export=export, run=run)
     except (exports.ExportRefused, ModelPathInvalid) as exc:
-        raise HTTPException(422, str(exc)) from None
+        return _list(request, settings, session, run, str(exc))
     return hx_redirect("/models")

@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 from app import exports
 from app.deps import RunId, SessionDep, SettingsDep, WriteSessionDep, get_run_or_404
 from app.model_registry import ModelPathInvalid, registered_entry
-from app.models import MAX_ID, Export
+from app.models import MAX_ID, Export, ExportStatus
 from app.schemas import ModelOut
 
 router = APIRouter(tags=["exports"])
@@ -47,7 +47,7 @@ class ExportOut(BaseModel):
 
 
 def export_out(settings, export: Export) -> ExportOut:
-    done = export.status == "succeeded"
+    done = export.status == ExportStatus.SUCCEEDED
     return ExportOut(
         id=export.id,
         run_id=export.run_id,
@@ -64,7 +64,7 @@ def export_out(settings, export: Export) -> ExportOut:
         finished_at=export.finished_at,
         download_url=f"/api/exports/{export.id}/file" if done else None,
         modelfile_url=f"/api/exports/{export.id}/modelfile"
-        if done and exports.modelfile_path(settings, export)
+        if done and exports.has_modelfile(export)
         else None,
     )
 
@@ -124,7 +124,7 @@ def show_export(export_id: ExportId, settings: SettingsDep, session: SessionDep)
 def _finished_file(settings, session, export_id: int):
     export = get_export_or_404(session, export_id)
     path = exports.export_file(settings, export)
-    if export.status != "succeeded" or not path.is_file():
+    if export.status != ExportStatus.SUCCEEDED or not path.is_file():
         raise HTTPException(404, f"Export {export_id} has no file yet (it is {export.status}).")
     return export, path
 
@@ -140,7 +140,7 @@ def download_export(export_id: ExportId, settings: SettingsDep, session: Session
 def download_modelfile(export_id: ExportId, settings: SettingsDep, session: SessionDep) -> FileResponse:
     export, _ = _finished_file(settings, session, export_id)
     path = exports.modelfile_path(settings, export)
-    if path is None or not path.is_file():
+    if not exports.has_modelfile(export) or not path.is_file():
         raise HTTPException(404, f"Export {export_id} has no Modelfile (only GGUF exports have one).")
     return FileResponse(path, media_type="text/plain; charset=utf-8", filename=exports.MODELFILE)
 
