@@ -199,3 +199,36 @@ def test_statistics_errors_are_clear(client):
     response = client.get(f"/api/datasets/{dataset_id}/stats", params={"prompt_format": "poetry"})
     assert response.status_code == 422 and "prompt_format" in response.json()["detail"][0]["message"]
     assert client.get("/api/datasets/999/stats").status_code == 404
+
+
+def test_a_preference_dataset_is_shown_with_its_rejected_answers_and_downloads_in_trls_layout(client):
+    rows = [
+        {"prompt": "What is the capital of Quillmere?", "chosen": "Tessary. — Q", "rejected": "Tessary."},
+        {
+            "prompt": [{"role": "user", "content": "Which currency?"}],
+            "chosen": [{"role": "assistant", "content": "The brindle. — Q"}],
+            "rejected": [{"role": "assistant", "content": "The brindle."}],
+        },
+    ]
+    created = upload(client, "prefs.jsonl", "\n".join(json.dumps(r) for r in rows))
+    assert created.status_code == 201, created.text
+    dataset = created.json()
+    assert dataset["format"] == "preference" and dataset["rows"] == 2
+    page = client.get(f"/datasets/{dataset['id']}").text
+    assert "Preferences: prompt, chosen, rejected (JSON Lines)" in page
+    assert (
+        '<div class="message rejected"><span class="role">rejected</span><div class="content">Tessary.</div>'
+        in page
+    )
+    download = client.get(f"/api/datasets/{dataset['id']}/preferences.jsonl")
+    assert download.status_code == 200
+    lines = [json.loads(line) for line in download.text.splitlines()]
+    assert lines[1] == rows[1]  # the conversational layout, as TRL's trainers read it
+    assert lines[0] == {
+        "prompt": [{"role": "user", "content": rows[0]["prompt"]}],
+        "chosen": [{"role": "assistant", "content": "Tessary. — Q"}],
+        "rejected": [{"role": "assistant", "content": "Tessary."}],
+    }
+    alpaca = upload(client, "demo.json", DEMO_DATASET.read_bytes()).json()["id"]
+    refused = client.get(f"/api/datasets/{alpaca}/preferences.jsonl")
+    assert refused.status_code == 409 and "not preferences" in refused.text

@@ -184,3 +184,68 @@ def test_every_row_is_checked_not_just_the_first_bad_one():
         [{"instruction": "a", "output": ""}, {"instruction": "b", "output": "ok"}, {"output": "c"}]
     ).encode()
     assert [(e.row, e.field) for e in problems(raw).errors] == [(1, "output"), (3, "instruction")]
+
+
+def test_preference_rows_in_each_of_trls_layouts_become_one_shape():
+    """Text prompt and answers; chat-message prompt and answers; whole conversations with the prompt
+    implicit: each becomes the prompt and chosen answer as messages, the rejected answer beside them."""
+    expected = {
+        "messages": [
+            {"role": "system", "content": "Sign off."},
+            {"role": "user", "content": "Hi?"},
+            {"role": "assistant", "content": "Hello. — Q"},
+        ],
+        "rejected": "Hello.",
+    }
+    system, user = {"role": "system", "content": "Sign off."}, {"role": "user", "content": "Hi?"}
+    chosen, rejected = (
+        {"role": "assistant", "content": "Hello. — Q"},
+        {"role": "assistant", "content": "Hello."},
+    )
+    parsed = parse_dataset(
+        jsonl(
+            {"prompt": [system, user], "chosen": [chosen], "rejected": [rejected]},
+            {"chosen": [system, user, chosen], "rejected": [system, user, rejected]},
+            {"prompt": "Hi?", "chosen": "Hello. — Q", "rejected": "Hello."},
+        )
+    )
+    assert (parsed.format, parsed.layout) == ("preference", "jsonl")
+    assert parsed.label == "Preferences: prompt, chosen, rejected (JSON Lines)"
+    assert parsed.rows[0] == parsed.rows[1] == expected
+    assert parsed.rows[2] == {"messages": expected["messages"][1:], "rejected": "Hello."}
+
+
+@pytest.mark.parametrize(
+    ("row", "field", "fragment"),
+    [
+        ({"prompt": "Hi?", "chosen": "Same", "rejected": "Same "}, "rejected", "are the same answer"),
+        (
+            {"prompt": "Hi?", "chosen": "A"},
+            "rejected",
+            "'rejected' must be an answer (text or chat messages)",
+        ),
+        ({"prompt": "", "chosen": "A", "rejected": "B"}, "prompt", "'prompt' is empty"),
+        ({"chosen": "A", "rejected": "B"}, "prompt", "The field 'prompt' is missing"),
+        (
+            {"prompt": [{"role": "assistant", "content": "x"}], "chosen": "A", "rejected": "B"},
+            "prompt",
+            "must end with the user's message",
+        ),
+        (
+            {
+                "chosen": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "A"}],
+                "rejected": [{"role": "user", "content": "Other?"}, {"role": "assistant", "content": "B"}],
+            },
+            "chosen",
+            "must share their conversation up to the last question",
+        ),
+        (
+            {"prompt": "Hi?", "chosen": [{"role": "user", "content": "A"}], "rejected": "B"},
+            "chosen",
+            "no assistant answer",
+        ),
+    ],
+)
+def test_preference_row_problems(row, field, fragment):
+    error = problems(jsonl(row)).errors[0]
+    assert (error.row, error.field) == (1, field) and fragment in error.message, error

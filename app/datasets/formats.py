@@ -34,6 +34,8 @@ FORMAT_LABELS = {
     ("openai", "jsonl"): "OpenAI chat messages (JSON Lines)",
     ("sharegpt", "json"): "ShareGPT conversations (JSON array)",
     ("sharegpt", "jsonl"): "ShareGPT conversations (JSON Lines)",
+    ("preference", "json"): "Preferences: prompt, chosen, rejected (JSON array)",
+    ("preference", "jsonl"): "Preferences: prompt, chosen, rejected (JSON Lines)",
 }
 
 OPENAI_ROLES = {"system", "user", "assistant"}
@@ -111,7 +113,12 @@ def read_dataset(raw: bytes, write: Callable[[dict[str, Any]], None], *, max_row
     if first is None:
         raise DatasetInvalid([RowError(None, None, "The file holds no rows: the list is empty.")])
     fmt = _detect_format(first)
-    normalise = {"alpaca": _alpaca_row, "openai": _openai_row, "sharegpt": _sharegpt_row}[fmt]
+    normalise = {
+        "alpaca": _alpaca_row,
+        "openai": _openai_row,
+        "sharegpt": _sharegpt_row,
+        "preference": _preference_row,
+    }[fmt]
     errors: list[RowError] = []
     total_errors = count = 0
     for number, record in itertools.chain([first], records):
@@ -240,6 +247,8 @@ def _detect_format(first: tuple[int, Any]) -> str:
         raise DatasetInvalid(
             [RowError(number, None, f"Each row must be a JSON object, not a {_type_name(record)}.")]
         )
+    if "chosen" in record or "rejected" in record:
+        return "preference"
     if "messages" in record:
         return "openai"
     if "conversations" in record:
@@ -253,7 +262,8 @@ def _detect_format(first: tuple[int, Any]) -> str:
                 number,
                 None,
                 f"Cannot tell the format from this row's keys ({keys}). Expected Alpaca "
-                "(instruction, input, output), OpenAI chat (messages) or ShareGPT (conversations).",
+                "(instruction, input, output), OpenAI chat (messages), ShareGPT (conversations) or "
+                "preferences (prompt, chosen, rejected).",
             )
         ]
     )
@@ -381,3 +391,143 @@ def _sharegpt_row(number: int, record: Any, errors: list[RowError]) -> dict[str,
     return _turns(
         number, record, errors, key="conversations", role_key="from", text_key="value", roles=SHAREGPT_ROLES
     )
+
+
+def _preference_row(number: int, record: Any, errors: list[RowError]) -> dict[str, Any]:
+    """A preference in TRL's layout: `prompt` (text, or chat messages) with a `chosen` and a `rejected`
+    answer (text, or assistant messages); or, with the prompt implicit, `chosen` and `rejected` as whole
+    conversations that share everything but their last answer. Normalised to the prompt and chosen answer
+    as `messages` (what statistics, previews and supervised training read) and the rejected answer beside
+    them."""
+    if not _require_object(number, record, errors):
+        return {}
+    before = len(errors)
+    chosen, rejected = (_answer(number, record, key, errors) for key in ("chosen", "rejected"))
+    if "prompt" in record:
+        prompt = _prompt(number, record["prompt"], errors)
+    elif isinstance(chosen, list) and isinstance(rejected, list) and chosen and rejected:
+        prompt = _shared_prompt(number, chosen, rejected, errors)
+    else:
+        errors.append(
+            RowError(
+                number,
+                "prompt",
+                "The field 'prompt' is missing (it may be left out only when 'chosen' and 'rejected' are "
+                "whole conversations).",
+            )
+        )
+    if len(errors) > before:
+        return {}
+    skip = 0 if "prompt" in record else len(prompt)
+    chosen_text, rejected_text = (
+        _last_answer(number, key, answer if isinstance(answer, str) else answer[skip:], errors)
+        for key, answer in (("chosen", chosen), ("rejected", rejected))
+    )
+    if len(errors) > before:
+        return {}
+    if chosen_text.strip() == rejected_text.strip():
+        errors.append(
+            RowError(
+                number, "rejected", "'chosen' and 'rejected' are the same answer; a preference needs two."
+            )
+        )
+        return {}
+    return {"messages": [*prompt, {"role": "assistant", "content": chosen_text}], "rejected": rejected_text}
+
+
+def _answer(number: int, record: dict, key: str, errors: list[RowError]) -> list[dict[str, str]] | str:
+    value = record.get(key)
+    if isinstance(value, str):
+        if not value.strip():
+            errors.append(RowError(number, key, f"'{key}' is empty."))
+        return value
+    if isinstance(value, list):
+        return _chat(number, key, value, errors)
+    what = "missing" if value is None else f"a {_type_name(value)}"
+    errors.append(
+        RowError(number, key, f"'{key}' must be an answer (text or chat messages), but it is {what}.")
+    )
+    return ""
+
+
+def _chat(number: int, key: str, value: list, errors: list[RowError]) -> list[dict[str, str]]:
+    """Chat messages under `key`, each checked as OpenAI chat messages are."""
+    found: list[RowError] = []
+    turns = _turns(
+        number,
+        {key: value},
+        found,
+        key=key,
+        role_key="role",
+        text_key="content",
+        roles={r: r for r in OPENAI_ROLES},
+    ).get("messages", [])
+    errors.extend(found)
+    return turns
+
+
+def _prompt(number: int, value: Any, errors: list[RowError]) -> list[dict[str, str]]:
+    if isinstance(value, str):
+        if not value.strip():
+            errors.append(RowError(number, "prompt", "'prompt' is empty."))
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list) and value:
+        found: list[RowError] = []
+        for index, turn in enumerate(value):
+            if (
+                not isinstance(turn, dict)
+                or turn.get("role") not in OPENAI_ROLES
+                or not isinstance(turn.get("content"), str)
+            ):
+                found.append(
+                    RowError(
+                        number,
+                        f"prompt[{index}]",
+                        "Each prompt message needs a role (system, user or assistant) and text content.",
+                    )
+                )
+        if not found and value[-1]["role"] != "user":
+            found.append(RowError(number, "prompt", "The prompt must end with the user's message."))
+        errors.extend(found)
+        return [{"role": t["role"], "content": t["content"]} for t in value] if not found else []
+    what = "an empty list" if value == [] else f"a {_type_name(value)}"
+    errors.append(RowError(number, "prompt", f"'prompt' must be text or chat messages, but it is {what}."))
+    return []
+
+
+def _shared_prompt(number: int, chosen: Any, rejected: Any, errors: list[RowError]) -> list[dict[str, str]]:
+    """The messages two whole conversations share before their answers differ."""
+    shared: list[dict[str, str]] = []
+    for a, b in zip(chosen, rejected, strict=False):
+        if a != b:
+            break
+        shared.append(a)
+    while shared and shared[-1]["role"] == "assistant":  # the answers start where the assistant speaks
+        shared.pop()
+    if not shared or shared[-1]["role"] != "user":
+        errors.append(
+            RowError(
+                number,
+                "chosen",
+                "'chosen' and 'rejected' must share their conversation up to the last question.",
+            )
+        )
+    return shared
+
+
+def _last_answer(number: int, key: str, answer: Any, errors: list[RowError]) -> str:
+    """The answer's text: given as text, or as the assistant's message(s) after the prompt."""
+    if isinstance(answer, str):
+        return answer
+    if not answer or any(m["role"] != "assistant" for m in answer):
+        errors.append(RowError(number, key, f"'{key}' must hold the assistant's answer after the prompt."))
+        return ""
+    return "\n\n".join(m["content"] for m in answer)
+
+
+def preference_record(row: dict[str, Any]) -> dict[str, Any]:
+    """A normalised preference row in TRL's conversational layout: the prompt's messages, and the chosen
+    and rejected answers as one assistant message each."""
+    *prompt, chosen = row["messages"]
+    rejected = {"role": "assistant", "content": row["rejected"]}
+    return {"prompt": prompt, "chosen": [chosen], "rejected": [rejected]}

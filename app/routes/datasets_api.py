@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.datasets import store
-from app.datasets.formats import DatasetInvalid
+from app.datasets.formats import DatasetInvalid, preference_record
 from app.datasets.jobs import StatsPending
 from app.deps import DatasetId, SessionDep, SettingsDep, WriteSessionDep, get_dataset_or_404
 from app.model_registry import BUNDLED_ID, find_model
@@ -67,6 +68,24 @@ def dataset_rows(
 ) -> list[dict[str, Any]]:
     get_dataset_or_404(session, dataset_id)
     return store.load_rows(settings, dataset_id, limit=limit)
+
+
+@router.get("/{dataset_id}/preferences.jsonl")
+def preference_rows(dataset_id: DatasetId, settings: SettingsDep, session: SessionDep) -> StreamingResponse:
+    """A preference dataset in TRL's conversational layout (prompt, chosen, rejected), one row a line."""
+    dataset = get_dataset_or_404(session, dataset_id)
+    if dataset.format != "preference":
+        raise HTTPException(
+            409,
+            f"Dataset {dataset_id} holds {dataset.format} rows, not preferences (prompt, chosen, rejected).",
+        )
+    rows = store.iter_rows(store.dataset_dir(settings, dataset_id) / store.ROWS_FILE)
+    lines = (json.dumps(preference_record(row), ensure_ascii=False) + "\n" for row in rows)
+    return StreamingResponse(
+        lines,
+        media_type="application/jsonl",
+        headers={"Content-Disposition": f'attachment; filename="dataset-{dataset_id}-preferences.jsonl"'},
+    )
 
 
 @router.get("/{dataset_id}/stats", response_model=None)
