@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from app import exports
+from app.model_registry import find_model
 from app.models import Export, utcnow
 from app.runs import state
 from tests.conftest import DEMO_DATASET, build_tiny_tokenizer, tiny_config, upload
@@ -23,7 +24,7 @@ from tests.test_engine import make_adapter
 from worker import gguf_export
 from worker.export import run_export
 from worker.main import work_once
-from worker.prepare import prepare_pending_models
+from worker.prepare import prepare_model
 
 PROMPT = "What is the capital of Quillmere?"
 # Q8_0 keeps 32 weights in 8 bits each with one scale: on these random-weight models the logits move by
@@ -222,6 +223,11 @@ def finished_run(client, settings, db, tiny_model_dir):
     return run_id
 
 
+def exporting(settings):
+    """The worker's settings without base-model preparation (it would convert the bundled model first)."""
+    return settings.model_copy(update={"prepare_models": False})
+
+
 def make_queued_exports(settings, db) -> None:
     """The worker loop's passes until no export waits (each makes one, in a child process)."""
     stop = threading.Event()
@@ -229,7 +235,7 @@ def make_queued_exports(settings, db) -> None:
         with db.session() as session:
             if not session.query(Export).filter(Export.status == "queued").count():
                 return
-        work_once(settings, db, me="exporter:1", stop=stop)
+        work_once(exporting(settings), db, me="exporter:1", stop=stop)
     raise AssertionError("exports still queued after ten passes")
 
 
@@ -290,7 +296,9 @@ def test_a_run_exports_as_a_merged_model_and_a_q8_0_gguf(client, settings, db, f
     registered = client.post(f"/api/exports/{listed['gguf-q8_0']['id']}/register")
     assert registered.status_code == 201, registered.text
     assert registered.json()["source"] == "gguf" and registered.json()["status"] == "preparing"
-    prepare_pending_models(settings, db)  # what the worker does next: convert it, as any GGUF model
+    with db.session() as session:  # what the worker does next: convert it, as any GGUF model
+        entry = find_model(settings, registered.json()["id"], session=session)
+    assert prepare_model(entry) is None
     models = {m["id"]: m for m in client.get("/api/models").json()}
     assert models[registered.json()["id"]]["status"] == "ready", models[registered.json()["id"]]
     estimate = client.post(
@@ -432,9 +440,9 @@ def test_a_checkpoint_exports_and_one_rotated_away_fails_with_a_sentence(client,
             == 201
         )
     stop = threading.Event()
-    work_once(settings, db, me="exporter:1", stop=stop)  # the LoRA file, from the checkpoint
+    work_once(exporting(settings), db, me="exporter:1", stop=stop)  # the LoRA file, from the checkpoint
     shutil.rmtree(checkpoint.path)  # rotation removes the checkpoint before the second export starts
-    work_once(settings, db, me="exporter:1", stop=stop)
+    work_once(exporting(settings), db, me="exporter:1", stop=stop)
     made = {e["format"]: e for e in client.get(f"/api/runs/{finished_run}/exports").json()}
     assert made["lora-gguf"]["status"] == "succeeded" and made["lora-gguf"]["step"] == 3
     lora = client.get(made["lora-gguf"]["download_url"])
