@@ -221,9 +221,9 @@ def upload_limit(settings: Settings) -> tuple[int, str]:
     return settings.max_upload_bytes + MULTIPART_SLACK, message
 
 
-# A worker's uploads of a run's checkpoints and adapter (app.routes.artifacts_api): larger than datasets,
-# streamed to disk by their route rather than read whole.
-ARTIFACT_UPLOAD = re.compile(r"^/api/runs/\d+/(checkpoints/\d+\.tar|adapter\.tar)$")
+# A worker's uploads of a run's checkpoints, adapter and exports (app.routes.artifacts_api): larger than
+# datasets, streamed to disk by their route rather than read whole.
+ARTIFACT_UPLOAD = re.compile(r"^/api/(runs/\d+/(checkpoints/\d+\.tar|adapter\.tar)|exports/\d+/files\.tar)$")
 
 
 def artifact_limit(settings: Settings) -> tuple[int, str]:

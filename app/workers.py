@@ -142,16 +142,3 @@ def waiting_reason(*, session: Session, run: Run, stale_after: float) -> str | N
             f"its model have at most {most}. It waits for a worker with enough."
         )
     return None
-
-
-def export_waiting_reason(*, session: Session, stale_after: float) -> str | None:
-    """Why queued exports are not being made although workers are alive, or None. Exports are written into
-    the run's folder, so only a worker sharing the web server's files makes them."""
-    alive = [w for w, up in list_workers(session=session, stale_after=stale_after) if up]
-    taking = [w for w in alive if not w.draining and not w.stop_requested]
-    if not alive or any((w.hardware or {}).get("shares_files", True) for w in taking):
-        return None
-    return (
-        "No worker sharing this server's files is taking work: exports are made by a worker on this "
-        "machine (tuneboard serve, or tuneboard worker with the same data folder). It waits for one."
-    )

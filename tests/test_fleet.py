@@ -136,6 +136,22 @@ def test_two_workers_without_shared_disk_train_serve_and_resume(tmp_path, databa
             fetched = tmp_path / "a" / "data" / "runs" / str(run["id"]) / "adapter" / "adapter_config.json"
             assert fetched.is_file()
 
+        # an export is made by a worker without the server's disk: it fetches the adapter, makes the file
+        # and sends it back, where it is downloaded
+        export = api.post(f"/api/runs/{victim}/exports", json={"format": "lora-gguf"}).json()
+        made = wait_until(
+            lambda: (
+                (e := api.get(f"/api/exports/{export['id']}").json())["status"] in ("succeeded", "failed")
+                and e
+            ),
+            timeout=120,
+            what="the export to be made",
+        )
+        assert made["status"] == "succeeded", made["error"]
+        exported = api.get(made["download_url"])
+        assert exported.content[:4] == b"GGUF" and len(exported.content) == made["size_bytes"]
+        assert "ADAPTER ./" in api.get(made["modelfile_url"]).text
+
 
 def chat(api: httpx.Client, target: str) -> dict:
     """Ask the playground one question; the `end` event's payload (fails on an `error` event)."""

@@ -14,7 +14,8 @@ import sys
 import threading
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from app import exports, workers
@@ -26,6 +27,7 @@ from app.prompts import INSTRUCTION_CHAT_TEMPLATE
 from app.units import filesize
 from worker.child import run_child, stop_with_parent
 from worker.gguf_export import ExportError
+from worker.remote import Server, ServerError
 from worker.supervise import TRANSIENT_DB, training_env, write_with_retry
 
 log = logging.getLogger("tuneboard.export")
@@ -36,8 +38,18 @@ WORKER_ENV = "TUNEBOARD_EXPORT_WORKER"
 # --- in the worker loop -----------------------------------------------------------------------------------
 
 
-def run_export(settings: Settings, db: Database, export: Export, *, me: str, stop: threading.Event) -> None:
-    """Make one claimed export in a child process and record how it ended."""
+def run_export(
+    settings: Settings,
+    db: Database,
+    export: Export,
+    *,
+    me: str,
+    stop: threading.Event,
+    server: Server | None = None,
+) -> None:
+    """Make one claimed export in a child process and record how it ended. A worker on another machine
+    (`server`) first fetches the adapter or checkpoint from the web server and afterwards sends the files
+    there, where they are downloaded."""
     log.info(
         "export %d: run %d, %s, %s",
         export.id,
@@ -45,9 +57,7 @@ def run_export(settings: Settings, db: Database, export: Export, *, me: str, sto
         export.format,
         exports.source_label(export.step),
     )
-    with db.write_session() as session:
-        workers.beat(session=session, worker_id=me, status="exporting", run_id=export.run_id)
-    last = [time.monotonic()]
+    last = [0.0]
 
     def tick() -> bool:
         """Beat every 2 s; False once the export is no longer ours (handed back after a silence), and the
@@ -67,32 +77,72 @@ def run_export(settings: Settings, db: Database, export: Export, *, me: str, sto
             stop.set()
         return ours
 
-    env = training_env(settings) | settings.child_env(**{WORKER_ENV: me})
-    ended = run_child([sys.executable, "-m", "worker.export", str(export.id)], stop=stop, env=env, tick=tick)
-    if ended.code is None:
-        if stop.is_set():
-            write_with_retry(db, lambda s: exports.hand_back(session=s, export_id=export.id, worker_id=me))
-            log.info("export %d handed back: the worker is stopping", export.id)
-        return
-    if ended.code == 0:
-        with db.session() as session:
-            row = session.get(Export, export.id)
-            size = exports.export_file(settings, row).stat().st_size if row is not None else 0
-        made: list[bool] = []
-        write_with_retry(
-            db,
-            lambda s: made.append(
-                exports.finish(session=s, export_id=export.id, worker_id=me, size_bytes=size)
-            ),
+    def hand_back() -> None:
+        write_with_retry(db, lambda s: exports.hand_back(session=s, export_id=export.id, worker_id=me))
+
+    tick()
+    try:
+        if server is not None:
+            with beating(tick):
+                server.fetch_adapter(export.run_id, export.step)
+        env = training_env(settings) | settings.child_env(**{WORKER_ENV: me})
+        ended = run_child(
+            [sys.executable, "-m", "worker.export", str(export.id)], stop=stop, env=env, tick=tick
         )
-        if made and made[-1]:
-            log.info("export %d done (%d bytes)", export.id, size)
-        else:
-            log.warning("export %d was made, but it is no longer this worker's to finish", export.id)
-        return
-    reason = ended.reason(SAID)
-    log.error("export %d failed: %s", export.id, reason)
-    write_with_retry(db, lambda s: exports.fail(session=s, export_id=export.id, worker_id=me, error=reason))
+        if ended.code is None:
+            if stop.is_set():
+                hand_back()
+                log.info("export %d handed back: the worker is stopping", export.id)
+            return
+        if ended.code != 0:
+            reason = ended.reason(SAID)
+            log.error("export %d failed: %s", export.id, reason)
+            write_with_retry(
+                db, lambda s: exports.fail(session=s, export_id=export.id, worker_id=me, error=reason)
+            )
+            return
+        made = exports.export_dir(settings, export)
+        size = (made / exports.file_name(export)).stat().st_size
+        if server is not None:
+            with beating(tick):
+                server.push_export(export.id, made)
+            shutil.rmtree(made, ignore_errors=True)  # the web server keeps it; this machine needs no copy
+    except ServerError as exc:
+        if exc.lasting:
+            message = str(exc)
+            write_with_retry(
+                db, lambda s: exports.fail(session=s, export_id=export.id, worker_id=me, error=message)
+            )
+            return
+        hand_back()  # the web server could not be reached: another pass (or worker) makes it again
+        raise
+    done: list[bool] = []
+    write_with_retry(
+        db,
+        lambda s: done.append(exports.finish(session=s, export_id=export.id, worker_id=me, size_bytes=size)),
+    )
+    if done and done[-1]:
+        log.info("export %d done (%d bytes)", export.id, size)
+    else:
+        log.warning("export %d was made, but it is no longer this worker's to finish", export.id)
+
+
+@contextmanager
+def beating(tick: Callable[[], bool], every: float = 1.0) -> Iterator[None]:
+    """Keep the export's heartbeat from a thread while the worker moves files."""
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(every):
+            tick()
+
+    thread = threading.Thread(target=beat, name="export-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=10)
 
 
 # --- in the child -----------------------------------------------------------------------------------------

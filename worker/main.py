@@ -135,9 +135,7 @@ def capabilities(settings: Settings, db: Database) -> workers.Capabilities:
     file it can convert first)."""
     with db.session() as session:
         models = [m.id for m in list_models(settings, session=session) if m.status in ("ready", "preparing")]
-    # a worker sharing the web server's folder can make exports (they are written into the run's folder)
-    hardware = machine_summary() | {"shares_files": settings.server_url is None}
-    return workers.Capabilities(hardware=hardware, models=models)
+    return workers.Capabilities(hardware=machine_summary(), models=models)
 
 
 def work_once(
@@ -164,12 +162,11 @@ def work_once(
         log.warning("requeued runs %s and exports %s whose worker stopped responding", requeued, handed_back)
     if stop.is_set() or orders.drain:
         return False
-    if server is None:  # exports are written into the run's folder: only a worker sharing the server's disk
-        with db.write_session() as session:
-            export = exports.claim_next(session=session, worker_id=me, models=has.models)
-        if export is not None:
-            run_export(settings, db, export, me=me, stop=stop)
-            return True
+    with db.write_session() as session:
+        export = exports.claim_next(session=session, worker_id=me, models=has.models)
+    if export is not None:
+        run_export(settings, db, export, me=me, stop=stop, server=server)
+        return True
     with db.write_session() as session:
         run = state.claim_next(session=session, worker_id=me, models=has.models, gpus=has.gpus)
     if run is None:

@@ -141,6 +141,18 @@ class Server:
     def push_adapter(self, run_id: int, folder: RunFolder) -> None:
         self._push(f"/api/runs/{run_id}/adapter.tar", folder.adapter)
 
+    def push_export(self, export_id: int, folder: Path) -> None:
+        """A finished export's folder, to be stored on the web server (where it is downloaded)."""
+        self._push(f"/api/exports/{export_id}/files.tar", folder)
+
+    def fetch_adapter(self, run_id: int, step: int) -> None:
+        """The run's final adapter (step 0) or that checkpoint, into this machine's run folder, unless it
+        is here already (neither changes once made). ServerError when it cannot be fetched."""
+        if has_adapter(self.settings, run_id, step or None):
+            return
+        what = "adapter.tar" if step == 0 else f"checkpoints/{step}.tar"
+        self._fetch_into(f"/api/runs/{run_id}/{what}", self.settings.run_folder(run_id), step or None)
+
     def _push(self, path: str, source: Path) -> None:
         with tempfile.TemporaryFile(dir=self.settings.tmp_dir) as body:
             pack(source, body)

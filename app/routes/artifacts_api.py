@@ -9,6 +9,7 @@ import asyncio
 import os
 import tarfile
 import tempfile
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path as FolderPath
 from typing import Annotated, Any
@@ -17,10 +18,12 @@ from fastapi import APIRouter, Header, HTTPException, Path, Request
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
+from app import exports
 from app.config import Settings
 from app.datasets.store import ROWS_FILE, dataset_dir
 from app.deps import DatasetId, RunId, SessionDep, SettingsDep, get_dataset_or_404, get_run_or_404
-from app.models import MAX_ID, Run
+from app.models import MAX_ID, Export, ExportStatus, Run
+from app.routes.exports_api import ExportId
 from app.runs import state
 from app.runs.folder import pack
 from app.workers import LOG_OFFSET_HEADER, WORKER_HEADER
@@ -86,7 +89,7 @@ async def upload_checkpoint(
     except ValueError:
         raise HTTPException(422, "keep: a comma-separated list of steps.") from None
     folder = settings.run_folder(run_id)
-    async with _received(request, settings, run_id, worker) as body:
+    async with _received(request, settings, lambda: _owned(request, run_id, worker)) as body:
         try:
             checkpoint = await asyncio.to_thread(folder.store_checkpoint, step, body, kept)
         except (tarfile.TarError, ValueError) as exc:
@@ -100,7 +103,7 @@ async def upload_adapter(
     run_id: RunId, request: Request, settings: SettingsDep, worker: WorkerHeader = None
 ) -> dict[str, Any]:
     folder = settings.run_folder(run_id)
-    async with _received(request, settings, run_id, worker) as body:
+    async with _received(request, settings, lambda: _owned(request, run_id, worker)) as body:
         try:
             await asyncio.to_thread(folder.store_adapter, body)
         except (tarfile.TarError, ValueError) as exc:
@@ -137,18 +140,54 @@ def _owned(request: Request, run_id: int, worker: str | None) -> Run:
             raise HTTPException(409, f"{exc} Its files were not changed.") from None
 
 
+@router.put("/api/exports/{export_id}/files.tar", status_code=201)
+async def upload_export(
+    export_id: ExportId, request: Request, settings: SettingsDep, worker: WorkerHeader = None
+) -> dict[str, Any]:
+    """A finished export's files (its main file, and a GGUF's Modelfile) from the worker making it on
+    another machine; the worker marks the export made once they are stored."""
+    check = lambda: _owned_export(request, export_id, worker)  # noqa: E731
+    export = await asyncio.to_thread(check)
+    folder = settings.run_folder(export.run_id)
+    async with _received(request, settings, check) as body:
+        try:
+            stored = await asyncio.to_thread(
+                folder.store_export, export.format, export.step, body, exports.file_name(export)
+            )
+        except (tarfile.TarError, ValueError) as exc:
+            raise HTTPException(422, f"The export could not be stored ({exc}). Nothing was stored.") from None
+    return {"bytes": (stored / exports.file_name(export)).stat().st_size}
+
+
+def _owned_export(request: Request, export_id: int, worker: str | None) -> Export:
+    if not worker:
+        raise HTTPException(400, f"The {WORKER_HEADER} header names the worker sending the export's files.")
+    with request.app.state.db.session() as session:
+        export = session.get(Export, export_id)
+        if export is None:
+            raise HTTPException(404, f"There is no export {export_id}.")
+        if export.status != ExportStatus.RUNNING or export.worker_id != worker:
+            raise HTTPException(
+                409,
+                f"Export {export_id} is not being made by {worker} (it is {export.status}). "
+                "Nothing was stored.",
+            )
+        session.expunge(export)
+        return export
+
+
 @asynccontextmanager
-async def _received(request: Request, settings: Settings, run_id: int, worker: str | None):
+async def _received(request: Request, settings: Settings, owned: Callable[[], object]):
     """The request body spooled to a temporary file in the data folder (it may be gigabytes), from the
-    worker training the run: checked before the body is read and again once it has arrived (the run may
-    have been requeued meanwhile)."""
-    await asyncio.to_thread(_owned, request, run_id, worker)
+    worker that owns the run or export (`owned` raises otherwise): checked before the body is read and
+    again once it has arrived (the run may have been requeued meanwhile)."""
+    await asyncio.to_thread(owned)
     body = tempfile.TemporaryFile(dir=settings.tmp_dir)
     try:
         async for chunk in request.stream():
             await asyncio.to_thread(body.write, chunk)
         body.seek(0)
-        await asyncio.to_thread(_owned, request, run_id, worker)
+        await asyncio.to_thread(owned)
         yield body
     finally:
         body.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
-from app import exports, workers
+from app import exports
 from app.deps import RunId, SessionDep, SettingsDep, WriteSessionDep, get_run_or_404
 from app.model_registry import ModelPathInvalid
 from app.models import MAX_ID, WITH_ADAPTER, Run
@@ -51,9 +51,6 @@ def list_context(settings, session, run: Run, error: str | None = None) -> dict:
         "run": run,
         "exports": exports.list_for_run(session=session, run_id=run.id),
         "export_error": error,
-        "export_waiting": workers.export_waiting_reason(
-            session=session, stale_after=settings.stale_after_seconds
-        ),
     }
 
 

@@ -170,6 +170,17 @@ class RunFolder:
             raise ValueError(f"The adapter received has no {ADAPTER_CONFIG}.")
         _replace(staging, self.adapter)
 
+    def store_export(self, format: str, step: int, source: IO[bytes], main_file: str) -> Path:
+        """An export's files received as a tar stream (from a worker on another machine), swapped in
+        whole; refused unless `main_file` is among them."""
+        staging = unpack(source, self.exports_dir)
+        if not (staging / main_file).is_file():
+            shutil.rmtree(staging, ignore_errors=True)
+            raise ValueError(f"The export received has no {main_file}.")
+        target = self.export_dir(format, step)
+        _replace(staging, target)
+        return target
+
     def append_log(self, data: bytes, sender: str, offset: int) -> None:
         """Bytes `offset`… of `sender`'s copy of the log (one attempt's), appended; bytes already received
         from that sender (a request sent again because its answer was lost) are not appended twice."""
