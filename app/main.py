@@ -28,6 +28,7 @@ from app.routes import (
     playground,
     run_pages,
     runs_api,
+    votes_api,
     workers_api,
 )
 from app.runs.events import Feeds
@@ -83,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         exports_api,
         models_api,
         runs_api,
+        votes_api,
         workers_api,
         openai_api,
     )

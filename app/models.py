@@ -269,3 +269,22 @@ class Export(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Vote(Base):
+    """One blind comparison in the playground: the conversation asked, the answers in the order they were
+    shown with the target that wrote each, the verdict, the chosen answer (possibly edited by the voter),
+    the sampling settings and the time. app.votes owns them."""
+
+    __tablename__ = "votes"
+    __table_args__ = (Index("ix_votes_conversation", "conversation_id"), {"sqlite_autoincrement": True})
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    conversation_id: Mapped[str] = mapped_column(String(64))  # the playground conversation the vote is in
+    messages: Mapped[list] = mapped_column(JSON)  # the conversation up to the question, as chat messages
+    answers: Mapped[list] = mapped_column(JSON)  # [{"target", "text"}], in the order shown
+    verdict: Mapped[str] = mapped_column(String(12))  # better | tie | both_bad
+    best: Mapped[int | None] = mapped_column(Integer)  # the better answer's index when the verdict is better
+    chosen: Mapped[str | None] = mapped_column(Text)  # the text saved as chosen (edited or not); None: none
+    sampling: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)

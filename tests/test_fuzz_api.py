@@ -125,6 +125,26 @@ playground_bodies = st.fixed_dictionaries(
         ),
     },
 )
+answer = st.fixed_dictionaries({}, optional={"target": values, "text": values})
+vote_bodies = st.fixed_dictionaries(
+    {},
+    optional={
+        "conversation_id": st.one_of(texts, values),
+        "messages": st.one_of(st.lists(message, max_size=3), values),
+        "answers": st.one_of(st.lists(answer, max_size=5), values),
+        "verdict": st.one_of(st.sampled_from(["better", "tie", "both_bad"]), values),
+        "best": st.one_of(numbers, values),
+        "chosen": st.one_of(texts, values),
+        "sampling": values,
+    },
+)
+export_bodies = st.fixed_dictionaries(
+    {},
+    optional={
+        "format": st.one_of(st.sampled_from(["merged", "gguf-q8_0", "lora-gguf"]), values),
+        "step": values,
+    },
+)
 paths = st.one_of(texts, texts.map(lambda t: "/tmp/" + t), st.sampled_from(["/", "/tmp", "/proc/self/root"]))
 model_bodies = st.fixed_dictionaries(
     {}, optional={"path": st.one_of(paths, values), "name": st.one_of(texts, values)}
@@ -180,6 +200,18 @@ def test_fuzz_register_model(api, body):
     check(api, "POST", "/api/models", body)
 
 
+@FUZZ
+@given(body=vote_bodies)
+def test_fuzz_record_vote(api, body):
+    check(api, "POST", "/api/votes", body)
+
+
+@FUZZ
+@given(body=export_bodies)
+def test_fuzz_request_export(api, body):
+    check(api, "POST", "/api/runs/1/exports", body)
+
+
 ids = st.one_of(st.integers(min_value=-(2**70), max_value=2**70).map(str), st.text(max_size=12))
 
 
@@ -191,6 +223,12 @@ ids = st.one_of(st.integers(min_value=-(2**70), max_value=2**70).map(str), st.te
             "/api/runs/{}/metrics",
             "/api/runs/1/metrics?after={}",
             "/api/runs/{}/adapter",
+            "/api/exports/{}",
+            "/api/exports/{}/file",
+            "/api/runs/{}/exports",
+            "/api/runs/1/exports/estimate?format={}",
+            "/api/votes?since={}",
+            "/api/datasets/{}/preferences.jsonl",
             "/api/datasets/{}",
             "/api/datasets/{}/rows?limit={}",
             "/api/datasets/1/stats?max_length={}",

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from app.models import MAX_ID, Dataset, RegisteredModel, Run
+from app.models import MAX_ID, Dataset, Export, RegisteredModel, Run, Vote
 from tests.conftest import DEMO_DATASET, upload
 
 JSON = {"content-type": "application/json"}
@@ -20,7 +20,7 @@ def stored(client) -> dict[str, int]:
     with client.app.state.db.session() as session:
         counts = {
             m.__name__: session.scalar(select(func.count()).select_from(m))
-            for m in (Dataset, Run, RegisteredModel)
+            for m in (Dataset, Run, RegisteredModel, Export, Vote)
         }
     data = client.app.state.settings.data_dir
     counts["files"] = sum(1 for p in data.rglob("*") if p.is_file() and not p.name.startswith("tuneboard.db"))
