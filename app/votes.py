@@ -10,6 +10,8 @@ conversational layout, which becomes a dataset through the ordinary upload check
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
@@ -118,3 +120,89 @@ def preference_file(votes: list[Vote]) -> bytes:
     """The votes' preferences as a JSON Lines file (empty when none of them gives one)."""
     lines = [json.dumps(p, ensure_ascii=False) for v in votes for p in pairs(v)]
     return "\n".join(lines).encode("utf-8")
+
+
+# --- the leaderboard -------------------------------------------------------------------------------------
+
+ELO_SCALE = 400 / math.log(10)  # Bradley-Terry strengths on the familiar Elo scale (centred on 1000)
+PRIOR = 1.0  # the strengths' prior precision: a target with few votes stays near the middle
+
+
+@dataclass(frozen=True)
+class Standing:
+    target: str
+    comparisons: int  # pairings of this target with another in a vote
+    wins: int
+    ties: int
+    losses: int
+    rating: float  # Bradley-Terry strength, Elo scale
+    low: float  # its 95% credible interval
+    high: float
+
+    @property
+    def win_rate(self) -> float:
+        """Wins, with a tie counted as half, over comparisons."""
+        return (self.wins + self.ties / 2) / self.comparisons if self.comparisons else 0.0
+
+
+def outcomes(votes: list[Vote]) -> list[tuple[str, str, str]]:
+    """(target, other, result) for every pairing in every vote: "better" names the winner first; a tie or
+    answers all bad is "tie". Pairings of a target with itself say nothing and are left out."""
+    found = []
+    for vote in votes:
+        targets = [a["target"] for a in vote.answers]
+        for i, first in enumerate(targets):
+            for j in range(i + 1, len(targets)):
+                second = targets[j]
+                if first == second:
+                    continue
+                if vote.verdict == "better":
+                    if vote.best == i:
+                        found.append((first, second, "better"))
+                    elif vote.best == j:
+                        found.append((second, first, "better"))
+                    # two answers the voter did not pick: no preference between them
+                else:
+                    found.append((first, second, "tie"))
+    return found
+
+
+def standings(votes: list[Vote]) -> list[Standing]:
+    """Each target's record and Bradley-Terry rating with its uncertainty, best first. The ratings come
+    from choix's expectation propagation (posterior mean and covariance under a weak prior); a tie counts
+    as one win each way."""
+    import choix
+    import numpy as np
+
+    pairings = outcomes(votes)
+    names = sorted({t for first, second, _ in pairings for t in (first, second)})
+    if not names:
+        return []
+    index = {name: i for i, name in enumerate(names)}
+    record = {name: [0, 0, 0] for name in names}  # wins, ties, losses
+    data = []
+    for first, second, result in pairings:
+        data.append((index[first], index[second]))
+        if result == "tie":
+            data.append((index[second], index[first]))
+            record[first][1] += 1
+            record[second][1] += 1
+        else:
+            record[first][0] += 1
+            record[second][2] += 1
+    mean, cov = choix.ep_pairwise(len(names), data, PRIOR, model="logit")
+    spread = np.sqrt(np.clip(np.diag(cov), 0, None))
+    table = [
+        Standing(
+            target=name,
+            comparisons=sum(record[name]),
+            wins=record[name][0],
+            ties=record[name][1],
+            losses=record[name][2],
+            rating=1000 + ELO_SCALE * float(mean[i]),
+            low=1000 + ELO_SCALE * float(mean[i] - 1.96 * spread[i]),
+            high=1000 + ELO_SCALE * float(mean[i] + 1.96 * spread[i]),
+        )
+        for i, name in enumerate(names)
+    ]
+    return sorted(table, key=lambda s: (-s.rating, s.target))

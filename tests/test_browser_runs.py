@@ -203,7 +203,8 @@ def test_every_page_fits_the_screen(app, browser, tmp_path, width):
     first, second = finished_runs(app, 1, 1)
     page = browser.new_page(viewport={"width": width, "height": 800})
     paths = ["/", "/runs/new", f"/runs/{second}", f"/compare?runs={first}&runs={second}", "/datasets",
-             f"/datasets/{app['dataset']}", "/models", "/workers", f"/playground?run={second}"]  # fmt: skip
+             f"/datasets/{app['dataset']}", "/models", "/workers", f"/playground?run={second}",
+             "/leaderboard"]  # fmt: skip
     for path in paths:
         page.goto(app["base"] + path)
         page.wait_for_load_state("networkidle")

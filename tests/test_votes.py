@@ -82,3 +82,59 @@ def test_votes_become_a_preference_dataset_by_conversation_time_or_target(client
 
     ties = client.post("/api/votes/dataset", json={"conversation_id": "c2"})
     assert ties.status_code == 422 and "give no preference" in ties.text
+
+
+def test_the_leaderboard_rates_targets_from_the_votes(client, settings):
+    from app.votes import standings
+
+    for index in range(10):  # run-1 wins 8 of 10 against the base model
+        vote(client, f"d{index}", best=0 if index < 8 else 1)
+    base = "smollm2-135m-instruct"
+    tied = [{"target": "run-2", "text": "a"}, {"target": base, "text": "b"}]
+    for _ in range(3):  # run-2 ties with the base model
+        vote(client, "t", answers=tied, verdict="tie", best=None)
+    three = [
+        {"target": "run-1", "text": "a"},
+        {"target": "run-2", "text": "b"},
+        {"target": base, "text": "c"},
+    ]
+    vote(client, "three", answers=three, best=1)  # run-2 beats both; run-1 and base: no preference
+
+    board = client.get("/api/votes/leaderboard").json()
+    by_target = {s["target"]: s for s in board}
+    assert board[-1]["target"] == base  # it lost 9 of its 14 comparisons and won 2
+    assert by_target["run-1"]["rating"] > by_target[base]["rating"] + 100
+    assert (by_target["run-1"]["wins"], by_target["run-1"]["losses"]) == (8, 3)
+    assert (by_target[base]["wins"], by_target[base]["ties"], by_target[base]["losses"]) == (2, 3, 9)
+    assert by_target["run-2"]["ties"] == 3 and by_target["run-2"]["wins"] == 2
+    assert by_target["run-2"]["win_rate"] == (2 + 3 / 2) / 5
+    for s in board:
+        assert s["low"] < s["rating"] < s["high"]
+    # fewer votes, wider interval
+    with client.app.state.db.session() as session:
+        from app.votes import find
+
+        few = standings(find(session=session, conversation_id="d0"))
+    wide = next(s for s in few if s.target == "run-1")
+    assert wide.high - wide.low > by_target["run-1"]["high"] - by_target["run-1"]["low"]
+
+    page = client.get("/leaderboard").text
+    shown = [part.split('"')[0] for part in page.split('data-target="')[1:]]
+    assert "14 votes" in page and shown == [s["target"] for s in board]
+    assert client.get("/api/votes/leaderboard", params={"conversation_id": "nothing"}).json() == []
+
+
+def test_the_compare_page_shows_the_compared_runs_standing(client, tiny_model_dir):
+    from tests.conftest import DEMO_DATASET, upload
+
+    model = client.post("/api/models", json={"path": str(tiny_model_dir)}).json()["id"]
+    dataset = upload(client, "demo.json", DEMO_DATASET.read_bytes()).json()["id"]
+    run = client.post("/api/runs", json={"dataset_id": dataset, "base_model": model}).json()["id"]
+    answers = [{"target": f"run-{run}", "text": "a"}, {"target": model, "text": "b"}]
+    vote(client, answers=answers)
+    vote(client, answers=[{"target": "run-99", "text": "a"}, {"target": "other", "text": "b"}])
+    page = client.get("/compare", params={"runs": run}).text
+    assert 'id="compare-leaderboard"' in page
+    assert f'data-target="run-{run}"' in page and f'data-target="{model}"' in page
+    assert 'data-target="run-99"' not in page  # only the compared runs and their base models
+    assert 'id="compare-leaderboard"' not in client.get("/compare").text

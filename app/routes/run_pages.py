@@ -15,11 +15,12 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from app import workers
+from app import votes, workers
 from app.datasets import store
 from app.deps import IdQuery, RunId, SessionDep, SettingsDep, WriteSessionDep, get_run_or_404
 from app.model_registry import BUNDLED_ID, list_models
 from app.models import MAX_ID, Dataset, Run, RunMetric
+from app.playground import list_targets
 from app.prompts import PROMPT_FORMATS
 from app.routes.export_pages import export_context
 from app.runs import evaluation, state
@@ -302,8 +303,29 @@ def cancel_from_page(request: Request, run_id: RunId, settings: SettingsDep, ses
     return run_page(request, run_id, settings, session)
 
 
+def target_labels(settings, session) -> dict[str, str]:
+    """What the playground calls each target (base models, runs, checkpoints), by id."""
+    return {t.id: t.label for t in list_targets(settings, session=session)}
+
+
+@router.get("/leaderboard", response_class=HTMLResponse)
+def leaderboard_page(request: Request, settings: SettingsDep, session: SessionDep):
+    found = votes.find(session=session)
+    context = {
+        "table": votes.standings(found),
+        "vote_count": len(found),
+        "labels": target_labels(settings, session),
+    }
+    return render(request, "leaderboard.html", context)
+
+
 @router.get("/compare", response_class=HTMLResponse)
-def compare_page(request: Request, session: SessionDep, runs: Annotated[list[int] | None, Query()] = None):
+def compare_page(
+    request: Request,
+    settings: SettingsDep,
+    session: SessionDep,
+    runs: Annotated[list[int] | None, Query()] = None,
+):
     all_runs = session.scalars(select(Run).order_by(Run.id.desc())).all()
     chosen = [r for r in all_runs if r.id in set(runs or [])]
     curves = {}
@@ -323,7 +345,13 @@ def compare_page(request: Request, session: SessionDep, runs: Annotated[list[int
                 [e["step"], e[scored["split"]]["chrf"]] for e in scored["steps"] if scored["split"] in e
             ],
         }
+    compared = {f"run-{r.id}" for r in chosen} | {r.base_model for r in chosen}
+    board = (
+        [s for s in votes.standings(votes.find(session=session)) if s.target in compared] if chosen else []
+    )
     context = {
+        "board": board,
+        "labels": target_labels(settings, session),
         "all_runs": all_runs,
         "chosen": chosen,
         "curves": json.dumps(curves),

@@ -4,6 +4,7 @@ from the votes of a conversation, a time range or a target."""
 from __future__ import annotations
 
 import functools
+from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -66,6 +67,13 @@ def record_vote(body: votes.VoteRequest, session: WriteSessionDep) -> dict[str, 
 @router.get("")
 def list_votes(session: SessionDep, filters: Annotated[VoteFilter, Query()]) -> list[dict[str, Any]]:
     return [vote_out(v) for v in votes.find(session=session, **filters.model_dump())]
+
+
+@router.get("/leaderboard")
+def leaderboard(session: SessionDep, filters: Annotated[VoteFilter, Query()]) -> list[dict[str, Any]]:
+    """Each target's record and Bradley-Terry rating (Elo scale, with its 95% interval), best first."""
+    table = votes.standings(votes.find(session=session, **filters.model_dump()))
+    return [asdict(s) | {"win_rate": s.win_rate} for s in table]
 
 
 @router.post("/dataset", status_code=201, response_model=None)
