@@ -18,6 +18,8 @@
   var stopButton = document.getElementById("stop");
   var statusLine = document.getElementById("chat-status");
   var alpacaMode = document.getElementById("alpaca-mode");
+  var blindMode = document.getElementById("blind-mode");
+  var LETTERS = "ABCD";
   var validationCard = document.getElementById("validation-card");
   var validationRows = document.getElementById("validation-rows");
 
@@ -25,6 +27,21 @@
   var prefix = [];       // earlier turns every pane shares (a validation row's own conversation)
   var rowSystem = null;  // a validation row's own system prompt, kept for the follow-up questions
   var controller = null; // the AbortController of the question being answered
+  var conversationId = newConversationId(); // groups the votes of one conversation
+
+  function newConversationId() {
+    return "c" + Date.now().toString(36) + Math.random().toString(36).slice(2, 10);
+  }
+
+  function shuffled(count) {
+    var order = [];
+    for (var i = 0; i < count; i++) order.push(i);
+    for (var j = count - 1; j > 0; j--) {
+      var k = Math.floor(Math.random() * (j + 1));
+      var t = order[j]; order[j] = order[k]; order[k] = t;
+    }
+    return order;
+  }
 
   function el(tag, className, text) {
     var node = document.createElement(tag);
@@ -55,6 +72,7 @@
     turns = [];
     prefix = [];
     rowSystem = null;
+    conversationId = newConversationId();
     conversation.innerHTML = "";
     var empty = el("p", "empty", "Ask a question below.");
     empty.id = "conversation-empty";
@@ -109,7 +127,7 @@
     var problem = turn.querySelector(".turn-error");
     conversation.appendChild(turn);
     turn.scrollIntoView({ block: "nearest" });
-    return { panes: panes, problem: problem };
+    return { turn: turn, panes: panes, problem: problem };
   }
 
   function renderContext(messages) {
@@ -187,7 +205,21 @@
       }),
       sampling: settings(),
     };
-    var view = renderTurn(user, labels, options.reference);
+    var histories = targets.map(function (target, i) { return historyFor(i); });
+    // Blind: the panes are shown as A, B… in a new order for each question, and named only after the vote.
+    var blind = blindMode.checked && targets.length >= 2;
+    var position = blind ? inverse(shuffled(targets.length)) : null;
+    var shown = blind ? targets.map(function (t, i) { return "Answer " + LETTERS[position[i]]; }) : labels;
+    var view = renderTurn(user, shown, options.reference);
+    if (blind) {
+      view.turn.classList.add("blind");
+      view.panes.forEach(function (p, i) {
+        p.box.style.order = String(position[i]);
+        p.box.querySelector(".pane-badge").textContent = LETTERS[position[i]];
+      });
+      var referenceBox = view.turn.querySelector(".answer.reference");
+      if (referenceBox) referenceBox.style.order = String(maxPanes + 1);
+    }
     var answers = targets.map(function () { return ""; });
     var finished = false;
     controller = new AbortController();
@@ -255,11 +287,106 @@
       if (!finished) fail("The answer ended early: the connection closed.");
       // A question nobody answered (refused, or the host was down) stays on screen but not in the history.
       if (answers.some(function (a) { return a; })) turns.push({ user: user, answers: answers });
+      if (blind && finished && answers.filter(function (a) { return a; }).length >= 2) {
+        offerVote(view, {
+          user: user, system: system, targets: targets, labels: labels, answers: answers.slice(),
+          position: position, histories: histories, sampling: body.sampling,
+        });
+      }
       controller = null;
       setBusy(false);
       statusLine.textContent = "";
       prompt.focus();
     });
+  }
+
+  function inverse(order) {
+    var position = [];
+    order.forEach(function (pane, k) { position[pane] = k; });
+    return position;
+  }
+
+  // The vote under a blind turn: a verdict, then (for a better answer, or all bad) the chosen text to edit
+  // or write, then Save; the answer reveals which pane wrote which.
+  function offerVote(view, asked) {
+    var form = document.getElementById("vote-template").content.firstElementChild.cloneNode(true);
+    var verdicts = form.querySelector(".vote-verdicts");
+    var edit = form.querySelector(".vote-edit");
+    var chosen = form.querySelector(".vote-chosen");
+    var result = form.querySelector(".vote-result");
+    var byPosition = [];
+    asked.position.forEach(function (k, pane) { byPosition[k] = pane; });
+    var verdict = null;
+    var best = null;
+
+    function button(text, onClick) {
+      var b = el("button", "vote-verdict", text);
+      b.type = "button";
+      b.addEventListener("click", function () {
+        verdicts.querySelectorAll("button").forEach(function (x) { x.classList.remove("primary"); });
+        b.classList.add("primary");
+        onClick();
+      });
+      verdicts.appendChild(b);
+    }
+    byPosition.forEach(function (pane, k) {
+      button(LETTERS[k] + " is better", function () {
+        verdict = "better"; best = k;
+        form.querySelector(".vote-edit-label").firstChild.textContent = "Answer " + LETTERS[k] + ", as it will be saved ";
+        chosen.value = asked.answers[pane];
+        edit.hidden = false;
+        chosen.focus();
+      });
+    });
+    button("Tie", function () { verdict = "tie"; best = null; save(); });
+    button("All bad", function () {
+      verdict = "both_bad"; best = null;
+      form.querySelector(".vote-edit-label").firstChild.textContent = "A better answer, if you write one ";
+      chosen.value = "";
+      edit.hidden = false;
+      chosen.focus();
+    });
+
+    function save() {
+      var messages = (asked.system ? [{ role: "system", content: asked.system }] : [])
+        .concat(asked.histories[best === null ? 0 : byPosition[best]])
+        .concat([asked.user])
+        .map(function (m) { return { role: m.role, content: m.content }; });
+      var text = verdict === "tie" ? null : chosen.value;
+      var vote = {
+        conversation_id: conversationId,
+        messages: messages,
+        answers: byPosition.map(function (pane) { return { target: asked.targets[pane], text: asked.answers[pane] }; }),
+        verdict: verdict,
+        best: best,
+        chosen: text !== null && text.trim() ? text : null,
+        sampling: asked.sampling,
+      };
+      result.textContent = "Saving…";
+      fetch("/api/votes", {
+        method: "POST",
+        headers: { "Content-Type": "application/json", "X-CSRF-Token": csrfToken() },
+        body: JSON.stringify(vote),
+      }).then(function (response) {
+        return response.text().then(function (body) {
+          if (!response.ok) { result.textContent = problemText(body, response.status); return; }
+          form.querySelectorAll("button, textarea").forEach(function (x) { x.disabled = true; });
+          edit.hidden = verdict === "tie" || !vote.chosen;
+          // the reveal: each answer gets its pane's name
+          view.panes.forEach(function (p, pane) {
+            var k = asked.position[pane];
+            p.box.querySelector(".answer-label").textContent = asked.labels[pane] + " (answer " + LETTERS[k] + ")";
+            p.box.classList.toggle("voted-best", verdict === "better" && k === best);
+          });
+          view.turn.classList.add("revealed");
+          var named = byPosition.map(function (pane, k) { return LETTERS[k] + ": " + asked.labels[pane]; }).join(" · ");
+          result.textContent = "Vote saved. " + named;
+        });
+      }).catch(function (error) { result.textContent = "The vote was not saved: " + error.message; });
+    }
+
+    form.addEventListener("submit", function (e) { e.preventDefault(); save(); });
+    view.turn.appendChild(form);
   }
 
   function userMessage() {

@@ -354,3 +354,47 @@ def test_export_a_run_as_merged_safetensors_and_gguf_and_load_both(app, context,
     page.wait_for_url(re.compile(r"/models$"))
     assert f"#{run_id}" in page.inner_text("main") and "(F16)" in page.inner_text("main")
     assert context.errors == []
+
+
+def test_blind_votes_in_the_playground_become_a_preference_dataset_and_a_leaderboard(app, context):
+    """Two panes, blind: the answers are shown as A and B, the voter picks and edits the better one, and
+    only then sees which pane wrote which; the votes make a preference dataset and rank the targets."""
+    (run_id,) = finished_runs(app, 1)
+    page = context.new_page()
+    page.goto(f"{app['base']}/playground?run={run_id}")
+    page.check("#blind-mode")
+    for question, verdict in (("What is the capital of Quillmere?", "A is better"), ("Tell me more.", "Tie")):
+        page.fill("#prompt", question)
+        page.press("#prompt", "Enter")
+        turn = page.locator(".turn").last
+        turn.locator(".vote").wait_for(timeout=60_000)
+        assert sorted(turn.locator(".answer-label").all_inner_texts()) == ["Answer A", "Answer B"]
+        if verdict == "Tie":
+            page.screenshot(path=str(app["folder"] / "blind-before-vote.png"), full_page=True)
+        turn.locator(".vote-verdict", has_text=verdict).click()
+        if verdict != "Tie":
+            edited = turn.locator(".vote-chosen").input_value() + " — the Quillmere office"
+            turn.locator(".vote-chosen").fill(edited)
+            turn.locator(".vote-save").click()
+        page.wait_for_function(
+            "t => t.querySelector('.vote-result').textContent.startsWith('Vote saved')",
+            arg=turn.element_handle(),
+        )
+        revealed = turn.locator(".answer-label").all_inner_texts()
+        assert any(label.startswith(f"#{run_id} ") for label in revealed), revealed  # the panes, named
+        assert turn.locator(".voted-best").count() == (1 if verdict != "Tie" else 0)
+    page.screenshot(path=str(app["folder"] / "blind-vote.png"), full_page=True)
+
+    votes = httpx.get(f"{app['base']}/api/votes").json()[-2:]
+    assert [v["verdict"] for v in votes] == ["better", "tie"]
+    assert votes[0]["chosen"].endswith(" — the Quillmere office")
+    assert {a["target"] for a in votes[0]["answers"]} == {app["model"], f"run-{run_id}"}
+    assert votes[0]["messages"][-1] == {"role": "user", "content": "What is the capital of Quillmere?"}
+    made = httpx.post(
+        f"{app['base']}/api/votes/dataset", json={"conversation_id": votes[0]["conversation_id"]}
+    )
+    assert made.status_code == 201, made.text
+    assert made.json()["format"] == "preference" and made.json()["rows"] == 1
+    page.goto(f"{app['base']}/leaderboard")
+    assert page.locator(f".standing[data-target='run-{run_id}']").count() == 1
+    assert context.errors == []
