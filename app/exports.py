@@ -13,6 +13,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from datetime import timedelta
+from math import prod
 from pathlib import Path
 
 from sqlalchemy import delete as sa_delete
@@ -23,6 +24,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.model_registry import ModelEntry, find_model, register_model, tensor_shapes
 from app.models import WITH_ADAPTER, Export, ExportStatus, RegisteredModel, Run, utcnow
+from app.runs.folder import ADAPTER_WEIGHTS
 
 
 @dataclass(frozen=True)
@@ -241,29 +243,18 @@ def gguf_tensor_kind(kind: str, shape: tuple[int, ...]) -> str:
 def estimate(chosen: Format, model_folder: Path, adapter: Path, config: dict) -> int:
     """The export's size in bytes, from the safetensors headers of the base model and the adapter."""
     if chosen.adapter_only:
-        return sum(
-            _count(shape) * 2 for shape, _ in tensor_shapes(adapter, "adapter_model.safetensors").values()
-        )
+        return sum(prod(shape) * 2 for shape, _ in tensor_shapes(adapter, ADAPTER_WEIGHTS[0]).values())
     tokenizer = sum(p.stat().st_size for p in model_folder.glob("tokenizer*") if p.is_file())
     shapes = tensor_shapes(model_folder)
     if chosen.gguf_type is None:
-        values = sum(
-            _count(shape) * SAFETENSORS_VALUE_BYTES.get(dtype, 4) for shape, dtype in shapes.values()
-        )
+        values = sum(prod(shape) * SAFETENSORS_VALUE_BYTES.get(dtype, 4) for shape, dtype in shapes.values())
         return int(values + tokenizer)
     total = sum(
-        _count(shape) * GGUF_VALUE_BYTES[gguf_tensor_kind(chosen.gguf_type, shape)]
+        prod(shape) * GGUF_VALUE_BYTES[gguf_tensor_kind(chosen.gguf_type, shape)]
         for name, (shape, _) in shapes.items()
         if not (name == "lm_head.weight" and config.get("tie_word_embeddings"))
     )
     return int(total + tokenizer)
-
-
-def _count(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 # --- the table -------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ format asked for into a hidden folder beside the export's own, renamed into plac
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -24,6 +25,7 @@ from app.db import Database
 from app.exports import ExportRefused, Plan
 from app.models import Export, Run
 from app.prompts import INSTRUCTION_CHAT_TEMPLATE
+from app.runs.folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from app.units import filesize
 from worker.child import run_child, stop_with_parent
 from worker.gguf_export import ExportError
@@ -197,6 +199,7 @@ def make(settings: Settings, db: Database, export_id: int, worker_id: str) -> No
         out = staging / exports.file_name(export)
         if plan.format.adapter_only:
             write_lora_file(plan, out, report)
+            tokenizer = base_tokenizer(plan)
         else:
             report(0.02, "Loading the base model and the adapter")
             model, tokenizer = merged_model(plan)
@@ -205,7 +208,8 @@ def make(settings: Settings, db: Database, export_id: int, worker_id: str) -> No
             else:
                 write_merged_zip(plan, model, tokenizer, out, staging, report)
         if exports.has_modelfile(export):
-            (staging / exports.MODELFILE).write_text(modelfile_text(plan, out.name), encoding="utf-8")
+            text = modelfile_text(plan, tokenizer, out.name)
+            (staging / exports.MODELFILE).write_text(text, encoding="utf-8")
         report(1.0, "Finishing", force=True)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)
@@ -228,16 +232,24 @@ def merged_model(plan: Plan):
     with the chat template the run was trained with."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(int(os.environ.get("TUNEBOARD_TORCH_THREADS") or torch.get_num_threads()))
     model = AutoModelForCausalLM.from_pretrained(plan.model.folder, dtype="auto")
     model = PeftModel.from_pretrained(model, plan.adapter).merge_and_unload()
     model.eval()
+    return model, base_tokenizer(plan)
+
+
+def base_tokenizer(plan: Plan):
+    """The base model's tokenizer, with the tutorial layout as its chat template when the run was trained
+    on that layout."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(plan.model.folder)
     if plan.run.config.get("prompt_format") == "instruction":
         tokenizer.chat_template = INSTRUCTION_CHAT_TEMPLATE
-    return model, tokenizer
+    return tokenizer
 
 
 def write_merged_zip(plan: Plan, model, tokenizer, out: Path, staging: Path, report: Reporter) -> None:
@@ -280,18 +292,16 @@ def write_gguf_file(plan: Plan, model, tokenizer, out: Path, staging: Path, repo
 
 
 def write_lora_file(plan: Plan, out: Path, report: Reporter) -> None:
-    import json
-
     from safetensors.numpy import load_file
 
     from worker import gguf_export
 
     report(0.1, "Writing the adapter as a llama.cpp LoRA file")
-    weights = load_file(str(plan.adapter / "adapter_model.safetensors"))
+    weights = load_file(str(plan.adapter / ADAPTER_WEIGHTS[0]))
     gguf_export.write_lora(
         out,
         config=gguf_export.read_config(plan.model.folder),
-        adapter_config=json.loads((plan.adapter / "adapter_config.json").read_text(encoding="utf-8")),
+        adapter_config=json.loads((plan.adapter / ADAPTER_CONFIG).read_text(encoding="utf-8")),
         shapes={name: tuple(w.shape) for name, w in weights.items()},
         tensor=lambda name: weights[name],
         name=f"{plan.run.name} (Tuneboard run {plan.run.id}, LoRA)",
@@ -309,10 +319,7 @@ def original_pre_tokenizer(gguf_file: Path | None) -> str | None:
     return field.contents() if field is not None else None
 
 
-def modelfile_text(plan: Plan, file_name: str) -> str:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(plan.model.folder)
+def modelfile_text(plan: Plan, tokenizer, file_name: str) -> str:
     rendered = None
     if tokenizer.chat_template:  # what the template puts before a question that comes without a system prompt
         rendered = tokenizer.apply_chat_template([{"role": "user", "content": "?"}], tokenize=False)

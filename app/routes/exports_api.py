@@ -46,7 +46,7 @@ class ExportOut(BaseModel):
     modelfile_url: str | None
 
 
-def export_out(settings, export: Export) -> ExportOut:
+def export_out(export: Export) -> ExportOut:
     done = export.status == ExportStatus.SUCCEEDED
     return ExportOut(
         id=export.id,
@@ -94,9 +94,9 @@ def estimate_export(
 
 
 @router.get("/api/runs/{run_id}/exports")
-def list_exports(run_id: RunId, settings: SettingsDep, session: SessionDep) -> list[ExportOut]:
+def list_exports(run_id: RunId, session: SessionDep) -> list[ExportOut]:
     get_run_or_404(session, run_id)
-    return [export_out(settings, e) for e in exports.list_for_run(session=session, run_id=run_id)]
+    return [export_out(e) for e in exports.list_for_run(session=session, run_id=run_id)]
 
 
 @router.post("/api/runs/{run_id}/exports", status_code=201)
@@ -113,12 +113,12 @@ def request_export(
         raise HTTPException(422, str(exc)) from None
     if not queued:
         response.status_code = 200
-    return export_out(settings, export)
+    return export_out(export)
 
 
 @router.get("/api/exports/{export_id}")
-def show_export(export_id: ExportId, settings: SettingsDep, session: SessionDep) -> ExportOut:
-    return export_out(settings, get_export_or_404(session, export_id))
+def show_export(export_id: ExportId, session: SessionDep) -> ExportOut:
+    return export_out(get_export_or_404(session, export_id))
 
 
 def _finished_file(settings, session, export_id: int):
