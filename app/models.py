@@ -172,6 +172,12 @@ class RunMetric(Base):
     step_time: Mapped[float | None] = mapped_column(Float)
     memory_mb: Mapped[float | None] = mapped_column(Float)
     gpu_memory_mb: Mapped[float | None] = mapped_column(Float)
+    # preference runs (TRL's rewards/*): the implicit rewards of the chosen and rejected answers, their
+    # margin, and the fraction of pairs whose chosen answer wins (DPO)
+    rewards_chosen: Mapped[float | None] = mapped_column(Float)
+    rewards_rejected: Mapped[float | None] = mapped_column(Float)
+    reward_margin: Mapped[float | None] = mapped_column(Float)
+    reward_accuracy: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

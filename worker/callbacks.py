@@ -41,6 +41,21 @@ class Orphaned(SystemExit):
         self.reason = reason
 
 
+# TRL's preference trainers log these (evaluation: with "eval_" before them); stored under our names
+PREFERENCE_LOGS = {
+    "rewards/chosen": "rewards_chosen",
+    "rewards/rejected": "rewards_rejected",
+    "rewards/margins": "reward_margin",
+    "rewards/accuracies": "reward_accuracy",
+}
+
+
+def preference_metrics(logs: dict, prefix: str = "") -> dict:
+    return {
+        ours: logs[prefix + theirs] for theirs, ours in PREFERENCE_LOGS.items() if prefix + theirs in logs
+    }
+
+
 class ProgressCallback(TrainerCallback):
     """Appends one metrics row per log event, checks for cancellation, and marks complete checkpoints."""
 
@@ -81,6 +96,7 @@ class ProgressCallback(TrainerCallback):
                     "step": state.global_step,
                     "epoch": logs.get("epoch", state.epoch),
                     "eval_loss": logs["eval_loss"],
+                    **preference_metrics(logs, "eval_"),
                 }
             )
             return
@@ -102,6 +118,7 @@ class ProgressCallback(TrainerCallback):
                 "step_time": elapsed / steps,
                 "memory_mb": process_memory_mb(),
                 "gpu_memory_mb": gpu_memory_mb(),
+                **preference_metrics(logs),
             }
         )
         self._mark(state)

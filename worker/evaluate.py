@@ -189,8 +189,11 @@ class EvaluationCallback(TrainerCallback):
         return None if split is None else split[chosen]
 
     def evaluate_base(self, model, tokenizer) -> None:
-        """The base model's answers (step 0), from the PEFT model with its adapter out of the way."""
-        if self.config.method in PROMPT_LEARNING:
+        """The base model's answers (step 0), from the PEFT model with its adapter out of the way; for a run
+        that continues another run's adapter, that adapter's answers (where this run starts)."""
+        if self.config.start_adapter:
+            self.evaluate(model, tokenizer, 0)
+        elif self.config.method in PROMPT_LEARNING:
             self.evaluate(model.get_base_model(), tokenizer, 0)
         else:
             with model.disable_adapter():

@@ -148,15 +148,20 @@ def write_with_retry(db: Database, write, *, attempts: int = 8) -> None:
 def prepare_run_folder(
     settings: Settings, run: Run, model_folder: Path | None = None, server: Server | None = None
 ) -> RunFolder:
-    """The run's folder on this machine with its run.yaml: the model's folder as this machine has it and,
-    for a worker without the web server's disk (`server`), the dataset rows and the checkpoints fetched
-    from the server, and a fresh log (each attempt's log is sent on; the server keeps them all)."""
+    """The run's folder on this machine with its run.yaml: the model's folder (and the adapter it starts
+    from) as this machine has them and, for a worker without the web server's disk (`server`), the dataset
+    rows, that adapter and the checkpoints fetched from the server, and a fresh log (each attempt's log is
+    sent on; the server keeps them all)."""
     folder = settings.run_folder(run.id)
     folder.path.mkdir(parents=True, exist_ok=True)
     config = RunConfig.model_validate(run.config)
     update: dict = {"run_id": run.id, "output_dir": str(folder.path), "database_url": settings.sqlalchemy_url}
     if model_folder is not None:
         update["model_path"] = str(model_folder)
+    if config.start_run_id is not None:  # the adapter this run continues, where this machine holds it
+        if server is not None:
+            server.fetch_adapter(config.start_run_id, 0)
+        update["start_adapter"] = str(settings.run_folder(config.start_run_id).adapter)
     if server is not None:
         update["dataset_path"] = str(server.dataset_rows(config.dataset_id))
         if config.evaluation_path and config.evaluation.dataset_id is not None:

@@ -15,13 +15,14 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from app.config import Settings
-from app.runs.config import PROMPT_LEARNING, RunConfig
+from app.runs.config import PREFERENCE_OBJECTIVES, PROMPT_LEARNING, RunConfig
 from app.runs.estimate import memory_needed, refusal
-from app.runs.folder import CHECKPOINT_PREFIX, RunFolder
+from app.runs.folder import ADAPTER_CONFIG, CHECKPOINT_PREFIX, RunFolder
 from worker.hardware import choose_dtype, free_memory, loaded_bytes, peak_memory_mb, shortfall
 
 log = logging.getLogger("tuneboard.train")
@@ -91,19 +92,136 @@ def choose_checkpointing(config: RunConfig, lengths: list[int], dtype) -> bool:
     return needed["gradient_checkpointing"]
 
 
-def build_trainer(config: RunConfig, sink, attempt: int | None):
+def load_model(config: RunConfig, dtype, checkpointing: bool):
+    """The base model with the run's adapter: a new one (the run's method, seeded), or the starting run's
+    adapter to train on (`start_adapter`). Returns (PEFT model, trainable parameters, all parameters)."""
     import torch
-    from peft import get_peft_model
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        PrinterCallback,
-        TrainerCallback,
-        TrainingArguments,
-        set_seed,
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, set_seed
+
+    from worker.peft_methods import build_peft_config
+
+    model_path = Path(config.model_path)
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=dtype, attn_implementation=config.training.attention
+    )
+    model.config.use_cache = False  # required for correct packed-sequence masks, useless in training
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    set_seed(
+        config.training.seed
+    )  # the adapter's initial weights follow the run's seed: a rerun starts the same
+    if config.start_adapter:
+        start = Path(config.start_adapter)
+        if not (start / ADAPTER_CONFIG).is_file():
+            raise UserError(
+                f"The adapter of run {config.start_run_id}, which this run starts from, is missing."
+            )
+        model = PeftModel.from_pretrained(model, start, is_trainable=True)
+    else:
+        peft_config = build_peft_config(
+            config.method, config.peft, total_steps=config.total_steps, model_path=str(model_path)
+        )
+        try:
+            model = get_peft_model(model, peft_config)
+        except ValueError as exc:
+            raise UserError(f"PEFT could not apply {config.method} to this model: {exc}") from exc
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info(
+        "%s%s on %s in %s on %d CPU threads: %d of %d parameters trainable",
+        config.method,
+        f" (from run {config.start_run_id}'s adapter)" if config.start_adapter else "",
+        config.base_model,
+        dtype,
+        torch.get_num_threads(),
+        trainable,
+        total,
+    )
+    return model, trainable, total
+
+
+def training_arguments(config: RunConfig, dtype, has_eval: bool, args_class=None, **extra):
+    """The Trainer's arguments from the run's settings (`args_class`: a TrainingArguments subclass, such as
+    a TRL trainer's config, with its own `extra` settings)."""
+    import torch
+    from transformers import TrainingArguments
+
+    training = config.training
+    on_gpu = torch.cuda.is_available()
+    return (args_class or TrainingArguments)(
+        output_dir=str(run_folder(config).checkpoints_dir),
+        num_train_epochs=training.num_train_epochs,
+        # the launch counted the steps (token-budget batches from the dataset's cached lengths): keep them
+        max_steps=config.total_steps,
+        learning_rate=training.learning_rate,
+        per_device_train_batch_size=training.per_device_train_batch_size,
+        per_device_eval_batch_size=training.per_device_train_batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        warmup_steps=training.warmup_ratio,  # transformers 5: a float below 1 is a ratio of the steps
+        lr_scheduler_type=training.lr_scheduler_type,
+        weight_decay=training.weight_decay,
+        max_grad_norm=training.max_grad_norm,
+        logging_steps=training.logging_steps,
+        save_strategy="steps",
+        save_steps=training.save_steps,
+        save_total_limit=training.save_total_limit,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=training.eval_steps if has_eval else None,
+        seed=training.seed,
+        bf16=on_gpu and dtype == torch.bfloat16,
+        fp16=on_gpu and dtype == torch.float16,
+        activation_checkpointing=False,  # load_model turns it on, when it is chosen
+        include_num_input_tokens_seen="non_padding",
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=on_gpu,
+        remove_unused_columns=False,
+        save_only_model=False,
+        prediction_loss_only=True,
+        **extra,
     )
 
+
+def training_callbacks(config: RunConfig, sink, sources, tokenizer, resumed_from, trainable, total):
+    """Progress into the database, AdaLoRA's rank updates, and the scored answers at every checkpoint."""
+    from transformers import TrainerCallback
+
     from worker.callbacks import AdaLoraCallback, ProgressCallback
+    from worker.evaluate import EvaluationCallback, questions
+    from worker.evaluate import scored as answers_scored
+    from worker.judge import Judge
+
+    progress = ProgressCallback(sink, resumed_from=resumed_from, trainable=trainable, total=total)
+    callbacks: list[TrainerCallback] = [progress]
+    if config.method == "adalora":
+        callbacks.append(AdaLoraCallback())
+    # after ProgressCallback, which marks each checkpoint complete before it is evaluated
+    scored = questions(config, sources, tokenizer)
+    judge = None
+    if config.evaluation.judge is not None and answers_scored(config, world_size()) and any(scored.values()):
+        judge = Judge(config.evaluation.judge, Settings(), sink)
+    callbacks.append(
+        EvaluationCallback(
+            config, sink, scored, resumed=resumed_from is not None, progress=progress, judge=judge
+        )
+    )
+    return callbacks
+
+
+def load_tokenizer(model_path: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_trainer(config: RunConfig, sink, attempt: int | None):
+    from transformers import PrinterCallback
+
     from worker.data import (
         ExampleDataset,
         encode_rows,
@@ -113,27 +231,26 @@ def build_trainer(config: RunConfig, sink, attempt: int | None):
         split_rows,
         training_rows,
     )
-    from worker.evaluate import EvaluationCallback, questions
-    from worker.evaluate import scored as answers_scored
-    from worker.judge import Judge
-    from worker.peft_methods import build_peft_config
     from worker.trainer import TuneboardTrainer
 
     threads = os.environ.get("TUNEBOARD_TORCH_THREADS")
     if threads:
+        import torch
+
         torch.set_num_threads(int(threads))
     training = config.training
     model_path = Path(config.model_path)
     if not (model_path / "config.json").is_file():
         raise UserError(f"The base model '{config.base_model}' is not available at {model_path}.")
     folder = run_folder(config)
-    checkpoints = folder.checkpoints_dir
-    checkpoints.mkdir(parents=True, exist_ok=True)
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    folder.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(model_path)
     sources = split_rows(config)
+    if config.objective in PREFERENCE_OBJECTIVES:
+        from worker.preference import build_preference_trainer
+
+        return build_preference_trainer(config, sink, tokenizer, sources)
+
     train_split = encode_rows(
         training_rows(config, sources), tokenizer, config.prompt_format, training.max_length
     )
@@ -155,82 +272,10 @@ def build_trainer(config: RunConfig, sink, attempt: int | None):
     dtype = choose_dtype(training.dtype)
     check_fits(model_path, dtype, world_size() if config.distributed == "fsdp" else 1)
     checkpointing = choose_checkpointing(config, train_split.lengths, dtype)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=dtype, attn_implementation=training.attention
-    )
-    model.config.use_cache = False  # required for correct packed-sequence masks, useless in training
-    if checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    peft_config = build_peft_config(
-        config.method, config.peft, total_steps=config.total_steps, model_path=str(model_path)
-    )
-    set_seed(training.seed)  # the adapter's initial weights follow the run's seed: a rerun starts the same
-    try:
-        model = get_peft_model(model, peft_config)
-    except ValueError as exc:
-        raise UserError(f"PEFT could not apply {config.method} to this model: {exc}") from exc
-    trainable, total = model.get_nb_trainable_parameters()
-    log.info(
-        "%s on %s in %s on %d CPU threads: %d of %d parameters trainable",
-        config.method,
-        config.base_model,
-        dtype,
-        torch.get_num_threads(),
-        trainable,
-        total,
-    )
-
-    on_gpu = torch.cuda.is_available()
+    model, trainable, total = load_model(config, dtype, checkpointing)
     has_eval = bool(eval_split.examples)
-    args = TrainingArguments(
-        output_dir=str(checkpoints),
-        num_train_epochs=training.num_train_epochs,
-        # the launch counted the steps (token-budget batches from the dataset's cached lengths): keep them
-        max_steps=config.total_steps,
-        learning_rate=training.learning_rate,
-        per_device_train_batch_size=training.per_device_train_batch_size,
-        per_device_eval_batch_size=training.per_device_train_batch_size,
-        gradient_accumulation_steps=training.gradient_accumulation_steps,
-        warmup_steps=training.warmup_ratio,  # transformers 5: a float below 1 is a ratio of the steps
-        lr_scheduler_type=training.lr_scheduler_type,
-        weight_decay=training.weight_decay,
-        max_grad_norm=training.max_grad_norm,
-        logging_steps=training.logging_steps,
-        save_strategy="steps",
-        save_steps=training.save_steps,
-        save_total_limit=training.save_total_limit,
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=training.eval_steps if has_eval else None,
-        seed=training.seed,
-        bf16=on_gpu and dtype == torch.bfloat16,
-        fp16=on_gpu and dtype == torch.float16,
-        include_num_input_tokens_seen="non_padding",
-        report_to=[],
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=on_gpu,
-        remove_unused_columns=False,
-        save_only_model=False,
-        prediction_loss_only=True,
-    )
-
     packing = training.packing and config.method not in PROMPT_LEARNING
-    resume = _resume_point(folder)
-    progress = ProgressCallback(sink, resumed_from=resume[1], trainable=trainable, total=total)
-    callbacks: list[TrainerCallback] = [progress]
-    if config.method == "adalora":
-        callbacks.append(AdaLoraCallback())
-    # after ProgressCallback, which marks each checkpoint complete before it is evaluated
-    scored = questions(config, sources, tokenizer)
-    judge = None
-    if config.evaluation.judge is not None and answers_scored(config, world_size()) and any(scored.values()):
-        judge = Judge(config.evaluation.judge, Settings(), sink)
-    callbacks.append(
-        EvaluationCallback(
-            config, sink, scored, resumed=resume[1] is not None, progress=progress, judge=judge
-        )
-    )
+    resume = resume_point(folder)
     trainer = TuneboardTrainer(
         lengths=train_split.lengths,
         batch_tokens=training.batch_tokens,
@@ -238,18 +283,18 @@ def build_trainer(config: RunConfig, sink, attempt: int | None):
         # penalty inside the model's own loss: those keep the model's loss.
         answer_logits_only=config.method not in PROMPT_LEARNING | {"adalora"},
         model=model,
-        args=args,
+        args=training_arguments(config, dtype, has_eval),
         train_dataset=ExampleDataset(train_split.examples),
         eval_dataset=ExampleDataset(eval_split.examples) if has_eval else None,
         data_collator=packing_collator() if packing else pad_collator(tokenizer),
         processing_class=tokenizer,
-        callbacks=callbacks,
+        callbacks=training_callbacks(config, sink, sources, tokenizer, resume[1], trainable, total),
     )
     trainer.remove_callback(PrinterCallback)  # ProgressCallback logs each point once, in our format
     return trainer, tokenizer, resume[0]
 
 
-def _resume_point(folder: RunFolder) -> tuple[str | None, int | None]:
+def resume_point(folder: RunFolder) -> tuple[str | None, int | None]:
     """The newest complete checkpoint; half-written ones (no marker) are removed first."""
     for checkpoint in folder.checkpoints():
         if not checkpoint.complete:
@@ -286,7 +331,8 @@ def train(config: RunConfig, sink, attempt: int | None = None) -> Path:
             step = int(Path(best).name.removeprefix(CHECKPOINT_PREFIX))
             log.info("the final adapter is the best-scored checkpoint, step %d", step)
         else:
-            trainer.model.save_pretrained(staging, state_dict=whole)
+            # only the trained adapter: a preference run's model also holds its frozen reference ("ref")
+            trainer.model.save_pretrained(staging, state_dict=whole, selected_adapters=["default"])
         tokenizer.save_pretrained(staging)
         RunFolder.write_adapter_source(staging, step, "best" if from_best else "last")
         shutil.rmtree(adapter, ignore_errors=True)
@@ -320,6 +366,7 @@ def quiet_libraries() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # TRL's dataset preparation
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*pin_memory.*")
 
@@ -335,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True
     )
+    quiet_libraries()
 
     from worker.callbacks import ORPHANED_EXIT, Orphaned
     from worker.sink import DatabaseSink, Sink

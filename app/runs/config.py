@@ -36,6 +36,19 @@ METHOD_LABELS: dict[str, str] = {
 }
 PROMPT_LEARNING = {"prompt_tuning", "prefix_tuning", "p_tuning"}
 
+# What a run learns from. sft: the dataset's answers; dpo and kto: which of two answers is preferred
+# (a preference dataset's chosen and rejected answers), through TRL's trainers (worker.preference).
+Objective = Literal["sft", "dpo", "kto"]
+OBJECTIVE_LABELS: dict[str, str] = {
+    "sft": "Supervised fine-tuning",
+    "dpo": "DPO (direct preference optimisation)",
+    "kto": "KTO (Kahneman-Tversky optimisation)",
+}
+PREFERENCE_OBJECTIVES = {"dpo", "kto"}
+# The methods preference runs train: adapters whose weights start as a no-op (or as the starting run's),
+# so the reference model is the same model with the adapter as it started.
+PREFERENCE_METHODS = {"lora", "loha", "lokr", "ia3"}
+
 # Optimizer steps a default run aims at, in at most MAX_DEFAULT_EPOCHS: enough for a small dataset's facts
 # to be learned, long answers included (docs/recipe.md: the leaflets need about 12 of 20 epochs).
 TARGET_STEPS = 300
@@ -149,6 +162,11 @@ DEFAULT_LEARNING_RATE = {
     "lora": 2e-4, "loha": 2e-4, "lokr": 2e-4, "adalora": 2e-4,
     "ia3": 3e-3, "prompt_tuning": 3e-2, "prefix_tuning": 1e-2, "p_tuning": 1e-2,
 }  # fmt: skip
+# Preference runs move a model that already answers: a gentler rate and fewer steps than SFT's defaults
+# (docs/recipe.md, "Preference runs").
+PREFERENCE_LEARNING_RATE = 5e-5
+PREFERENCE_TARGET_STEPS = 150
+PREFERENCE_MAX_DEFAULT_EPOCHS = 10
 SMALL_DATASET_ROWS = 500  # below this, LoRA-family runs default to a higher rate (see docs/recipe.md)
 SMALL_DATASET_LEARNING_RATE = 1e-3
 
@@ -233,6 +251,15 @@ class EvaluationParams(Strict):
     judge: JudgeParams | None = None  # None: the reference metrics alone
 
 
+class PreferenceParams(Strict):
+    """TRL's names (DPOConfig, KTOConfig) for what preference runs add to the training settings."""
+
+    # how far the model may move from the reference (the starting model): lower lets it move further
+    beta: float = Field(0.1, gt=0, le=100)
+    # DPO's loss: sigmoid (the paper's), ipo, or hinge; KTO has its own
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+
+
 Distributed = Literal["ddp", "fsdp"]
 
 
@@ -241,7 +268,11 @@ class RunRequest(Strict):
 
     dataset_id: StrictId
     base_model: str | None = Field(None, max_length=300)
-    method: Method = "lora"
+    method: Method | None = None  # None: LoRA, or the method of the run it starts from
+    objective: Objective = "sft"
+    preference: PreferenceParams = Field(default_factory=PreferenceParams)
+    # continue from a finished run's adapter (same base model and method) instead of a new adapter
+    start_from_run: StrictId | None = None
     preset: Literal["tutorial"] | None = None
     prompt_format: PromptFormat = "chat"
     peft: dict[str, Any] = Field(default_factory=dict)
@@ -279,6 +310,10 @@ class RunConfig(Strict):
     method: Method
     prompt_format: PromptFormat
     peft: dict[str, Any]
+    objective: Objective = "sft"
+    preference: PreferenceParams = Field(default_factory=PreferenceParams)
+    start_run_id: int | None = None
+    start_adapter: str | None = None  # the starting run's adapter folder, as this machine holds it
     training: ResolvedTraining
     evaluation: EvaluationParams = Field(default_factory=EvaluationParams)
     train_rows: int
@@ -325,14 +360,27 @@ def batches_per_epoch(train_rows: int, lengths: list[int] | None, max_rows: int,
 
 
 def resolve_training(
-    method: str, train_rows: int, training: TrainingParams, lengths: list[int] | None = None
+    method: str,
+    train_rows: int,
+    training: TrainingParams,
+    lengths: list[int] | None = None,
+    objective: str = "sft",
 ) -> tuple[ResolvedTraining, int]:
     """Fill the dataset-dependent defaults (`lengths`: the training rows' token lengths, when known).
     Returns (training, total optimizer steps)."""
     values = training.model_dump()
+    preference = objective in PREFERENCE_OBJECTIVES
+    if preference and values["batch_tokens"] is not None:
+        raise InvalidRun(
+            "training.batch_tokens",
+            "Preference runs batch a fixed number of pairs (per_device_train_batch_size); leave the token "
+            "budget empty.",
+        )
+    if preference and values["packing"]:
+        raise InvalidRun("training.packing", "Preference runs do not pack rows; turn packing off.")
     if values["per_device_train_batch_size"] is None:
         values["per_device_train_batch_size"] = DEFAULT_BATCH_ROWS
-        if values["batch_tokens"] is None:
+        if values["batch_tokens"] is None and not preference:
             values["batch_tokens"] = BATCH_TOKENS
     if lengths is not None:
         lengths = [min(n, training.max_length) for n in lengths]
@@ -345,8 +393,15 @@ def resolve_training(
         values["num_train_epochs"] = values["num_train_epochs"] or math.ceil(total / per_epoch)
     else:
         if values["num_train_epochs"] is None:
-            values["num_train_epochs"] = min(MAX_DEFAULT_EPOCHS, math.ceil(TARGET_STEPS / per_epoch))
+            target, most = (
+                (PREFERENCE_TARGET_STEPS, PREFERENCE_MAX_DEFAULT_EPOCHS)
+                if preference
+                else (TARGET_STEPS, MAX_DEFAULT_EPOCHS)
+            )
+            values["num_train_epochs"] = min(most, math.ceil(target / per_epoch))
         total = math.ceil(values["num_train_epochs"] * per_epoch)
+    if values["learning_rate"] is None and preference:
+        values["learning_rate"] = PREFERENCE_LEARNING_RATE
     if values["learning_rate"] is None:
         small = train_rows < SMALL_DATASET_ROWS and method in {"lora", "loha", "lokr", "adalora"}
         values["learning_rate"] = SMALL_DATASET_LEARNING_RATE if small else DEFAULT_LEARNING_RATE[method]

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from app.machine import HEADROOM, meminfo_bytes
 from app.runs.batching import padded_tokens
-from app.runs.config import RunConfig
+from app.runs.config import PREFERENCE_OBJECTIVES, RunConfig
 from app.runs.duration import Calibration, duration, latest_calibration
 from app.runs.shapes import ADAPTED, Shapes, adapted_modules
 
@@ -164,12 +164,15 @@ def trained(lengths: list[int], held_out: list[int]) -> list[int]:
 
 
 def largest_batch(config: RunConfig, lengths: list[int] | None) -> tuple[int, int]:
-    """(padded tokens of the run's largest batch, its longest row); without lengths, rows of max_length."""
+    """(padded tokens of the run's largest batch, its longest row); without lengths, rows of max_length.
+    A preference run's batch holds each pair's chosen and rejected answer: twice the rows (the lengths are
+    of prompt and chosen answer; a rejected answer is taken to be as long)."""
     training = config.training
     rows, budget, cut = training.per_device_train_batch_size, training.batch_tokens, training.max_length
+    pairs = 2 if config.objective in PREFERENCE_OBJECTIVES else 1
     if lengths:
-        return padded_tokens(lengths, rows, budget), min(max(lengths), cut)
-    return max(cut, min(rows * cut, budget or rows * cut)), cut
+        return pairs * padded_tokens(lengths, rows, budget), min(max(lengths), cut)
+    return pairs * max(cut, min(rows * cut, budget or rows * cut)), cut
 
 
 def memory_needed(

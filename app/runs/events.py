@@ -32,7 +32,8 @@ LIST_POLL_SECONDS = 1.0
 BATCH = 500  # rows read per query
 BUFFER = 5000  # recent rows a feed keeps for late viewers
 METRIC_FIELDS = ("step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_second",
-                 "step_time", "memory_mb", "gpu_memory_mb")  # fmt: skip
+                 "step_time", "memory_mb", "gpu_memory_mb", "rewards_chosen", "rewards_rejected",
+                 "reward_margin", "reward_accuracy")  # fmt: skip
 
 
 def metric_payload(metric: RunMetric) -> dict[str, Any]:

@@ -10,7 +10,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from app.runs.config import PEFT_PARAMS, EvaluationParams, JudgeParams, RunConfig, TrainingParams
+from app.runs.config import (
+    PEFT_PARAMS,
+    EvaluationParams,
+    JudgeParams,
+    PreferenceParams,
+    RunConfig,
+    TrainingParams,
+)
 
 # Shown in simple mode; everything else sits under "Advanced".
 SIMPLE_TRAINING = ("num_train_epochs", "learning_rate", "per_device_train_batch_size", "max_length")
@@ -46,6 +53,20 @@ HELP = {
     "url": "an OpenAI-compatible API ending in /v1; empty = this server's /v1",
     "rubric": "how the judge scores 1-10; empty = the built-in rubric (facts right, style ignored)",
     "select_by": "what picks the best checkpoint: an answer score on held-out rows, or the validation loss",
+}
+
+# What each objective does, on the New run page.
+OBJECTIVE_HELP = {
+    "sft": "The model learns to write each row's answer (of a preference dataset: the chosen answer).",
+    "dpo": "For each prompt the model learns to make the chosen answer more likely than the rejected one, "
+    "measured against the model it starts from. The run page charts the rewards of the chosen and rejected "
+    "answers, their margin, and how often the chosen one wins.",
+    "kto": "Each answer is judged on its own: chosen ones as desirable, rejected ones as undesirable, "
+    "against the model it starts from. Suits sets with unequal numbers of good and bad answers.",
+}
+HELP |= {
+    "beta": "how far the model may move from where it starts; lower moves further (0.1 is usual)",
+    "loss_type": "DPO's loss: sigmoid (the paper's), ipo or hinge",
 }
 
 # What leaving a field empty means, where "auto" would mislead.
@@ -127,6 +148,10 @@ def judge_fields() -> list[Field]:
     return fields_of(JudgeParams, "evaluation.judge", empty="none")
 
 
+def preference_fields() -> list[Field]:
+    return fields_of(PreferenceParams, "preference")
+
+
 def peft_fields(method: str) -> tuple[list[Field], list[Field]]:
     fields = fields_of(PEFT_PARAMS[method], "peft")
     return [f for f in fields if f.short in SIMPLE_PEFT], [f for f in fields if f.short not in SIMPLE_PEFT]
@@ -135,10 +160,19 @@ def peft_fields(method: str) -> tuple[list[Field], list[Field]]:
 def request_from_form(form: dict[str, str]) -> dict[str, Any]:
     """Form values into the JSON shape of POST /api/runs. Empty fields stay unset (defaults apply)."""
     body: dict[str, Any] = {"training": {}, "peft": {}}
+    objective = form.get("objective") or "sft"
+    if form.get("start_from_run"):  # the starting run's adapter brings its base model, method and settings
+        form = {
+            k: v for k, v in form.items() if k not in ("base_model", "method") and not k.startswith("peft.")
+        }
+        body["start_from_run"] = _id(form["start_from_run"])
+    if objective == "sft":
+        form = {k: v for k, v in form.items() if not k.startswith("preference.")}
     method = form.get("method") or "lora"
     if method not in PEFT_PARAMS:
         return {**body, "method": method}
-    boxes = fields_of(TrainingParams, "training") + fields_of(PEFT_PARAMS[method], "peft")
+    adapter = [] if "start_from_run" in body else fields_of(PEFT_PARAMS[method], "peft")
+    boxes = fields_of(TrainingParams, "training") + adapter
     checkboxes = {f.name for f in boxes if f.kind == "checkbox"}
     list_fields = {"target_modules", "feedforward_modules"}
     for key, value in form.items():
@@ -155,7 +189,7 @@ def request_from_form(form: dict[str, str]) -> dict[str, Any]:
             )
         elif key == "dataset_id":  # ids are strict in the API: a form sends text, so convert it here
             body[key] = _id(value)
-        elif key in ("base_model", "method", "prompt_format", "name", "preset"):
+        elif key in ("base_model", "method", "prompt_format", "name", "preset", "objective"):
             body[key] = value
         elif key == "gpus":
             body[key] = int(value) if value.isdigit() and len(value) < 4 else value
@@ -187,11 +221,15 @@ def form_values(config: RunConfig) -> dict[str, Any]:
         "name": config.name,
         "gpus": config.gpus,
         "distributed": config.distributed,
+        "objective": config.objective,
     }
+    if config.start_run_id is not None:
+        values["start_from_run"] = config.start_run_id
     groups = {
         "training": config.training.model_dump(exclude=set(DERIVED)),
         "peft": config.peft,
         "evaluation": config.evaluation.model_dump(exclude={"judge"}),
+        "preference": config.preference.model_dump(),
     }
     if config.evaluation.judge is not None:
         groups["evaluation"] |= {f"judge.{k}": v for k, v in config.evaluation.judge.model_dump().items()}

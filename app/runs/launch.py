@@ -12,9 +12,13 @@ from app.datasets.split import validation_rows
 from app.datasets.store import ROWS_FILE, dataset_dir
 from app.machine import meminfo_bytes
 from app.model_registry import BUNDLED_ID, ModelEntry, find_model, weight_modules
-from app.models import Dataset, Run
+from app.models import Dataset, Run, RunStatus
 from app.runs import state
 from app.runs.config import (
+    METHOD_LABELS,
+    OBJECTIVE_LABELS,
+    PREFERENCE_METHODS,
+    PREFERENCE_OBJECTIVES,
     EvaluationParams,
     InvalidRun,
     RunConfig,
@@ -32,7 +36,8 @@ def build_run_config(settings: Settings, request: RunRequest, *, session: Sessio
     dataset = session.get(Dataset, request.dataset_id)
     if dataset is None:
         raise InvalidRun("dataset_id", f"There is no dataset {request.dataset_id}.")
-    model_id = request.base_model or BUNDLED_ID
+    start = starting_run(settings, request, session=session)
+    model_id = request.base_model or (start.base_model if start else BUNDLED_ID)
     model = find_model(settings, model_id, session=session)
     if model is None:
         raise InvalidRun(
@@ -40,12 +45,17 @@ def build_run_config(settings: Settings, request: RunRequest, *, session: Sessio
         )
     if model.status in ("failed", "missing"):
         raise InvalidRun("base_model", f"{model.name} cannot be used: {model.error}")
-    try:
-        peft = validate_peft(request.method, request.peft)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(["peft", *(str(p) for p in first["loc"] if "[" not in str(p))])  # no union tags
-        raise InvalidRun(field, first["msg"].removeprefix("Value error, ")) from None
+    method = request.method or (start.method if start else "lora")
+    if start is not None:
+        peft = start_settings(request, start, model.id, method)
+    else:
+        try:
+            peft = validate_peft(method, request.peft)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(["peft", *(str(p) for p in first["loc"] if "[" not in str(p))])  # no union tags
+            raise InvalidRun(field, first["msg"].removeprefix("Value error, ")) from None
+    check_objective(request.objective, dataset, method)
     check_modules(model, peft)
     split = request.evaluation
     held_out, train_rows, evaluation_path = hold_out(settings, session, dataset, split, request.training.seed)
@@ -60,7 +70,7 @@ def build_run_config(settings: Settings, request: RunRequest, *, session: Sessio
     )
     if lengths is not None:
         lengths = trained(lengths, [] if evaluation_path else held_out)
-    training, total_steps = resolve_training(request.method, train_rows, request.training, lengths)
+    training, total_steps = resolve_training(method, train_rows, request.training, lengths, request.objective)
     if split.select_by == "eval_loss" and training.save_steps % training.eval_steps:
         raise InvalidRun(
             "training.eval_steps",
@@ -68,14 +78,19 @@ def build_run_config(settings: Settings, request: RunRequest, *, session: Sessio
             f"eval_steps ({training.eval_steps}) must divide save_steps ({training.save_steps}).",
         )
     config = RunConfig(
-        name=(request.name or "").strip() or f"{dataset.name} · {request.method}",
+        name=(request.name or "").strip()
+        or f"{dataset.name} · {request.objective if request.objective != 'sft' else method}",
         dataset_id=dataset.id,
         dataset_path=str(dataset_dir(settings, dataset.id) / ROWS_FILE),
         base_model=model.id,
         model_path=str(model.folder),
-        method=request.method,
+        method=method,
         prompt_format=request.prompt_format,
         peft=peft,
+        objective=request.objective,
+        preference=request.preference,
+        start_run_id=start.id if start else None,
+        start_adapter=str(settings.run_folder(start.id).adapter) if start else None,
         training=training,
         evaluation=request.evaluation,
         train_rows=train_rows,
@@ -91,6 +106,66 @@ def build_run_config(settings: Settings, request: RunRequest, *, session: Sessio
             "base_model" if reason.startswith("The base model") else "training.batch_tokens", reason
         )
     return config
+
+
+def starting_run(settings: Settings, request: RunRequest, *, session: Session) -> Run | None:
+    """The finished run whose adapter the new run continues (`start_from_run`), if it names one."""
+    if request.start_from_run is None:
+        return None
+    run = session.get(Run, request.start_from_run)
+    if run is None:
+        raise InvalidRun("start_from_run", f"There is no run {request.start_from_run}.")
+    if run.status not in (RunStatus.SUCCEEDED, RunStatus.CANCELLED) or not (
+        settings.run_folder(run.id).has_adapter
+    ):
+        raise InvalidRun(
+            "start_from_run",
+            f"Run {run.id} has no finished adapter to start from (it is {run.status}); start from a run "
+            "that succeeded.",
+        )
+    return run
+
+
+def start_settings(request: RunRequest, start: Run, base_model: str, method: str) -> dict:
+    """The PEFT settings of a run that continues `start`'s adapter: the adapter's own, on its own base
+    model; a request that asks for another model, method or settings is refused."""
+    if base_model != start.base_model:
+        raise InvalidRun(
+            "base_model",
+            f"Run {start.id}'s adapter was trained on {start.base_model}: a run that starts from it trains "
+            "the same base model.",
+        )
+    if method != start.method:
+        raise InvalidRun(
+            "method",
+            f"Run {start.id}'s adapter is {METHOD_LABELS[start.method]}: a run that starts from it "
+            "continues the same adapter.",
+        )
+    if request.peft:
+        raise InvalidRun(
+            "peft",
+            f"A run that starts from run {start.id} keeps its adapter's settings; leave the PEFT settings "
+            "empty.",
+        )
+    return dict(start.config.get("peft") or {})
+
+
+def check_objective(objective: str, dataset: Dataset, method: str) -> None:
+    """Preference objectives need a preference dataset and an adapter that starts as a no-op."""
+    if objective not in PREFERENCE_OBJECTIVES:
+        return
+    name = OBJECTIVE_LABELS[objective].split(" ")[0]
+    if dataset.format != "preference":
+        raise InvalidRun(
+            "objective",
+            f"{name} learns which of two answers is better, and '{dataset.name}' has one answer per row. "
+            "Choose a preference dataset (prompt, chosen, rejected), or supervised fine-tuning.",
+        )
+    if method not in PREFERENCE_METHODS:
+        allowed = ", ".join(METHOD_LABELS[m] for m in sorted(PREFERENCE_METHODS))
+        raise InvalidRun(
+            "method", f"{name} runs train one of these adapters: {allowed}; not {METHOD_LABELS[method]}."
+        )
 
 
 def hold_out(
