@@ -97,10 +97,16 @@
     if (!pending) { pending = true; requestAnimationFrame(redraw); }
   }
 
+  var PREFERENCE = ["rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy"];
   function add(metric) {
     var p = points[metric.step] || (points[metric.step] = {});
     ["loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_second"].forEach(function (k) {
       if (metric[k] != null) p[k] = metric[k];
+    });
+    // a preference run's rewards: training batches' and held-out pairs' are kept apart
+    var prefix = metric.kind === "eval" ? "eval_" : "";
+    PREFERENCE.forEach(function (k) {
+      if (metric[k] != null) p[prefix + k] = metric[k];
     });
     if (!pending) { pending = true; requestAnimationFrame(redraw); }
   }
@@ -111,6 +117,20 @@
       { key: "eval_loss", label: "validation loss", color: "#d97706", points: true },
       { key: "best", label: "best checkpoint", color: "#16a34a", points: true, line: false },
     ], "loss");
+    if (document.getElementById("chart-rewards")) {
+      charts.rewards = makeChart("chart-rewards", [
+        { key: "reward_margin", label: "margin", color: "#4f46e5" },
+        { key: "rewards_chosen", label: "chosen", color: "#16a34a" },
+        { key: "rewards_rejected", label: "rejected", color: "#dc2626" },
+        { key: "eval_reward_margin", label: "held-out margin", color: "#d97706", points: true },
+      ], "reward");
+    }
+    if (document.getElementById("chart-accuracy")) {
+      charts.accuracy = makeChart("chart-accuracy", [
+        { key: "reward_accuracy", label: "training pairs", color: "#4f46e5" },
+        { key: "eval_reward_accuracy", label: "held-out pairs", color: "#d97706", points: true },
+      ], "accuracy", function (u, values) { return values.map(function (v) { return Math.round(v * 100) + "%"; }); });
+    }
     charts.lr = makeChart("chart-lr", [{ key: "learning_rate", label: "learning rate", color: "#0e9384" }], "learning rate", scientific);
     charts.grad = makeChart("chart-grad", [{ key: "grad_norm", label: "grad norm", color: "#c11574" }], "norm");
     charts.speed = makeChart("chart-speed", [{ key: "tokens_per_second", label: "tokens/s", color: "#2e90fa" }], "tokens/s");

@@ -356,14 +356,21 @@ def test_export_a_run_as_merged_safetensors_and_gguf_and_load_both(app, context,
     assert context.errors == []
 
 
-def test_blind_votes_in_the_playground_become_a_preference_dataset_and_a_leaderboard(app, context):
+def test_blind_votes_become_a_preference_dataset_a_leaderboard_and_a_dpo_run(app, context):
     """Two panes, blind: the answers are shown as A and B, the voter picks and edits the better one, and
-    only then sees which pane wrote which; the votes make a preference dataset and rank the targets."""
+    only then sees which pane wrote which; the votes make a preference dataset and rank the targets, and
+    the New run page trains DPO on them from the SFT run's adapter, charted and then offered to chat."""
     (run_id,) = finished_runs(app, 1)
     page = context.new_page()
     page.goto(f"{app['base']}/playground?run={run_id}")
     page.check("#blind-mode")
-    for question, verdict in (("What is the capital of Quillmere?", "A is better"), ("Tell me more.", "Tie")):
+    # short answers keep three turns within the tiny model's 512 positions
+    page.locator("#max-new-tokens").evaluate("e => e.value = '40'")
+    for question, verdict in (
+        ("What is the capital of Quillmere?", "A is better"),
+        ("Tell me more.", "Tie"),
+        ("Who founded it?", "B is better"),
+    ):
         page.fill("#prompt", question)
         page.press("#prompt", "Enter")
         turn = page.locator(".turn").last
@@ -385,8 +392,8 @@ def test_blind_votes_in_the_playground_become_a_preference_dataset_and_a_leaderb
         assert turn.locator(".voted-best").count() == (1 if verdict != "Tie" else 0)
     page.screenshot(path=str(app["folder"] / "blind-vote.png"), full_page=True)
 
-    votes = httpx.get(f"{app['base']}/api/votes").json()[-2:]
-    assert [v["verdict"] for v in votes] == ["better", "tie"]
+    votes = httpx.get(f"{app['base']}/api/votes").json()[-3:]
+    assert [v["verdict"] for v in votes] == ["better", "tie", "better"]
     assert votes[0]["chosen"].endswith(" — the Quillmere office")
     assert {a["target"] for a in votes[0]["answers"]} == {app["model"], f"run-{run_id}"}
     assert votes[0]["messages"][-1] == {"role": "user", "content": "What is the capital of Quillmere?"}
@@ -394,7 +401,40 @@ def test_blind_votes_in_the_playground_become_a_preference_dataset_and_a_leaderb
         f"{app['base']}/api/votes/dataset", json={"conversation_id": votes[0]["conversation_id"]}
     )
     assert made.status_code == 201, made.text
-    assert made.json()["format"] == "preference" and made.json()["rows"] == 1
+    dataset = made.json()
+    # each "better" vote gives its chosen answer against the other, unless that answer came out blank
+    expected = sum(
+        1 for v in votes if v["verdict"] == "better" and all(a["text"].strip() for a in v["answers"])
+    )
+    assert dataset["format"] == "preference" and dataset["rows"] == expected >= 1
     page.goto(f"{app['base']}/leaderboard")
     assert page.locator(f".standing[data-target='run-{run_id}']").count() == 1
+
+    # The New run page sees pairs of answers and offers DPO, from a new adapter or the SFT run's.
+    page.goto(f"{app['base']}/runs/new")
+    page.select_option("#dataset_id", str(dataset["id"]))
+    page.wait_for_selector("#objective-fields[data-objective='dpo']")
+    assert "holds pairs of answers" in page.inner_text("#objective-help")
+    page.select_option("#start_from_run", str(run_id))
+    page.wait_for_function("(document.getElementById('est-steps') || {}).textContent?.startsWith('10 ')")
+    page.screenshot(path=str(app["folder"] / "new-dpo-run.png"), full_page=True)
+    page.click("#launch")
+    page.wait_for_url(re.compile(r"/runs/\d+$"))
+    dpo = int(page.url.rsplit("/", 1)[1])
+    assert f"from run #{run_id}'s adapter" in page.inner_text("#run-objective")
+    page.wait_for_selector("#run-summary[data-status='succeeded']", timeout=180_000)
+    page.wait_for_function("Number(document.getElementById('chart-rewards').dataset.points) == 10")
+    assert int(page.get_attribute("#chart-accuracy", "data-points") or 0) == 10
+    page.screenshot(path=str(app["folder"] / "dpo-run.png"), full_page=True)
+    config = api_run(app, dpo)["config"]
+    assert (config["objective"], config["start_run_id"], config["dataset_id"]) == (
+        "dpo",
+        run_id,
+        dataset["id"],
+    )
+
+    # Chat-able like any run: the run page's button opens the playground on it.
+    page.click("#chat-with-run")
+    page.wait_for_url(re.compile(r"/playground\?run=\d+$"))
+    assert page.locator(f"option[value='run-{dpo}']").count() >= 1
     assert context.errors == []

@@ -180,3 +180,67 @@ def test_the_new_run_form_sets_the_held_out_split(client):
         run_id = int(response.headers["HX-Redirect"].rsplit("/", 1)[1])
         config = client.get(f"/api/runs/{run_id}").json()["config"]
         assert len(config["validation_rows"]) == held_out and config["train_rows"] == 40 - held_out
+
+
+def test_the_new_run_page_picks_the_objective_from_the_datasets_layout(client, settings):
+    """One answer per row: supervised fine-tuning, and why not DPO; pairs of answers: DPO by default, KTO or
+    SFT on the chosen answers, from a new adapter or a finished run's; the form reaches the run's config."""
+    sft = upload(client, "demo.json", DEMO_DATASET.read_bytes()).json()["id"]
+    pairs = upload(
+        client, "pairs.jsonl", json.dumps({"prompt": "Hi?", "chosen": "Hello. — Q", "rejected": "Hello."})
+    ).json()["id"]
+    headers = {"HX-Request": "true", "HX-Target": "objective-fields"}
+    single = client.get(f"/runs/new?dataset_id={sft}", headers=headers).text
+    assert single.strip().startswith('<fieldset id="objective-fields" data-objective="sft">')
+    assert "has one answer per row" in single and 'value="dpo"' not in single
+    assert 'name="start_from_run"' not in single
+    offered = client.get(f"/runs/new?dataset_id={pairs}", headers=headers).text
+    assert 'data-objective="dpo"' in offered and "holds pairs of answers" in offered
+    assert 'value="kto"' in offered and "on the chosen answers" in offered
+    assert 'name="preference.beta"' in offered and 'name="preference.loss_type"' in offered
+    kto = client.get(f"/runs/new?dataset_id={pairs}&objective=kto", headers=headers).text
+    assert 'data-objective="kto"' in kto and 'name="preference.loss_type"' not in kto  # DPO's alone
+
+    # A finished run to start from (its folder holds an adapter, as a worker leaves it).
+    first = client.post(
+        "/runs", data={"dataset_id": str(sft), "method": "ia3"}, headers=browser_headers(client)
+    )
+    run_id = int(first.headers["HX-Redirect"].rsplit("/", 1)[1])
+    adapter = settings.run_folder(run_id).adapter
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    from app.db import Database
+    from app.runs import state
+
+    db = Database(settings.sqlalchemy_url)
+    with db.write_session() as session:
+        assert state.claim_next(session=session, worker_id="w1") is not None
+        state.finish(session=session, run_id=run_id, worker_id="w1", status="succeeded", error=None)
+    db.dispose()
+    assert f'<option value="{run_id}"' in client.get(f"/runs/new?dataset_id={pairs}", headers=headers).text
+    chosen = client.get(f"/runs/new?dataset_id={pairs}&start_from_run={run_id}", headers=headers).text
+    assert f"keeps training run #{run_id}'s IA³ adapter" in chosen and "do not apply" in chosen
+    fresh = client.get(f"/runs/new?dataset_id={pairs}&start_from_run=", headers=headers)
+    assert fresh.status_code == 200 and 'id="start-note"' not in fresh.text
+    form = {
+        "dataset_id": str(pairs),
+        "objective": "dpo",
+        "start_from_run": str(run_id),
+        "method": "lora",  # the form's own fields: the starting run's adapter decides these
+        "peft.r": "16",
+        "peft.use_dora": "on",
+        "preference.beta": "0.2",
+        "preference.loss_type": "ipo",
+    }
+    response = client.post("/runs", data=form, headers=browser_headers(client))
+    assert response.status_code == 204, response.text
+    config = client.get(f"/api/runs/{int(response.headers['HX-Redirect'].rsplit('/', 1)[1])}").json()[
+        "config"
+    ]
+    assert (config["objective"], config["method"], config["start_run_id"]) == ("dpo", "ia3", run_id)
+    assert config["preference"] == {"beta": 0.2, "loss_type": "ipo"}
+    # SFT ignores the preference fields a page may still hold.
+    response = client.post(
+        "/runs", data={**form, "objective": "sft", "start_from_run": ""}, headers=browser_headers(client)
+    )
+    assert response.status_code == 204, response.text

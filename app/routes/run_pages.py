@@ -24,15 +24,24 @@ from app.playground import list_targets
 from app.prompts import PROMPT_FORMATS
 from app.routes.export_pages import export_context
 from app.runs import evaluation, state
-from app.runs.config import METHOD_LABELS, PRESETS, InvalidRun, RunConfig, RunRequest
+from app.runs.config import (
+    METHOD_LABELS,
+    OBJECTIVE_LABELS,
+    PRESETS,
+    InvalidRun,
+    RunConfig,
+    RunRequest,
+)
 from app.runs.estimate import run_estimate
 from app.runs.events import latest_train_metric, list_stream, progress, run_events, tracked
 from app.runs.folder import RunFolder
 from app.runs.form import (
+    OBJECTIVE_HELP,
     evaluation_fields,
     form_values,
     judge_fields,
     peft_fields,
+    preference_fields,
     request_from_form,
     training_fields,
 )
@@ -74,12 +83,40 @@ async def runs_stream(request: Request, count: Annotated[int | None, Query(ge=0,
     return EventSourceResponse(tracked(request.app, stream), ping=15)
 
 
+def objective_context(session, datasets: list[Dataset], values: dict) -> dict:
+    """What the New run page offers a dataset: supervised fine-tuning for one answer per row; for pairs of
+    answers DPO (the default), KTO or SFT on the chosen answers, from a new adapter or a finished run's."""
+    chosen = next(
+        (d for d in datasets if d.id == values.get("dataset_id")), datasets[0] if datasets else None
+    )
+    pairs = chosen is not None and chosen.format == "preference"
+    objective = values.get("objective") or ("dpo" if pairs else "sft")
+    if not pairs or objective not in OBJECTIVE_LABELS:
+        objective = "dpo" if pairs else "sft"
+    finished = session.scalars(
+        select(Run).where(Run.status.in_(("succeeded", "cancelled"))).order_by(Run.id.desc())
+    ).all()
+    start = next((r for r in finished if r.id == values.get("start_from_run")), None)
+    return {
+        "pairs": pairs,
+        "objective": objective,
+        "start_run": start if objective != "sft" else None,
+        "objectives": {k: v for k, v in OBJECTIVE_LABELS.items() if pairs or k == "sft"},
+        "objective_help": OBJECTIVE_HELP,
+        "preference_fields": preference_fields(),
+        "start_runs": finished,
+        "dataset_name": chosen.name if chosen else None,
+    }
+
+
 def _form_context(settings, session, values: dict, *, problems=None) -> dict:
     method = values.get("method") or "lora"
     simple_training, advanced_training = training_fields()
     simple_peft, advanced_peft = peft_fields(method if method in METHOD_LABELS else "lora")
+    datasets = store.list_datasets(session=session)
     return {
-        "datasets": store.list_datasets(session=session),
+        **objective_context(session, datasets, values),
+        "datasets": datasets,
         "models": list_models(settings, session=session),
         "methods": METHOD_LABELS,
         "prompt_formats": PROMPT_FORMATS,
@@ -113,11 +150,18 @@ def new_run_page(
     settings: SettingsDep,
     session: SessionDep,
     dataset: Annotated[int | None, IdQuery] = None,
+    dataset_id: Annotated[int | None, IdQuery] = None,  # the form's own name, as its fields send it
     preset: str | None = None,
     method: str | None = None,
+    objective: str | None = None,
+    start_from_run: str | None = None,  # a run id, or empty for a new adapter
     from_run: Annotated[int | None, Query(alias="from", ge=1, le=MAX_ID)] = None,
 ):
-    values = {"dataset_id": dataset, **_preset_values(preset)}
+    values = {"dataset_id": dataset or dataset_id, **_preset_values(preset)}
+    if objective:
+        values["objective"] = objective
+    if start_from_run and start_from_run.isdigit() and len(start_from_run) < 19:
+        values["start_from_run"] = int(start_from_run)
     if from_run is not None:  # another run's settings, with any setting the link changes
         source = get_run_or_404(session, from_run)
         values = form_values(RunConfig.model_validate(source.config)) | {
@@ -126,7 +170,8 @@ def new_run_page(
     if method:
         values["method"] = method
     block = request.headers.get("HX-Target", "") if request.headers.get("HX-Request") else ""
-    blocks = {"peft-fields": "peft_fields"}  # presets fetch the whole page and select the form
+    # presets fetch the whole page and select the form
+    blocks = {"peft-fields": "peft_fields", "objective-fields": "objective_fields"}
     return render(request, "run_new.html", _form_context(settings, session, values), block=blocks.get(block))
 
 
@@ -219,6 +264,7 @@ def summary_context(settings, session, run: Run) -> dict:
         "run": run,
         "dataset": session.get(Dataset, run.dataset_id),
         "methods": METHOD_LABELS,
+        "objectives": OBJECTIVE_LABELS,
         "has_adapter": folder.has_adapter,
         "adapter_source": folder.adapter_source(),
         "waiting": workers.waiting_reason(session=session, run=run, stale_after=settings.stale_after_seconds),
