@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import random
-from pathlib import Path
 from typing import Any
 
 from app.runs.config import RunConfig
@@ -61,17 +60,13 @@ def build_preference_trainer(config: RunConfig, sink, tokenizer, sources):
     from transformers import PrinterCallback
     from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
-    from worker.hardware import choose_dtype
     from worker.train import (
         UserError,
-        check_fits,
-        choose_checkpointing,
-        load_model,
+        prepared_model,
         resume_point,
         run_folder,
         training_arguments,
         training_callbacks,
-        world_size,
     )
 
     training = config.training
@@ -81,11 +76,8 @@ def build_preference_trainer(config: RunConfig, sink, tokenizer, sources):
         raise UserError(
             "The dataset has no pair of answers to learn from: every row needs a rejected answer."
         )
-    dtype = choose_dtype(training.dtype)
-    check_fits(Path(config.model_path), dtype, world_size() if config.distributed == "fsdp" else 1)
     lengths = [len(tokenizer(p["prompt"] + p["chosen"])["input_ids"]) for p in train_pairs]
-    checkpointing = choose_checkpointing(config, lengths, dtype)
-    model, trainable, total = load_model(config, dtype, checkpointing)
+    model, dtype, trainable, total = prepared_model(config, lengths)
     preference = config.preference
     trainer_class: type[DPOTrainer | KTOTrainer]
     args_class: type[DPOConfig | KTOConfig]

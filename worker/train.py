@@ -141,6 +141,16 @@ def load_model(config: RunConfig, dtype, checkpointing: bool):
     return model, trainable, total
 
 
+def prepared_model(config: RunConfig, lengths: list[int]):
+    """The model to train, after the checks that it fits: (model, dtype, trainable, all parameters).
+    `lengths`: the training sequences' token lengths, for the memory estimate."""
+    dtype = choose_dtype(config.training.dtype)
+    check_fits(Path(config.model_path), dtype, world_size() if config.distributed == "fsdp" else 1)
+    checkpointing = choose_checkpointing(config, lengths, dtype)
+    model, trainable, total = load_model(config, dtype, checkpointing)
+    return model, dtype, trainable, total
+
+
 def training_arguments(config: RunConfig, dtype, has_eval: bool, args_class=None, **extra):
     """The Trainer's arguments from the run's settings (`args_class`: a TrainingArguments subclass, such as
     a TRL trainer's config, with its own `extra` settings)."""
@@ -269,10 +279,7 @@ def build_trainer(config: RunConfig, sink, attempt: int | None):
             training.max_length,
         )
 
-    dtype = choose_dtype(training.dtype)
-    check_fits(model_path, dtype, world_size() if config.distributed == "fsdp" else 1)
-    checkpointing = choose_checkpointing(config, train_split.lengths, dtype)
-    model, trainable, total = load_model(config, dtype, checkpointing)
+    model, dtype, trainable, total = prepared_model(config, train_split.lengths)
     has_eval = bool(eval_split.examples)
     packing = training.packing and config.method not in PROMPT_LEARNING
     resume = resume_point(folder)
