@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import yaml
 from safetensors.torch import load_file
 
 from app.config import Settings
@@ -109,6 +110,9 @@ def test_a_run_starts_only_from_a_finished_adapter_of_the_same_model_and_method(
         ia3["id"],
     )
     assert config["peft"] == ia3["config"]["peft"]
+    # an SFT run may continue an adapter too (trained by the same load_model as the DPO run below)
+    more = launch(client, ids["sft"], None, start_from_run=ia3["id"]).json()["config"]
+    assert (more["objective"], more["method"], more["start_run_id"]) == ("sft", "ia3", ia3["id"])
 
 
 def train_all(settings: Settings) -> None:
@@ -123,7 +127,6 @@ def train_all(settings: Settings) -> None:
         db.dispose()
 
 
-@pytest.mark.databases
 def test_dpo_from_an_sft_runs_adapter_logs_rewards_and_saves_one_adapter(client, settings, ids):
     sft = launch(client, ids["pairs"], ids["model"], training={"max_steps": 6, "logging_steps": 3}).json()
     train_all(settings)
@@ -185,3 +188,109 @@ def test_kto_from_a_new_adapter_trains_on_the_pairs_unpaired(client, settings, i
     assert [p["step"] for p in train] == [2, 4]
     assert all("rewards_chosen" in p and "reward_margin" in p for p in train)
     assert "KTO with beta 0.1" in (settings.runs_dir / str(kto["id"]) / "train.log").read_text()
+
+
+def test_a_dpo_run_resumes_from_its_last_complete_checkpoint(client, settings, ids, caplog):
+    """As after a crash: the adapter and the newest checkpoint gone, the training process resumes from the
+    checkpoint before and ends at the same step, with the rewards logged again from there."""
+    from worker.sink import Sink
+    from worker.train import read_config, train
+
+    run = launch(
+        client,
+        ids["pairs"],
+        ids["model"],
+        objective="dpo",
+        training={"max_steps": 4, "logging_steps": 1, "save_steps": 2},
+        evaluation={"scored_held_out_rows": 0, "scored_train_rows": 0},
+    ).json()
+    train_all(settings)
+    assert client.get(f"/api/runs/{run['id']}").json()["status"] == "succeeded"
+    folder = settings.run_folder(run["id"])
+    shutil.rmtree(folder.adapter)
+    shutil.rmtree(folder.checkpoint(4).path)
+
+    class Recording(Sink):
+        def __init__(self):
+            self.points: list[dict] = []
+
+        def metric(self, values: dict) -> None:
+            self.points.append(values)
+
+    sink = Recording()
+    config = read_config(folder.config).model_copy(update={"run_id": None, "database_url": None})
+    with caplog.at_level("INFO", logger="tuneboard.train"):
+        train(config, sink)
+    assert "resuming from checkpoint-2" in caplog.text
+    assert [p["step"] for p in sink.points if p["kind"] == "train"] == [3, 4], sink.points
+    assert all("reward_margin" in p for p in sink.points if p["kind"] == "train")
+    assert folder.has_adapter and folder.adapter_source() == {"step": 4, "chosen": "last"}
+
+
+def test_a_worker_without_the_servers_disk_fetches_the_adapter_a_run_starts_from(settings, tmp_path):
+    """prepare_run_folder asks the web server for the starting run's adapter and points the run's
+    configuration at this machine's copy of it."""
+    from app.models import Run
+    from app.runs.config import RunConfig
+    from worker.supervise import prepare_run_folder
+
+    class Server:
+        asked: list = []
+
+        def fetch_adapter(self, run_id: int, step: int) -> None:
+            self.asked.append(("adapter", run_id, step))
+
+        def dataset_rows(self, dataset_id: int) -> Path:
+            return tmp_path / f"rows-{dataset_id}.jsonl"
+
+        def fetch_checkpoints(self, run_id: int, folder) -> list[int]:
+            return []
+
+    config = {
+        "name": "dpo",
+        "dataset_id": 2,
+        "dataset_path": "/elsewhere/rows.jsonl",
+        "base_model": "local-1",
+        "model_path": "/elsewhere/model",
+        "method": "lora",
+        "prompt_format": "chat",
+        "peft": {},
+        "objective": "dpo",
+        "start_run_id": 7,
+        "start_adapter": "/elsewhere/runs/7/adapter",
+        "training": {
+            "num_train_epochs": 1,
+            "per_device_train_batch_size": 4,
+            "learning_rate": 5e-5,
+            "logging_steps": 1,
+            "save_steps": 1,
+            "eval_steps": 1,
+        },
+        "train_rows": 4,
+        "validation_rows": [],
+        "total_steps": 1,
+    }
+    folder = prepare_run_folder(settings, Run(id=9, config=config), server=Server())  # type: ignore[arg-type]
+    assert Server.asked == [("adapter", 7, 0)]
+    written = RunConfig.model_validate(yaml.safe_load(folder.config.read_text()))
+    assert written.start_adapter == str(settings.run_folder(7).adapter)
+    assert written.dataset_path == str(tmp_path / "rows-2.jsonl")
+
+
+def test_an_adalora_adapter_is_not_a_starting_point(client, settings, ids):
+    adalora = launch(client, ids["sft"], ids["model"], method="adalora", training={"max_steps": 2}).json()
+    from app.db import Database
+    from app.runs import state
+
+    db = Database(settings.sqlalchemy_url)
+    with db.write_session() as session:
+        assert state.claim_next(session=session, worker_id="w1") is not None
+        state.finish(session=session, run_id=adalora["id"], worker_id="w1", status="succeeded")
+    db.dispose()
+    adapter = settings.run_folder(adalora["id"]).adapter
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    field, message = refusal(
+        launch(client, ids["pairs"], None, objective="dpo", start_from_run=adalora["id"])
+    )
+    assert field == "start_from_run" and "rank schedule ended" in message

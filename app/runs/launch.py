@@ -123,6 +123,11 @@ def starting_run(settings: Settings, request: RunRequest, *, session: Session) -
             f"Run {run.id} has no finished adapter to start from (it is {run.status}); start from a run "
             "that succeeded.",
         )
+    if run.method == "adalora":
+        raise InvalidRun(
+            "start_from_run",
+            f"Run {run.id}'s AdaLoRA adapter cannot be trained further: its rank schedule ended with it.",
+        )
     return run
 
 
