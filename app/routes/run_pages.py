@@ -19,7 +19,7 @@ from app import votes, workers
 from app.datasets import store
 from app.deps import IdQuery, RunId, SessionDep, SettingsDep, WriteSessionDep, get_run_or_404
 from app.model_registry import BUNDLED_ID, list_models
-from app.models import MAX_ID, Dataset, Run, RunMetric
+from app.models import MAX_ID, WITH_ADAPTER, Dataset, Run, RunMetric
 from app.playground import list_targets
 from app.prompts import PROMPT_FORMATS
 from app.routes.export_pages import export_context
@@ -90,12 +90,10 @@ def objective_context(session, datasets: list[Dataset], values: dict) -> dict:
         (d for d in datasets if d.id == values.get("dataset_id")), datasets[0] if datasets else None
     )
     pairs = chosen is not None and chosen.format == "preference"
-    objective = values.get("objective") or ("dpo" if pairs else "sft")
+    objective = values.get("objective")
     if not pairs or objective not in OBJECTIVE_LABELS:
         objective = "dpo" if pairs else "sft"
-    finished = session.scalars(
-        select(Run).where(Run.status.in_(("succeeded", "cancelled"))).order_by(Run.id.desc())
-    ).all()
+    finished = session.scalars(select(Run).where(Run.status.in_(WITH_ADAPTER)).order_by(Run.id.desc())).all()
     start = next((r for r in finished if r.id == values.get("start_from_run")), None)
     return {
         "pairs": pairs,

@@ -12,7 +12,7 @@ from app.datasets.split import validation_rows
 from app.datasets.store import ROWS_FILE, dataset_dir
 from app.machine import meminfo_bytes
 from app.model_registry import BUNDLED_ID, ModelEntry, find_model, weight_modules
-from app.models import Dataset, Run, RunStatus
+from app.models import WITH_ADAPTER, Dataset, Run
 from app.runs import state
 from app.runs.config import (
     METHOD_LABELS,
@@ -115,9 +115,7 @@ def starting_run(settings: Settings, request: RunRequest, *, session: Session) -
     run = session.get(Run, request.start_from_run)
     if run is None:
         raise InvalidRun("start_from_run", f"There is no run {request.start_from_run}.")
-    if run.status not in (RunStatus.SUCCEEDED, RunStatus.CANCELLED) or not (
-        settings.run_folder(run.id).has_adapter
-    ):
+    if run.status not in WITH_ADAPTER or not (settings.run_folder(run.id).has_adapter):
         raise InvalidRun(
             "start_from_run",
             f"Run {run.id} has no finished adapter to start from (it is {run.status}); start from a run "
