@@ -81,8 +81,8 @@ def cmd_eval(settings: Settings, run_id: int, step: int | None, base: bool) -> i
 def cmd_serve(settings: Settings) -> None:
     """Web server and one worker together: the embedded default. The worker is restarted (with backoff)
     whenever it dies, and stopped when the web server stops."""
-    from app.keeper import ChildKeeper
     from app.migrate import upgrade
+    from app.processes import ChildKeeper
 
     settings.check_exposure()
     if settings.server_url:  # its worker shares this server's data folder: files must not travel

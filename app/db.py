@@ -11,9 +11,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 BUSY_TIMEOUT_MS = 10_000
+
+
+class PassingFault(Exception):
+    """A fault of Tuneboard's own that passes by itself (the web server briefly unreachable, say): a
+    worker logs it and tries again with backoff."""
+
+
+# Faults that pass, the one list: the database busy or briefly unreachable, a file that vanished under us,
+# and Tuneboard's own passing faults. Long-lived loops log them and carry on; anything else is a bug or a
+# fatal setting.
+PASSING_FAULTS: tuple[type[BaseException], ...] = (OperationalError, InterfaceError, OSError, PassingFault)
 _IMMEDIATE = "tuneboard_immediate"
 
 

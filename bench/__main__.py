@@ -14,6 +14,7 @@ import time
 
 from app.config import Settings
 from app.model_registry import bundled_entry
+from app.processes import free_port, stop_process
 from worker.prepare import run_conversion
 
 
@@ -129,7 +130,6 @@ def report_defaults(result: dict) -> str:
 
 def stream_benchmark(model_dir, threads: int) -> dict:
     import json
-    import socket
     import tempfile
     from pathlib import Path
 
@@ -145,9 +145,7 @@ def stream_benchmark(model_dir, threads: int) -> dict:
         folder = Path(tmp)
         settings = Settings(data_dir=folder / "data")
         upgrade(settings)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         server = streams.serve_web(settings.data_dir, port)
         base = f"http://127.0.0.1:{port}"
         try:
@@ -165,8 +163,7 @@ def stream_benchmark(model_dir, threads: int) -> dict:
             train()  # warm-up
             load = streams.streams_during_training(base, server, streams.running_run(settings), train)
         finally:
-            server.terminate()
-            server.wait()
+            stop_process(server, 30)
     return {"latency": latency, "load": json.loads(json.dumps(load))}
 
 

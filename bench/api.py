@@ -7,8 +7,6 @@ run's wall time from POST /api/runs to "succeeded" (queue, launch, model load, w
 from __future__ import annotations
 
 import json
-import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -23,7 +21,7 @@ import httpx
 
 from app.config import PROJECT_ROOT, isolated_env
 from app.model_registry import BUNDLED_ID
-from bench.generation import free_port
+from app.processes import free_port, stop_process
 
 
 @contextmanager
@@ -56,8 +54,7 @@ def serving(model_dir: Path, threads: int) -> Iterator[tuple[str, Path]]:
                 time.sleep(0.5)
             yield base, data
         finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=60)
+            stop_process(server, 60, group=True)
 
 
 def upload(base: str, name: str, content: bytes) -> int:

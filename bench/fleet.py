@@ -19,11 +19,11 @@ import httpx
 from app.config import Settings
 from app.db import Database
 from app.migrate import upgrade
+from app.processes import free_port, stop_process
 from app.runs import state
 from bench.data import add_bench_dataset
 from bench.streams import cpu_seconds, serve_web
 from tests.postgres import PostgresServer
-from tests.servers import free_port
 
 WRITERS = 10
 TOKEN = "fleet-bench-token-0123456789abcdef"
@@ -173,8 +173,7 @@ def web_cpu(url: str, data_dir: Path, seconds: float = 20.0, workers: int = 4) -
         loop.call_soon_threadsafe(stop_streams.set)
         holder.join()
     finally:
-        server.terminate()
-        server.wait()
+        stop_process(server, 30)
     return {"workers": workers, "metric_rows": sum(counts), "seconds": seconds, "web_cpu_share": share}
 
 

@@ -9,7 +9,6 @@ and generation host, over HTTP, the way the playground page asks.
 from __future__ import annotations
 
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 import httpx
 
 from app.config import PROJECT_ROOT, Settings, isolated_env
+from app.processes import free_port, stop_process
 
 QUESTION = [{"role": "user", "content": "Give me three tips for sleeping well."}]
 LENGTH = 64  # tokens per answer in the timing comparison
@@ -33,12 +33,6 @@ def rss_bytes() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("no VmRSS")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_adapters(
@@ -204,8 +198,7 @@ def first_token_over_http(model_dir: Path, adapter: Path, threads: int) -> dict:
             two = [ask(["smollm2-135m-instruct", "run-1"]) for _ in range(REPEATS)]
         finally:
             for process in processes:
-                process.terminate()
-                process.wait()
+                stop_process(process, 30)
     return {"cold": cold, "one_pane": one, "two_panes": two}
 
 

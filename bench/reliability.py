@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import httpx
 from app.config import PROJECT_ROOT, Settings
 from app.datasets.store import dataset_dir
 from app.migrate import upgrade
+from app.processes import free_port, stop_process
 from bench.streams import serve_web
 
 ROWS = 1_000_000
@@ -99,15 +99,12 @@ def reliability_benchmark(model_dir: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(data_dir=Path(tmp) / "data")
         upgrade(settings)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         server = serve_web(settings.data_dir, port)
         try:
             upload = upload_while_polling(f"http://127.0.0.1:{port}", content)
         finally:
-            server.terminate()
-            server.wait()
+            stop_process(server, 30)
         assert upload["status"] == 201, upload
         rows = dataset_dir(settings, upload["body"]["id"]) / "rows.jsonl"
         lengths = run_job(

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +11,7 @@ from pathlib import Path
 import httpx
 
 from app.config import PROJECT_ROOT, isolated_env
+from app.processes import free_port, stop_process
 
 # A worker that notices things in well under a second, on one thread, without converting the bundled GGUF:
 # what tests that train through real processes give it.
@@ -23,12 +21,6 @@ FAST_WORKER = {
     "TUNEBOARD_PREPARE_MODELS": "false",
     "TUNEBOARD_TORCH_THREADS": "1",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
@@ -87,11 +79,5 @@ def running_worker(data_dir: Path, env_extra: dict[str, str], *, log: Path, cwd:
 
 
 def stop(process: subprocess.Popen, grace: float = 20.0) -> None:
-    """SIGTERM, then SIGKILL for the whole process group if it does not end in time."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    """SIGTERM to the process, then SIGKILL for its whole process group if it does not end in time."""
+    stop_process(process, grace, group=True)

@@ -5,6 +5,7 @@ their checkpoint to the same adapter; the commands a GPU worker runs for DDP and
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,10 +76,14 @@ def test_two_processes_train_and_resume_the_adapter_one_process_trains(
 
 
 def test_a_run_asking_for_gpus_gets_a_process_per_gpu_data_parallel_or_sharded(settings):
-    """The commands a GPU worker runs (FSDP needs GPUs: on a CPU, accelerate trains data parallel)."""
+    """The commands a GPU worker runs (FSDP needs GPUs: on a CPU, accelerate trains data parallel). One
+    process starts the trainer directly: one interpreter, no launcher."""
     one = launch_command(settings, Path("run.yaml"), 1)
-    assert "--multi_gpu" not in one and "--use_fsdp" not in one
-    assert one[one.index("--num_processes") + 1] == "1"
+    assert one[:3] == [sys.executable, "-m", "worker.train"] and "accelerate.commands.launch" not in one
+    assert one.count("run.yaml") == 1 and one[one.index("--attempt") + 1] == "1"
+    two = launch_command(settings.model_copy(update={"num_processes": 2}), Path("run.yaml"), 1)
+    assert two[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert two[two.index("--num_processes") + 1] == "2" and "--multi_gpu" in two
     ddp = launch_command(settings, Path("run.yaml"), 1, gpus=4)
     assert ddp[ddp.index("--num_processes") + 1] == "4" and "--multi_gpu" in ddp
     fsdp = launch_command(settings, Path("run.yaml"), 2, gpus=2, distributed="fsdp")

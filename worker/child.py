@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from app.processes import stop_process
+
 
 @dataclass(frozen=True)
 class Ended:
@@ -53,12 +55,7 @@ def run_child(
     stop = stop or threading.Event()
     while child.poll() is None:
         if stop.wait(every) or (tick is not None and child.poll() is None and not tick()):
-            child.terminate()
-            try:
-                child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+            stop_process(child, 10)
             reader.join(timeout=5)
             return Ended(None, "".join(output))
     reader.join(timeout=5)

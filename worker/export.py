@@ -21,7 +21,7 @@ from pathlib import Path
 
 from app import exports, workers
 from app.config import Settings
-from app.db import Database
+from app.db import PASSING_FAULTS, Database
 from app.exports import ExportRefused, Plan
 from app.models import Export, Run
 from app.prompts import INSTRUCTION_CHAT_TEMPLATE
@@ -30,7 +30,7 @@ from app.units import filesize
 from worker.child import run_child, stop_with_parent
 from worker.gguf_export import ExportError
 from worker.remote import Server, ServerError
-from worker.supervise import TRANSIENT_DB, training_env, write_with_retry
+from worker.supervise import training_env, write_with_retry
 
 log = logging.getLogger("tuneboard.export")
 SAID = "tuneboard-export-error:"  # the child's own sentence on a failure it can explain
@@ -71,7 +71,7 @@ def run_export(
             with db.write_session() as session:
                 orders = workers.beat(session=session, worker_id=me, status="exporting", run_id=export.run_id)
                 ours = exports.report(session=session, export_id=export.id, worker_id=me)
-        except TRANSIENT_DB as exc:  # a busy database: the next beat tries again
+        except PASSING_FAULTS as exc:  # a busy database: the next beat tries again
             log.warning("export %d: heartbeat skipped (%s)", export.id, exc)
             return True
         if orders.stop:
@@ -169,7 +169,7 @@ class Reporter:
                     progress=fraction,
                     stage=stage,
                 )
-        except TRANSIENT_DB:  # a busy database: this report is skipped, the next one tries again
+        except PASSING_FAULTS:  # a busy database: this report is skipped, the next one tries again
             return
         if not ours:
             raise SystemExit("the export was deleted or handed to another worker")

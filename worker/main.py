@@ -12,28 +12,20 @@ import sys
 import threading
 from datetime import timedelta
 
-from sqlalchemy.exc import InterfaceError, OperationalError
-
 from app import exports, workers
 from app.config import Settings
-from app.db import Database
-from app.keeper import Backoff, ChildKeeper
+from app.db import PASSING_FAULTS, Database
 from app.migrate import schema_ready
 from app.model_registry import list_models
+from app.processes import Backoff, ChildKeeper
 from app.runs import state
 from worker.export import run_export
 from worker.hardware import machine_summary
 from worker.prepare import prepare_pending_models
-from worker.remote import Server, ServerError
+from worker.remote import Server
 from worker.supervise import supervise
 
 log = logging.getLogger("tuneboard.worker")
-
-
-# Faults that pass: the database or the web server busy or briefly unreachable, a file that vanished under
-# us. The loop logs them, waits (with backoff) and carries on; anything else is a bug or a fatal setting and
-# ends the worker.
-TRANSIENT = (OperationalError, InterfaceError, OSError, ServerError)
 
 
 def run_worker(settings: Settings, *, stop: threading.Event | None = None) -> None:
@@ -70,7 +62,7 @@ def run_worker(settings: Settings, *, stop: threading.Event | None = None) -> No
         while not stop.is_set():
             try:
                 did = work_once(settings, db, me=me, stop=stop, server=server)
-            except TRANSIENT as exc:
+            except PASSING_FAULTS as exc:
                 delay = backoff.next()
                 log.warning("passing fault (%s); trying again in %.0f s", _short(exc), delay)
                 _note_fault(db, me, exc)
@@ -97,7 +89,7 @@ def wait_for_schema(settings: Settings, db: Database, stop: threading.Event) -> 
         try:
             if schema_ready(db.engine, settings):
                 return True
-        except TRANSIENT:
+        except PASSING_FAULTS:
             pass  # the database file or server is not there yet either
         if not said:
             log.info(
@@ -118,7 +110,7 @@ def _note_fault(db: Database, me: str, exc: BaseException) -> None:
     try:
         with db.write_session() as session:
             workers.beat(session=session, worker_id=me, status="idle", error=_short(exc))
-    except TRANSIENT:
+    except PASSING_FAULTS:
         pass
 
 
@@ -126,7 +118,7 @@ def _say_stopped(db: Database, me: str) -> None:
     try:
         with db.write_session() as session:
             workers.stopped(session=session, worker_id=me)
-    except TRANSIENT:
+    except PASSING_FAULTS:
         pass  # the row goes stale and the pages call the worker gone
 
 

@@ -19,10 +19,10 @@ import httpx
 
 from app.config import Settings
 from app.datasets.store import ROWS_FILE, dataset_dir
-from app.db import Database
-from app.keeper import Backoff
+from app.db import Database, PassingFault
 from app.models import Run
 from app.playground import TARGET_ID, has_adapter
+from app.processes import Backoff
 from app.runs import evaluation
 from app.runs.folder import RunFolder, pack
 from app.workers import LOG_OFFSET_HEADER, WORKER_HEADER
@@ -31,7 +31,7 @@ log = logging.getLogger("tuneboard.worker")
 LOG_CHUNK = 1 << 20
 
 
-class ServerError(Exception):
+class ServerError(PassingFault):
     """The web server could not be reached, or refused; the text says which and why. `lasting`: asking
     again will not help (it refused the request, or what it sent cannot be read)."""
 

@@ -1,5 +1,6 @@
-"""Run one claimed run: write its run.yaml, start a fresh training process through `accelerate launch`,
-heartbeat while it works, pass on a cancel (politely, then SIGTERM, then SIGKILL), and record how it ended.
+"""Run one claimed run: write its run.yaml, start a fresh training process (through `accelerate launch`
+when the run trains in several), heartbeat while it works, pass on a cancel (politely, then SIGTERM, then
+SIGKILL), and record how it ended.
 """
 
 from __future__ import annotations
@@ -7,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,14 +15,12 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy.exc import InterfaceError, OperationalError
-
 from app import workers
 from app.config import Settings
-from app.db import Database
-from app.keeper import Backoff, describe_exit
+from app.db import PASSING_FAULTS, Database
 from app.model_registry import find_model, removed_model
 from app.models import WITH_ADAPTER, Run, RunStatus
+from app.processes import Backoff, describe_exit, free_port, signal_group, stop_process
 from app.runs import state
 from app.runs.config import RunConfig
 from app.runs.folder import RunFolder
@@ -32,7 +30,6 @@ from worker.remote import ArtifactSync, Server, ServerError
 from worker.train import write_config
 
 log = logging.getLogger("tuneboard.worker")
-TRANSIENT_DB = (OperationalError, InterfaceError)
 
 
 def training_env(settings: Settings, processes: int = 1, *, gpus: bool = False) -> dict[str, str]:
@@ -64,29 +61,24 @@ FSDP = [
 def launch_command(
     settings: Settings, run_yaml: Path, attempt: int, *, gpus: int = 0, distributed: str = "ddp"
 ) -> list[str]:
-    """The same command on a laptop and on a multi-GPU box: accelerate starts one process per GPU the run
-    asked for (else TUNEBOARD_NUM_PROCESSES), data parallel or, with `distributed="fsdp"`, sharded."""
+    """The training command. One process (a laptop, one GPU) runs the trainer directly: one interpreter,
+    no launcher. Several (the GPUs the run asked for, else TUNEBOARD_NUM_PROCESSES) go through
+    `accelerate launch`, data parallel or, with `distributed="fsdp"`, sharded."""
+    training = [
+        "-m", "worker.train", str(run_yaml), "--attempt", str(attempt),
+        "--stale-after", str(settings.stale_after_seconds / 2),
+    ]  # fmt: skip
     processes = processes_for(settings, gpus)
+    if processes == 1:
+        return [sys.executable, *training]
     accelerate = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--num_processes", str(processes), "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no",
+        *(FSDP if distributed == "fsdp" else ["--multi_gpu"]),  # accelerate takes one of the two
+        "--main_process_port", str(free_port()),
     ]  # fmt: skip
-    if processes > 1:  # accelerate takes one of --multi_gpu (DDP) and --use_fsdp
-        accelerate += [
-            *(FSDP if distributed == "fsdp" else ["--multi_gpu"]),
-            "--main_process_port",
-            str(free_port()),
-        ]
-    training = ["-m", "worker.train", str(run_yaml), "--attempt", str(attempt)]
-    return [*accelerate, *training, "--stale-after", str(settings.stale_after_seconds / 2)]
-
-
-def free_port() -> int:
-    """A port free on this machine now, for the run's processes to meet on (two runs may train at once)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return [*accelerate, *training]
 
 
 def oom_kills() -> int | None:
@@ -137,7 +129,7 @@ def write_with_retry(db: Database, write, *, attempts: int = 8) -> None:
             with db.write_session() as session:
                 write(session)
             return
-        except TRANSIENT_DB as exc:
+        except PASSING_FAULTS as exc:
             if attempt == attempts - 1:
                 raise
             delay = backoff.next()
@@ -227,8 +219,10 @@ def beating(settings: Settings, db: Database, run_id: int, me: str):
             try:
                 with db.write_session() as session:
                     state.heartbeat(session=session, run_id=run_id, worker_id=me)
-            except (state.TransitionError, *TRANSIENT_DB):
-                pass  # lost, or a busy database: the caller finds out by itself
+            except state.TransitionError:
+                pass  # lost: the caller finds out by itself
+            except PASSING_FAULTS:
+                pass  # a busy database: the next beat tries again
 
     thread = threading.Thread(target=beat, name=f"beat-run-{run_id}", daemon=True)
     thread.start()
@@ -264,8 +258,7 @@ def _attempt(
     lost = False
     while child.poll() is None:
         if stop.wait(settings.heartbeat_seconds):
-            _signal(child, signal.SIGTERM)
-            _wait(child, settings.cancel_grace_seconds)
+            stop_process(child, settings.cancel_grace_seconds, group=True)
             _close_sync(sync, adapter=False)
             write_with_retry(db, lambda session: state.requeue(session=session, run_id=run.id, worker_id=me))
             log.info("run %d handed back to the queue (worker stopping)", run.id)
@@ -282,7 +275,7 @@ def _attempt(
         except state.TransitionError:
             lost = True  # requeued behind our back (we were too slow to heartbeat): stop our copy
             cancel = True
-        except TRANSIENT_DB as exc:  # a busy database: the next heartbeat will do
+        except PASSING_FAULTS as exc:  # a busy database: the next heartbeat will do
             log.warning("run %d: heartbeat skipped (%s)", run.id, exc)
             cancel = False
         now = time.monotonic()
@@ -296,10 +289,10 @@ def _attempt(
             log.warning(
                 "run %d did not stop within %.0f s; sending SIGTERM", run.id, settings.cancel_grace_seconds
             )
-            _signal(child, signal.SIGTERM)
+            signal_group(child, signal.SIGTERM)
             terminate_since = now
         if terminate_since is not None and now - terminate_since > settings.cancel_grace_seconds:
-            _signal(child, signal.SIGKILL)
+            signal_group(child, signal.SIGKILL)
     code = child.returncode
     if lost:
         _close_sync(sync, adapter=False)
@@ -370,18 +363,3 @@ def _close_sync(sync: ArtifactSync | None, *, adapter: bool) -> None:
         sync.close(adapter=adapter, tries=2)
     except ServerError as exc:
         log.warning("the run's last files could not be sent: %s", exc)
-
-
-def _signal(child: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(child.pid, sig)  # the launcher and every training process it started
-    except ProcessLookupError:
-        pass
-
-
-def _wait(child: subprocess.Popen, grace: float) -> None:
-    try:
-        child.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        _signal(child, signal.SIGKILL)
-        child.wait()

@@ -1,5 +1,6 @@
-"""One training run in one interpreter: `python -m worker.train RUN_YAML` (the worker launches it through
-`accelerate launch`; `tuneboard train run.yaml` runs it by hand). Heavy imports live inside functions.
+"""One training run in one interpreter: `python -m worker.train RUN_YAML` (the worker starts it directly, or
+through `accelerate launch` for a run of several processes; `tuneboard train run.yaml` runs it by hand).
+Heavy imports live inside functions.
 
 Writes into the run folder: `train.log` (the worker redirects output there), `checkpoints/checkpoint-N/`
 (marked complete after each save), `adapter/` (PEFT's standard layout plus the tokenizer) and, if it fails,

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from app.config import PROJECT_ROOT
+from app.processes import stop_process
 
 
 class StatsPending(Exception):
@@ -114,10 +115,4 @@ def stop_all(grace: float = 5.0) -> None:
         children = list(_children)
         _children.clear()
     for child in children:
-        if child.poll() is None:
-            child.terminate()
-        try:
-            child.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+        stop_process(child, grace)

@@ -1,13 +1,20 @@
-"""Keeping a child process alive: start it, and when it dies, start it again after a delay that doubles
-with each quick death (1 s, 2 s, 4 s … at most a minute) and resets once it has stayed up for a while.
+"""Child processes, the one place that starts, keeps and stops them.
 
-`tuneboard serve` keeps its worker this way, and a worker its generation host (systemd's
-`Restart=on-failure` with a backoff, in a few lines)."""
+- `stop_process`: the one way to stop a child (SIGTERM, then SIGKILL after a grace period), alone or with
+  the process group it leads; `signal_group` for a caller that escalates step by step itself.
+- `ChildKeeper`: keep a child alive, starting it again after a delay that doubles with each quick death
+  (1 s, 2 s, 4 s … at most a minute) and resets once it has stayed up for a while. `tuneboard serve`
+  keeps its worker this way, and a worker its generation host (systemd's `Restart=on-failure` with a
+  backoff, in a few lines).
+- `free_port`: a port for a child to listen or meet on.
+- `describe_exit`: how a child ended, in words."""
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -72,13 +79,42 @@ class ChildKeeper:
     def close(self, grace: float = 15.0) -> None:
         """Stop restarting, then stop the child: SIGTERM, and SIGKILL after `grace` seconds."""
         self.stopping.set()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, grace)
+
+
+def signal_group(process: subprocess.Popen, sig: int) -> None:
+    """Send `sig` to the process group `process` leads (started with `start_new_session=True`): the
+    process and every process it started. A group already gone is no error."""
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def stop_process(process: subprocess.Popen, grace: float, *, group: bool = False) -> int:
+    """Stop `process` politely, then firmly: SIGTERM, and SIGKILL once `grace` seconds have passed.
+    `group`: signal the whole process group it leads (a launcher and its children). Returns the exit
+    code; a process that already ended is only reaped."""
+    if process.poll() is None:
+        if group:
+            signal_group(process, signal.SIGTERM)
+        else:
+            process.terminate()
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            if group:
+                signal_group(process, signal.SIGKILL)
+            else:
+                process.kill()
+    return process.wait()
+
+
+def free_port() -> int:
+    """A TCP port free on this machine's loopback now (a server to start, a run's processes to meet on)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def describe_exit(code: int) -> str:
