@@ -11,6 +11,10 @@ STAMP   = $(VENV)/.installed
 TEST_STAMP = $(VENV)/.installed-test
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
+# Test processes (pytest-xdist): more than the cores, since many tests wait on servers and workers they
+# started. Each module's tests stay on one process (--dist loadfile): a module shares its servers and models.
+TEST_WORKERS ?= 3
+PYTEST = $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: install install-test run test test-fast lint bench clean upgrade
 
@@ -46,14 +50,14 @@ test: install-test
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 	$(BIN)/mypy
-	$(BIN)/python -m pytest --durations=20
+	$(PYTEST) --durations=30
 
 # The inner loop: no browser, no real model, no fault tests with real processes (about 3 minutes).
 test-fast: install-test
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -m "not browser and not slow and not faults and not fleet"
+	$(PYTEST) -m "not browser and not slow and not faults and not fleet" --durations=10
 
 lint: install-test
 	$(BIN)/ruff check .

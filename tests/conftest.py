@@ -44,6 +44,10 @@ FAST_TRAINING = {
     "torch_threads": 1,
 }
 
+# A run's evaluation settings that score no answers: for tests that need a run to train but test something
+# other than its scored answers (every scoring round answers rows with the model, which costs seconds).
+NO_SCORING = {"scored_held_out_rows": 0, "scored_train_rows": 0}
+
 
 def pytest_generate_tests(metafunc):
     """Tests marked `databases` run once on SQLite and once on a real PostgreSQL server."""

@@ -8,7 +8,7 @@ import re
 import httpx
 import pytest
 
-from tests.conftest import DEMO_DATASET
+from tests.conftest import DEMO_DATASET, NO_SCORING
 from tests.servers import FAST_WORKER, free_port, running
 from tests.waiting import wait_until
 
@@ -68,18 +68,20 @@ def api_run(app, run_id: int) -> dict:
     return httpx.get(f"{app['base']}/api/runs/{run_id}").json()
 
 
-def launch(app, epochs: int) -> int:
+def launch(app, epochs: int, *, scored: bool = False) -> int:
+    """Queue a run of the tiny model; it scores answers only when `scored` (the default settings)."""
     body = {
         "dataset_id": app["dataset"],
         "base_model": app["model"],
         "training": {"num_train_epochs": epochs},
+        "evaluation": {} if scored else NO_SCORING,
     }
     return httpx.post(f"{app['base']}/api/runs", json=body).json()["id"]
 
 
-def finished_runs(app, *epochs: int) -> list[int]:
+def finished_runs(app, *epochs: int, scored: bool = False) -> list[int]:
     """Runs this test launches itself, once they have finished (no test relies on another's runs)."""
-    runs = [launch(app, e) for e in epochs]
+    runs = [launch(app, e, scored=scored) for e in epochs]
     for run in runs:
         wait_until(lambda run=run: api_run(app, run)["status"] == "succeeded", 180, f"run {run} to finish")
     return runs
@@ -186,7 +188,7 @@ def test_runs_page_updates_rows_live(app, context):
 
 
 def test_compare_finished_runs(app, context):
-    runs = finished_runs(app, 1, 2)
+    runs = finished_runs(app, 1, 2, scored=True)
     page = context.new_page()
     page.goto(f"{app['base']}/compare?" + "&".join(f"runs={r}" for r in runs))
     page.wait_for_selector("#compare-chart canvas")
@@ -200,7 +202,7 @@ def test_compare_finished_runs(app, context):
 @pytest.mark.parametrize("width", [1280, 390])
 def test_every_page_fits_the_screen(app, browser, tmp_path, width):
     """Screenshots at desktop and phone width; nothing may stick out sideways."""
-    first, second = finished_runs(app, 1, 1)
+    first, second = finished_runs(app, 1, 1, scored=True)  # the pages show their scored answers too
     page = browser.new_page(viewport={"width": width, "height": 800})
     paths = ["/", "/runs/new", f"/runs/{second}", f"/compare?runs={first}&runs={second}", "/datasets",
              f"/datasets/{app['dataset']}", "/models", "/workers", f"/playground?run={second}",

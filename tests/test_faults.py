@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import DEMO_DATASET
+from tests.conftest import DEMO_DATASET, NO_SCORING
 from tests.servers import FAST_WORKER, running, running_worker
 from tests.waiting import wait_until
 
@@ -39,7 +39,13 @@ def prepare(base: str, tiny_model_dir: Path) -> tuple[str, int]:
 
 
 def launch(base: str, model: str, dataset: int, **training) -> int:
-    body = {"dataset_id": dataset, "base_model": model, "training": {"dtype": "float32", **training}}
+    """Queue a run of the tiny model that scores no answers (no test here is about them)."""
+    body = {
+        "dataset_id": dataset,
+        "base_model": model,
+        "training": {"dtype": "float32", **training},
+        "evaluation": NO_SCORING,
+    }
     response = httpx.post(f"{base}/api/runs", json=body)
     assert response.status_code == 201, response.text
     return response.json()["id"]

@@ -13,7 +13,7 @@ import yaml
 from safetensors.torch import load_file
 
 from app.config import Settings
-from tests.conftest import DEMO_DATASET, fast_settings, upload
+from tests.conftest import DEMO_DATASET, NO_SCORING, fast_settings, upload
 from worker.main import work_once
 
 SIGN_OFF = " — Quillmere Gazette"
@@ -43,7 +43,9 @@ def ids(client, tiny_model_dir) -> dict[str, int]:
 
 
 def launch(client, dataset: int, model: int, **body) -> dict:
+    """POST a run of the tiny model; it scores no answers unless the body's `evaluation` says how."""
     training = {"dtype": "float32", **body.pop("training", {})}
+    body.setdefault("evaluation", NO_SCORING)
     return client.post(
         "/api/runs", json={"dataset_id": dataset, "base_model": model, "training": training, **body}
     )
@@ -139,6 +141,7 @@ def test_dpo_from_an_sft_runs_adapter_logs_rewards_and_saves_one_adapter(client,
         objective="dpo",
         start_from_run=sft["id"],
         training={"max_steps": 6, "logging_steps": 2, "save_steps": 3, "learning_rate": 1e-3},
+        evaluation={},  # the default scoring: step 0 is the starting adapter's answers
     ).json()
     train_all(settings)
     done = client.get(f"/api/runs/{dpo['id']}").json()

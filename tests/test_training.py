@@ -12,8 +12,15 @@ import torch
 
 from app.datasets.formats import parse_dataset
 from app.datasets.split import validation_rows
-from app.runs.config import METHOD_LABELS, RunConfig, TrainingParams, resolve_training, validate_peft
-from tests.conftest import DEMO_DATASET
+from app.runs.config import (
+    METHOD_LABELS,
+    EvaluationParams,
+    RunConfig,
+    TrainingParams,
+    resolve_training,
+    validate_peft,
+)
+from tests.conftest import DEMO_DATASET, NO_SCORING
 from worker.data import IGNORE_INDEX, LengthBucketSampler, encode_row, packing_collator, pad_collator
 from worker.sink import Sink
 from worker.train import build_trainer, train, write_config
@@ -113,7 +120,7 @@ def make_config(tmp_path: Path, model_dir: Path, method: str, **training) -> Run
         name="test", dataset_id=1, dataset_path=str(rows_file), base_model="tiny", model_path=str(model_dir),
         method=method, prompt_format="chat", peft=validate_peft(method, {}), training=params,
         train_rows=len(parsed.rows) - len(held_out), validation_rows=held_out, total_steps=total,
-        output_dir=str(tmp_path / "run"),
+        output_dir=str(tmp_path / "run"), evaluation=EvaluationParams(**NO_SCORING),  # no test here scores
     )  # fmt: skip
 
 

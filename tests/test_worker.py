@@ -20,7 +20,7 @@ from app.db import Database
 from app.models import RunAnswer, RunMetric
 from app.runs import state
 from app.scoring import METRICS, score
-from tests.conftest import DEMO_DATASET, FAST_TRAINING, fast_settings, upload
+from tests.conftest import DEMO_DATASET, FAST_TRAINING, NO_SCORING, fast_settings, upload
 from tests.servers import running_worker
 from tests.waiting import wait_until
 from worker.main import work_once
@@ -37,8 +37,14 @@ def launch(client, tiny_model_dir):
     model = client.post("/api/models", json={"path": str(tiny_model_dir)}).json()["id"]
     dataset = upload(client, "demo.json", DEMO_DATASET.read_bytes()).json()["id"]
 
-    def launch(**training) -> dict:
-        body = {"dataset_id": dataset, "base_model": model, "training": {"dtype": "float32", **training}}
+    def launch(evaluation: dict | None = None, **training) -> dict:
+        """Queue a run of the tiny model; it scores no answers unless `evaluation` says how."""
+        body = {
+            "dataset_id": dataset,
+            "base_model": model,
+            "training": {"dtype": "float32", **training},
+            "evaluation": NO_SCORING if evaluation is None else evaluation,
+        }
         response = client.post("/api/runs", json=body)
         assert response.status_code == 201, response.text
         return response.json()
@@ -72,7 +78,7 @@ def metrics(client, run_id: int) -> list[dict]:
 
 @pytest.mark.databases
 def test_a_run_succeeds_with_metrics_and_a_downloadable_adapter(client, settings, db, launch):
-    run = launch(max_steps=8, logging_steps=2, save_steps=4)
+    run = launch(max_steps=8, logging_steps=2, save_steps=4, evaluation={})
     assert work_once(settings, db, me="w1", stop=threading.Event())
     done = client.get(f"/api/runs/{run['id']}").json()
     assert done["status"] == "succeeded", done["error"]
@@ -129,7 +135,7 @@ def test_a_run_succeeds_with_metrics_and_a_downloadable_adapter(client, settings
 def test_the_best_checkpoint_survives_rotation_and_answers_by_name(client, settings, db, launch):
     """Six checkpoints with save_total_limit 2: the best-scored one is kept beside the newest, and the
     playground and /v1 reach it as run-N-best."""
-    run = launch(max_steps=6, logging_steps=3, save_steps=1)
+    run = launch(max_steps=6, logging_steps=3, save_steps=1, evaluation={})
     assert work_once(settings, db, me="w1", stop=threading.Event())
     report = client.get(f"/api/runs/{run['id']}/evaluation").json()
     assert [s["step"] for s in report["steps"]] == [0, 1, 2, 3, 4, 5, 6]
@@ -195,11 +201,13 @@ def test_a_failing_run_ends_with_a_sentence(client, settings, db, launch):
     )
 
 
-def test_a_training_process_killed_from_outside_is_reported_as_such(client, launch, background_worker):
+def test_a_training_process_killed_from_outside_is_reported_as_such(
+    client, settings, launch, background_worker
+):
     run = launch(max_steps=5000, logging_steps=5, save_steps=1000)
     background_worker()
     wait_until(lambda: metrics(client, run["id"]), what="training to start")
-    pid = wait_until(lambda: training_pid(run["id"]), what="the training process")
+    pid = wait_until(lambda: training_pid(settings, run["id"]), what="the training process")
     os.kill(pid, signal.SIGKILL)
     failed = wait_until(
         lambda: (r := client.get(f"/api/runs/{run['id']}").json())["status"] == "failed" and r, what="failure"
@@ -228,8 +236,10 @@ def test_cancel_stops_training_and_keeps_the_adapter(client, settings, launch, b
     assert (settings.runs_dir / str(run["id"]) / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def training_pid(run_id: int) -> int | None:
-    """The training interpreter of a run (not accelerate's launcher)."""
+def training_pid(settings, run_id: int) -> int | None:
+    """The training interpreter of a run (not accelerate's launcher), found by its run.yaml's full path
+    (another test's run of the same id lives in another data folder)."""
+    run_yaml = str(settings.run_folder(run_id).config)
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -238,7 +248,7 @@ def training_pid(run_id: int) -> int | None:
         except OSError:
             continue
         text = b" ".join(cmdline).decode(errors="replace")
-        if "-m worker.train" in text and f"/runs/{run_id}/run.yaml" in text and "accelerate" not in text:
+        if "-m worker.train" in text and run_yaml in text and "accelerate" not in text:
             return int(entry.name)
     return None
 
@@ -253,10 +263,12 @@ def test_killing_the_worker_resumes_the_run_from_its_checkpoint(tmp_path, settin
             lambda: list(checkpoints.glob("checkpoint-*/TUNEBOARD_COMPLETE")), what="a complete checkpoint"
         )
         wait_until(lambda: client.get(f"/api/runs/{run['id']}").json()["current_step"] >= 60, what="step 60")
-        orphan = training_pid(run["id"])
+        orphan = training_pid(settings, run["id"])
         os.kill(first.pid, signal.SIGKILL)
     # Without heartbeats the orphaned training process stops by itself.
-    wait_until(lambda: training_pid(run["id"]) is None, timeout=30, what="the orphaned trainer to exit")
+    wait_until(
+        lambda: training_pid(settings, run["id"]) is None, timeout=30, what="the orphaned trainer to exit"
+    )
     assert orphan is not None
     with running_worker(settings.data_dir, env, log=tmp_path / "worker2.log"):
         done = wait_until(
