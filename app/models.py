@@ -151,7 +151,9 @@ class RunAttempt(Base):
 
 
 class RunMetric(Base):
-    """One logged point of a run. Append-only; the id orders the live stream."""
+    """One logged point of a run: its kind and step, and whatever numeric values the training process
+    logged there (`values`: loss, learning_rate, rewards_chosen… any key, no schema change for a new one;
+    app.charts says which the pages draw). Append-only; the id orders the live stream."""
 
     __tablename__ = "run_metrics"
     __table_args__ = (
@@ -163,22 +165,12 @@ class RunMetric(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     kind: Mapped[str] = mapped_column(String(8))  # train | eval
     step: Mapped[int] = mapped_column(Integer)
-    epoch: Mapped[float | None] = mapped_column(Float)
-    loss: Mapped[float | None] = mapped_column(Float)
-    eval_loss: Mapped[float | None] = mapped_column(Float)
-    learning_rate: Mapped[float | None] = mapped_column(Float)
-    grad_norm: Mapped[float | None] = mapped_column(Float)
-    tokens_per_second: Mapped[float | None] = mapped_column(Float)
-    step_time: Mapped[float | None] = mapped_column(Float)
-    memory_mb: Mapped[float | None] = mapped_column(Float)
-    gpu_memory_mb: Mapped[float | None] = mapped_column(Float)
-    # preference runs (TRL's rewards/*): the implicit rewards of the chosen and rejected answers, their
-    # margin, and the fraction of pairs whose chosen answer wins (DPO)
-    rewards_chosen: Mapped[float | None] = mapped_column(Float)
-    rewards_rejected: Mapped[float | None] = mapped_column(Float)
-    reward_margin: Mapped[float | None] = mapped_column(Float)
-    reward_accuracy: Mapped[float | None] = mapped_column(Float)
+    values: Mapped[dict[str, float]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    def get(self, key: str) -> float | None:
+        """One logged value, or None when this point does not carry it."""
+        return self.values.get(key)
 
 
 class RunAnswer(Base):

@@ -1,17 +1,22 @@
 // A run's page: uPlot charts fed by the `metric` events of the page's stream (its whole history first,
-// then live points). Everything else on the page is server-rendered fragments swapped in by htmx.
+// then live points), drawn as the server's chart spec says (app/charts.py, in #run-charts' data-charts).
+// Everything else on the page is server-rendered fragments swapped in by htmx.
 (function () {
   "use strict";
 
   var page = document.getElementById("run-page");
   if (!page) return;
-  var points = {};       // step -> {loss, eval_loss, learning_rate, grad_norm, tokens_per_second}
+  var points = {};       // step -> {"train:loss": 1.2, "eval:eval_loss": 1.4, ...}: every logged value
   var pending = false;
   var charts = {};
 
-  function scientific(u, values) {
-    return values.map(function (v) { return v === 0 ? "0" : v.toExponential(1); });
-  }
+  var FORMATS = {
+    plain: undefined,
+    scientific: function (u, values) {
+      return values.map(function (v) { return v === 0 ? "0" : v.toExponential(1); });
+    },
+    percent: function (u, values) { return values.map(function (v) { return Math.round(v * 100) + "%"; }); },
+  };
 
   function makeChart(id, series, yLabel, yValues) {
     var el = document.getElementById(id);
@@ -36,7 +41,7 @@
     var steps = Object.keys(points).map(Number).sort(function (a, b) { return a - b; });
     steps.forEach(function (s) {
       var p = points[s];
-      p.best = s === bestStep ? (p.loss != null ? p.loss : p.eval_loss) : null;
+      p.best = s === bestStep ? (p["train:loss"] != null ? p["train:loss"] : p["eval:eval_loss"]) : null;
     });
     Object.keys(charts).forEach(function (name) {
       var c = charts[name];
@@ -97,43 +102,23 @@
     if (!pending) { pending = true; requestAnimationFrame(redraw); }
   }
 
-  var PREFERENCE = ["rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy"];
   function add(metric) {
     var p = points[metric.step] || (points[metric.step] = {});
-    ["loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_second"].forEach(function (k) {
-      if (metric[k] != null) p[k] = metric[k];
-    });
-    // a preference run's rewards: training batches' and held-out pairs' are kept apart
-    var prefix = metric.kind === "eval" ? "eval_" : "";
-    PREFERENCE.forEach(function (k) {
-      if (metric[k] != null) p[prefix + k] = metric[k];
+    Object.keys(metric).forEach(function (k) {
+      if (k !== "kind" && k !== "step" && typeof metric[k] === "number") p[metric.kind + ":" + k] = metric[k];
     });
     if (!pending) { pending = true; requestAnimationFrame(redraw); }
   }
 
   function start() {
-    charts.loss = makeChart("chart-loss", [
-      { key: "loss", label: "train loss", color: "#4f46e5" },
-      { key: "eval_loss", label: "validation loss", color: "#d97706", points: true },
-      { key: "best", label: "best checkpoint", color: "#16a34a", points: true, line: false },
-    ], "loss");
-    if (document.getElementById("chart-rewards")) {
-      charts.rewards = makeChart("chart-rewards", [
-        { key: "reward_margin", label: "margin", color: "#4f46e5" },
-        { key: "rewards_chosen", label: "chosen", color: "#16a34a" },
-        { key: "rewards_rejected", label: "rejected", color: "#dc2626" },
-        { key: "eval_reward_margin", label: "held-out margin", color: "#d97706", points: true },
-      ], "reward");
-    }
-    if (document.getElementById("chart-accuracy")) {
-      charts.accuracy = makeChart("chart-accuracy", [
-        { key: "reward_accuracy", label: "training pairs", color: "#4f46e5" },
-        { key: "eval_reward_accuracy", label: "held-out pairs", color: "#d97706", points: true },
-      ], "accuracy", function (u, values) { return values.map(function (v) { return Math.round(v * 100) + "%"; }); });
-    }
-    charts.lr = makeChart("chart-lr", [{ key: "learning_rate", label: "learning rate", color: "#0e9384" }], "learning rate", scientific);
-    charts.grad = makeChart("chart-grad", [{ key: "grad_norm", label: "grad norm", color: "#c11574" }], "norm");
-    charts.speed = makeChart("chart-speed", [{ key: "tokens_per_second", label: "tokens/s", color: "#2e90fa" }], "tokens/s");
+    var spec = JSON.parse(document.getElementById("run-charts").dataset.charts);
+    spec.forEach(function (c) {
+      var series = c.series.map(function (s) {
+        return { key: s.kind + ":" + s.key, label: s.label, color: s.color, points: s.points };
+      });
+      if (c.best) series.push({ key: "best", label: "best checkpoint", color: "#16a34a", points: true, line: false });
+      charts[c.id] = makeChart("chart-" + c.id, series, c.axis, FORMATS[c.format]);
+    });
 
     // The page's one stream (htmx's SSE extension, on #run-page) also carries the metrics: listen to each
     // EventSource it opens (a reconnect replays the history, and points are keyed by step).

@@ -87,8 +87,10 @@ def test_the_estimate_scales_the_latest_finished_run_to_the_new_one(
                 run_id=run.id,
                 kind="train",
                 step=s,
-                step_time=6.0 if s == 1 else 2.0,
-                tokens_per_second=speed / 3 if s == 1 else speed,
+                values={
+                    "step_time": 6.0 if s == 1 else 2.0,
+                    "tokens_per_second": speed / 3 if s == 1 else speed,
+                },
             )
             for s in range(1, steps + 1)
         )
@@ -131,7 +133,9 @@ def test_the_estimate_scales_the_latest_finished_run_to_the_new_one(
         run.status, run.attempts = RunStatus.SUCCEEDED.value, 1
         run.started_at, run.finished_at = started + timedelta(hours=1), started + timedelta(hours=2)
         session.add_all(
-            RunMetric(run_id=run.id, kind="train", step=s, step_time=1.0, tokens_per_second=speed * 2)
+            RunMetric(
+                run_id=run.id, kind="train", step=s, values={"step_time": 1.0, "tokens_per_second": speed * 2}
+            )
             for s in range(1, steps + 1)
         )
     assert client.post("/api/runs/estimate", json=request).json()["calibrated_by"] == launched["id"]

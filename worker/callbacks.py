@@ -41,8 +41,9 @@ class Orphaned(SystemExit):
         self.reason = reason
 
 
-# TRL's preference trainers log these (evaluation: with "eval_" before them); stored under our names
-PREFERENCE_LOGS = {
+# TRL's preference trainers log these (evaluation: with "eval_" before them); stored under the names runs
+# have always stored them by
+RENAMED = {
     "rewards/chosen": "rewards_chosen",
     "rewards/rejected": "rewards_rejected",
     "rewards/margins": "reward_margin",
@@ -50,10 +51,15 @@ PREFERENCE_LOGS = {
 }
 
 
-def preference_metrics(logs: dict, prefix: str = "") -> dict:
-    return {
-        ours: logs[prefix + theirs] for theirs, ours in PREFERENCE_LOGS.items() if prefix + theirs in logs
-    }
+def logged_values(logs: dict, *, evaluation: bool = False) -> dict:
+    """Every value a trainer (or any callback before this one) logged, under Tuneboard's name where it has
+    one: metrics are data, and a new one needs no change here. An evaluation's keys lose their "eval_"
+    (the point's kind says it), except eval_loss, the name the pages and the API know it by."""
+    values = {}
+    for key, value in logs.items():
+        name = key.removeprefix("eval_") if evaluation and key != "eval_loss" else key
+        values[RENAMED.get(name, name)] = value
+    return values
 
 
 class ProgressCallback(TrainerCallback):
@@ -90,15 +96,8 @@ class ProgressCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         if "eval_loss" in logs:
-            self.sink.metric(
-                {
-                    "kind": "eval",
-                    "step": state.global_step,
-                    "epoch": logs.get("epoch", state.epoch),
-                    "eval_loss": logs["eval_loss"],
-                    **preference_metrics(logs, "eval_"),
-                }
-            )
+            values = {"epoch": state.epoch, **logged_values(logs, evaluation=True)}
+            self.sink.metric({**values, "kind": "eval", "step": state.global_step})
             return
         if "loss" not in logs:
             return  # the end-of-training summary
@@ -108,17 +107,14 @@ class ProgressCallback(TrainerCallback):
         tokens = state.num_input_tokens_seen - self._last_tokens
         self.sink.metric(
             {
+                "epoch": state.epoch,
+                **logged_values(logs),
                 "kind": "train",
                 "step": state.global_step,
-                "epoch": logs.get("epoch", state.epoch),
-                "loss": logs["loss"],
-                "learning_rate": logs.get("learning_rate"),
-                "grad_norm": logs.get("grad_norm"),
                 "tokens_per_second": tokens / elapsed if elapsed > 0 else None,
                 "step_time": elapsed / steps,
                 "memory_mb": process_memory_mb(),
                 "gpu_memory_mb": gpu_memory_mb(),
-                **preference_metrics(logs),
             }
         )
         self._mark(state)

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from app import votes, workers
+from app import charts, votes, workers
 from app.datasets import store
 from app.deps import IdQuery, RunId, SessionDep, SettingsDep, WriteSessionDep, get_run_or_404
 from app.model_registry import BUNDLED_ID, list_models
@@ -249,6 +249,7 @@ def run_page(request: Request, run_id: RunId, settings: SettingsDep, session: Se
             "log": folder.tail(),
             "cli_yaml": cli_yaml(run),
             "evaluation": evaluation.report(settings, session=session, run=run),
+            "charts": charts.spec(charts.charts_for(run.config.get("objective", "sft"))),
         }
         | export_context(settings, session, run)
     )
@@ -374,16 +375,14 @@ def compare_page(
     chosen = [r for r in all_runs if r.id in set(runs or [])]
     curves = {}
     for run in chosen:
-        points = session.execute(
-            select(RunMetric.step, RunMetric.loss, RunMetric.eval_loss, RunMetric.kind)
-            .where(RunMetric.run_id == run.id)
-            .order_by(RunMetric.id)
+        points = session.scalars(
+            select(RunMetric).where(RunMetric.run_id == run.id).order_by(RunMetric.id)
         ).all()
         scored = evaluation.summary(session=session, run=run)
         curves[run.id] = {
             "name": f"#{run.id} {run.name}",
-            "train": [[p.step, p.loss] for p in points if p.kind == "train"],
-            "eval": [[p.step, p.eval_loss] for p in points if p.kind == "eval"],
+            "train": [[p.step, p.get("loss")] for p in points if p.kind == "train"],
+            "eval": [[p.step, p.get("eval_loss")] for p in points if p.kind == "eval"],
             # the selecting split's mean chrF by step; step 0 is the base model
             "answers": [
                 [e["step"], e[scored["split"]]["chrf"]] for e in scored["steps"] if scored["split"] in e

@@ -21,7 +21,7 @@ from app.models import MAX_ID, Run, RunMetric
 from app.runs import evaluation, state
 from app.runs.config import PRESETS, InvalidRun, RunRequest
 from app.runs.estimate import run_estimate
-from app.runs.events import list_stream, progress, run_stream, tracked
+from app.runs.events import list_stream, metric_payload, progress, run_stream, tracked
 from app.runs.launch import build_run_config, enqueue_run
 
 router = APIRouter(prefix="/api/runs", tags=["runs"])
@@ -139,8 +139,7 @@ def run_metrics(run_id: RunId, session: SessionDep, after: AfterId = 0) -> list[
     rows = session.scalars(
         select(RunMetric).where(RunMetric.run_id == run_id, RunMetric.id > after).order_by(RunMetric.id)
     )
-    columns = [c.name for c in RunMetric.__table__.columns if c.name not in ("run_id", "created_at")]
-    return [{c: getattr(m, c) for c in columns} for m in rows]
+    return [{"id": m.id, **metric_payload(m)} for m in rows]
 
 
 @router.get("/{run_id}/evaluation")

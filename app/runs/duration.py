@@ -112,8 +112,8 @@ def calibrate(session: Session, run: Run, config: RunConfig, lengths: list[int] 
     if not lengths or run.started_at is None or run.finished_at is None or run.attempts != 1:
         return None
     shapes = Shapes.read(Path(config.model_path))
-    points = session.execute(
-        select(RunMetric.step, RunMetric.step_time, RunMetric.tokens_per_second)
+    points = session.scalars(
+        select(RunMetric)
         .where(RunMetric.run_id == run.id, RunMetric.kind == "train")
         .order_by(RunMetric.step)
     ).all()
@@ -124,8 +124,8 @@ def calibrate(session: Session, run: Run, config: RunConfig, lengths: list[int] 
     seconds = tokens = 0.0
     previous = points[0].step
     for point in points[1:]:  # the first point carries the warm-up, which start-up counts
-        elapsed = (point.step_time or 0) * (point.step - previous)
-        seconds, tokens = seconds + elapsed, tokens + elapsed * (point.tokens_per_second or 0)
+        elapsed = (point.get("step_time") or 0) * (point.step - previous)
+        seconds, tokens = seconds + elapsed, tokens + elapsed * (point.get("tokens_per_second") or 0)
         previous = point.step
     if seconds <= 0 or tokens <= 0:
         return None

@@ -158,16 +158,16 @@ def _losses(*, session: Session, run: Run) -> dict[tuple[int, str], float]:
     A checkpoint is saved every `save_steps` and at the last step; every one is scored, and every one has a
     validation loss because `eval_steps` divides `save_steps` (the launch checks)."""
     save_steps = int((run.config.get("training") or {}).get("save_steps") or 1)
-    rows = session.execute(
-        select(RunMetric.step, RunMetric.eval_loss).where(
-            RunMetric.run_id == run.id, RunMetric.kind == "eval", RunMetric.eval_loss.is_not(None)
-        )
+    points = session.scalars(
+        select(RunMetric).where(RunMetric.run_id == run.id, RunMetric.kind == "eval")
     ).all()
     saved = {step for (step,) in session.execute(select(RunAnswer.step).where(RunAnswer.run_id == run.id))}
     return {
-        (step, "validation"): -loss
-        for step, loss in rows
-        if loss is not None and step > 0 and (step % save_steps == 0 or step in saved)
+        (point.step, "validation"): -loss
+        for point in points
+        if (loss := point.get("eval_loss")) is not None
+        and point.step > 0
+        and (point.step % save_steps == 0 or point.step in saved)
     }
 
 

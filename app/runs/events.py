@@ -31,15 +31,11 @@ POLL_SECONDS = 0.5
 LIST_POLL_SECONDS = 1.0
 BATCH = 500  # rows read per query
 BUFFER = 5000  # recent rows a feed keeps for late viewers
-METRIC_FIELDS = ("step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_second",
-                 "step_time", "memory_mb", "gpu_memory_mb", "rewards_chosen", "rewards_rejected",
-                 "reward_margin", "reward_accuracy")  # fmt: skip
 
 
 def metric_payload(metric: RunMetric) -> dict[str, Any]:
-    payload = {"kind": metric.kind}
-    payload.update({f: getattr(metric, f) for f in METRIC_FIELDS if getattr(metric, f) is not None})
-    return payload
+    """A logged point as the API and the pages' streams send it: kind, step and every value it carries."""
+    return {"kind": metric.kind, "step": metric.step, **metric.values}
 
 
 def progress(run: Run, latest: RunMetric | None = None, *, now: datetime | None = None) -> dict[str, Any]:
@@ -49,8 +45,9 @@ def progress(run: Run, latest: RunMetric | None = None, *, now: datetime | None 
     if run.started_at:
         end = run.finished_at or now
         elapsed = max(0.0, (end - run.started_at).total_seconds())
-    if run.status == RunStatus.RUNNING and latest is not None and latest.step_time and run.total_steps:
-        eta = max(0.0, (run.total_steps - run.current_step) * latest.step_time)
+    step_time = latest.get("step_time") if latest else None
+    if run.status == RunStatus.RUNNING and step_time and run.total_steps:
+        eta = max(0.0, (run.total_steps - run.current_step) * step_time)
     return {
         "id": run.id,
         "status": run.status,
@@ -58,9 +55,9 @@ def progress(run: Run, latest: RunMetric | None = None, *, now: datetime | None 
         "step": run.current_step,
         "total_steps": run.total_steps,
         "fraction": (run.current_step / run.total_steps) if run.total_steps else 0.0,
-        "epoch": latest.epoch if latest else None,
-        "loss": latest.loss if latest else None,
-        "tokens_per_second": latest.tokens_per_second if latest else None,
+        "epoch": latest.get("epoch") if latest else None,
+        "loss": latest.get("loss") if latest else None,
+        "tokens_per_second": latest.get("tokens_per_second") if latest else None,
         "elapsed_seconds": elapsed,
         "eta_seconds": eta,
         "attempts": run.attempts,

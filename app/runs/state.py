@@ -10,7 +10,9 @@ Writers pass a session from `Database.write_session()` (SQLite: BEGIN IMMEDIATE)
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
@@ -232,11 +234,23 @@ def record_start(
     session.commit()
 
 
+def metric_values(values: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a logged point, by name: finite ints and floats (a diverged loss, NaN, is left out
+    rather than stored as a value no chart can draw); anything else a trainer logged is not a metric."""
+    return {
+        str(k): float(v)
+        for k, v in values.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    }
+
+
 def record_metric(*, session: Session, run_id: int, values: dict) -> None:
-    """One short transaction per logged point."""
-    session.add(RunMetric(run_id=run_id, **values))
-    if values.get("kind") == "train":
-        session.execute(update(Run).where(Run.id == run_id).values(current_step=values["step"]))
+    """One short transaction per logged point: `values` has its `kind` and `step`, and any numeric keys."""
+    rest = {k: v for k, v in values.items() if k not in ("kind", "step")}
+    kind, step = values["kind"], int(values["step"])
+    session.add(RunMetric(run_id=run_id, kind=kind, step=step, values=metric_values(rest)))
+    if kind == "train":
+        session.execute(update(Run).where(Run.id == run_id).values(current_step=step))
     session.commit()
 
 
