@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.model_registry import ModelEntry, find_model, register_model, tensor_shapes
 from app.models import WITH_ADAPTER, Export, ExportStatus, RegisteredModel, Run, utcnow
+from app.peft_methods import method as peft_method
 from app.runs.folder import ADAPTER_WEIGHTS
 
 
@@ -75,8 +76,8 @@ FORMATS = {
     )
 }
 GGUF_ARCHITECTURES = ("llama", "qwen2")
-MERGEABLE = ("lora", "loha", "lokr", "adalora", "ia3")  # PEFT merges their weights into the model's
 MODELFILE = "Modelfile"
+DORA_REFUSED = "llama.cpp cannot apply DoRA adapters. Export the merged model instead."
 # bytes per value in a GGUF file: vectors stay F32; Q8_0 keeps 32 values in 34 bytes
 GGUF_VALUE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
 SAFETENSORS_VALUE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1}
@@ -151,14 +152,17 @@ def plan(settings: Settings, *, session: Session, run: Run, step: int, format: s
         if not checkpoint.has_adapter:
             raise ExportRefused(f"Run {run.id} has no complete checkpoint at step {step}.")
         adapter = checkpoint.path
-    if chosen.adapter_only and run.method != "lora":
+    method = peft_method(run.method)
+    if chosen.adapter_only and not method.llama_cpp_adapter:
         raise ExportRefused(
-            f"Only LoRA adapters can be exported as a llama.cpp adapter file; this run trained {run.method}. "
-            "Export a merged GGUF instead."
+            "Only LoRA adapters can be exported as a llama.cpp adapter file; this run trained "
+            f"{method.label}. Export a merged GGUF instead."
         )
-    if not chosen.adapter_only and run.method not in MERGEABLE:
+    if chosen.adapter_only and (run.config.get("peft") or {}).get("use_dora"):
+        raise ExportRefused(DORA_REFUSED)
+    if not chosen.adapter_only and not method.mergeable:
         raise ExportRefused(
-            f"A {run.method} run learns virtual tokens, not weights: there is nothing to merge into the "
+            f"A {method.label} run learns virtual tokens, not weights: there is nothing to merge into the "
             "model. Download its adapter instead."
         )
     model = find_model(settings, run.base_model, session=session)

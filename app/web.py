@@ -10,6 +10,7 @@ from jinja2_fragments.fastapi import Jinja2Blocks
 
 from app import workers
 from app.config import PROJECT_ROOT
+from app.peft_methods import method as peft_method
 from app.units import filesize
 
 
@@ -50,6 +51,7 @@ def make_templates() -> Jinja2Blocks:
     templates.env.filters["ago"] = ago
     templates.env.filters["duration"] = duration
     templates.env.filters["count"] = count
+    templates.env.globals["peft_method"] = peft_method  # a run's method, as the registry declares it
     return templates
 
 

@@ -12,8 +12,8 @@ import torch
 
 from app.datasets.formats import parse_dataset
 from app.datasets.split import validation_rows
+from app.peft_methods import METHODS
 from app.runs.config import (
-    METHOD_LABELS,
     EvaluationParams,
     RunConfig,
     TrainingParams,
@@ -124,7 +124,7 @@ def make_config(tmp_path: Path, model_dir: Path, method: str, **training) -> Run
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("method", sorted(METHOD_LABELS))
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_peft_method_trains_and_saves_a_loadable_adapter(tmp_path, tiny_model_dir, tokenizer, method):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

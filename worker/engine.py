@@ -32,13 +32,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from app.peft_methods import by_peft_type
 from app.playground import GenerationEvent, PaneAnswer
 from app.prompts import instruction_prompt
 from worker.hardware import choose_dtype, loaded_bytes, shortfall
 
 log = logging.getLogger("tuneboard.generation")
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
-SHARED_TYPES = {"LORA"}  # adapter types that can share one base copy in a mixed batch
 # For answering, adapter weights take the base model's dtype (PEFT would otherwise keep them in fp32 beside
 # a bf16 base: twice the memory, and slower mixed-dtype matmuls).
 ADAPTER_LOADING: dict[str, Any] = {"is_trainable": False, "autocast_adapter_dtype": False}
@@ -236,6 +236,13 @@ def exclusive_key(pane: PaneRequest) -> str:
     return f"{pane.model_key}+{pane.adapter.name}"
 
 
+def shares_base(path: Path) -> bool:
+    """Whether the adapter at `path` answers in a mixed batch on a shared base model (the registry's
+    `mixed_batch`, found by the peft_type its folder declares); others get a base copy of their own."""
+    method = by_peft_type(adapter_type(path))
+    return method is not None and method.mixed_batch
+
+
 def adapter_type(path: Path) -> str:
     import json
 
@@ -415,7 +422,7 @@ class Engine:
         keep |= {exclusive_key(p) for p in panes if p.adapter}
         groups: dict[str, tuple[bool, list[int]]] = {}  # slot key -> (own base copy?, pane indexes)
         for index, pane in enumerate(panes):
-            exclusive = pane.adapter is not None and adapter_type(pane.adapter.path) not in SHARED_TYPES
+            exclusive = pane.adapter is not None and not shares_base(pane.adapter.path)
             key = exclusive_key(pane) if exclusive else pane.model_key
             groups.setdefault(key, (exclusive, []))[1].append(index)
         for exclusive, members in groups.values():

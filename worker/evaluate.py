@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from app.runs.config import PROMPT_LEARNING, RunConfig
+from app.peft_methods import method as peft_method
+from app.runs.config import RunConfig
 from app.runs.evaluation import best_of, evaluation_rows, question_of
 from app.runs.folder import CHECKPOINT_PREFIX
 from app.scoring import Scores, mean, score
@@ -31,15 +32,14 @@ from worker.judge import Judge
 from worker.sink import Sink
 
 log = logging.getLogger("tuneboard.train")
-# Prefix tuning's prefix lives in the attention cache, which generation in this transformers version
-# replaces: its answers would be the base model's, so they are not scored (the page says so).
-UNSCORED = {"prefix_tuning"}
 
 
 def scored(config: RunConfig, processes: int = 1) -> bool:
-    """Whether this run's answers are scored: not for prefix tuning (generation drops its prefix), nor for a
-    run whose weights FSDP shards across its `processes` (one process cannot generate with them alone)."""
-    return config.method not in UNSCORED and not (config.distributed == "fsdp" and processes > 1)
+    """Whether this run's answers are scored: not for a method the registry marks unscored (prefix tuning:
+    its prefix lives in the attention cache, which generation in this transformers version replaces, so its
+    answers would be the base model's; the page says so), nor for a run whose weights FSDP shards across
+    its `processes` (one process cannot generate with them alone)."""
+    return peft_method(config.method).scored and not (config.distributed == "fsdp" and processes > 1)
 
 
 BATCH = 8
@@ -193,7 +193,7 @@ class EvaluationCallback(TrainerCallback):
         that continues another run's adapter, that adapter's answers (where this run starts)."""
         if self.config.start_adapter:
             self.evaluate(model, tokenizer, 0)
-        elif self.config.method in PROMPT_LEARNING:
+        elif peft_method(self.config.method).prompt_learning:
             self.evaluate(model.get_base_model(), tokenizer, 0)
         else:
             with model.disable_adapter():

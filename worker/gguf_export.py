@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 
 from app import exports
+from app.exports import DORA_REFUSED
+from app.peft_methods import by_peft_type
 
 Progress = Callable[[float], None]
 
@@ -290,13 +292,14 @@ def lora_tensor_plan(shape: Shape, names: Iterable[str]) -> list[tuple[str, str]
 def lora_alpha(adapter_config: dict[str, Any]) -> float:
     """The alpha llama.cpp scales by (alpha / rank). PEFT's rank-stabilised LoRA scales by
     alpha / sqrt(rank), which the same file expresses with alpha × sqrt(rank)."""
-    if adapter_config.get("peft_type") != "LORA":
+    method = by_peft_type(adapter_config.get("peft_type"))
+    if method is None or not method.llama_cpp_adapter:
         raise ExportError(
             "A llama.cpp adapter file holds LoRA adapters; this run trained "
-            f"{adapter_config.get('peft_type')}. Export the merged model instead."
+            f"{method.label if method else adapter_config.get('peft_type')}. Export the merged model instead."
         )
     if adapter_config.get("use_dora"):
-        raise ExportError("llama.cpp cannot apply DoRA adapters. Export the merged model instead.")
+        raise ExportError(DORA_REFUSED)
     if adapter_config.get("rank_pattern") or adapter_config.get("alpha_pattern"):
         raise ExportError(
             "This adapter gives its layers different ranks or alphas, which a llama.cpp adapter file "

@@ -1,32 +1,21 @@
-"""PEFT configurations for every method Tuneboard offers, from validated parameters (app.runs.config)."""
+"""PEFT configurations for every method Tuneboard offers, from validated parameters (app.runs.config): the
+registry (app.peft_methods) names each method's PEFT config class and what it needs besides its settings."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from app.peft_methods import method as peft_method
+
 
 def build_peft_config(method: str, params: dict[str, Any], *, total_steps: int, model_path: str):
     import peft
 
-    task = peft.TaskType.CAUSAL_LM
+    declared = peft_method(method)
     params = {k: v for k, v in params.items() if v is not None}
-    if method == "lora":
-        return peft.LoraConfig(task_type=task, **params)
-    if method == "loha":
-        return peft.LoHaConfig(task_type=task, **params)
-    if method == "lokr":
-        return peft.LoKrConfig(task_type=task, **params)
-    if method == "adalora":
-        # AdaLoRA's rank budget schedule needs the run's length.
-        return peft.AdaLoraConfig(task_type=task, total_step=max(total_steps, 1), **params)
-    if method == "ia3":
-        return peft.IA3Config(task_type=task, **params)
-    if method == "prompt_tuning":
-        if params.get("prompt_tuning_init") == "TEXT":
-            params["tokenizer_name_or_path"] = model_path
-        return peft.PromptTuningConfig(task_type=task, **params)
-    if method == "prefix_tuning":
-        return peft.PrefixTuningConfig(task_type=task, **params)
-    if method == "p_tuning":
-        return peft.PromptEncoderConfig(task_type=task, **params)
-    raise ValueError(f"unknown method {method!r}")
+    if declared.total_steps_field:  # e.g. AdaLoRA's rank budget schedule needs the run's length
+        params[declared.total_steps_field] = max(total_steps, 1)
+    if params.get("prompt_tuning_init") == "TEXT":  # the initial prompt's text is tokenised by PEFT
+        params["tokenizer_name_or_path"] = model_path
+    config_class = getattr(peft, declared.peft_config)
+    return config_class(task_type=peft.TaskType.CAUSAL_LM, **params)

@@ -21,7 +21,8 @@ from typing import Any
 import yaml
 
 from app.config import Settings
-from app.runs.config import PREFERENCE_OBJECTIVES, PROMPT_LEARNING, RunConfig
+from app.peft_methods import method as peft_method
+from app.runs.config import PREFERENCE_OBJECTIVES, RunConfig
 from app.runs.estimate import memory_needed, refusal
 from app.runs.folder import ADAPTER_CONFIG, CHECKPOINT_PREFIX, RunFolder
 from worker.hardware import choose_dtype, free_memory, loaded_bytes, peak_memory_mb, shortfall
@@ -206,7 +207,7 @@ def training_callbacks(config: RunConfig, sink, sources, tokenizer, resumed_from
 
     progress = ProgressCallback(sink, resumed_from=resumed_from, trainable=trainable, total=total)
     callbacks: list[TrainerCallback] = [progress]
-    if config.method == "adalora":
+    if peft_method(config.method).reallocates_ranks:
         callbacks.append(AdaLoraCallback())
     # after ProgressCallback, which marks each checkpoint complete before it is evaluated
     scored = questions(config, sources, tokenizer)
@@ -282,14 +283,14 @@ def build_trainer(config: RunConfig, sink, attempt: int | None):
 
     model, dtype, trainable, total = prepared_model(config, train_split.lengths)
     has_eval = bool(eval_split.examples)
-    packing = training.packing and config.method not in PROMPT_LEARNING
+    packing = training.packing and not peft_method(config.method).prompt_learning
     resume = resume_point(folder)
     trainer = TuneboardTrainer(
         lengths=train_split.lengths,
         batch_tokens=training.batch_tokens,
         # Virtual tokens shift the positions of prompt-learning methods, and AdaLoRA adds its orthogonality
-        # penalty inside the model's own loss: those keep the model's loss.
-        answer_logits_only=config.method not in PROMPT_LEARNING | {"adalora"},
+        # penalty inside the model's own loss: those keep the model's loss (the registry says which).
+        answer_logits_only=peft_method(config.method).answer_logits_only,
         model=model,
         args=training_arguments(config, dtype, has_eval),
         train_dataset=ExampleDataset(train_split.examples),

@@ -20,12 +20,12 @@ from app.datasets import store
 from app.deps import IdQuery, RunId, SessionDep, SettingsDep, WriteSessionDep, get_run_or_404
 from app.model_registry import BUNDLED_ID, list_models
 from app.models import MAX_ID, WITH_ADAPTER, Dataset, Run, RunMetric
+from app.peft_methods import DEFAULT_METHOD, LABELS, METHODS
 from app.playground import list_targets
 from app.prompts import PROMPT_FORMATS
 from app.routes.export_pages import export_context
 from app.runs import evaluation, state
 from app.runs.config import (
-    METHOD_LABELS,
     OBJECTIVE_LABELS,
     PRESETS,
     InvalidRun,
@@ -108,15 +108,15 @@ def objective_context(session, datasets: list[Dataset], values: dict) -> dict:
 
 
 def _form_context(settings, session, values: dict, *, problems=None) -> dict:
-    method = values.get("method") or "lora"
+    method = values.get("method") or DEFAULT_METHOD
     simple_training, advanced_training = training_fields()
-    simple_peft, advanced_peft = peft_fields(method if method in METHOD_LABELS else "lora")
+    simple_peft, advanced_peft = peft_fields(method if method in METHODS else DEFAULT_METHOD)
     datasets = store.list_datasets(session=session)
     return {
         **objective_context(session, datasets, values),
         "datasets": datasets,
         "models": list_models(settings, session=session),
-        "methods": METHOD_LABELS,
+        "methods": LABELS,
         "prompt_formats": PROMPT_FORMATS,
         "values": values,
         "method": method,
@@ -262,7 +262,7 @@ def summary_context(settings, session, run: Run) -> dict:
     return {
         "run": run,
         "dataset": session.get(Dataset, run.dataset_id),
-        "methods": METHOD_LABELS,
+        "methods": LABELS,
         "objectives": OBJECTIVE_LABELS,
         "has_adapter": folder.has_adapter,
         "adapter_source": folder.adapter_source(),

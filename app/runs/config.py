@@ -11,30 +11,19 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator
 
 from app.models import MAX_ID
+from app.peft_methods import DEFAULT_METHOD, METHODS, MethodKey, Strict
+from app.peft_methods import method as peft_method
 from app.runs.batching import plan_batches
 
-Method = Literal["lora", "loha", "lokr", "adalora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning"]
+Method = MethodKey
 PromptFormat = Literal["chat", "instruction"]
-ModuleNames = Annotated[list[Annotated[str, Field(min_length=1, max_length=200)]], Field(min_length=1)]
-TargetModules = ModuleNames | Literal["all-linear"]
 # An id in a JSON body: a whole number, never a coerced boolean or string, and one the database can hold.
 StrictId = Annotated[int, Field(strict=True, ge=1, le=MAX_ID)]
 MANY = 10_000_000  # a bound for counts of steps: far above any real run, far below what breaks storage
 
-METHOD_LABELS: dict[str, str] = {
-    "lora": "LoRA (optionally DoRA / rsLoRA)",
-    "loha": "LoHa",
-    "lokr": "LoKr",
-    "adalora": "AdaLoRA",
-    "ia3": "IA³",
-    "prompt_tuning": "Prompt tuning",
-    "prefix_tuning": "Prefix tuning",
-    "p_tuning": "P-tuning",
-}
-PROMPT_LEARNING = {"prompt_tuning", "prefix_tuning", "p_tuning"}
 
 # What a run learns from. sft: the dataset's answers; dpo and kto: which of two answers is preferred
 # (a preference dataset's chosen and rejected answers), through TRL's trainers (worker.preference).
@@ -45,9 +34,6 @@ OBJECTIVE_LABELS: dict[str, str] = {
     "kto": "KTO (Kahneman-Tversky optimisation)",
 }
 PREFERENCE_OBJECTIVES = {"dpo", "kto"}
-# The methods preference runs train: adapters whose weights start as a no-op (or as the starting run's),
-# so the reference model is the same model with the adapter as it started.
-PREFERENCE_METHODS = {"lora", "loha", "lokr", "ia3"}
 
 # Optimizer steps a default run aims at, in at most MAX_DEFAULT_EPOCHS: enough for a small dataset's facts
 # to be learned, long answers included (docs/recipe.md: the leaflets need about 12 of 20 epochs).
@@ -67,101 +53,7 @@ class InvalidRun(ValueError):
         self.field, self.message = field, message
 
 
-class Strict(BaseModel):
-    # No NaN or infinity: they cannot be stored as JSON and no hyperparameter means them.
-    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
-
-
-class LoraParams(Strict):
-    r: int = Field(16, ge=1, le=1024)
-    lora_alpha: float = Field(32, gt=0)
-    # none by default: dropout took 28% of a default run's time on CPU and changed neither what it learned nor
-    # its held-out loss (docs/benchmarks.md, "The default LoRA's choices")
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: TargetModules = "all-linear"
-    use_dora: bool = False
-    use_rslora: bool = False
-    bias: Literal["none", "all", "lora_only"] = "none"
-
-
-class LohaParams(Strict):
-    r: int = Field(16, ge=1, le=1024)
-    alpha: float = Field(32, gt=0)
-    rank_dropout: float = Field(0.0, ge=0, lt=1)
-    module_dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: TargetModules = "all-linear"
-
-
-class LokrParams(LohaParams):
-    decompose_both: bool = False
-
-
-class AdaLoraParams(Strict):
-    init_r: int = Field(12, ge=1, le=1024)
-    target_r: int = Field(8, ge=1, le=1024)
-    lora_alpha: float = Field(32, gt=0)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: TargetModules = "all-linear"
-
-    @model_validator(mode="after")
-    def _ranks(self) -> AdaLoraParams:
-        if self.target_r > self.init_r:
-            raise ValueError("target_r must not exceed init_r: AdaLoRA only prunes ranks away")
-        return self
-
-
-class Ia3Params(Strict):
-    target_modules: ModuleNames | None = None  # PEFT's per-architecture default when unset
-    feedforward_modules: ModuleNames | None = None
-
-    @model_validator(mode="after")
-    def _subset(self) -> Ia3Params:
-        if self.feedforward_modules and not self.target_modules:
-            raise ValueError("feedforward_modules needs target_modules too (it must be a subset of them)")
-        if self.feedforward_modules and not set(self.feedforward_modules) <= set(self.target_modules or []):
-            raise ValueError("feedforward_modules must be a subset of target_modules")
-        return self
-
-
-class PromptTuningParams(Strict):
-    num_virtual_tokens: int = Field(20, ge=1, le=512)
-    prompt_tuning_init: Literal["RANDOM", "TEXT"] = "RANDOM"
-    prompt_tuning_init_text: str | None = None
-
-    @model_validator(mode="after")
-    def _text(self) -> PromptTuningParams:
-        if self.prompt_tuning_init == "TEXT" and not (self.prompt_tuning_init_text or "").strip():
-            raise ValueError("prompt_tuning_init TEXT needs prompt_tuning_init_text")
-        return self
-
-
-class PrefixTuningParams(Strict):
-    num_virtual_tokens: int = Field(20, ge=1, le=512)
-    prefix_projection: bool = False
-    encoder_hidden_size: int | None = Field(None, ge=1, le=65536)
-
-
-class PTuningParams(Strict):
-    num_virtual_tokens: int = Field(20, ge=1, le=512)
-    encoder_hidden_size: int = Field(128, ge=1, le=65536)
-    encoder_reparameterization_type: Literal["MLP", "LSTM"] = "MLP"
-
-
-PEFT_PARAMS: dict[str, type[Strict]] = {
-    "lora": LoraParams,
-    "loha": LohaParams,
-    "lokr": LokrParams,
-    "adalora": AdaLoraParams,
-    "ia3": Ia3Params,
-    "prompt_tuning": PromptTuningParams,
-    "prefix_tuning": PrefixTuningParams,
-    "p_tuning": PTuningParams,
-}
-
-DEFAULT_LEARNING_RATE = {
-    "lora": 2e-4, "loha": 2e-4, "lokr": 2e-4, "adalora": 2e-4,
-    "ia3": 3e-3, "prompt_tuning": 3e-2, "prefix_tuning": 1e-2, "p_tuning": 1e-2,
-}  # fmt: skip
+PEFT_PARAMS: dict[str, type[Strict]] = {key: m.params for key, m in METHODS.items()}
 # Preference runs move a model that already answers: a gentler rate and fewer steps than SFT's defaults
 # (docs/recipe.md, "Preference runs").
 PREFERENCE_LEARNING_RATE = 5e-5
@@ -268,7 +160,7 @@ class RunRequest(Strict):
 
     dataset_id: StrictId
     base_model: str | None = Field(None, max_length=300)
-    method: Method | None = None  # None: LoRA, or the method of the run it starts from
+    method: Method | None = None  # None: DEFAULT_METHOD, or the method of the run it starts from
     objective: Objective = "sft"
     preference: PreferenceParams = Field(default_factory=PreferenceParams)
     # continue from a finished run's adapter (same base model and method) instead of a new adapter
@@ -287,7 +179,7 @@ class RunRequest(Strict):
 
 # The tutorial's recipe, with its labels bug fixed (docs/recipe.md): LoRA r8/α32 on q_proj, v_proj.
 TUTORIAL_PRESET: dict[str, Any] = {
-    "method": "lora",
+    "method": DEFAULT_METHOD,  # LoRA
     "peft": {"r": 8, "lora_alpha": 32, "lora_dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
     "training": {
         "learning_rate": 5e-5,
@@ -403,15 +295,15 @@ def resolve_training(
     if values["learning_rate"] is None and preference:
         values["learning_rate"] = PREFERENCE_LEARNING_RATE
     if values["learning_rate"] is None:
-        small = train_rows < SMALL_DATASET_ROWS and method in {"lora", "loha", "lokr", "adalora"}
-        values["learning_rate"] = SMALL_DATASET_LEARNING_RATE if small else DEFAULT_LEARNING_RATE[method]
+        small = train_rows < SMALL_DATASET_ROWS and peft_method(method).small_dataset_rate
+        values["learning_rate"] = SMALL_DATASET_LEARNING_RATE if small else peft_method(method).learning_rate
     if values["logging_steps"] is None:
         values["logging_steps"] = max(1, total // 100)
     if values["save_steps"] is None:
         values["save_steps"] = max(1, math.ceil(total / 5))
     if values["eval_steps"] is None:
         values["eval_steps"] = values["save_steps"]
-    if method in PROMPT_LEARNING and values["packing"]:
+    if peft_method(method).prompt_learning and values["packing"]:
         raise InvalidRun(
             "training.packing",
             "packing cannot be used with prompt-learning methods (virtual tokens are per sequence)",

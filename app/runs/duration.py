@@ -19,9 +19,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.models import Run, RunAnswer, RunMetric, RunStatus
+from app.peft_methods import drops_inputs
+from app.peft_methods import method as peft_method
 from app.runs.batching import plan_batches
 from app.runs.config import RunConfig
-from app.runs.shapes import ADAPTED, Shapes, adapted_modules
+from app.runs.shapes import Shapes, adapted_modules
 
 # Relative weights, per token (fitted to the runs of `python -m bench --only training` on a 2-core CPU, where
 # a layer's element-wise work and the adapters' weigh more than the matmuls):
@@ -53,10 +55,10 @@ def token_work(config: RunConfig, shapes, checkpointing: bool) -> tuple[float, f
     attention = ATTENTION_WORK * shapes.layers * shapes.heads * shapes.head_dim
     if checkpointing:
         per_token, attention = per_token * RECOMPUTE, attention * RECOMPUTE
-    if config.method in ADAPTED:
+    if peft_method(config.method).wraps_linear:
         targets = adapted_modules(shapes, config.peft.get("target_modules")).values()
         per_token += ADAPTER_WORK * shapes.layers * sum(a + b for a, b in targets)
-        if config.peft.get("lora_dropout"):
+        if drops_inputs(config.method, config.peft):
             per_token += DROPOUT_WORK * shapes.layers * sum(a for a, _ in targets)
     return per_token, attention
 

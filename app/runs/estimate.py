@@ -3,54 +3,72 @@ config.json, optimizer steps, memory, and a duration (app.runs.duration) from th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy.orm import Session
 
 from app.machine import HEADROOM, meminfo_bytes
+from app.peft_methods import drops_inputs
+from app.peft_methods import method as peft_method
 from app.runs.batching import padded_tokens
 from app.runs.config import PREFERENCE_OBJECTIVES, RunConfig
 from app.runs.duration import Calibration, duration, latest_calibration
-from app.runs.shapes import ADAPTED, Shapes, adapted_modules
+from app.runs.shapes import Shapes, adapted_modules
+
+
+def _low_rank(shapes: Shapes, peft: dict, rank: int) -> int:
+    targets = adapted_modules(shapes, peft.get("target_modules"))
+    per_layer = sum(rank * (a + b) for a, b in targets.values())
+    if peft.get("use_dora"):
+        per_layer += sum(b for _, b in targets.values())  # the magnitude vectors
+    return shapes.layers * per_layer
+
+
+def _adaptive_rank(shapes: Shapes, peft: dict) -> int:
+    targets = adapted_modules(shapes, peft.get("target_modules"))
+    return _low_rank(shapes, peft, peft["init_r"]) + shapes.layers * peft["init_r"] * len(targets)
+
+
+def _per_module(shapes: Shapes, peft: dict, size) -> int:
+    return shapes.layers * sum(
+        size(a, b) for a, b in adapted_modules(shapes, peft.get("target_modules")).values()
+    )
+
+
+def _scaling(shapes: Shapes, peft: dict) -> int:
+    linear = shapes.linear()
+    modules = peft.get("target_modules") or ["k_proj", "v_proj", "down_proj"]  # PEFT's default for Llama
+    feedforward = set(peft.get("feedforward_modules") or ["down_proj"])
+    return shapes.layers * sum(
+        linear[t][0] if t in feedforward else linear[t][1] for t in modules if t in linear
+    )
+
+
+def _prompt_encoder(shapes: Shapes, peft: dict) -> int:
+    e, hidden = peft["encoder_hidden_size"], shapes.hidden
+    return peft["num_virtual_tokens"] * hidden + hidden * e + e * e + e * hidden + 2 * e + hidden
+
+
+# Trainable parameters by the shape the registry gives a method (app.peft_methods.ParameterShape).
+PARAMETERS: dict[str, Callable[[Shapes, dict], int]] = {
+    "low_rank": lambda shapes, peft: _low_rank(shapes, peft, peft["r"]),
+    "adaptive_rank": _adaptive_rank,  # LoRA's factors at the initial rank, and a singular value per rank
+    "hadamard": lambda shapes, peft: _per_module(shapes, peft, lambda a, b: 2 * peft["r"] * (a + b)),
+    # Kronecker factors are far smaller than LoRA's; this counts the low-rank factor, the larger one
+    "kronecker": lambda shapes, peft: _per_module(shapes, peft, lambda a, b: peft["r"] * (a + b) // 2),
+    "scaling": _scaling,
+    "prompt": lambda shapes, peft: peft["num_virtual_tokens"] * shapes.hidden,
+    "prefix": lambda shapes, peft: (
+        peft["num_virtual_tokens"] * shapes.layers * 2 * shapes.kv_heads * shapes.head_dim
+    ),
+    "prompt_encoder": _prompt_encoder,
+}
 
 
 def trainable_parameters(shapes: Shapes, method: str, peft: dict) -> int:
-    layers = shapes.layers
-    if method in ("lora", "adalora"):
-        r = peft["r"] if method == "lora" else peft["init_r"]
-        targets = adapted_modules(shapes, peft.get("target_modules"))
-        per_layer = sum(r * (a + b) for a, b in targets.values())
-        if method == "adalora":
-            per_layer += r * len(targets)  # the singular values
-        if peft.get("use_dora"):
-            per_layer += sum(b for _, b in targets.values())  # the magnitude vectors
-        return layers * per_layer
-    if method == "loha":
-        return layers * sum(
-            2 * peft["r"] * (a + b) for a, b in adapted_modules(shapes, peft.get("target_modules")).values()
-        )
-    if method == "lokr":
-        # Kronecker factors are far smaller than LoRA's; this counts the low-rank factor, the larger one.
-        return layers * sum(
-            peft["r"] * (a + b) // 2 for a, b in adapted_modules(shapes, peft.get("target_modules")).values()
-        )
-    if method == "ia3":
-        linear = shapes.linear()
-        modules = peft.get("target_modules") or ["k_proj", "v_proj", "down_proj"]
-        feedforward = set(peft.get("feedforward_modules") or ["down_proj"])
-        return layers * sum(
-            linear[t][0] if t in feedforward else linear[t][1] for t in modules if t in linear
-        )
-    tokens = peft["num_virtual_tokens"]
-    if method == "prompt_tuning":
-        return tokens * shapes.hidden
-    if method == "prefix_tuning":
-        return tokens * layers * 2 * shapes.kv_heads * shapes.head_dim
-    if method == "p_tuning":
-        e = peft["encoder_hidden_size"]
-        return tokens * shapes.hidden + shapes.hidden * e + e * e + e * shapes.hidden + 2 * e + shapes.hidden
-    return 0
+    return PARAMETERS[peft_method(method).parameters](shapes, peft)
 
 
 # The memory model's constants, measured on the bundled model and a larger Llama-shaped one through the
@@ -66,7 +84,7 @@ LOGIT_BYTES = 10  # per learned position and vocabulary entry: the logits, their
 
 
 def adapted_values(config: RunConfig) -> int:
-    return ADAPTED_VALUES + (DROPOUT_VALUES if config.peft.get("lora_dropout") else 0)
+    return ADAPTED_VALUES + (DROPOUT_VALUES if drops_inputs(config.method, config.peft) else 0)
 
 
 @dataclass(frozen=True)
@@ -89,7 +107,8 @@ def training_memory(
 ) -> MemoryEstimate:
     """What training `config` takes at its largest batch of `padded` tokens (rows × longest row), its rows
     at most `longest` tokens long."""
-    targets = adapted_modules(shapes, config.peft.get("target_modules")) if config.method in ADAPTED else {}
+    wraps = peft_method(config.method).wraps_linear
+    targets = adapted_modules(shapes, config.peft.get("target_modules")) if wraps else {}
     layer = (
         HIDDEN_VALUES * shapes.hidden
         + INTERMEDIATE_VALUES * shapes.intermediate

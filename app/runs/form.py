@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from app.peft_methods import DEFAULT_METHOD
+from app.peft_methods import method as peft_method
 from app.runs.config import (
     PEFT_PARAMS,
     EvaluationParams,
@@ -19,9 +21,8 @@ from app.runs.config import (
     TrainingParams,
 )
 
-# Shown in simple mode; everything else sits under "Advanced".
+# Shown in simple mode (a method's own: the registry's simple_fields); everything else sits under "Advanced".
 SIMPLE_TRAINING = ("num_train_epochs", "learning_rate", "per_device_train_batch_size", "max_length")
-SIMPLE_PEFT = ("r", "lora_alpha", "alpha", "init_r", "target_r", "num_virtual_tokens")
 
 HELP = {
     "num_train_epochs": "passes over the training rows; empty = chosen from the dataset size",
@@ -153,8 +154,10 @@ def preference_fields() -> list[Field]:
 
 
 def peft_fields(method: str) -> tuple[list[Field], list[Field]]:
+    """The method's settings: those New run shows at once (the registry's simple fields), and the rest."""
+    simple = peft_method(method).simple_fields
     fields = fields_of(PEFT_PARAMS[method], "peft")
-    return [f for f in fields if f.short in SIMPLE_PEFT], [f for f in fields if f.short not in SIMPLE_PEFT]
+    return [f for f in fields if f.short in simple], [f for f in fields if f.short not in simple]
 
 
 def request_from_form(form: dict[str, str]) -> dict[str, Any]:
@@ -168,13 +171,13 @@ def request_from_form(form: dict[str, str]) -> dict[str, Any]:
         body["start_from_run"] = _id(form["start_from_run"])
     if objective == "sft":
         form = {k: v for k, v in form.items() if not k.startswith("preference.")}
-    method = form.get("method") or "lora"
+    method = form.get("method") or DEFAULT_METHOD
     if method not in PEFT_PARAMS:
         return {**body, "method": method}
     adapter = [] if "start_from_run" in body else fields_of(PEFT_PARAMS[method], "peft")
     boxes = fields_of(TrainingParams, "training") + adapter
     checkboxes = {f.name for f in boxes if f.kind == "checkbox"}
-    list_fields = {"target_modules", "feedforward_modules"}
+    list_fields = set(peft_method(method).list_fields)
     for key, value in form.items():
         value = value.strip()
         if value == "":

@@ -13,11 +13,11 @@ from app.datasets.store import ROWS_FILE, dataset_dir
 from app.machine import meminfo_bytes
 from app.model_registry import BUNDLED_ID, ModelEntry, find_model, weight_modules
 from app.models import WITH_ADAPTER, Dataset, Run
+from app.peft_methods import DEFAULT_METHOD, LABELS, keys_where
+from app.peft_methods import method as peft_method
 from app.runs import state
 from app.runs.config import (
-    METHOD_LABELS,
     OBJECTIVE_LABELS,
-    PREFERENCE_METHODS,
     PREFERENCE_OBJECTIVES,
     EvaluationParams,
     InvalidRun,
@@ -45,7 +45,7 @@ def build_run_config(settings: Settings, request: RunRequest, *, session: Sessio
         )
     if model.status in ("failed", "missing"):
         raise InvalidRun("base_model", f"{model.name} cannot be used: {model.error}")
-    method = request.method or (start.method if start else "lora")
+    method = request.method or (start.method if start else DEFAULT_METHOD)
     if start is not None:
         peft = start_settings(request, start, model.id, method)
     else:
@@ -121,10 +121,10 @@ def starting_run(settings: Settings, request: RunRequest, *, session: Session) -
             f"Run {run.id} has no finished adapter to start from (it is {run.status}); start from a run "
             "that succeeded.",
         )
-    if run.method == "adalora":
+    if reason := peft_method(run.method).not_continuable:
         raise InvalidRun(
             "start_from_run",
-            f"Run {run.id}'s AdaLoRA adapter cannot be trained further: its rank schedule ended with it.",
+            f"Run {run.id}'s {peft_method(run.method).label} adapter cannot be trained further: {reason}.",
         )
     return run
 
@@ -141,7 +141,7 @@ def start_settings(request: RunRequest, start: Run, base_model: str, method: str
     if method != start.method:
         raise InvalidRun(
             "method",
-            f"Run {start.id}'s adapter is {METHOD_LABELS[start.method]}: a run that starts from it "
+            f"Run {start.id}'s adapter is {LABELS[start.method]}: a run that starts from it "
             "continues the same adapter.",
         )
     if request.peft:
@@ -164,10 +164,10 @@ def check_objective(objective: str, dataset: Dataset, method: str) -> None:
             f"{name} learns which of two answers is better, and '{dataset.name}' has one answer per row. "
             "Choose a preference dataset (prompt, chosen, rejected), or supervised fine-tuning.",
         )
-    if method not in PREFERENCE_METHODS:
-        allowed = ", ".join(METHOD_LABELS[m] for m in sorted(PREFERENCE_METHODS))
+    if not peft_method(method).preference:
+        allowed = ", ".join(LABELS[m] for m in sorted(keys_where(preference=True)))
         raise InvalidRun(
-            "method", f"{name} runs train one of these adapters: {allowed}; not {METHOD_LABELS[method]}."
+            "method", f"{name} runs train one of these adapters: {allowed}; not {LABELS[method]}."
         )
 
 

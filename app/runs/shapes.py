@@ -7,12 +7,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-ADAPTED = {
-    "lora",
-    "adalora",
-    "loha",
-    "lokr",
-}  # methods that wrap linear modules with a dropout on their input
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
