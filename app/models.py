@@ -165,7 +165,7 @@ class RunMetric(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     kind: Mapped[str] = mapped_column(String(8))  # train | eval
     step: Mapped[int] = mapped_column(Integer)
-    values: Mapped[dict[str, float]] = mapped_column(JSON)
+    values: Mapped[dict[str, float | None]] = mapped_column(JSON)  # None: logged as NaN or infinity
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     def get(self, key: str) -> float | None:

@@ -68,12 +68,12 @@ def api_run(app, run_id: int) -> dict:
     return httpx.get(f"{app['base']}/api/runs/{run_id}").json()
 
 
-def launch(app, epochs: int, *, scored: bool = False) -> int:
+def launch(app, epochs: int, *, scored: bool = False, **training) -> int:
     """Queue a run of the tiny model; it scores answers only when `scored` (the default settings)."""
     body = {
         "dataset_id": app["dataset"],
         "base_model": app["model"],
-        "training": {"num_train_epochs": epochs},
+        "training": {"num_train_epochs": epochs, **training},
         "evaluation": {} if scored else NO_SCORING,
     }
     return httpx.post(f"{app['base']}/api/runs", json=body).json()["id"]
@@ -151,7 +151,7 @@ def test_launch_from_the_page_and_watch_the_curve_draw(app, context):
 
 
 def test_reload_second_tab_and_cancel(app, context):
-    run_id = launch(app, epochs=400)
+    run_id = launch(app, epochs=400, logging_steps=5)  # a point every 5 steps: 20 of them come quickly
     page = context.new_page()
     page.goto(f"{app['base']}/runs/{run_id}")
     page.wait_for_function(

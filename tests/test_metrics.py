@@ -74,19 +74,10 @@ def test_a_made_up_metric_from_a_callback_reaches_the_api_and_the_page_stream(
     engine.dispose()
 
 
-def test_only_finite_numbers_are_metrics():
-    values = state.metric_values(
-        {
-            "loss": 1.5,
-            "steps": 3,
-            "nan": float("nan"),
-            "inf": float("inf"),
-            "flag": True,
-            "name": "x",
-            "none": None,
-        }
-    )
-    assert values == {"loss": 1.5, "steps": 3.0}
+def test_only_numbers_are_metrics_and_nan_is_kept_as_none():
+    logged = {"loss": 1.5, "steps": 3, "nan": float("nan"), "inf": float("inf"), "flag": True, "name": "x"}
+    values = state.metric_values({**logged, "none": None})
+    assert values == {"loss": 1.5, "steps": 3.0, "nan": None, "inf": None}
 
 
 def test_the_run_page_draws_the_charts_its_spec_names(client, queued):

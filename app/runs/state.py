@@ -234,13 +234,14 @@ def record_start(
     session.commit()
 
 
-def metric_values(values: dict[str, Any]) -> dict[str, float]:
-    """The numbers of a logged point, by name: finite ints and floats (a diverged loss, NaN, is left out
-    rather than stored as a value no chart can draw); anything else a trainer logged is not a metric."""
+def metric_values(values: dict[str, Any]) -> dict[str, float | None]:
+    """The numbers of a logged point, by name: ints and floats, a NaN or infinity kept as None (JSON has
+    no such number, and a trainer logs one for a diverged loss or a batch without chosen answers: the key
+    says it was logged); anything else a trainer logged is not a metric."""
     return {
-        str(k): float(v)
+        str(k): float(v) if math.isfinite(v) else None
         for k, v in values.items()
-        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        if isinstance(v, int | float) and not isinstance(v, bool)
     }
 
 
