@@ -90,4 +90,3 @@ def test_methods_the_registry_cannot_export_are_refused_before_queueing(client, 
     refused = client.post(f"/api/runs/{run_id}/exports", json={"format": "lora-gguf"})
     assert refused.status_code == 422 and "llama.cpp cannot apply DoRA adapters" in refused.text
     assert client.get(f"/api/runs/{run_id}/exports").json() == []
-
