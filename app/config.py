@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import socket
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -15,6 +17,22 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MIN_TOKEN_LENGTH = 16  # a shorter token is refused at start: it could be guessed
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+# Settings that were merged into another or became fixed, and what to do instead
+RETIRED = {
+    "TUNEBOARD_GENERATION_HOST": "set the host in TUNEBOARD_GENERATION_URL (e.g. http://0.0.0.0:8001).",
+    "TUNEBOARD_GENERATION_PORT": "set the port in TUNEBOARD_GENERATION_URL (e.g. http://127.0.0.1:8002).",
+    "TUNEBOARD_VALIDATION_FRACTION": "a run's share of held-out rows is its evaluation.held_out_fraction "
+    "(10% when unset).",
+    "TUNEBOARD_VALIDATION_MAX_ROWS": "a run's most held-out rows are its evaluation.held_out_max_rows "
+    "(500 when unset).",
+    "TUNEBOARD_SPLIT_SEED": "a run's held-out rows follow its own seed (training.seed).",
+    "TUNEBOARD_PREVIEW_ROWS": "a dataset's page shows its first 10 rows.",
+    "TUNEBOARD_DEFAULT_MAX_LENGTH": "the dataset pages' statistics assume a run's default max length (1,024 "
+    "tokens) and offer others.",
+    "TUNEBOARD_WORKER_POLL_SECONDS": "an idle worker looks for work every TUNEBOARD_HEARTBEAT_SECONDS.",
+    "TUNEBOARD_CANCEL_GRACE_SECONDS": "a run asked to stop gets 30 s to stop by itself before SIGTERM.",
+    "TUNEBOARD_GENERATION_MAX_BODY_KB": "the generation host reads conversations of up to 1,024 KB.",
+}
 
 
 class Settings(BaseSettings):
@@ -22,7 +40,11 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="address the web server listens on")
     port: int = Field(8000, ge=1, le=65535, description="port the web server listens on")
-    data_dir: Path = Field(PROJECT_ROOT / "data", description="database, datasets, models and runs")
+    data_dir: Path = Field(
+        PROJECT_ROOT / "data",
+        description="database, datasets, models and runs",
+        json_schema_extra={"doc_default": "data/ (in the project folder)"},
+    )
     database_url: str | None = Field(
         None, description="SQLAlchemy URL; defaults to SQLite at <data_dir>/tuneboard.db"
     )
@@ -33,10 +55,13 @@ class Settings(BaseSettings):
     )
     judge_url: str | None = Field(
         None,
-        description="an OpenAI-compatible endpoint (…/v1) for evaluation judges; the key goes only there",
+        description="an OpenAI-compatible endpoint (…/v1) for evaluation judges; the key below goes only "
+        "there",
     )
     judge_api_key: SecretStr | None = Field(
-        None, description="API key sent to TUNEBOARD_JUDGE_URL when a run's judge uses that endpoint"
+        None,
+        description="API key sent to `TUNEBOARD_JUDGE_URL` when a run's judge uses that endpoint (a run "
+        "naming any other URL gets no key; the key never travels with a run)",
     )
     allowed_hosts: str = Field(
         "",
@@ -51,7 +76,10 @@ class Settings(BaseSettings):
     )
     max_upload_mb: float = Field(200, gt=0, description="Largest dataset file accepted, in MB.")
     max_artifact_mb: float = Field(
-        50_000, gt=0, description="largest checkpoint or adapter a worker may send the web server, in MB"
+        50_000,
+        gt=0,
+        description="largest checkpoint or adapter a worker on another machine may send the web server, "
+        "in MB",
     )
     max_rows: int = Field(2_000_000, ge=1, description="most rows a dataset may have; more get a 422")
     stats_inline_rows: int = Field(
@@ -59,34 +87,38 @@ class Settings(BaseSettings):
         ge=0,
         description="datasets up to this many rows get statistics at once; larger in the background",
     )
-    preview_rows: int = Field(10, ge=1, le=200, description="rows shown on a dataset's page")
-    validation_fraction: float = Field(0.1, ge=0, lt=1, description="share of a dataset held out")
-    validation_max_rows: int = Field(500, ge=0, description="at most this many rows held out")
-    split_seed: int = Field(42, description="seed of the train/validation split")
-    default_max_length: int = Field(1024, ge=16, description="max length (tokens) the statistics assume")
-    worker_poll_seconds: float = Field(2.0, gt=0, description="how often an idle worker looks for runs")
     prepare_models: bool = Field(True, description="convert GGUF base models while the worker is idle")
-    heartbeat_seconds: float = Field(3.0, gt=0, description="how often a worker marks its run alive")
+    heartbeat_seconds: float = Field(
+        3.0, gt=0, description="how often a worker marks its run alive and, when idle, looks for work"
+    )
     stale_after_seconds: float = Field(30.0, gt=0, description="silence after which a run is requeued")
-    cancel_grace_seconds: float = Field(30.0, gt=0, description="wait for a polite stop before SIGTERM")
     server_url: str | None = Field(
         None,
-        description="A worker on another machine: the web server's URL (with TUNEBOARD_TOKEN). It fetches "
+        description="A worker on another machine: the web server's URL (with `TUNEBOARD_TOKEN`). It fetches "
         "datasets and checkpoints from it and sends back logs, checkpoints and adapters, keeping its own "
-        "copies under its TUNEBOARD_DATA_DIR. Unset: the worker shares the web server's data folder.",
+        "copies under its `TUNEBOARD_DATA_DIR`. Unset: the worker shares the web server's data folder.",
         pattern=r"^https?://[^\s]+$",
     )
-    num_processes: int = Field(1, ge=1, description="training processes per run (GPUs), via accelerate")
+    num_processes: int = Field(
+        1,
+        ge=1,
+        description="training processes per run for runs that ask for no GPUs, via accelerate (several on a "
+        "machine without GPUs: data parallel on the CPU). A run asking for N GPUs gets N processes",
+    )
     torch_threads: int | None = Field(
         None,
         ge=1,
         description="CPU threads per training process; default: the cores the worker may use, shared "
-        "among the run's processes",
+        "among the run's processes (set explicitly for each)",
     )
     generation: bool = Field(True, description="the worker starts the generation host (playground, /v1 API)")
-    generation_host: str = Field("127.0.0.1", description="where the generation host listens")
-    generation_port: int = Field(8001, ge=1, le=65535, description="port of the generation host")
-    generation_url: str | None = Field(None, description="how the web server reaches the generation host")
+    generation_url: str = Field(
+        "http://127.0.0.1:8001",
+        description="the generation host's address: it listens on this URL's host and port, and the web "
+        "server sends it questions there. A generation host other machines reach listens on "
+        "http://0.0.0.0:8001 (with `TUNEBOARD_TOKEN`), and their dashboards name it, e.g. http://gpu-box:8001",
+        pattern=r"^http://(\[[0-9a-fA-F:.]+\]|[^\s/:\[\]]+):\d{1,5}/?$",
+    )
     generation_threads: int | None = Field(
         None,
         ge=1,
@@ -98,9 +130,6 @@ class Settings(BaseSettings):
     generation_queue: int = Field(8, ge=1, description="requests that may wait for the generation host")
     generation_dtype: str = Field(
         "auto", pattern="^(auto|float32|bfloat16|float16)$", description="weights' dtype for answering"
-    )
-    generation_max_body_kb: int = Field(
-        1024, ge=16, description="largest request the generation host reads (a conversation), in KB"
     )
 
     @field_validator("token", mode="before")
@@ -128,7 +157,13 @@ class Settings(BaseSettings):
 
     @property
     def generation_base_url(self) -> str:
-        return (self.generation_url or f"http://{self.generation_host}:{self.generation_port}").rstrip("/")
+        return self.generation_url.rstrip("/")
+
+    @property
+    def generation_listen(self) -> tuple[str, int]:
+        """The host and port the generation host listens on (TUNEBOARD_GENERATION_URL's)."""
+        address = urlsplit(self.generation_url)
+        return address.hostname or "127.0.0.1", address.port or 8001
 
     @property
     def max_upload_bytes(self) -> int:
@@ -208,7 +243,12 @@ def is_loopback(host: str) -> bool:
 
 
 def load_settings(**overrides) -> Settings:
-    """The process settings, or an exit with one sentence per bad setting (never a traceback)."""
+    """The process settings, or an exit with one sentence per bad setting (never a traceback). A retired
+    setting still in the environment is named, with what to do instead (it is not read)."""
+    for name in sorted(RETIRED.keys() & os.environ.keys()):
+        logging.getLogger("tuneboard").warning(
+            "%s is no longer a setting and is ignored: %s", name, RETIRED[name]
+        )
     try:
         return Settings(**overrides)
     except ValidationError as exc:

@@ -207,6 +207,7 @@ def main() -> None:
             "memory",
             "fleet",
             "export",
+            "startup",
         ],
         help="run one part only",
     )
@@ -278,6 +279,11 @@ def main() -> None:
 
         result["export"] = export_benchmark(model_dir, args.threads)
         print(report_export(result["export"]))
+    if args.only in (None, "startup"):
+        from bench.startup import report_startup, startup_benchmark
+
+        result["startup"] = startup_benchmark(model_dir, args.threads)
+        print(report_startup(result["startup"]))
     print(f"\n(benchmark took {time.time() - started:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:

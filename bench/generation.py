@@ -156,7 +156,10 @@ def first_token_over_http(model_dir: Path, adapter: Path, threads: int) -> dict:
         (settings.runs_dir / "1").mkdir(parents=True)
         settings.run_folder(1).adapter.symlink_to(adapter)
         web_port, host_port = free_port(), free_port()
-        extra = {"TUNEBOARD_GENERATION_PORT": str(host_port), "TUNEBOARD_GENERATION_THREADS": str(threads)}
+        extra = {
+            "TUNEBOARD_GENERATION_URL": f"http://127.0.0.1:{host_port}",
+            "TUNEBOARD_GENERATION_THREADS": str(threads),
+        }
         env = isolated_env(data, **extra)
         host = subprocess.Popen(
             [sys.executable, "-m", "worker.gen_server"],

@@ -38,8 +38,6 @@ CHATML_TEMPLATE = (
 FAST_TRAINING = {
     "heartbeat_seconds": 0.3,
     "stale_after_seconds": 4,
-    "cancel_grace_seconds": 10,
-    "worker_poll_seconds": 0.2,
     "prepare_models": False,
     "torch_threads": 1,
 }

@@ -17,7 +17,6 @@ from app.processes import free_port, stop_process
 # what tests that train through real processes give it.
 FAST_WORKER = {
     "TUNEBOARD_HEARTBEAT_SECONDS": "0.5",
-    "TUNEBOARD_WORKER_POLL_SECONDS": "0.3",
     "TUNEBOARD_PREPARE_MODELS": "false",
     "TUNEBOARD_TORCH_THREADS": "1",
 }

@@ -24,7 +24,7 @@ WORKER = FAST_WORKER | {
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, tiny_model_dir):
     folder = tmp_path_factory.mktemp("browser-runs")
-    env = WORKER | {"TUNEBOARD_GENERATION_PORT": str(free_port())}
+    env = WORKER | {"TUNEBOARD_GENERATION_URL": f"http://127.0.0.1:{free_port()}"}
     with running("serve", folder / "data", log=folder / "serve.log", env_extra=env) as (base, _):
         model = httpx.post(f"{base}/api/models", json={"path": str(tiny_model_dir), "name": "Tiny"}).json()[
             "id"

@@ -9,6 +9,7 @@ import importlib.resources
 import json
 import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import jsonschema
 import pytest
@@ -131,7 +132,7 @@ def test_long_running_services_have_healthchecks(compose, worker_compose):
     web_check = " ".join(services["web"]["healthcheck"]["test"])
     assert "127.0.0.1:8000/healthz" in web_check, f"web: check GET /healthz, not {web_check}"
     worker_check = " ".join(services["worker"]["healthcheck"]["test"])
-    port = env(services["worker"]).get("TUNEBOARD_GENERATION_PORT", "8001")
+    port = urlsplit(env(services["worker"]).get("TUNEBOARD_GENERATION_URL", "http://127.0.0.1:8001")).port
     assert f"127.0.0.1:{port}/healthz" in worker_check, (
         f"worker: check its generation host, not {worker_check}"
     )
@@ -199,7 +200,9 @@ def test_worker_talks_to_the_web_server_and_keeps_its_own_data(compose):
     assert url_host(env(web).get("TUNEBOARD_GENERATION_URL", "")) == "worker", (
         "the web server must find the generation host at the worker service (TUNEBOARD_GENERATION_URL)"
     )
-    assert env(worker).get("TUNEBOARD_GENERATION_HOST") == "0.0.0.0", "the generation host must listen beyond"
+    assert url_host(env(worker).get("TUNEBOARD_GENERATION_URL", "")) == "0.0.0.0", (
+        "the generation host must listen beyond the container (TUNEBOARD_GENERATION_URL)"
+    )
     assert env(worker).get("TUNEBOARD_TOKEN"), "listening beyond loopback needs TUNEBOARD_TOKEN"
 
 

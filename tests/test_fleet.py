@@ -30,7 +30,6 @@ RUN = {
 }
 WORKER = {
     "TUNEBOARD_HEARTBEAT_SECONDS": "0.5",
-    "TUNEBOARD_WORKER_POLL_SECONDS": "0.3",
     "TUNEBOARD_STALE_AFTER_SECONDS": "6",
     "TUNEBOARD_PREPARE_MODELS": "false",
     "TUNEBOARD_TORCH_THREADS": "1",
@@ -60,7 +59,7 @@ def test_two_workers_without_shared_disk_train_serve_and_resume(tmp_path, databa
             home = tmp_path / name
             (home / "work").mkdir(parents=True)
             env = WORKER | shared | {"TUNEBOARD_SERVER_URL": base, "TUNEBOARD_GENERATION": generation}
-            env |= {"TUNEBOARD_GENERATION_PORT": str(generation_port)}
+            env |= {"TUNEBOARD_GENERATION_URL": f"http://127.0.0.1:{generation_port}"}
             machines[name] = stack.enter_context(
                 running_worker(home / "data", env, log=tmp_path / f"worker-{name}.log", cwd=home / "work")
             )

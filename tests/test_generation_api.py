@@ -30,7 +30,7 @@ def app(tmp_path_factory, tiny_model_dir):
     data = folder / "data"
     env = {
         "TUNEBOARD_GENERATION": "true",
-        "TUNEBOARD_GENERATION_PORT": str(free_port()),
+        "TUNEBOARD_GENERATION_URL": f"http://127.0.0.1:{free_port()}",
         "TUNEBOARD_GENERATION_DTYPE": "float32",
         "TUNEBOARD_GENERATION_THREADS": "1",
         "TUNEBOARD_GENERATION_QUEUE": "16",  # the concurrency test asks 12 at once
@@ -70,10 +70,10 @@ def app(tmp_path_factory, tiny_model_dir):
             "adapters": adapters,
             "model_dir": tiny_model_dir,
             "folder": folder,
-            "host": f"http://127.0.0.1:{env['TUNEBOARD_GENERATION_PORT']}",
+            "host": env["TUNEBOARD_GENERATION_URL"],
         }
     # Stopping `tuneboard serve` stops the worker, and the worker its generation host.
-    host = f"http://127.0.0.1:{env['TUNEBOARD_GENERATION_PORT']}/healthz"
+    host = f"{env['TUNEBOARD_GENERATION_URL']}/healthz"
     for _ in range(100):
         try:
             httpx.get(host, timeout=0.5)
@@ -180,7 +180,7 @@ def test_the_generation_host_checks_host_body_size_and_context(app):
     assert wrong_host.status_code == 400 and "TUNEBOARD_ALLOWED_HOSTS" in wrong_host.text
     huge = {"panes": [{"target": app["model"], "messages": [{"role": "user", "content": "x" * 1_100_000}]}]}
     too_big = httpx.post(f"{app['host']}/generate", json=huge)
-    assert too_big.status_code == 413 and "TUNEBOARD_GENERATION_MAX_BODY_KB" in too_big.text
+    assert too_big.status_code == 413 and "1024 KB limit" in too_big.text
     long = {"panes": [{"target": app["model"], "messages": [{"role": "user", "content": LONG}]}]}
     refused = httpx.post(f"{app['host']}/generate", json=long)
     assert refused.status_code == 400 and refused.json()["field"] == "panes.0.messages"

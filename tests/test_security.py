@@ -227,7 +227,7 @@ def test_the_generation_host_follows_the_same_exposure_rule(tmp_path, module):
         env={
             "PATH": "/usr/bin:/bin",
             "TUNEBOARD_DATA_DIR": str(tmp_path),
-            "TUNEBOARD_GENERATION_HOST": "0.0.0.0",
+            "TUNEBOARD_GENERATION_URL": "http://0.0.0.0:8001",
         },
     )
     assert result.returncode != 0

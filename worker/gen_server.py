@@ -33,6 +33,7 @@ from worker.child import stop_with_parent
 from worker.remote import Server
 
 log = logging.getLogger("tuneboard.generation")
+MAX_BODY_KB = 1024  # the largest request (a conversation) the host reads: some 250,000 tokens of text
 
 
 SLOW_WHILE_TRAINING = "A training run is using this machine, so answers come more slowly."
@@ -203,15 +204,14 @@ def create_host(settings: Settings, engine=None) -> FastAPI:
     host = GenerationHost(settings, engine)
     app = FastAPI(title="Tuneboard generation host")
     app.state.engine = engine
-    limit_kb = settings.generation_max_body_kb
     app.add_middleware(JsonBodyMiddleware)
     app.add_middleware(
         BodyLimitMiddleware,
-        limit=limit_kb * 1024,
-        message=f"The conversation is larger than the generation host's {limit_kb} KB limit "
-        "(TUNEBOARD_GENERATION_MAX_BODY_KB).",
+        limit=MAX_BODY_KB * 1024,
+        message=f"The conversation is larger than the generation host's {MAX_BODY_KB} KB limit.",
     )
-    app.add_middleware(HostCheckMiddleware, names=settings.host_names(settings.generation_host))
+    listen_host, _ = settings.generation_listen
+    app.add_middleware(HostCheckMiddleware, names=settings.host_names(listen_host))
     app.add_api_route("/healthz", host.healthz, methods=["GET"])
     app.add_api_route("/generate", host.generate, methods=["POST"])
     return app
@@ -223,10 +223,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     stop_with_parent("generation host")
     settings = get_settings()
-    settings.check_exposure(settings.generation_host, "the generation host")
+    host, port = settings.generation_listen
+    settings.check_exposure(host, "the generation host")
     app = create_host(settings)
-    log.info("generation host on http://%s:%s", settings.generation_host, settings.generation_port)
-    uvicorn.run(app, host=settings.generation_host, port=settings.generation_port, log_level="warning")
+    log.info("generation host on %s", settings.generation_base_url)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 if __name__ == "__main__":

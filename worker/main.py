@@ -36,7 +36,7 @@ def run_worker(settings: Settings, *, stop: threading.Event | None = None) -> No
             signal.signal(sig, lambda *_: stop.set())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if settings.generation:
-        settings.check_exposure(settings.generation_host, "the generation host")
+        settings.check_exposure(settings.generation_listen[0], "the generation host")
     settings.ensure_dirs()
     db = Database(settings.sqlalchemy_url)
     me = workers.worker_id()
@@ -54,11 +54,11 @@ def run_worker(settings: Settings, *, stop: threading.Event | None = None) -> No
         with db.write_session() as session:  # a new process under an old name (a container's pid 1)
             workers.started(session=session, worker_id=me)
         if settings.generation:
-            log.info("generation host starting on port %d", settings.generation_port)
+            log.info("generation host starting on %s", settings.generation_base_url)
             host = ChildKeeper(
                 "the generation host", [sys.executable, "-m", "worker.gen_server"], settings.child_env()
             )
-        backoff = Backoff(first=settings.worker_poll_seconds)
+        backoff = Backoff(first=settings.heartbeat_seconds)
         while not stop.is_set():
             try:
                 did = work_once(settings, db, me=me, stop=stop, server=server)
@@ -70,7 +70,7 @@ def run_worker(settings: Settings, *, stop: threading.Event | None = None) -> No
                 continue
             backoff.reset()
             if not did:
-                stop.wait(settings.worker_poll_seconds)
+                stop.wait(settings.heartbeat_seconds)
     finally:
         if host is not None:
             host.close(grace=10)
@@ -97,7 +97,7 @@ def wait_for_schema(settings: Settings, db: Database, stop: threading.Event) -> 
                 "or run `tuneboard migrate`"
             )
             said = True
-        stop.wait(settings.worker_poll_seconds)
+        stop.wait(settings.heartbeat_seconds)
     return False
 
 

@@ -30,6 +30,9 @@ from worker.remote import ArtifactSync, Server, ServerError
 from worker.train import write_config
 
 log = logging.getLogger("tuneboard.worker")
+# How long a run asked to stop gets to stop by itself (it saves its adapter first) before SIGTERM, and then
+# before SIGKILL
+CANCEL_GRACE_SECONDS = 30.0
 
 
 def training_env(settings: Settings, processes: int = 1, *, gpus: bool = False) -> dict[str, str]:
@@ -258,7 +261,7 @@ def _attempt(
     lost = False
     while child.poll() is None:
         if stop.wait(settings.heartbeat_seconds):
-            stop_process(child, settings.cancel_grace_seconds, group=True)
+            stop_process(child, CANCEL_GRACE_SECONDS, group=True)
             _close_sync(sync, adapter=False)
             write_with_retry(db, lambda session: state.requeue(session=session, run_id=run.id, worker_id=me))
             log.info("run %d handed back to the queue (worker stopping)", run.id)
@@ -281,17 +284,11 @@ def _attempt(
         now = time.monotonic()
         if cancel and cancel_since is None:
             cancel_since = now  # the trainer sees the flag itself and saves the adapter
-        if (
-            cancel_since is not None
-            and terminate_since is None
-            and now - cancel_since > settings.cancel_grace_seconds
-        ):
-            log.warning(
-                "run %d did not stop within %.0f s; sending SIGTERM", run.id, settings.cancel_grace_seconds
-            )
+        if cancel_since is not None and terminate_since is None and now - cancel_since > CANCEL_GRACE_SECONDS:
+            log.warning("run %d did not stop within %.0f s; sending SIGTERM", run.id, CANCEL_GRACE_SECONDS)
             signal_group(child, signal.SIGTERM)
             terminate_since = now
-        if terminate_since is not None and now - terminate_since > settings.cancel_grace_seconds:
+        if terminate_since is not None and now - terminate_since > CANCEL_GRACE_SECONDS:
             signal_group(child, signal.SIGKILL)
     code = child.returncode
     if lost:

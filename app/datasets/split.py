@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import random
 
+# Rows held out by default: this share of a dataset, at most this many (a run may choose its own:
+# evaluation.held_out_fraction and held_out_max_rows). The dataset page shows the split they make with
+# PREVIEW_SEED; a run's own seed picks its rows.
+HELD_OUT_FRACTION = 0.1
+HELD_OUT_MAX_ROWS = 500
+PREVIEW_SEED = 42
+
 
 def validation_rows(n_rows: int, *, fraction: float, max_rows: int, seed: int) -> list[int]:
     """Sorted 0-based indices of the rows held out for validation.

@@ -26,11 +26,13 @@ from app.config import Settings
 from app.datasets import jobs
 from app.datasets import stats as dataset_stats
 from app.datasets.formats import DatasetInvalid, RowError, read_dataset
+from app.datasets.split import HELD_OUT_FRACTION, HELD_OUT_MAX_ROWS, PREVIEW_SEED
 from app.db import Database
 from app.model_registry import ModelEntry
 from app.models import Dataset, Run
 
 ROWS_FILE = "rows.jsonl"
+PREVIEW_ROWS = 10  # the first rows a dataset's page shows
 
 
 def dataset_dir(settings: Settings, dataset_id: int) -> Path:
@@ -176,21 +178,21 @@ def dataset_summary(settings: Settings, dataset: Dataset) -> dict[str, Any]:
     """Statistics that need no tokenizer: duplicates and the validation split (cached on disk). Raises
     StatsPending while a large dataset's are computed in the background."""
     cache = dataset_dir(settings, dataset.id) / "summary.json"
-    key = [settings.validation_fraction, settings.validation_max_rows, settings.split_seed]
+    key = [HELD_OUT_FRACTION, HELD_OUT_MAX_ROWS, PREVIEW_SEED]
     if (summary := _cached(cache, key, "summary")) is not None:
         return summary
     if dataset.rows > settings.stats_inline_rows:
-        split = {"fraction": settings.validation_fraction, "max_rows": settings.validation_max_rows}
+        split = {"fraction": HELD_OUT_FRACTION, "max_rows": HELD_OUT_MAX_ROWS}
         spec = {"kind": "summary", "rows": str(cache.with_name(ROWS_FILE)), "key": key, **split}
-        raise jobs.start_or_poll(cache, {**spec, "seed": settings.split_seed}, dataset.rows)
+        raise jobs.start_or_poll(cache, {**spec, "seed": PREVIEW_SEED}, dataset.rows)
     rows = load_rows(settings, dataset.id)
     summary = {
         "duplicates": dataset_stats.duplicate_rows(rows),
         "split": dataset_stats.split_summary(
             len(rows),
-            fraction=settings.validation_fraction,
-            max_rows=settings.validation_max_rows,
-            seed=settings.split_seed,
+            fraction=HELD_OUT_FRACTION,
+            max_rows=HELD_OUT_MAX_ROWS,
+            seed=PREVIEW_SEED,
         ),
     }
     write_json(cache, {"key": key, "summary": summary})

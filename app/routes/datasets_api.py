@@ -14,6 +14,7 @@ from app.datasets.jobs import StatsPending
 from app.deps import DatasetId, SessionDep, SettingsDep, WriteSessionDep, get_dataset_or_404
 from app.model_registry import BUNDLED_ID, find_model
 from app.prompts import PROMPT_FORMATS
+from app.runs.config import DEFAULT_MAX_LENGTH
 from app.schemas import DatasetOut
 
 router = APIRouter(prefix="/api/datasets", tags=["datasets"])
@@ -112,7 +113,7 @@ def dataset_token_stats(
             settings,
             dataset,
             entry,
-            max_length=max_length or settings.default_max_length,
+            max_length=max_length or DEFAULT_MAX_LENGTH,
             prompt_format=prompt_format,
         )
     except StatsPending as exc:

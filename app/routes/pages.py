@@ -24,6 +24,7 @@ from app.model_registry import (
     unregister_model,
 )
 from app.prompts import PROMPT_FORMATS
+from app.runs.config import DEFAULT_MAX_LENGTH
 from app.web import hx_redirect, render
 
 router = APIRouter(include_in_schema=False)
@@ -74,7 +75,7 @@ def _stats_context(
     chosen = next((m for m in models if m.id == model), None)
     if chosen is None:
         chosen = next((m for m in ready if m.id == BUNDLED_ID), ready[0] if ready else models[0])
-    max_length = max_length or settings.default_max_length
+    max_length = max_length or DEFAULT_MAX_LENGTH
     stats, problem = None, None
     if prompt_format not in PROMPT_FORMATS:
         prompt_format = "chat"
@@ -122,7 +123,7 @@ def dataset_page(
         "label": FORMAT_LABELS[(dataset.format, dataset.layout)],
         "summary": summary,
         "summary_pending": summary_pending,
-        "preview": store.load_rows(settings, dataset.id, limit=settings.preview_rows),
+        "preview": store.load_rows(settings, dataset.id, limit=store.PREVIEW_ROWS),
         **_stats_context(settings, session, dataset, model, max_length, prompt_format),
     }
     target = request.headers.get("HX-Target")

@@ -43,6 +43,7 @@ MAX_DEFAULT_EPOCHS = 20
 # then take more, smaller steps in less memory (docs/recipe.md).
 DEFAULT_BATCH_ROWS = 4
 BATCH_TOKENS = 1024
+DEFAULT_MAX_LENGTH = 1024  # tokens a training row keeps; the dataset pages' statistics assume it too
 
 
 class InvalidRun(ValueError):
@@ -74,7 +75,7 @@ class TrainingParams(Strict):
     # a token budget per batch (rows × the batch's longest row); None with a batch size: fixed rows
     batch_tokens: int | None = Field(None, ge=16, le=1_048_576)
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
-    max_length: int = Field(1024, ge=16, le=1_048_576)
+    max_length: int = Field(DEFAULT_MAX_LENGTH, ge=16, le=1_048_576)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     lr_scheduler_type: Literal[
         "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
@@ -127,7 +128,7 @@ class EvaluationParams(Strict):
     """Which rows are held out, and the answers scored at the start (the base model) and at every
     checkpoint (app.scoring)."""
 
-    # None: the server's TUNEBOARD_VALIDATION_FRACTION / TUNEBOARD_VALIDATION_MAX_ROWS; 0 trains every row
+    # None: app.datasets.split's HELD_OUT_FRACTION (10%) / HELD_OUT_MAX_ROWS (500); 0 trains every row
     held_out_fraction: float | None = Field(None, ge=0, le=0.5)
     held_out_max_rows: int | None = Field(None, ge=0, le=1_000_000)
     scored_held_out_rows: int = Field(32, ge=0, le=1000)  # the first held-out rows are answered; 0: none

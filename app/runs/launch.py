@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.datasets.split import validation_rows
+from app.datasets.split import HELD_OUT_FRACTION, HELD_OUT_MAX_ROWS, validation_rows
 from app.datasets.store import ROWS_FILE, dataset_dir
 from app.machine import meminfo_bytes
 from app.model_registry import BUNDLED_ID, ModelEntry, find_model, weight_modules
@@ -175,13 +175,11 @@ def hold_out(
     settings: Settings, session: Session, dataset: Dataset, split: EvaluationParams, seed: int
 ) -> tuple[list[int], int, str | None]:
     """(held-out row indices, training rows, the evaluation dataset's rows file or None): rows held out of
-    the dataset (the run's fraction and limit, else the server's), or every row of an evaluation dataset
-    up to the limit while the whole dataset trains."""
-    max_rows = settings.validation_max_rows if split.held_out_max_rows is None else split.held_out_max_rows
+    the dataset (the run's fraction and limit, else Tuneboard's defaults), or every row of an evaluation
+    dataset up to the limit while the whole dataset trains."""
+    max_rows = HELD_OUT_MAX_ROWS if split.held_out_max_rows is None else split.held_out_max_rows
     if split.dataset_id is None:
-        fraction = (
-            settings.validation_fraction if split.held_out_fraction is None else split.held_out_fraction
-        )
+        fraction = HELD_OUT_FRACTION if split.held_out_fraction is None else split.held_out_fraction
         held_out = validation_rows(dataset.rows, fraction=fraction, max_rows=max_rows, seed=seed)
         return held_out, dataset.rows - len(held_out), None
     other = session.get(Dataset, split.dataset_id)
