@@ -77,7 +77,7 @@ def test_serve_restarts_a_killed_worker_and_the_run_resumes(tmp_path, tiny_model
     data = tmp_path / "data"
     with running("serve", data, log=tmp_path / "serve.log", env_extra=FAST) as (base, serve):
         model, dataset = prepare(base, tiny_model_dir)
-        run = launch(base, model, dataset, max_steps=160, logging_steps=5, save_steps=20)
+        run = launch(base, model, dataset, max_steps=80, logging_steps=5, save_steps=20)
         checkpoints = data / "runs" / str(run) / "checkpoints"
         wait_until(lambda: list(checkpoints.glob("checkpoint-*/TUNEBOARD_COMPLETE")), what="a checkpoint")
         workers = [int(m.split()[0]) for m in worker_processes(serve.pid)]
@@ -94,7 +94,7 @@ def test_serve_restarts_a_killed_worker_and_the_run_resumes(tmp_path, tiny_model
         steps = [
             p["step"] for p in httpx.get(f"{base}/api/runs/{run}/metrics").json() if p["kind"] == "train"
         ]
-        assert steps == list(range(5, 161, 5))
+        assert steps == list(range(5, 81, 5))
         page = httpx.get(f"{base}/workers").text
         assert "not responding" in page or "stopped" in page  # the killed one, beside the new one
     assert "the worker exited (killed by SIGKILL); starting it again" in (tmp_path / "serve.log").read_text()
