@@ -16,6 +16,25 @@ from app.migrate import upgrade
 
 # Starlette's TestClient calls the server "testserver": allow that name as a configured host would be.
 os.environ.setdefault("TUNEBOARD_ALLOWED_HOSTS", "testserver")
+# Three test processes share two cores (make test): torch in each, and in every process they start, computes
+# on one thread unless a test says otherwise (several threads per process would only wait on each other).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# The modules that take longest, measured (`make test` prints the slowest tests), go to the test processes
+# first, so that the processes finish together instead of one working alone at the end.
+LONGEST_FIRST = (
+    "tests/test_end_to_end.py", "tests/browser/test_runs.py", "tests/browser/test_chat.py",
+    "tests/test_worker.py", "tests/test_fleet.py", "tests/test_distributed.py", "tests/test_faults.py",
+    "tests/test_preference_runs.py", "tests/test_exports.py", "tests/test_bundled_model.py",
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        path = item.nodeid.split("::", 1)[0]
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each module's own order is kept
 
 
 def _interrupted(signum, frame):
@@ -73,7 +92,7 @@ def database(request) -> str | None:
 
 @pytest.fixture
 def settings(tmp_path: Path, database: str | None) -> Settings:
-    settings = Settings(data_dir=tmp_path / "data", database_url=database, max_upload_mb=1)
+    settings = Settings(data_dir=tmp_path / "data", database_url=database, max_upload_mb=1, torch_threads=1)
     upgrade(settings)
     return settings
 
