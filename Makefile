@@ -13,8 +13,9 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 # Test processes (pytest-xdist): more than the cores, since many tests wait on servers and workers they
 # started. Each module's tests stay on one process (--dist loadfile): a module shares its servers and models.
+# Modules go out in the order tests/conftest.py gives them (the longest first), not by their test counts.
 TEST_WORKERS ?= 3
-PYTEST = $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+PYTEST = $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 .PHONY: install install-test run test test-fast lint bench clean upgrade
 
