@@ -107,7 +107,7 @@ ParameterShape = Literal[
 @dataclass(frozen=True)
 class PeftMethod:
     key: str
-    label: str
+    label: str  # its name on pages
     params: type[Strict]  # its settings, PEFT's names, with Tuneboard's defaults
     peft_config: str  # PEFT's config class (peft.<name>)
     peft_type: str  # what PEFT writes as `peft_type` in adapter_config.json
@@ -128,6 +128,7 @@ class PeftMethod:
     mixed_batch: bool = False  # answers in one batch with other adapters on a shared base model
     preference: bool = False  # may train a DPO or KTO run (its weights start as a no-op)
     not_continuable: str | None = None  # why a later run cannot start from its adapter, when it cannot
+    choice: str = ""  # what New run's method list adds to its name
 
     @property
     def scored(self) -> bool:
@@ -145,9 +146,10 @@ METHODS: dict[str, PeftMethod] = {
     method.key: method
     for method in (
         PeftMethod(
-            "lora", "LoRA (optionally DoRA / rsLoRA)", LoraParams, "LoraConfig", "LORA", 2e-4, "low_rank",
-            simple_fields=("r", "lora_alpha"), dropout_field="lora_dropout", llama_cpp_adapter=True,
-            mixed_batch=True, preference=True, **_LORA_FAMILY,
+            "lora", "LoRA", LoraParams, "LoraConfig", "LORA", 2e-4, "low_rank",
+            choice="optionally DoRA / rsLoRA", simple_fields=("r", "lora_alpha"),
+            dropout_field="lora_dropout", llama_cpp_adapter=True, mixed_batch=True, preference=True,
+            **_LORA_FAMILY,
         ),
         PeftMethod(
             "loha", "LoHa", LohaParams, "LoHaConfig", "LOHA", 2e-4, "hadamard",
@@ -185,6 +187,10 @@ METHODS: dict[str, PeftMethod] = {
 }  # fmt: skip
 DEFAULT_METHOD = "lora"
 LABELS: dict[str, str] = {key: method.label for key, method in METHODS.items()}
+# New run's method list: each name, with what the choice includes
+CHOICES: dict[str, str] = {
+    key: f"{m.label} ({m.choice})" if m.choice else m.label for key, m in METHODS.items()
+}
 
 
 def method(key: str) -> PeftMethod:

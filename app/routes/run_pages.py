@@ -20,7 +20,7 @@ from app.datasets import store
 from app.deps import IdQuery, RunId, SessionDep, SettingsDep, WriteSessionDep, get_run_or_404
 from app.model_registry import BUNDLED_ID, list_models
 from app.models import MAX_ID, WITH_ADAPTER, Dataset, Run, RunMetric
-from app.peft_methods import DEFAULT_METHOD, LABELS, METHODS
+from app.peft_methods import CHOICES, DEFAULT_METHOD, LABELS, METHODS
 from app.playground import list_targets
 from app.prompts import PROMPT_FORMATS
 from app.routes.export_pages import export_context
@@ -116,7 +116,7 @@ def _form_context(settings, session, values: dict, *, problems=None) -> dict:
         **objective_context(session, datasets, values),
         "datasets": datasets,
         "models": list_models(settings, session=session),
-        "methods": LABELS,
+        "methods": CHOICES,
         "prompt_formats": PROMPT_FORMATS,
         "values": values,
         "method": method,
