@@ -53,12 +53,12 @@ test: install-test
 	$(BIN)/mypy
 	$(PYTEST) --durations=30
 
-# The inner loop: no browser, no real model, no fault tests with real processes (about 3 minutes).
+# The inner loop (under 2 minutes): no browser, real model, fault, fleet or training-process tests.
 test-fast: install-test
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/mypy
-	$(PYTEST) -m "not browser and not slow and not faults and not fleet" --durations=10
+	$(PYTEST) -m "not browser and not slow and not faults and not fleet and not trains" --durations=10
 
 lint: install-test
 	$(BIN)/ruff check .

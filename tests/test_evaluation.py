@@ -83,6 +83,7 @@ def stub_judge():
     server.server_close()
 
 
+@pytest.mark.trains
 def test_an_evaluation_dataset_the_validation_loss_and_a_judge(
     client, settings, db, tiny_model_dir, stub_judge, monkeypatch
 ):

@@ -239,6 +239,7 @@ def make_queued_exports(settings, db) -> None:
     raise AssertionError("exports still queued after ten passes")
 
 
+@pytest.mark.trains
 def test_a_run_exports_as_a_merged_model_and_a_q8_0_gguf(client, settings, db, finished_run, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -429,6 +430,7 @@ def test_a_stopping_worker_hands_its_export_back(settings, db, finished_run, cli
         assert session.get(Export, queued["id"]).attempts == 0  # a stop on purpose uses up no try
 
 
+@pytest.mark.trains
 def test_a_checkpoint_exports_and_one_rotated_away_fails_with_a_sentence(client, settings, db, finished_run):
     folder = settings.run_folder(finished_run)
     checkpoint = folder.checkpoint(3)

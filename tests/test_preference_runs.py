@@ -19,6 +19,9 @@ from worker.main import work_once
 SIGN_OFF = " — Quillmere Gazette"
 
 
+pytestmark = pytest.mark.trains  # each test trains runs through the worker
+
+
 @pytest.fixture
 def settings(tmp_path: Path, database: str | None) -> Settings:
     return fast_settings(tmp_path, database)

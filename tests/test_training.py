@@ -160,6 +160,7 @@ def test_lora_variants_dora_and_rslora(tmp_path, tiny_model_dir):
     trainer.train()
 
 
+@pytest.mark.trains
 def test_a_run_trains_from_its_yaml_and_the_loss_falls(tmp_path, tiny_model_dir):
     from worker.train import main
 

@@ -76,6 +76,7 @@ def metrics(client, run_id: int) -> list[dict]:
     return client.get(f"/api/runs/{run_id}/metrics").json()
 
 
+@pytest.mark.trains
 @pytest.mark.databases
 def test_a_run_succeeds_with_metrics_and_a_downloadable_adapter(client, settings, db, launch, database):
     run = launch(max_steps=8, logging_steps=2, save_steps=4, evaluation={"max_new_tokens": 32})
@@ -135,6 +136,7 @@ def test_a_run_succeeds_with_metrics_and_a_downloadable_adapter(client, settings
     assert refused.returncode != 0 and "no complete checkpoint at step 5 (complete: 4, 8)" in refused.stderr
 
 
+@pytest.mark.trains
 def test_the_best_checkpoint_survives_rotation_and_answers_by_name(client, settings, db, launch):
     """Six checkpoints with save_total_limit 2: the best-scored one is kept beside the newest, and the
     playground and /v1 reach it as run-N-best."""
@@ -153,6 +155,7 @@ def test_the_best_checkpoint_survives_rotation_and_answers_by_name(client, setti
     assert f'value="run-{run["id"]}-best"' in page and f"best checkpoint (step {best})" in page
 
 
+@pytest.mark.trains
 def test_early_stopping_and_the_best_checkpoint_as_the_final_adapter(client, settings, db, launch):
     """Patience 1 with a checkpoint every step: training stops at the first checkpoint that scores no
     better than the best so far, and the final adapter is the best checkpoint's, said so on the page."""
@@ -183,6 +186,7 @@ def test_early_stopping_and_the_best_checkpoint_as_the_final_adapter(client, set
     assert f"step {best}" in page and "best-scored checkpoint" in page
 
 
+@pytest.mark.trains
 @pytest.mark.databases
 def test_metrics_arrive_while_it_trains(client, launch, background_worker):
     run = launch(max_steps=120, logging_steps=5, save_steps=60)
@@ -194,6 +198,7 @@ def test_metrics_arrive_while_it_trains(client, launch, background_worker):
     assert client.get(f"/api/runs/{run['id']}").json()["status"] == "succeeded"
 
 
+@pytest.mark.trains
 def test_a_failing_run_ends_with_a_sentence(client, settings, db, launch):
     run = launch(max_length=16)  # the chat template's prompt alone is longer: nothing left to learn
     work_once(settings, db, me="w1", stop=threading.Event())
@@ -204,6 +209,7 @@ def test_a_failing_run_ends_with_a_sentence(client, settings, db, launch):
     )
 
 
+@pytest.mark.trains
 def test_a_training_process_killed_from_outside_is_reported_as_such(
     client, settings, launch, background_worker
 ):
@@ -228,6 +234,7 @@ def test_a_kill_is_called_out_of_memory_when_the_kernel_counted_one():
     assert oom_kills() is None or oom_kills() >= 0
 
 
+@pytest.mark.trains
 def test_cancel_stops_training_and_keeps_the_adapter(client, settings, launch, background_worker):
     run = launch(max_steps=5000, logging_steps=5, save_steps=1000)
     worker = background_worker()
@@ -256,6 +263,7 @@ def training_pid(settings, run_id: int) -> int | None:
     return None
 
 
+@pytest.mark.trains
 def test_killing_the_worker_resumes_the_run_from_its_checkpoint(tmp_path, settings, client, launch):
     """On SQLite: the database's part of resuming is tested on both (test_state), and a lost worker's run
     resuming on PostgreSQL in the fleet test."""
