@@ -9,10 +9,11 @@ import itertools
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
+
+from app.processes import free_port
 
 USER = "tuneboard"
 
@@ -31,9 +32,7 @@ class PostgresServer:
         self.bin = programs
         self.folder = Path(tempfile.mkdtemp(prefix="tuneboard-pg-"))
         self.data = self.folder / "cluster"
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.names = itertools.count(1)
         # PostgreSQL refuses to run as root: the cluster belongs to the package's own user then
         self.owner = "postgres" if os.geteuid() == 0 else None
