@@ -23,9 +23,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The modules that take longest, measured (`make test` prints the slowest tests), go to the test processes
 # first, so that the processes finish together instead of one working alone at the end.
 LONGEST_FIRST = (
-    "tests/test_end_to_end.py", "tests/browser/test_runs.py", "tests/browser/test_chat.py",
-    "tests/test_worker.py", "tests/test_fleet.py", "tests/test_distributed.py", "tests/test_faults.py",
-    "tests/test_preference_runs.py", "tests/test_exports.py", "tests/test_bundled_model.py",
+    "tests/test_end_to_end_dpo.py", "tests/test_end_to_end.py", "tests/browser/test_runs.py",
+    "tests/browser/test_chat.py", "tests/test_worker.py", "tests/test_fleet.py", "tests/test_distributed.py",
+    "tests/test_faults.py", "tests/test_preference_runs.py", "tests/test_exports.py",
+    "tests/test_bundled_model.py",
 )  # fmt: skip
 
 
