@@ -23,8 +23,9 @@ import httpx
 import pytest
 
 from app.config import PROJECT_ROOT
+from app.processes import free_port
 from tests.conftest import CHROMIUM, CHROMIUM_ARGS
-from tests.servers import free_port, running
+from tests.servers import running
 
 pytestmark = pytest.mark.browser
 

@@ -16,9 +16,10 @@ from contextlib import ExitStack
 import httpx
 import pytest
 
+from app.processes import free_port
 from app.runs import state
 from tests.conftest import DEMO_DATASET
-from tests.servers import free_port, running, running_worker
+from tests.servers import running, running_worker
 from tests.waiting import wait_until
 
 TOKEN = "fleet-test-token-0123456789abcdef"

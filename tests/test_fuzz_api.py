@@ -21,9 +21,9 @@ from app.generation_client import NOT_RUNNING
 from app.main import create_app
 from app.migrate import upgrade
 from app.models import MAX_ID
+from app.processes import free_port
 from app.runs.config import PEFT_PARAMS, TrainingParams
 from tests.conftest import DEMO_DATASET
-from tests.servers import free_port
 from tests.test_hostile_input import stored
 
 EXAMPLES = int(os.environ.get("TUNEBOARD_FUZZ_EXAMPLES", "120"))

@@ -12,7 +12,7 @@ import uvicorn
 
 from app.config import Settings
 from app.model_registry import BUNDLED_ID
-from tests.servers import free_port
+from app.processes import free_port
 from worker.engine import PaneResult
 
 

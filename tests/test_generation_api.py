@@ -15,8 +15,9 @@ import pytest
 from app.config import Settings
 from app.db import Database
 from app.models import Run
+from app.processes import free_port
 from tests.conftest import DEMO_DATASET
-from tests.servers import free_port, running
+from tests.servers import running
 from tests.sse import parse
 from tests.test_engine import make_adapter, reference
 from worker.engine import PaneRequest

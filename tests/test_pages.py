@@ -132,7 +132,7 @@ def test_playground_says_when_the_generation_host_is_down(tmp_path, tiny_model_d
     from app.config import Settings
     from app.main import create_app
     from app.migrate import upgrade
-    from tests.servers import free_port
+    from app.processes import free_port
 
     settings = Settings(data_dir=tmp_path / "data", generation_url=f"http://127.0.0.1:{free_port()}")
     upgrade(settings)

@@ -7,8 +7,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from app.processes import free_port
 from tests.conftest import DEMO_DATASET, NO_SCORING
-from tests.servers import FAST_WORKER, free_port, running
+from tests.servers import FAST_WORKER, running
 from tests.waiting import wait_until
 
 WORKER = FAST_WORKER | {
