@@ -32,7 +32,7 @@ class Chart:
     note: str = ""  # a short line beside the title
     format: Format = "plain"  # how the y axis writes its numbers
     objectives: tuple[str, ...] = ()  # shown only for runs of these objectives; empty: every run
-    best: bool = False  # also mark the best checkpoint (app.runs.evaluation) on the first series
+    best: bool = False  # also mark the best checkpoint (app.runs.evaluation), at its train or validation loss
 
     def shown_for(self, objective: str) -> bool:
         return not self.objectives or objective in self.objectives
