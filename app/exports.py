@@ -1,8 +1,9 @@
 """Exports: a run's adapter (or one checkpoint's) made into files other tools load, by a worker.
 
 The one owner of the export formats, of what each needs and weighs before it is made, of the files each
-leaves, and of every change to the `exports` table (queued → running → succeeded | failed; a worker that
-goes silent hands its export back to the queue). No torch here: the web tier checks and sizes an export
+leaves, and of every change to the `exports` table (queued → running → succeeded | failed). An export is a
+job of the queue (app.jobs, kind `export`): workers claim it, beat on it and hand it back by the queue's
+rules. No torch here: the web tier checks and sizes an export
 from the files' headers; `worker/export.py` makes it.
 """
 
@@ -12,15 +13,15 @@ import json
 import re
 import shutil
 from dataclasses import dataclass
-from datetime import timedelta
 from math import prod
 from pathlib import Path
 
 from sqlalchemy import delete as sa_delete
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app import jobs
 from app.config import Settings
 from app.model_registry import ModelEntry, find_model, register_model, tensor_shapes
 from app.models import WITH_ADAPTER, Export, ExportStatus, RegisteredModel, Run, utcnow
@@ -82,7 +83,6 @@ DORA_REFUSED = "llama.cpp cannot apply DoRA adapters. Export the merged model in
 GGUF_VALUE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
 SAFETENSORS_VALUE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1}
 DISK_MARGIN = 1.1  # the worker wants this much more free space than the estimate
-MAX_ATTEMPTS = 3  # tries of an export whose worker goes silent before it fails
 
 
 class ExportRefused(ValueError):
@@ -284,9 +284,12 @@ def request(settings: Settings, *, session: Session, run: Run, step: int, format
     if export is None:
         export = Export(run_id=run.id, step=step, format=format)
         session.add(export)
+    else:  # made again from the start: the earlier tries do not count against it
+        jobs.forget(session=session, kind=jobs.EXPORT, job_id=export.id)
     export.status, export.progress, export.stage = ExportStatus.QUEUED, 0.0, None
     export.error, export.size_bytes, export.worker_id, export.attempts = None, None, None, 0
-    export.estimated_bytes, export.created_at, export.finished_at = chosen.estimated_bytes, utcnow(), None
+    export.estimated_bytes, export.created_at = chosen.estimated_bytes, utcnow()
+    export.started_at, export.finished_at = None, None
     try:
         session.commit()
     except IntegrityError:  # the same export asked for twice at once: the other request queued it
@@ -302,42 +305,6 @@ def list_for_run(*, session: Session, run_id: int) -> list[Export]:
     return list(session.scalars(select(Export).where(Export.run_id == run_id).order_by(Export.id.desc())))
 
 
-def claim_next(*, session: Session, worker_id: str, models: list[str] | None = None) -> Export | None:
-    """Atomically take the oldest queued export whose run's base model this worker can load (as
-    `state.claim_next` takes runs: SQLite through BEGIN IMMEDIATE, PostgreSQL through SKIP LOCKED)."""
-    now = utcnow()
-    servable = [Export.status == ExportStatus.QUEUED]
-    if models is not None:
-        servable.append(Export.run_id.in_(select(Run.id).where(Run.base_model.in_(models))))
-    oldest = (
-        select(Export.id).where(*servable).order_by(Export.id).limit(1).with_for_update(skip_locked=True)
-    ).scalar_subquery()
-    claimed = session.execute(
-        update(Export)
-        .where(Export.id == oldest, Export.status == ExportStatus.QUEUED)
-        .values(
-            status=ExportStatus.RUNNING,
-            worker_id=worker_id,
-            heartbeat_at=now,
-            started_at=now,
-            attempts=Export.attempts + 1,
-        )
-        .returning(Export.id)
-    ).scalar_one_or_none()
-    if claimed is None:
-        session.rollback()
-        return None
-    session.commit()
-    return session.get(Export, claimed, populate_existing=True)
-
-
-def _owned(export_id: int, worker_id: str):
-    """An update of the export only while `worker_id` is making it."""
-    return update(Export).where(
-        Export.id == export_id, Export.worker_id == worker_id, Export.status == ExportStatus.RUNNING
-    )
-
-
 def report(
     *,
     session: Session,
@@ -348,82 +315,39 @@ def report(
 ) -> bool:
     """The worker's heartbeat on an export, with how far it got. False: the export is no longer its own
     (handed back after the worker went silent, or gone) and the worker should stop making it."""
-    values: dict = {"heartbeat_at": utcnow()}
+    values: dict = {}
     if progress is not None:
         values["progress"] = max(0.0, min(1.0, progress))
     if stage is not None:
         values["stage"] = stage[:200]
-    changed = session.execute(_owned(export_id, worker_id).values(**values)).rowcount  # type: ignore[attr-defined]
-    session.commit()
-    return bool(changed)
+    ours, _ = jobs.beat(session=session, kind=jobs.EXPORT, job_id=export_id, worker_id=worker_id, **values)
+    return ours
 
 
 def finish(*, session: Session, export_id: int, worker_id: str, size_bytes: int) -> bool:
     """Mark the export made. False: it was no longer this worker's (its files are the next attempt's)."""
-    done = session.execute(
-        _owned(export_id, worker_id).values(
-            status=ExportStatus.SUCCEEDED,
-            progress=1.0,
-            stage=None,
-            size_bytes=size_bytes,
-            finished_at=utcnow(),
-        )
-    ).rowcount  # type: ignore[attr-defined]
-    session.commit()
-    return bool(done)
+    return jobs.end(
+        session=session,
+        kind=jobs.EXPORT,
+        job_id=export_id,
+        worker_id=worker_id,
+        status=ExportStatus.SUCCEEDED,
+        progress=1.0,
+        stage=None,
+        size_bytes=size_bytes,
+    )
 
 
 def fail(*, session: Session, export_id: int, worker_id: str, error: str) -> None:
-    session.execute(
-        _owned(export_id, worker_id).values(
-            status=ExportStatus.FAILED, stage=None, error=error[:4000], finished_at=utcnow()
-        )
+    jobs.end(
+        session=session,
+        kind=jobs.EXPORT,
+        job_id=export_id,
+        worker_id=worker_id,
+        status=ExportStatus.FAILED,
+        stage=None,
+        error=error[:4000],
     )
-    session.commit()
-
-
-def hand_back(*, session: Session, export_id: int, worker_id: str) -> None:
-    """The worker stops before the export is made: it goes back to the queue, from the start (a stop on
-    purpose does not use up one of its tries)."""
-    session.execute(
-        _owned(export_id, worker_id).values(
-            status=ExportStatus.QUEUED,
-            progress=0.0,
-            stage=None,
-            worker_id=None,
-            started_at=None,
-            attempts=Export.attempts - 1,
-        )
-    )
-    session.commit()
-
-
-def requeue_stale(*, session: Session, stale_after: timedelta) -> list[int]:
-    """Exports whose worker stopped beating go back to the queue; after MAX_ATTEMPTS tries they fail (a
-    model that kills its worker each time must not block the queue for ever)."""
-    cutoff = utcnow() - stale_after
-    stale = (Export.status == ExportStatus.RUNNING, Export.heartbeat_at < cutoff)
-    session.execute(
-        update(Export)
-        .where(*stale, Export.attempts >= MAX_ATTEMPTS)
-        .values(
-            status=ExportStatus.FAILED,
-            stage=None,
-            finished_at=utcnow(),
-            error=f"The worker making this export stopped responding {MAX_ATTEMPTS} times (most often it "
-            "ran out of memory). Free some memory or choose a smaller format, then try again.",
-        )
-    )
-    ids = list(
-        session.scalars(
-            update(Export)
-            .where(*stale)
-            .values(status=ExportStatus.QUEUED, progress=0.0, stage=None, worker_id=None, started_at=None)
-            .returning(Export.id)
-        )
-    )
-    session.commit()
-    return ids
 
 
 class ExportBusy(RuntimeError):
@@ -445,6 +369,8 @@ def delete(settings: Settings, *, session: Session, export: Export) -> None:
         .where(Export.id == export.id, Export.status != ExportStatus.RUNNING)
         .returning(Export.id)
     ).scalar_one_or_none()
+    if gone is not None:
+        jobs.forget(session=session, kind=jobs.EXPORT, job_id=export.id)
     session.commit()
     if gone is None:
         raise ExportBusy("This export is being made; delete it once it has finished.")

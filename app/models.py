@@ -20,7 +20,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy import false as sa_false
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, foreign, mapped_column, relationship
 
 
 class UTCDateTime(TypeDecorator):
@@ -49,6 +49,37 @@ def utcnow() -> datetime:
 
 class Base(DeclarativeBase):
     pass
+
+
+class Leased:
+    """The columns of a job that workers take from the queue (a run to train, an export to make): whether it
+    waits or runs, which worker holds it, when that worker last beat, how many times it was claimed.
+    app.jobs is the one owner of the lease's rules."""
+
+    status: Mapped[str] = mapped_column(String(12), default="queued")
+    worker_id: Mapped[str | None] = mapped_column(String(200))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # claims so far
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class JobAttempt(Base):
+    """One attempt at a job: which worker held it, when, and how the attempt ended (a finished status,
+    `requeued` when its worker stopped on purpose, `lost` when it stopped responding)."""
+
+    __tablename__ = "job_attempts"
+    __table_args__ = (UniqueConstraint("kind", "job_id", "attempt", name="uq_job_attempts_kind_job_attempt"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(12))  # a key of app.jobs.KINDS
+    job_id: Mapped[int] = mapped_column(Integer)  # the run's or export's id
+    attempt: Mapped[int] = mapped_column(Integer)
+    worker_id: Mapped[str] = mapped_column(String(200))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    outcome: Mapped[str | None] = mapped_column(String(12))
 
 
 class Dataset(Base):
@@ -97,7 +128,7 @@ FINISHED = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED
 WITH_ADAPTER = frozenset({RunStatus.SUCCEEDED, RunStatus.CANCELLED})  # both save the adapter trained so far
 
 
-class Run(Base):
+class Run(Leased, Base):
     """One fine-tuning run. Every status change goes through app.runs.state."""
 
     __tablename__ = "runs"
@@ -112,14 +143,7 @@ class Run(Base):
     base_model: Mapped[str] = mapped_column(String(300))
     method: Mapped[str] = mapped_column(String(20))
     config: Mapped[dict] = mapped_column(JSON)
-    status: Mapped[str] = mapped_column(String(12), default=RunStatus.QUEUED.value)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    worker_id: Mapped[str | None] = mapped_column(String(200))
-    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     error: Mapped[str | None] = mapped_column(Text)
     exit_code: Mapped[int | None] = mapped_column(Integer)
     total_steps: Mapped[int | None] = mapped_column(Integer)
@@ -131,23 +155,11 @@ class Run(Base):
     gpus: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # every attempt, oldest first: which worker trained it and how it ended (loaded when asked for, so that
     # the feeds' polls of every run do not read the attempts too)
-    history: Mapped[list[RunAttempt]] = relationship(order_by="RunAttempt.attempt", viewonly=True)
-
-
-class RunAttempt(Base):
-    """One attempt at a run: which worker trained it, when, and how the attempt ended (a run that was
-    requeued has several)."""
-
-    __tablename__ = "run_attempts"
-    __table_args__ = (UniqueConstraint("run_id", "attempt", name="uq_run_attempts_run_attempt"),)
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
-    attempt: Mapped[int] = mapped_column(Integer)
-    worker_id: Mapped[str] = mapped_column(String(200))
-    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    outcome: Mapped[str | None] = mapped_column(String(12))  # a finished status, or requeued
+    history: Mapped[list[JobAttempt]] = relationship(
+        primaryjoin=lambda: (foreign(JobAttempt.job_id) == Run.id) & (JobAttempt.kind == "train"),
+        order_by=lambda: JobAttempt.attempt,
+        viewonly=True,
+    )
 
 
 class RunMetric(Base):
@@ -239,7 +251,7 @@ class ExportStatus(StrEnum):
     FAILED = "failed"
 
 
-class Export(Base):
+class Export(Leased, Base):
     """A run's adapter (or one checkpoint's) made into something other tools load: a merged model, a GGUF
     file, a llama.cpp LoRA file. Made by a worker (app.exports owns every change); its files live in the
     run's folder (`RunFolder.export_dir`)."""
@@ -255,18 +267,11 @@ class Export(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     step: Mapped[int] = mapped_column(Integer)  # 0: the run's final adapter, else that checkpoint's
     format: Mapped[str] = mapped_column(String(20))  # a key of app.exports.FORMATS
-    status: Mapped[str] = mapped_column(String(12), default=ExportStatus.QUEUED.value)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     stage: Mapped[str | None] = mapped_column(String(200))
     estimated_bytes: Mapped[int] = mapped_column(BigInteger)
     size_bytes: Mapped[int | None] = mapped_column(BigInteger)
     error: Mapped[str | None] = mapped_column(Text)
-    worker_id: Mapped[str | None] = mapped_column(String(200))
-    attempts: Mapped[int] = mapped_column(Integer, default=0)  # tries whose worker went silent count
-    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Vote(Base):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from app import exports
+from app import exports, jobs
 from app.model_registry import find_model
 from app.models import Export, utcnow
 from app.runs import state
@@ -375,6 +375,9 @@ def test_an_export_that_fails_says_why_and_can_be_tried_again(client, settings, 
     retried = client.post(f"/api/runs/{finished_run}/exports", json={"format": "lora-gguf"})
     assert retried.status_code == 201 and retried.json()["id"] == queued["id"]
     assert retried.json()["status"] == "queued" and retried.json()["error"] is None
+    with db.write_session() as session:  # its earlier try is forgotten: the retry is its first
+        assert jobs.claim(session=session, kind=jobs.EXPORT, worker_id="w").attempts == 1
+        assert len(jobs.attempts_of(session=session, kind=jobs.EXPORT, job_id=queued["id"])) == 1
 
 
 @pytest.mark.databases
@@ -389,17 +392,19 @@ def test_a_silent_workers_export_goes_back_to_the_queue_and_a_running_one_is_not
             session.commit()
 
     with db.write_session() as session:
-        claimed = exports.claim_next(session=session, worker_id="gone:1")
+        claimed = jobs.claim(session=session, kind=jobs.EXPORT, worker_id="gone:1")
         assert claimed is not None and claimed.id == queued["id"]
-        assert exports.claim_next(session=session, worker_id="other:2") is None
+        assert jobs.claim(session=session, kind=jobs.EXPORT, worker_id="other:2") is None
     assert client.delete(f"/api/exports/{queued['id']}").status_code == 409
     with db.write_session() as session:
         assert exports.report(session=session, export_id=queued["id"], worker_id="gone:1", progress=0.4)
         assert not exports.report(session=session, export_id=queued["id"], worker_id="other:2", progress=0.9)
-        assert exports.requeue_stale(session=session, stale_after=timedelta(seconds=60)) == []
+        assert jobs.requeue_stale(session=session, stale_after=timedelta(seconds=60)) == {}
     go_silent()
     with db.write_session() as session:
-        assert exports.requeue_stale(session=session, stale_after=timedelta(seconds=60)) == [queued["id"]]
+        assert jobs.requeue_stale(session=session, stale_after=timedelta(seconds=60)) == {
+            "export": [queued["id"]]
+        }
     back = client.get(f"/api/exports/{queued['id']}").json()
     assert back["status"] == "queued" and back["progress"] == 0.0
     with db.write_session() as session:  # the silent worker's late report and finish no longer count
@@ -408,10 +413,12 @@ def test_a_silent_workers_export_goes_back_to_the_queue_and_a_running_one_is_not
     # a worker that goes silent on it every time: after the third try it fails with a sentence
     for attempt in (2, 3):
         with db.write_session() as session:
-            assert exports.claim_next(session=session, worker_id=f"gone:{attempt}").id == queued["id"]
+            assert (
+                jobs.claim(session=session, kind=jobs.EXPORT, worker_id=f"gone:{attempt}").id == queued["id"]
+            )
         go_silent()
         with db.write_session() as session:
-            exports.requeue_stale(session=session, stale_after=timedelta(seconds=60))
+            jobs.requeue_stale(session=session, stale_after=timedelta(seconds=60))
     failed = client.get(f"/api/exports/{queued['id']}").json()
     assert failed["status"] == "failed" and "stopped responding 3 times" in failed["error"]
 
@@ -419,7 +426,7 @@ def test_a_silent_workers_export_goes_back_to_the_queue_and_a_running_one_is_not
 def test_a_stopping_worker_hands_its_export_back(settings, db, finished_run, client):
     queued = client.post(f"/api/runs/{finished_run}/exports", json={"format": "merged"}).json()
     with db.write_session() as session:
-        export = exports.claim_next(session=session, worker_id="box:9")
+        export = jobs.claim(session=session, kind=jobs.EXPORT, worker_id="box:9")
     stop = threading.Event()
     threading.Timer(1.0, stop.set).start()  # the worker is told to stop while the child loads the model
     run_export(settings, db, export, me="box:9", stop=stop)
@@ -427,7 +434,10 @@ def test_a_stopping_worker_hands_its_export_back(settings, db, finished_run, cli
     assert back["status"] == "queued" and back["progress"] == 0.0
     assert not list(settings.run_folder(finished_run).exports_dir.glob("*"))  # nothing half-made stays
     with db.session() as session:
-        assert session.get(Export, queued["id"]).attempts == 0  # a stop on purpose uses up no try
+        # a stop on purpose uses up no try: the attempt ended as handed back, not lost
+        tries = jobs.attempts_of(session=session, kind=jobs.EXPORT, job_id=queued["id"])
+        assert [(a.worker_id, a.outcome) for a in tries] == [("box:9", "requeued")]
+        assert jobs.lost_attempts(session, jobs.EXPORT, queued["id"]) == 0
 
 
 @pytest.mark.trains

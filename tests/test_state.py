@@ -8,6 +8,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
+from app import jobs
 from app.db import Database
 from app.models import Dataset, Run, RunMetric, RunStatus, utcnow
 from app.runs import state
@@ -75,12 +76,12 @@ def test_cancel_queued_at_once_running_by_flag(db, dataset_id):
 def test_a_silent_worker_loses_its_run_which_resumes_elsewhere_then_gives_up(db, dataset_id):
     (run_id,) = queue(db, dataset_id)
     later = utcnow() + timedelta(minutes=5)
-    for attempt in range(1, state.MAX_ATTEMPTS + 1):
+    for attempt in range(1, jobs.MAX_LOST + 1):
         run = claim(db, f"w{attempt}")
         assert run is not None and run.attempts == attempt
         with db.write_session() as session:
-            silent = state.requeue_stale(session=session, stale_after=timedelta(seconds=30), now=later)
-            assert silent == [run_id]
+            silent = jobs.requeue_stale(session=session, stale_after=timedelta(seconds=30), now=later)
+            assert silent == {"train": [run_id]}
     with db.session() as session:
         run = session.get(Run, run_id)
         assert run.status == RunStatus.FAILED and "stopped responding 3 times" in run.error
@@ -176,6 +177,7 @@ def test_runs_handed_back_on_purpose_do_not_count_as_lost(db, dataset_id):
     claim(db, "w4")
     with db.write_session() as session:
         later = utcnow() + timedelta(minutes=5)
-        assert state.requeue_stale(session=session, stale_after=timedelta(seconds=30), now=later) == [run_id]
+        stale = jobs.requeue_stale(session=session, stale_after=timedelta(seconds=30), now=later)
+        assert stale == {"train": [run_id]}
         run = session.get(Run, run_id, populate_existing=True)
         assert run.status == RunStatus.QUEUED and run.attempts == 4

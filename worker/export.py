@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from app import exports, workers
+from app import exports, jobs, workers
 from app.config import Settings
 from app.db import PASSING_FAULTS, Database
 from app.exports import ExportRefused, Plan
@@ -80,7 +80,9 @@ def run_export(
         return ours
 
     def hand_back() -> None:
-        write_with_retry(db, lambda s: exports.hand_back(session=s, export_id=export.id, worker_id=me))
+        write_with_retry(
+            db, lambda s: jobs.hand_back(session=s, kind=jobs.EXPORT, job_id=export.id, worker_id=me)
+        )
 
     tick()
     try:

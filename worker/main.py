@@ -1,8 +1,8 @@
-"""The worker loop: wait for the database schema, then prepare base models, requeue runs and exports whose
-worker went silent, make the next queued export (they are short and someone is waiting for them) or else
-claim the next queued run and supervise it; until SIGTERM or SIGINT. A passing fault (database
-busy, a vanished file) is logged and retried with backoff, never fatal. Beside the loop, the generation
-host (worker.gen_server) runs as a child process, restarted with backoff if it dies."""
+"""The worker loop: wait for the database schema, then prepare base models, requeue the jobs whose worker
+went silent, claim the next job this worker can serve (app.jobs: an export first, they are short and
+someone is waiting for them, else a run) and hand it to its kind's handler; until SIGTERM or SIGINT. A
+passing fault (database busy, a vanished file) is logged and retried with backoff, never fatal. Beside the
+loop, the generation host (worker.gen_server) runs as a child process, restarted with backoff if it dies."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from datetime import timedelta
 
-from app import exports, workers
+from app import jobs, workers
 from app.config import Settings
 from app.db import PASSING_FAULTS, Database
 from app.migrate import schema_ready
 from app.model_registry import list_models
 from app.processes import Backoff, ChildKeeper
-from app.runs import state
 from worker.export import run_export
 from worker.hardware import machine_summary
 from worker.prepare import prepare_pending_models
@@ -144,24 +144,20 @@ def work_once(
     if settings.prepare_models:
         prepare_pending_models(settings, db, stop=stop)
     with db.write_session() as session:
-        requeued = state.requeue_stale(
-            session=session, stale_after=timedelta(seconds=settings.stale_after_seconds)
-        )
-        handed_back = exports.requeue_stale(
-            session=session, stale_after=timedelta(seconds=settings.stale_after_seconds)
-        )
-    if requeued or handed_back:
-        log.warning("requeued runs %s and exports %s whose worker stopped responding", requeued, handed_back)
+        stale_after = timedelta(seconds=settings.stale_after_seconds)
+        stale = jobs.requeue_stale(session=session, stale_after=stale_after)
+    if stale:
+        log.warning("jobs whose worker stopped responding, by kind: %s", stale)
     if stop.is_set() or orders.drain:
         return False
     with db.write_session() as session:
-        export = exports.claim_next(session=session, worker_id=me, models=has.models)
-    if export is not None:
-        run_export(settings, db, export, me=me, stop=stop, server=server)
-        return True
-    with db.write_session() as session:
-        run = state.claim_next(session=session, worker_id=me, models=has.models, gpus=has.gpus)
-    if run is None:
+        claimed = jobs.claim_next(session=session, worker_id=me, models=has.models, gpus=has.gpus)
+    if claimed is None:
         return False
-    supervise(settings, db, run, me=me, stop=stop, server=server)
+    kind, row = claimed
+    HANDLERS[kind.name](settings, db, row, me=me, stop=stop, server=server)
     return True
+
+
+# what a worker does with each kind of job (app.jobs.KINDS): a new kind is one handler here
+HANDLERS: dict[str, Callable[..., object]] = {jobs.EXPORT.name: run_export, jobs.TRAIN.name: supervise}

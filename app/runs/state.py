@@ -1,25 +1,26 @@
-"""The run state machine. Every status change is one named function here and nowhere else.
+"""The run state machine. Every status change is one named function here, or one rule of the job queue.
 
     queued ──claim──▶ running ──finish──▶ succeeded | failed | cancelled
       ▲                  │
       └──requeue─────────┘   (worker stopped, or went silent: the run resumes from its checkpoint)
     queued ──cancel──▶ cancelled            running ──cancel──▶ cancel_requested, then cancelled
 
-Writers pass a session from `Database.write_session()` (SQLite: BEGIN IMMEDIATE); each function commits.
+A run is a job of the queue (app.jobs, kind `train`): claims, heartbeats, hand-backs, attempts and the
+requeueing of runs whose worker went silent follow the queue's one set of rules. Writers pass a session
+from `Database.write_session()` (SQLite: BEGIN IMMEDIATE); each function commits.
 """
 
 from __future__ import annotations
 
 import math
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from app.models import FINISHED, Run, RunAttempt, RunMetric, RunStatus, utcnow
-
-MAX_ATTEMPTS = 3
+from app import jobs
+from app.models import FINISHED, JobAttempt, Run, RunMetric, RunStatus, utcnow
 
 
 class TransitionError(Exception):
@@ -46,74 +47,24 @@ def enqueue(
 def claim_next(
     *, session: Session, worker_id: str, models: list[str] | None = None, gpus: int | None = None
 ) -> Run | None:
-    """Atomically take the oldest queued run this worker can serve: one on a base model in `models` and
-    needing at most `gpus` GPUs (None: any). SQLite serialises this through BEGIN IMMEDIATE;
-    PostgreSQL through FOR UPDATE SKIP LOCKED (SQLite's compiler leaves that clause out)."""
-    now = utcnow()
-    servable = [Run.status == RunStatus.QUEUED]
-    if models is not None:
-        servable.append(Run.base_model.in_(models))
-    if gpus is not None:
-        servable.append(Run.gpus <= gpus)
-    oldest = (
-        select(Run.id)
-        .where(*servable)
-        .order_by(Run.id)
-        .limit(1)
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
-    )
-    claimed = session.execute(
-        update(Run)
-        .where(Run.id == oldest, Run.status == RunStatus.QUEUED)
-        .values(
-            status=RunStatus.RUNNING,
-            worker_id=worker_id,
-            attempts=Run.attempts + 1,
-            heartbeat_at=now,
-            error=None,
-        )
-        .returning(Run.id)
-    ).scalar_one_or_none()
-    if claimed is None:
-        session.rollback()
-        return None
-    session.execute(update(Run).where(Run.id == claimed, Run.started_at.is_(None)).values(started_at=now))
-    run = session.get(Run, claimed, populate_existing=True)
-    assert run is not None
-    session.add(RunAttempt(run_id=claimed, attempt=run.attempts, worker_id=worker_id, started_at=now))
-    session.commit()
-    return run
+    """Take the oldest queued run this worker can serve: one on a base model in `models` and needing at most
+    `gpus` GPUs (None: any). The lease is app.jobs'."""
+    return jobs.claim(session=session, kind=jobs.TRAIN, worker_id=worker_id, models=models, gpus=gpus)
 
 
-def _end_attempt(session: Session, run_id: int, outcome: str) -> None:
-    """Close the run's open attempt (the one that just ended) with how it ended."""
-    session.execute(
-        update(RunAttempt)
-        .where(RunAttempt.run_id == run_id, RunAttempt.ended_at.is_(None))
-        .values(ended_at=utcnow(), outcome=outcome)
-    )
-
-
-def attempts_of(*, session: Session, run_id: int) -> list[RunAttempt]:
-    return list(
-        session.scalars(select(RunAttempt).where(RunAttempt.run_id == run_id).order_by(RunAttempt.attempt))
-    )
+def attempts_of(*, session: Session, run_id: int) -> list[JobAttempt]:
+    return jobs.attempts_of(session=session, kind=jobs.TRAIN, job_id=run_id)
 
 
 def heartbeat(*, session: Session, run_id: int, worker_id: str) -> bool:
     """Mark the run alive. Returns whether a cancel was requested. Raises TransitionError if this worker
     no longer owns the run (it was requeued and claimed elsewhere)."""
-    owned = session.execute(
-        update(Run)
-        .where(Run.id == run_id, Run.status == RunStatus.RUNNING, Run.worker_id == worker_id)
-        .values(heartbeat_at=utcnow())
-        .returning(Run.cancel_requested)
-    ).scalar_one_or_none()
-    session.commit()
-    if owned is None:
+    owned, cancel = jobs.beat(
+        session=session, kind=jobs.TRAIN, job_id=run_id, worker_id=worker_id, returning=Run.cancel_requested
+    )
+    if not owned:
         raise TransitionError(f"run {run_id} is no longer owned by {worker_id}")
-    return bool(owned)
+    return bool(cancel)
 
 
 def fail_queued_on(*, session: Session, base_model: str, error: str) -> None:
@@ -164,54 +115,20 @@ def finish(
 ) -> None:
     if status not in FINISHED:
         raise ValueError(status)
-    ended = session.execute(
-        update(Run)
-        .where(Run.id == run_id, Run.status == RunStatus.RUNNING, Run.worker_id == worker_id)
-        .values(status=status, error=error, exit_code=exit_code, finished_at=utcnow(), worker_id=None)
+    jobs.end(
+        session=session,
+        kind=jobs.TRAIN,
+        job_id=run_id,
+        worker_id=worker_id,
+        status=status,
+        error=error,
+        exit_code=exit_code,
     )
-    if ended.rowcount:  # type: ignore[attr-defined]
-        _end_attempt(session, run_id, status)
-    session.commit()
 
 
 def requeue(*, session: Session, run_id: int, worker_id: str) -> None:
     """The worker is stopping: hand the run back so it resumes from its last checkpoint."""
-    handed = session.execute(
-        update(Run)
-        .where(Run.id == run_id, Run.status == RunStatus.RUNNING, Run.worker_id == worker_id)
-        .values(status=RunStatus.QUEUED, worker_id=None, heartbeat_at=None)
-    )
-    if handed.rowcount:  # type: ignore[attr-defined]
-        _end_attempt(session, run_id, "requeued")
-    session.commit()
-
-
-def requeue_stale(*, session: Session, stale_after: timedelta, now: datetime | None = None) -> list[int]:
-    """Runs whose worker went silent go back to the queue, or fail once workers have gone silent on them
-    MAX_ATTEMPTS times (attempts handed back on purpose, by a stopping worker, do not count)."""
-    cutoff = (now or utcnow()) - stale_after
-    stale = session.scalars(
-        select(Run).where(Run.status == RunStatus.RUNNING, Run.heartbeat_at < cutoff)
-    ).all()
-    for run in stale:
-        silent = 1 + (
-            session.scalar(
-                select(func.count())
-                .select_from(RunAttempt)
-                .where(RunAttempt.run_id == run.id, RunAttempt.outcome == "lost")
-            )
-            or 0
-        )
-        if run.cancel_requested:
-            run.status, run.finished_at, run.worker_id = RunStatus.CANCELLED, utcnow(), None
-        elif silent >= MAX_ATTEMPTS:
-            run.status, run.finished_at, run.worker_id = RunStatus.FAILED, utcnow(), None
-            run.error = f"The worker running this run stopped responding {silent} times; giving up."
-        else:
-            run.status, run.worker_id, run.heartbeat_at = RunStatus.QUEUED, None, None
-        _end_attempt(session, run.id, "lost" if run.status == RunStatus.QUEUED else run.status)
-    session.commit()
-    return [run.id for run in stale]
+    jobs.hand_back(session=session, kind=jobs.TRAIN, job_id=run_id, worker_id=worker_id)
 
 
 def record_start(
