@@ -32,6 +32,7 @@ from app.routes import (
     workers_api,
 )
 from app.runs.events import Feeds
+from app.runs.folder import sweep_leftovers
 from app.security import (
     AccessMiddleware,
     BodyLimitMiddleware,
@@ -49,6 +50,8 @@ log = logging.getLogger("tuneboard.web")
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     settings.ensure_dirs()
+    if swept := sweep_leftovers(settings.runs_dir):
+        log.info("removed %d half-received or half-replaced folders left by a crash", swept)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -6,12 +6,18 @@ from __future__ import annotations
 
 import io
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 
+from app.main import create_app
+from app.models import Run
+from app.routes import artifacts_api
 from app.runs import state
-from app.runs.folder import Checkpoint, pack
+from app.runs.folder import MAX_TAR_MEMBERS, Checkpoint, pack
 from tests.conftest import DEMO_DATASET, upload
 
 
@@ -186,3 +192,114 @@ def test_pack_then_store_is_the_same_folder_and_a_vanished_folder_packs_nothing(
     assert checkpoint.has_adapter and (checkpoint.path / "deep" / "w.bin").read_bytes() == b"\0" * 1000
     with pytest.raises(FileNotFoundError):  # rotated away: an error, never an empty archive
         pack(tmp_path / "checkpoint-3", io.BytesIO())
+
+
+def member(name: str, data: bytes = b"x", kind: bytes = tarfile.REGTYPE, **pax: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.size, info.pax_headers = kind, len(data) if kind == tarfile.REGTYPE else 0, pax
+    return info
+
+
+def hostile_tar(members: list[tuple[tarfile.TarInfo, bytes]], format: int = tarfile.PAX_FORMAT) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=format) as archive:
+        for info, data in members:
+            archive.addfile(info, io.BytesIO(data) if info.isfile() else None)
+    return buffer.getvalue()
+
+
+HOSTILE_ARCHIVES = {
+    # the PAX-header regular expression of Python before 3.11.10 is quadratic: 60 kB stalled the server 8 s
+    "a 2 MB PAX header": (hostile_tar([(member("a", comment="y" * 2_000_000), b"x")]), "extended header is"),
+    "a 2 MB GNU long name": (
+        hostile_tar([(member("n" * 2_000_000), b"x")], format=tarfile.GNU_FORMAT),
+        "extended header is",
+    ),
+    "a global PAX header": (
+        hostile_tar([(member("g", kind=tarfile.XGLTYPE), b""), (member("a"), b"x")]),
+        "neither a plain file nor a folder",
+    ),
+    "a hard link": (
+        hostile_tar([(member("a"), b"x"), (member("b", kind=tarfile.LNKTYPE), b"")]),
+        "b is neither a plain file nor a folder",
+    ),
+    "a device": (hostile_tar([(member("dev", kind=tarfile.CHRTYPE), b"")]), "dev is neither"),
+    "a folder and a file of one name": (
+        hostile_tar([(member("a", kind=tarfile.DIRTYPE), b""), (member("a"), b"x")]),
+        "a is both a file and a folder",
+    ),
+    "a file and a folder of one name": (
+        hostile_tar([(member("a"), b"x"), (member("a/b"), b"x")]),
+        "a/b is both a file and a folder",
+    ),
+    "a name too long for the disk": (hostile_tar([(member("c" * 300), b"x")]), "cannot be written"),
+    "more members than a checkpoint has": (
+        hostile_tar([(member(f"f{n}", b""), b"") for n in range(MAX_TAR_MEMBERS + 1)]),
+        f"more than {MAX_TAR_MEMBERS:,} members",
+    ),
+    "an archive cut short": (tar_of(CHECKPOINT)[:1536], "could not be stored"),
+}
+
+
+@pytest.mark.parametrize("archive, sentence", HOSTILE_ARCHIVES.values(), ids=HOSTILE_ARCHIVES.keys())
+def test_hostile_archives_are_refused_with_a_sentence_and_leave_nothing(
+    client, settings, running_run, archive, sentence
+):
+    response = client.put(f"/api/runs/{running_run}/checkpoints/20.tar", content=archive, headers=OWNER)
+    assert response.status_code == 422, response.text
+    message = response.json()["detail"][0]["message"]
+    assert sentence in message and message.endswith("Nothing was stored.")
+    folder = settings.run_folder(running_run)
+    assert not folder.checkpoints() and not list(folder.checkpoints_dir.glob(".*"))
+
+
+def test_a_hostile_header_does_not_stall_other_requests(client, running_run):
+    """While a 20 MB PAX header is received and refused, the server keeps answering."""
+    archive = hostile_tar([(member("a", comment="y" * 20_000_000), b"x")])
+    answers: list[int] = []
+    sender = threading.Thread(
+        target=lambda: answers.append(
+            client.put(
+                f"/api/runs/{running_run}/checkpoints/20.tar", content=archive, headers=OWNER
+            ).status_code
+        )
+    )
+    sender.start()
+    slowest = 0.0
+    while sender.is_alive():
+        started = time.monotonic()
+        assert client.get("/healthz").status_code == 200
+        slowest = max(slowest, time.monotonic() - started)
+    sender.join()
+    assert answers == [422] and slowest < 1.0
+
+
+def test_a_body_larger_than_the_runs_size_allows_is_refused_early(
+    client, db, settings, running_run, monkeypatch
+):
+    with db.write_session() as session:
+        session.get(Run, running_run).trainable_params = 100  # 1,600 bytes of weights and optimizer state
+        session.commit()
+    monkeypatch.setattr(artifacts_api, "ARTIFACT_SLACK", 20_000)  # a small tar is 10 kB
+    big = tar_of(CHECKPOINT | {"adapter_model.safetensors": b"w" * 50_000})
+    url = f"/api/runs/{running_run}/checkpoints/20.tar"
+    response = client.put(url, content=big, headers=OWNER)
+    assert response.status_code == 413
+    message = response.json()["detail"][0]["message"]
+    assert "larger than the 21.6 kB this run's size allows" in message and message.endswith(
+        "Nothing was stored."
+    )
+    assert not settings.run_folder(running_run).checkpoints()
+    assert client.put(url, content=tar_of(CHECKPOINT), headers=OWNER).status_code == 201  # within it
+
+
+def test_half_received_folders_left_by_a_crash_are_removed_at_start(settings):
+    checkpoints = settings.run_folder(5).checkpoints_dir
+    leftovers = [checkpoints / ".incoming-0123", settings.run_folder(5).path / ".old-4567"]
+    for leftover in leftovers:
+        (leftover / "sub").mkdir(parents=True)
+        (leftover / "sub" / "weights").write_bytes(b"x" * 100)
+    kept = checkpoints / "checkpoint-10"
+    kept.mkdir()
+    with TestClient(create_app(settings)):
+        assert not any(leftover.exists() for leftover in leftovers) and kept.is_dir()

@@ -26,6 +26,7 @@ from app.models import MAX_ID, Export, ExportStatus, Run
 from app.routes.exports_api import ExportId
 from app.runs import state
 from app.runs.folder import pack
+from app.units import filesize
 from app.workers import LOG_OFFSET_HEADER, WORKER_HEADER
 
 router = APIRouter(tags=["artifacts"])
@@ -176,15 +177,40 @@ def _owned_export(request: Request, export_id: int, worker: str | None) -> Expor
         return export
 
 
+ARTIFACT_SLACK = 256_000_000  # tokenizer files, trainer state and the tar framing, beside the weights
+BYTES_PER_TRAINABLE = 16  # a checkpoint holds each trainable weight and the optimizer's two moments (fp32)
+
+
+def artifact_budget(settings: Settings, row: Run | Export) -> int:
+    """The most bytes a worker may send for this run's checkpoint or adapter, or this export's files: what
+    the run's size allows (a 135M model's checkpoint is megabytes, never gigabytes), and never more than
+    TUNEBOARD_MAX_ARTIFACT_MB."""
+    ceiling = int(settings.max_artifact_mb * 1_000_000)
+    if isinstance(row, Export):
+        return min(ceiling, int(row.estimated_bytes * 1.5) + ARTIFACT_SLACK)
+    params = row.trainable_params or row.total_params
+    return min(ceiling, BYTES_PER_TRAINABLE * params + ARTIFACT_SLACK) if params else ceiling
+
+
 @asynccontextmanager
-async def _received(request: Request, settings: Settings, owned: Callable[[], object]):
+async def _received(request: Request, settings: Settings, owned: Callable[[], Run | Export]):
     """The request body spooled to a temporary file in the data folder (it may be gigabytes), from the
     worker that owns the run or export (`owned` raises otherwise): checked before the body is read and
-    again once it has arrived (the run may have been requeued meanwhile)."""
-    await asyncio.to_thread(owned)
+    again once it has arrived (the run may have been requeued meanwhile). A body larger than the run's or
+    export's budget (`artifact_budget`) is refused with 413 as soon as it passes it."""
+    budget = artifact_budget(settings, await asyncio.to_thread(owned))
     body = tempfile.TemporaryFile(dir=settings.tmp_dir)
     try:
+        received = 0
         async for chunk in request.stream():
+            received += len(chunk)
+            if received > budget:
+                raise HTTPException(
+                    413,
+                    f"These files are larger than the {filesize(budget)} this run's size allows "
+                    "(its trainable weights and their optimizer state, plus tokenizer and trainer files). "
+                    "Nothing was stored.",
+                )
             await asyncio.to_thread(body.write, chunk)
         body.seek(0)
         await asyncio.to_thread(owned)

@@ -17,6 +17,7 @@ stores them here (`store_checkpoint`, `store_adapter`, `append_log`) as uncompre
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import tarfile
@@ -31,6 +32,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 ADAPTER_SOURCE = "tuneboard.json"
+INCOMING, OLD = ".incoming-", ".old-"  # an archive being unpacked; a folder being replaced
 LOG_RECEIVED = ".log-received"  # [sender, bytes of its log received]: a resent chunk is appended once
 
 
@@ -217,23 +219,127 @@ def pack(folder: Path, into: IO[bytes]) -> None:
         raise FileNotFoundError(folder)
 
 
+# What a received archive may hold. Our own `pack` writes plain files and folders, and a PAX header only for
+# a long name or a file over 8 GiB (a few hundred bytes); anything larger is refused before tarfile reads it,
+# so that no header can cost more than a few milliseconds or kilobytes to parse.
+TAR_BLOCK = 512
+MAX_TAR_MEMBERS = 20_000
+MAX_TAR_HEADER = 8192  # bytes of one PAX or GNU long-name header
+TAR_CONTENT = {b"0", b"\0", b"5"}  # a file, a file (old style), a folder
+TAR_META = {b"x", b"L"}  # the next member's PAX header, its GNU long name
+
+
+def _tar_number(field: bytes) -> int:
+    """A tar header's number: octal text, or base-256 when the first byte's high bit is set."""
+    if field[:1] and field[0] & 0x80:
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(text or b"0", 8)
+    except ValueError:
+        raise tarfile.TarError("a member's header is damaged (its size is not a number)") from None
+
+
+def _pax_size(record: bytes) -> int | None:
+    """The `size` a PAX header gives the next member, if any (records are `LENGTH key=value\\n`)."""
+    size, at = None, 0
+    while at < len(record):
+        space = record.find(b" ", at)
+        if space < 0:
+            break
+        try:
+            length = int(record[at:space])
+        except ValueError:
+            raise tarfile.TarError("a PAX header is damaged") from None
+        if length <= space - at:
+            raise tarfile.TarError("a PAX header is damaged")
+        key, _, value = record[space + 1 : at + length - 1].partition(b"=")
+        if key == b"size":
+            try:
+                size = int(value)
+            except ValueError:
+                raise tarfile.TarError("a PAX header is damaged (its size is not a number)") from None
+        at += length
+    return size
+
+
+def check_tar(source: IO[bytes]) -> int:
+    """Walk a tar stream's headers without unpacking (linear in the number of members, bounded memory) and
+    refuse, with a TarError sentence, what Tuneboard never sends: links, devices, global or oversized
+    headers, more than MAX_TAR_MEMBERS members. Returns the member count; `source` is left at its start."""
+    start, members, pending = source.tell(), 0, None
+    try:
+        while True:
+            header = source.read(TAR_BLOCK)
+            if len(header) < TAR_BLOCK:
+                raise tarfile.TarError("the archive ends in the middle of a member (cut short)")
+            if header == bytes(TAR_BLOCK):
+                return members
+            kind, size = header[156:157], _tar_number(header[124:136])
+            if kind in TAR_META:
+                if size > MAX_TAR_HEADER:
+                    raise tarfile.TarError(
+                        f"a member's extended header is {size:,} bytes (at most {MAX_TAR_HEADER:,} accepted)"
+                    )
+                body = source.read(size)
+                source.seek(-size % TAR_BLOCK, 1)
+                if kind == b"x":
+                    pending = _pax_size(body)
+                continue
+            if kind not in TAR_CONTENT:
+                name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")[:200]
+                raise tarfile.TarError(f"{name} is neither a plain file nor a folder")
+            members += 1
+            if members > MAX_TAR_MEMBERS:
+                raise tarfile.TarError(f"the archive holds more than {MAX_TAR_MEMBERS:,} members")
+            size = size if pending is None else pending
+            pending = None
+            if kind != b"5":
+                source.seek(size + (-size % TAR_BLOCK), 1)
+    finally:
+        source.seek(start)
+
+
 def unpack(source: IO[bytes], parent: Path) -> Path:
     """A tar stream unpacked into a new hidden folder under `parent` (returned). Only plain files and
-    folders inside it are accepted (tarfile's "data" filter: no links out, no devices, no absolute
-    paths); anything else raises tarfile.TarError and leaves nothing behind."""
+    folders inside it are accepted (`check_tar` first, then tarfile's "data" filter: no links out, no
+    devices, no absolute paths); anything else raises tarfile.TarError with a sentence and leaves nothing
+    behind. `source` must be seekable (a spooled body)."""
+    check_tar(source)
     parent.mkdir(parents=True, exist_ok=True)
-    staging = parent / f".incoming-{uuid.uuid4().hex}"
+    staging = parent / f"{INCOMING}{uuid.uuid4().hex}"
     staging.mkdir()
     try:
         with tarfile.open(fileobj=source, mode="r|") as archive:
             for member in archive:
                 if not (member.isfile() or member.isdir()) or member.issparse():
-                    raise tarfile.TarError(f"{member.name} is neither a plain file nor a folder")
-                archive.extract(member, staging, filter="data")
+                    raise tarfile.TarError(f"{member.name[:200]} is neither a plain file nor a folder")
+                try:
+                    archive.extract(member, staging, filter="data")
+                except (IsADirectoryError, NotADirectoryError, FileExistsError):
+                    clash = f"{member.name[:200]} is both a file and a folder in the archive"
+                    raise tarfile.TarError(clash) from None
+                except OSError as exc:
+                    if exc.errno == errno.ENOSPC:
+                        raise
+                    raise tarfile.TarError(
+                        f"{member.name[:200]} cannot be written ({exc.strerror})"
+                    ) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return staging
+
+
+def sweep_leftovers(runs_dir: Path) -> int:
+    """Remove what a crash left half-made in the run folders: archives being unpacked, folders being
+    replaced. Called when the web server starts; returns how many it removed."""
+    removed = 0
+    for pattern in (f"*/{INCOMING}*", f"*/*/{INCOMING}*", f"*/{OLD}*", f"*/*/{OLD}*"):
+        for leftover in runs_dir.glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 _REPLACING = threading.Lock()  # two stores of one target in one process (a retried upload, two fetches)
@@ -243,7 +349,7 @@ def _replace(staging: Path, target: Path) -> None:
     """Put `staging` where `target` is, the old one (if any) removed first."""
     with _REPLACING:
         if target.exists():
-            old = target.with_name(f".old-{uuid.uuid4().hex}")
+            old = target.with_name(f"{OLD}{uuid.uuid4().hex}")
             target.rename(old)
             staging.rename(target)
             shutil.rmtree(old, ignore_errors=True)
