@@ -77,6 +77,14 @@ def test_a_checkpoint_sent_by_the_runs_worker_is_stored_whole_and_comes_back(cli
     assert log(b"step 1\n", 0) == log(b"step 2\n", 7) == log(b"step 2\n", 7) == 204
     assert log(b"2\nstep 3\n", 12) == 204  # overlapping what arrived: only the new bytes
     assert settings.run_folder(run).log.read_text() == "step 1\nstep 2\nstep 3\n"
+    # a chunk that would leave a gap is refused, and the good chunks after it still land
+    gap = client.post(
+        f"/api/runs/{run}/log", content=b"far", headers=OWNER | {"X-Tuneboard-Log-Offset": str(2**62)}
+    )
+    assert gap.status_code == 422 and "the server holds 21 bytes of this attempt's log" in gap.text
+    assert "send from byte 21. Nothing was stored." in gap.text
+    assert log(b"step 4\n", 21) == 204
+    assert settings.run_folder(run).log.read_text() == "step 1\nstep 2\nstep 3\nstep 4\n"
     adapter = {"adapter_config.json": b"{}", "adapter_model.safetensors": b"final"}
     sent = client.put(f"/api/runs/{run}/adapter.tar", content=tar_of(adapter), headers=OWNER)
     assert sent.status_code == 201

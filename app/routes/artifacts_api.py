@@ -124,9 +124,12 @@ async def append_log(
     """Bytes `offset`… of this attempt's log on the worker, appended to the run's log here (once: a
     request sent again after a lost answer adds nothing)."""
     run = await asyncio.to_thread(_owned, request, run_id, worker)
-    data = await request.body()
+    data = await request.body()  # held to the upload limit, as every body
     sender = f"{worker}/{run.attempts}"
-    await asyncio.to_thread(settings.run_folder(run_id).append_log, data, sender, offset)
+    try:
+        await asyncio.to_thread(settings.run_folder(run_id).append_log, data, sender, offset)
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
 
 
 def _owned(request: Request, run_id: int, worker: str | None) -> Run:

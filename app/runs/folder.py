@@ -185,12 +185,18 @@ class RunFolder:
 
     def append_log(self, data: bytes, sender: str, offset: int) -> None:
         """Bytes `offset`… of `sender`'s copy of the log (one attempt's), appended; bytes already received
-        from that sender (a request sent again because its answer was lost) are not appended twice."""
+        from that sender (a request sent again because its answer was lost) are not appended twice.
+        ValueError, and nothing stored, when the bytes would leave a gap (they start past what is held)."""
         self.path.mkdir(parents=True, exist_ok=True)
         with _REPLACING:
             received = self._log_received()
             have = received[1] if received and received[0] == sender else 0
-            new = data[max(0, have - offset) :]
+            if offset > have:
+                raise ValueError(
+                    f"These log bytes start at byte {offset:,}, but the server holds {have:,} bytes of this "
+                    f"attempt's log; send from byte {have:,}. Nothing was stored."
+                )
+            new = data[have - offset :]
             if new:
                 with open(self.log, "ab") as f:
                     f.write(new)
