@@ -55,8 +55,9 @@ class Settings(BaseSettings):
     )
     judge_url: str | None = Field(
         None,
-        description="an OpenAI-compatible endpoint (…/v1) for evaluation judges; the key below goes only "
-        "there",
+        description="OpenAI-compatible endpoints (…/v1) a run's judge may name, comma-separated; the key "
+        "below goes only to the first. A run naming no URL is judged by this server's own /v1; a run "
+        "naming any URL not listed here is refused",
     )
     judge_api_key: SecretStr | None = Field(
         None,
@@ -195,8 +196,21 @@ class Settings(BaseSettings):
         return self.data_dir / "tmp"
 
     def child_env(self, **extra: str) -> dict[str, str]:
-        """The environment that gives a child process (worker, generation host) these same settings."""
-        return dict(os.environ, TUNEBOARD_DATA_DIR=str(self.data_dir), **self.database_env(), **extra)
+        """The environment that gives a child process (worker, generation host) these same settings,
+        including the address this server really listens on (given on the command line or not)."""
+        return dict(
+            os.environ,
+            TUNEBOARD_DATA_DIR=str(self.data_dir),
+            TUNEBOARD_HOST=self.host,
+            TUNEBOARD_PORT=str(self.port),
+            **self.database_env(),
+            **extra,
+        )
+
+    @property
+    def judge_urls(self) -> list[str]:
+        """The judge endpoints runs may name (`judge_url`, no trailing slashes); the first gets the key."""
+        return [u.strip().rstrip("/") for u in (self.judge_url or "").split(",") if u.strip()]
 
     def database_env(self) -> dict[str, str]:
         """What a child process needs to use this database (nothing for SQLite in the data folder)."""

@@ -23,16 +23,25 @@ FAST_WORKER = {
 
 
 @contextmanager
-def running(command: str, data_dir: Path, *, log: Path, timeout: float = 60.0, env_extra: dict | None = None):
-    """Run `tuneboard <command>` on a free port; yields (base_url, process)."""
+def running(
+    command: str,
+    data_dir: Path,
+    *,
+    log: Path,
+    timeout: float = 60.0,
+    env_extra: dict | None = None,
+    port_flag: bool = False,
+):
+    """Run `tuneboard <command>` on a free port (given as TUNEBOARD_PORT, or as `--port` with `port_flag`);
+    yields (base_url, process)."""
     port = free_port()
     # tests that chat turn the generation host on
-    env = isolated_env(
-        data_dir, **{"TUNEBOARD_PORT": str(port), "TUNEBOARD_GENERATION": "false", **(env_extra or {})}
-    )
+    env = isolated_env(data_dir, **{"TUNEBOARD_GENERATION": "false", **(env_extra or {})})
+    if not port_flag:
+        env["TUNEBOARD_PORT"] = str(port)
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", command],
+            [sys.executable, "-m", "app.cli", command, *(["--port", str(port)] if port_flag else [])],
             cwd=PROJECT_ROOT,
             env=env,
             stdout=out,

@@ -92,6 +92,7 @@ def test_an_evaluation_dataset_the_validation_loss_and_a_judge(
     run gets advice and launches again with one click."""
     monkeypatch.setenv("TUNEBOARD_JUDGE_URL", stub_judge)  # the server's judge endpoint gets its key
     monkeypatch.setenv("TUNEBOARD_JUDGE_API_KEY", "judge-secret")
+    client.app.state.settings = settings.model_copy(update={"judge_url": stub_judge})  # the web's copy
     model = client.post("/api/models", json={"path": str(tiny_model_dir)}).json()["id"]
     train = upload(client, "demo.json", DEMO_DATASET.read_bytes()).json()
     held = upload(client, "piers.json", json.dumps(QUESTIONS)).json()
@@ -198,6 +199,20 @@ def test_choices_that_cannot_work_are_refused_with_a_sentence(client, tiny_model
     other = upload(client, "piers.json", json.dumps(QUESTIONS)).json()["id"]
     assert "not both" in refused({"dataset_id": other, "held_out_fraction": 0.2})
     assert "judge" in refused({"judge": {"model": "m", "url": "ftp://example"}})
+    # a judge URL the operator did not list is refused: answers (and a key) go only where it allows
+    metadata = refused({"judge": {"model": "m", "url": "http://169.254.169.254/v1"}})
+    assert "this server lists no judge endpoints (an operator adds them to TUNEBOARD_JUDGE_URL)" in metadata
+    assert '"field": "evaluation.judge.url"' in metadata
+    client.app.state.settings = client.app.state.settings.model_copy(
+        update={"judge_url": "https://judge.example/v1, https://other.example/v1/"}
+    )
+    listed = refused({"judge": {"model": "m", "url": "http://127.0.0.1:8000/v1"}})
+    assert (
+        "one of this server's judge endpoints (https://judge.example/v1; https://other.example/v1)" in listed
+    )
+    allowed = {"dataset_id": dataset, "base_model": model}
+    allowed |= {"evaluation": {"judge": {"model": "m", "url": "https://other.example/v1/"}}}
+    assert client.post("/api/runs", json=allowed).status_code == 201
 
 
 def test_the_estimate_lists_the_rows_held_out(client, tiny_model_dir):
@@ -241,23 +256,65 @@ def test_the_judge_key_goes_only_to_the_servers_judge_endpoint(settings):
     from worker.judge import endpoint
 
     configured = settings.model_copy(
-        update={"judge_url": "https://judge.example/v1/", "judge_api_key": SecretStr("k" * 20)}
+        update={
+            "judge_url": "https://judge.example/v1/,https://second.example/v1",
+            "judge_api_key": SecretStr("k" * 20),
+        }
     )
     assert endpoint(JudgeParams(model="m", url="https://judge.example/v1"), configured)[1] == "k" * 20
-    assert endpoint(JudgeParams(model="m", url="https://elsewhere.example/v1"), configured)[1] == "none"
+    assert endpoint(JudgeParams(model="m", url="https://second.example/v1"), configured)[1] == "none"
+    with pytest.raises(ValueError, match="is not among this server's judge endpoints"):
+        endpoint(JudgeParams(model="m", url="https://elsewhere.example/v1"), configured)
+    # no URL: the web server's own /v1 with its token, at the address the worker was given
     token = configured.model_copy(update={"host": "0.0.0.0", "port": 8123, "token": SecretStr("t" * 20)})
     assert endpoint(JudgeParams(model="m"), token) == ("http://127.0.0.1:8123/v1", "t" * 20)
+    remote = token.model_copy(update={"server_url": "https://dashboard.lan:9000/"})
+    assert endpoint(JudgeParams(model="m"), remote) == ("https://dashboard.lan:9000/v1", "t" * 20)
+    # `tuneboard serve --port` hands its worker the address it really listens on
+    child = token.child_env()
+    assert child["TUNEBOARD_PORT"] == "8123" and child["TUNEBOARD_HOST"] == "0.0.0.0"
 
 
-def test_a_judge_that_cannot_be_reached_leaves_a_reason_not_a_failure(settings):
+class Refusing(BaseHTTPRequestHandler):
+    """An endpoint that refuses every request with a page of its own (say, another service's secrets)."""
+
+    def do_POST(self):
+        payload = b'{"error": {"message": "internal-admin-secret-page"}}'
+        self.send_response(403)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_judge_that_cannot_be_reached_or_refuses_leaves_our_reason_not_a_failure(settings):
     from app.runs.config import JudgeParams
 
-    sink = Recorded()
-    judge = Judge(JudgeParams(model="m", url="http://127.0.0.1:9/v1"), settings, sink)
-    judge.submit(step=2, split="train", items=[(5, "q", "reference", "answer")])
-    judge.close()
-    score, reason = sink.verdicts[(2, "train")][5]
-    assert score is None and reason.startswith("The judge at http://127.0.0.1:9/v1 could not answer")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    refusing = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    listed = settings.model_copy(update={"judge_url": f"http://127.0.0.1:9/v1,{refusing}"})
+    reasons = {}
+    for url in ("http://127.0.0.1:9/v1", refusing, "http://169.254.169.254/v1"):
+        sink = Recorded()
+        judge = Judge(JudgeParams(model="m", url=url), listed, sink, client=None)
+        judge.submit(step=2, split="train", items=[(5, "q", "reference", "answer")])
+        judge.close()
+        score, reasons[url] = sink.verdicts[(2, "train")][5]
+        assert score is None
+    server.shutdown()
+    server.server_close()
+    assert (
+        reasons["http://127.0.0.1:9/v1"]
+        == "The judge at http://127.0.0.1:9/v1 could not answer (it could not be reached)."
+    )
+    assert reasons[refusing] == f"The judge at {refusing} could not answer (it answered HTTP 403)."
+    assert reasons["http://169.254.169.254/v1"] == (
+        "The judge URL http://169.254.169.254/v1 is not among this server's judge endpoints."
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,12 @@
 """The optional LLM judge: each scored answer is graded against its reference by a model behind an
-OpenAI-compatible chat API (this server's own /v1 serving a bigger registered model, or another endpoint;
-only TUNEBOARD_JUDGE_URL's gets TUNEBOARD_JUDGE_API_KEY), with a stated rubric. The score (1-10) and the
-judge's one-line reason are stored with the answer.
+OpenAI-compatible chat API (this server's own /v1 serving a bigger registered model, or an endpoint the
+operator lists in TUNEBOARD_JUDGE_URL; only the first listed gets TUNEBOARD_JUDGE_API_KEY), with a stated
+rubric. The score (1-10) and the judge's one-line reason are stored with the answer.
 
 Judging runs in a background thread of the training process: training goes on while the judge answers
 (a remote judge costs this machine nothing but the wait; this server's own /v1 shares its CPU or GPU with
 training). A judge that cannot be reached or whose reply cannot be read leaves a reason saying so and no
-score; it never fails the run.
+score; it never fails the run. A failure's reason is our own sentence, never the endpoint's reply text.
 """
 
 from __future__ import annotations
@@ -80,19 +80,37 @@ def _line(text: str, limit: int = 300) -> str:
 
 
 def endpoint(params: JudgeParams, settings: Settings) -> tuple[str, str]:
-    """(base URL, API key): the run's URL, with the server's judge key only when it is the server's judge
-    endpoint (a run cannot send the key anywhere else); or this server's own /v1 with its token."""
+    """(base URL, API key): the run's URL when the operator lists it (TUNEBOARD_JUDGE_URL), with the key
+    only for the first listed; or, for a run naming none, the web server's own /v1 with its token, at the
+    address the worker was given (TUNEBOARD_SERVER_URL on another machine, else the host and port the
+    server passes to its worker). ValueError for a URL not listed (a run made under other settings)."""
     if params.url:
         url = params.url.rstrip("/")
-        configured = (settings.judge_url or "").rstrip("/")
-        secret = settings.judge_api_key if url == configured else None
+        allowed = settings.judge_urls
+        if url not in allowed:
+            raise ValueError(f"The judge URL {url} is not among this server's judge endpoints.")
+        secret = settings.judge_api_key if url == allowed[0] else None
         return url, secret.get_secret_value() if secret else "none"
+    token = settings.token.get_secret_value() if settings.token else "none"
+    if settings.server_url:
+        return settings.server_url.rstrip("/") + "/v1", token
     host = "127.0.0.1" if settings.host in WILDCARD_HOSTS else settings.host
     host = f"[{host}]" if ":" in host else host
-    return (
-        f"http://{host}:{settings.port}/v1",
-        settings.token.get_secret_value() if settings.token else "none",
-    )
+    return f"http://{host}:{settings.port}/v1", token
+
+
+def failure(exc: Exception) -> str:
+    """What went wrong, in words of our own: the endpoint's reply text is not repeated (it may be any
+    service's page); the worker's log keeps it for the operator."""
+    from openai import APIConnectionError, APIStatusError, APITimeoutError
+
+    if isinstance(exc, APIStatusError):
+        return f"it answered HTTP {exc.status_code}"
+    if isinstance(exc, APITimeoutError):
+        return f"no answer within {TIMEOUT_SECONDS} s"
+    if isinstance(exc, APIConnectionError):
+        return "it could not be reached"
+    return f"its reply could not be read: {type(exc).__name__}"
 
 
 class Judge:
@@ -101,10 +119,15 @@ class Judge:
     def __init__(self, params: JudgeParams, settings: Settings, sink: Sink, client=None):
         from openai import OpenAI
 
-        url, key = endpoint(params, settings)
-        self.params, self.sink, self.url = params, sink, url
+        self.params, self.sink, self.refused = params, sink, None
+        try:
+            self.url, key = endpoint(params, settings)
+        except ValueError as exc:  # every answer gets this sentence; nothing is sent anywhere
+            self.url, key, self.refused = params.url or "", "none", str(exc)
         self.rubric = params.rubric or RUBRIC
-        self.client = client or OpenAI(base_url=url, api_key=key, timeout=TIMEOUT_SECONDS, max_retries=2)
+        self.client = client or OpenAI(
+            base_url=self.url or None, api_key=key, timeout=TIMEOUT_SECONDS, max_retries=2
+        )
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge")
         self.pending: list[Future] = []
 
@@ -131,6 +154,8 @@ class Judge:
         )
 
     def grade(self, question: str, reference: str, answer: str) -> Verdict:
+        if self.refused:
+            return Verdict(None, self.refused)
         try:
             response = self.client.chat.completions.create(
                 model=self.params.model,
@@ -139,7 +164,8 @@ class Judge:
                 max_tokens=REPLY_TOKENS,
             )
         except Exception as exc:  # the judge is optional: its failure is recorded, never raised
-            return Verdict(None, _line(f"The judge at {self.url} could not answer: {exc}"))
+            log.warning("the judge at %s could not answer: %s", self.url, _line(str(exc)))
+            return Verdict(None, f"The judge at {self.url} could not answer ({failure(exc)}).")
         return parse(response.choices[0].message.content or "")
 
     def close(self, timeout: float | None = None) -> None:

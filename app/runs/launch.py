@@ -21,6 +21,7 @@ from app.runs.config import (
     PREFERENCE_OBJECTIVES,
     EvaluationParams,
     InvalidRun,
+    JudgeParams,
     RunConfig,
     RunRequest,
     apply_preset,
@@ -57,6 +58,7 @@ def build_run_config(settings: Settings, request: RunRequest, *, session: Sessio
             raise InvalidRun(field, first["msg"].removeprefix("Value error, ")) from None
     check_objective(request.objective, dataset, method)
     check_modules(model, peft)
+    check_judge(settings, request.evaluation.judge)
     split = request.evaluation
     held_out, train_rows, evaluation_path = hold_out(settings, session, dataset, split, request.training.seed)
     if split.select_by == "eval_loss" and not held_out:
@@ -169,6 +171,25 @@ def check_objective(objective: str, dataset: Dataset, method: str) -> None:
         raise InvalidRun(
             "method", f"{name} runs train one of these adapters: {allowed}; not {LABELS[method]}."
         )
+
+
+def check_judge(settings: Settings, judge: JudgeParams | None) -> None:
+    """A judge URL must be one the operator lists (TUNEBOARD_JUDGE_URL): answers and, for the first, the
+    server's judge key go there, so a page visitor may not point them at another machine."""
+    if judge is None or judge.url is None:
+        return
+    allowed = settings.judge_urls
+    if judge.url.rstrip("/") in allowed:
+        return
+    listed = (
+        f"one of this server's judge endpoints ({'; '.join(allowed)})"
+        if allowed
+        else "empty: this server lists no judge endpoints (an operator adds them to TUNEBOARD_JUDGE_URL)"
+    )
+    raise InvalidRun(
+        "evaluation.judge.url",
+        f"A judge URL must be {listed}. Leave it empty to be judged by this server's own /v1.",
+    )
 
 
 def hold_out(
