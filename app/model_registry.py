@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from functools import lru_cache
@@ -68,6 +69,31 @@ def is_model_folder(folder: Path) -> bool:
     if not (folder / "config.json").is_file() or not (folder / "tokenizer.json").is_file():
         return False
     return any(p.name.endswith(WEIGHT_SUFFIXES) for p in folder.iterdir())
+
+
+def links_out(folder: Path) -> list[str]:
+    """Names in a model folder that are symbolic links leading out of it (or, for a Hugging Face cache
+    snapshot, out of its repository's folder, whose blobs the snapshot links to). Tuneboard reads a model
+    folder's files and copies its tokenizer and chat template into adapters and exports: a link to any other
+    file on the machine would carry that file along."""
+    root = (folder.parent.parent if folder.parent.name == "snapshots" else folder).resolve()
+    found = []
+    for parent, folders, files in os.walk(folder):  # links to folders are listed, never followed
+        for name in folders + files:
+            path = Path(parent, name)
+            if path.is_symlink() and not path.resolve().is_relative_to(root):
+                found.append(str(path.relative_to(folder)))
+    return sorted(found)
+
+
+def _links_sentence(folder: Path, names: list[str]) -> str | None:
+    if not names:
+        return None
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return (
+        f"{folder} holds links that lead out of the folder ({shown}); Tuneboard reads only files inside a "
+        "model folder. Copy those files into it instead."
+    )
 
 
 def weight_modules(folder: Path) -> dict[str, int]:
@@ -160,7 +186,7 @@ def _scan_hf_cache(folder: str, _stamp: int) -> tuple[ModelEntry, ...]:
             continue
         revision = max(repo.revisions, key=lambda r: r.last_modified)
         snapshot = Path(revision.snapshot_path)
-        if is_model_folder(snapshot) and _is_causal_lm(snapshot):
+        if is_model_folder(snapshot) and _is_causal_lm(snapshot) and not links_out(snapshot):
             entries.append(ModelEntry(repo.repo_id, repo.repo_id, "hf-cache", snapshot))
     return tuple(entries)
 
@@ -184,7 +210,7 @@ def registered_entry(settings: Settings, model: RegisteredModel) -> ModelEntry:
             error = f"The GGUF file {path} no longer exists."
         return ModelEntry(model_id, model.name, "gguf", folder, path, error)
     error = (
-        None
+        _links_sentence(path, links_out(path))
         if is_model_folder(path)
         else f"{path} is no longer a model folder (config.json, weights, tokenizer.json)."
     )
@@ -251,6 +277,8 @@ def _check_path(path: Path) -> tuple[Path, str]:
             raise ModelPathInvalid(
                 f"{path} does not hold a causal language model (see architectures in config.json)."
             )
+        if links := _links_sentence(path, links_out(path)):
+            raise ModelPathInvalid(links)
         return path, "folder"
     raise ModelPathInvalid(f"{path} does not exist on this machine.")
 

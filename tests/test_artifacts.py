@@ -8,6 +8,7 @@ import io
 import tarfile
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -89,7 +90,16 @@ def test_a_checkpoint_sent_by_the_runs_worker_is_stored_whole_and_comes_back(cli
     sent = client.put(f"/api/runs/{run}/adapter.tar", content=tar_of(adapter), headers=OWNER)
     assert sent.status_code == 201
     assert (settings.run_folder(run).adapter / "adapter_model.safetensors").read_bytes() == b"final"
-    assert client.get(f"/api/runs/{run}/adapter").status_code == 200
+    # the zip carries the run's own files only: a link placed in the folder (to any file) is left out
+    secret = settings.data_dir / "secret.txt"
+    secret.write_text("not the run's")
+    (settings.run_folder(run).adapter / "chat_template.jinja").symlink_to(secret)
+    download = client.get(f"/api/runs/{run}/adapter")
+    assert download.status_code == 200 and download.headers["content-type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(download.content)) as archive:
+        assert sorted(archive.namelist()) == [f"run-{run}-adapter/{name}" for name in sorted(adapter)]
+        assert archive.read(f"run-{run}-adapter/adapter_model.safetensors") == b"final"
+    assert not list(settings.tmp_dir.iterdir())  # the zip was written to a file, sent, and removed
 
 
 def test_only_the_worker_training_the_run_may_send_its_files(client, db, settings, running_run):

@@ -62,10 +62,59 @@ def test_registered_gguf_waits_for_conversion_and_shows_failures(client, setting
     assert not error_file(folder).exists()
 
 
+def as_cached(source, repo):
+    """`source`'s files laid out as the Hugging Face cache does: each snapshot file a link into blobs/."""
+    snapshot = repo / "snapshots" / "0123456789abcdef"
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for number, path in enumerate(sorted(source.iterdir())):
+        blob = repo / "blobs" / f"blob{number}"
+        shutil.copyfile(path, blob)
+        (snapshot / path.name).symlink_to(f"../../blobs/{blob.name}")
+    return snapshot
+
+
+def test_a_model_folder_whose_files_link_out_of_it_is_refused(client, settings, tmp_path, tiny_model_dir):
+    """A model folder's tokenizer and chat template are copied into every adapter and export: a link to
+    another file of the machine (here a secret) would carry that file into a download."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not copy me")
+    folder = tmp_path / "linked"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    (folder / "chat_template.jinja").symlink_to(secret)
+    refused = client.post("/api/models", json={"path": str(folder)})
+    message = refused.json()["detail"][0]["message"]
+    assert (
+        refused.status_code == 422
+        and "holds links that lead out of the folder (chat_template.jinja)" in message
+    )
+    assert client.get("/api/models").json()[1:] == []  # nothing was registered
+    # a registered folder that gains such a link later cannot be used
+    (folder / "chat_template.jinja").unlink()
+    shutil.copyfile(tiny_model_dir / "chat_template.jinja", folder / "chat_template.jinja")
+    model = client.post("/api/models", json={"path": str(folder)}).json()
+    assert model["status"] == "ready"
+    (folder / "tokenizer").mkdir()
+    (folder / "tokenizer" / "extra.json").symlink_to(secret)
+    listed = {m["id"]: m for m in client.get("/api/models").json()}[model["id"]]
+    assert listed["status"] == "failed" and "(tokenizer/extra.json)" in listed["error"]
+    launch = client.post("/api/runs", json={"dataset_id": 1, "base_model": model["id"]})
+    assert launch.status_code == 422
+    # a link that stays inside the folder is an ordinary file to read
+    (folder / "tokenizer" / "extra.json").unlink()
+    (folder / "tokenizer" / "extra.json").symlink_to(folder / "config.json")
+    assert {m["id"]: m for m in client.get("/api/models").json()}[model["id"]]["status"] == "ready"
+
+
 def test_models_in_the_hugging_face_cache_are_found_without_network(tmp_path, tiny_model_dir):
     cache = tmp_path / "hub"
-    snapshot = cache / "models--acme--tiny-chat" / "snapshots" / "0123456789abcdef"
-    shutil.copytree(tiny_model_dir, snapshot)
+    snapshot = as_cached(tiny_model_dir, cache / "models--acme--tiny-chat")
+    # a cached repository whose chat template links out of it (to this machine's secret) is not offered
+    leaky = as_cached(tiny_model_dir, cache / "models--acme--leaky")
+    (tmp_path / "secret.txt").write_text("do not copy me")
+    (leaky / "chat_template.jinja").unlink(missing_ok=True)
+    (leaky / "chat_template.jinja").symlink_to(tmp_path / "secret.txt")
     (cache / "models--acme--tiny-chat" / "refs").mkdir()
     (cache / "models--acme--tiny-chat" / "refs" / "main").write_text("0123456789abcdef")
     not_causal = cache / "models--acme--encoder" / "snapshots" / "fedcba9876543210"

@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path as FolderPath
-from typing import Annotated, Any
+from typing import IO, Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, Path, Request
 from fastapi.responses import FileResponse
@@ -223,12 +223,25 @@ async def _received(request: Request, settings: Settings, owned: Callable[[], Ru
 
 
 def _tar_response(settings: Settings, folder: FolderPath, filename: str) -> FileResponse:
-    handle, name = tempfile.mkstemp(dir=settings.tmp_dir, suffix=".tar")
+    return packed_response(settings, lambda out: pack(folder, out), TAR, filename)
+
+
+def packed_response(
+    settings: Settings, write: Callable[[IO[bytes]], None], media_type: str, filename: str
+) -> FileResponse:
+    """A download written by `write` into a temporary file of the data folder and streamed from there (it
+    may be gigabytes: never held in memory); the file goes once sent. 404 when the folder being packed was
+    replaced or removed meanwhile (FileNotFoundError from `write`)."""
+    handle, name = tempfile.mkstemp(dir=settings.tmp_dir)
     try:
         with os.fdopen(handle, "wb") as out:
-            pack(folder, out)
+            write(out)
     except FileNotFoundError:
         os.unlink(name)
         message = "That folder was replaced or removed while it was being packed; ask again."
         raise HTTPException(404, message) from None
-    return FileResponse(name, media_type=TAR, filename=filename, background=BackgroundTask(os.unlink, name))
+    except BaseException:
+        os.unlink(name)
+        raise
+    cleanup = BackgroundTask(os.unlink, name)
+    return FileResponse(name, media_type=media_type, filename=filename, background=cleanup)

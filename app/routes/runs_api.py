@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import json
-import zipfile
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -18,10 +16,12 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from app.deps import AfterId, RunId, SessionDep, SettingsDep, WriteSessionDep, get_run_or_404
 from app.errors import problem
 from app.models import MAX_ID, Run, RunMetric
+from app.routes.artifacts_api import packed_response
 from app.runs import evaluation, state
 from app.runs.config import PRESETS, InvalidRun, RunRequest
 from app.runs.estimate import run_estimate
 from app.runs.events import list_stream, metric_payload, progress, run_stream, tracked
+from app.runs.folder import zip_folder
 from app.runs.launch import build_run_config, enqueue_run
 
 router = APIRouter(prefix="/api/runs", tags=["runs"])
@@ -167,13 +167,7 @@ def download_adapter(run_id: RunId, settings: SettingsDep, session: SessionDep) 
     folder = run_folder.adapter
     if not run_folder.has_adapter:
         raise HTTPException(404, f"Run {run_id} has no adapter yet (it is {run.status}).")
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, strict_timestamps=False) as archive:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                archive.write(path, f"run-{run_id}-adapter/{path.relative_to(folder)}")
-    return Response(
-        buffer.getvalue(),
-        media_type="application/zip",
-        headers={"Content-Disposition": f'attachment; filename="run-{run_id}-adapter.zip"'},
+    prefix = f"run-{run_id}-adapter"
+    return packed_response(
+        settings, lambda out: zip_folder(folder, out, prefix), "application/zip", f"{prefix}.zip"
     )

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 import tarfile
 import threading
 import uuid
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -209,15 +211,29 @@ class RunFolder:
             return None
 
 
+def own_files(folder: Path) -> list[Path]:
+    """The folder's regular files, in subfolders too: never a symbolic link, nor anything under a linked
+    folder (what a run made is plain files; a link would carry another file of the machine along)."""
+    found: list[Path] = []
+    for parent, _folders, files in os.walk(folder):  # links to folders are not followed
+        found.extend(p for p in (Path(parent, name) for name in files) if p.is_file() and not p.is_symlink())
+    return sorted(found)
+
+
+def zip_folder(folder: Path, into: IO[bytes], prefix: str) -> None:
+    """The folder's own files (`own_files`) as a zip archive, each under `prefix/`."""
+    with zipfile.ZipFile(into, "w", zipfile.ZIP_DEFLATED, strict_timestamps=False) as archive:
+        for path in own_files(folder):
+            archive.write(path, f"{prefix}/{path.relative_to(folder)}")
+
+
 def pack(folder: Path, into: IO[bytes]) -> None:
     """The folder's files as an uncompressed tar stream (names relative to the folder), a checkpoint's
     marker last. FileNotFoundError when the folder, or a file of it, goes away meanwhile (a checkpoint
     rotated away): never a partial archive."""
     if not folder.is_dir():
         raise FileNotFoundError(folder)
-    files = sorted(
-        (p for p in folder.rglob("*") if not p.is_dir()), key=lambda p: (p.name == CHECKPOINT_MARKER, p)
-    )
+    files = sorted(own_files(folder), key=lambda p: (p.name == CHECKPOINT_MARKER, p))
     with tarfile.open(fileobj=into, mode="w|") as archive:
         for path in files:
             archive.add(path, arcname=str(path.relative_to(folder)), recursive=False)
