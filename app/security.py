@@ -144,6 +144,13 @@ class AccessMiddleware:
             await self.app(scope, receive, send)
             return
         headers = _headers(scope)
+        if _cross_site_subrequest(scope, headers):
+            message = (
+                "Tuneboard does not answer what other sites' pages ask of it (images, scripts, frames, "
+                "fetches); open it in its own tab."
+            )
+            await send_error(scope, send, headers, 403, message)
+            return
         cookies = _cookies(headers)
         bearer = bearer_ok(headers.get(b"authorization", b"").decode("latin-1"), self.token)
         path = scope["path"]
@@ -203,6 +210,20 @@ class AccessMiddleware:
         location = f"/login?next={quote(target, safe='')}".encode()
         await send({"type": "http.response.start", "status": 303, "headers": [(b"location", location)]})
         await send({"type": "http.response.body", "body": b""})
+
+
+def _cross_site_subrequest(scope, headers: dict[bytes, bytes]) -> bool:
+    """A request another site's page made the browser send without the user going there: anything but a
+    top-level navigation (Fetch Metadata's resource isolation). Such a GET could otherwise make this
+    server spend seconds of CPU (a leaderboard, a dataset's statistics) at any page's will. Clients that
+    are not browsers send no Sec-Fetch-Site and pass."""
+    if headers.get(b"sec-fetch-site") != b"cross-site":
+        return False
+    navigation = headers.get(b"sec-fetch-mode") == b"navigate" and headers.get(b"sec-fetch-dest") in (
+        b"document",
+        None,
+    )
+    return not (navigation and scope["method"] in ("GET", "HEAD"))
 
 
 def _from_browser(headers: dict[bytes, bytes]) -> bool:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
@@ -19,8 +21,10 @@ from pydantic import BaseModel, Field, model_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import Vote
-from app.playground import MAX_PANES, SamplingSpec
+from app.config import Settings
+from app.model_registry import list_models
+from app.models import MAX_ID, Run, Vote
+from app.playground import MAX_PANES, TARGET_ID, SamplingSpec
 
 Verdict = Literal["better", "tie", "both_bad"]
 
@@ -60,6 +64,29 @@ class VoteRequest(BaseModel):
         if self.chosen is not None and not self.chosen.strip():
             raise ValueError("The chosen answer is empty.")
         return self
+
+
+def unknown_target(settings: Settings, request: VoteRequest, *, session: Session) -> tuple[str, str] | None:
+    """(field, sentence) for the first answer whose target is no model or run of this server, else None.
+    A vote's targets are what the leaderboard ranks: only real ones may enter it (a checkpoint that has
+    since rotated away, or a model still preparing, is real)."""
+    models = {m.id for m in list_models(settings, session=session)}
+    for index, answer in enumerate(request.answers):
+        match = TARGET_ID.match(answer.target)
+        run_id = int(match.group(1)) if match else 0
+        known = (
+            answer.target in models
+            if match is None
+            else 0 < run_id <= MAX_ID and session.get(Run, run_id) is not None
+        )
+        if known:
+            continue
+        return (
+            f"answers.{index}.target",
+            f"There is no model or run called '{answer.target}' on this server; a vote compares the answers "
+            "of its models and runs (GET /v1/models lists them).",
+        )
+    return None
 
 
 def record(*, session: Session, request: VoteRequest) -> Vote:
@@ -167,21 +194,28 @@ def outcomes(votes: list[Vote]) -> list[tuple[str, str, str]]:
     return found
 
 
+MAX_RATED = 1000  # targets rated at once (the most compared); the rating's cost grows with its cube
+
+
 def standings(votes: list[Vote]) -> list[Standing]:
-    """Each target's record and Bradley-Terry rating with its uncertainty, best first. The ratings come
-    from choix's expectation propagation (posterior mean and covariance under a weak prior); a tie counts
-    as one win each way."""
+    """Each target's record and Bradley-Terry rating with its uncertainty, best first: the most probable
+    strengths under a weak prior (choix's penalised maximum likelihood) with a Laplace approximation of
+    their 95% interval (the inverse Hessian there); a tie counts as one win each way. At most MAX_RATED
+    targets, those with the most comparisons; the others' pairings are left out."""
     import choix
     import numpy as np
 
     pairings = outcomes(votes)
-    names = sorted({t for first, second, _ in pairings for t in (first, second)})
+    counts = Counter(t for first, second, _ in pairings for t in (first, second))
+    names = sorted(t for t, _ in counts.most_common(MAX_RATED))
     if not names:
         return []
     index = {name: i for i, name in enumerate(names)}
     record = {name: [0, 0, 0] for name in names}  # wins, ties, losses
     data = []
     for first, second, result in pairings:
+        if first not in index or second not in index:
+            continue
         data.append((index[first], index[second]))
         if result == "tie":
             data.append((index[second], index[first]))
@@ -190,8 +224,9 @@ def standings(votes: list[Vote]) -> list[Standing]:
         else:
             record[first][0] += 1
             record[second][2] += 1
-    mean, cov = choix.ep_pairwise(len(names), data, PRIOR, model="logit")
-    spread = np.sqrt(np.clip(np.diag(cov), 0, None))
+    # choix penalises alpha·‖θ‖², a Gaussian prior of precision 2·alpha
+    mean = choix.opt_pairwise(len(names), data, alpha=PRIOR / 2, method="Newton-CG")
+    spread = np.sqrt(np.clip(np.diag(np.linalg.inv(_hessian(mean, data))), 0, None))
     table = [
         Standing(
             target=name,
@@ -206,3 +241,38 @@ def standings(votes: list[Vote]) -> list[Standing]:
         for i, name in enumerate(names)
     ]
     return sorted(table, key=lambda s: (-s.rating, s.target))
+
+
+def _hessian(strengths, data: list[tuple[int, int]]):
+    """The negative log-posterior's Hessian: the prior's precision plus p(1-p) for each comparison."""
+    import numpy as np
+
+    hessian = PRIOR * np.identity(len(strengths))
+    if data:
+        winners, losers = np.array(data).T
+        won = 1 / (1 + np.exp(strengths[losers] - strengths[winners]))
+        weight = won * (1 - won)
+        np.add.at(hessian, (winners, winners), weight)
+        np.add.at(hessian, (losers, losers), weight)
+        np.add.at(hessian, (winners, losers), -weight)
+        np.add.at(hessian, (losers, winners), -weight)
+    return hessian
+
+
+_board_cache: dict[tuple, list[Standing]] = {}
+_board_lock = threading.Lock()
+
+
+def leaderboard(*, session: Session, **filters) -> tuple[list[Standing], int]:
+    """(standings, votes counted) for the votes `find` selects, computed once per set of votes: votes are
+    never edited, so the database, the filters, their count and the newest id name the set. A page or API
+    call repeated costs a query."""
+    votes = find(session=session, **filters)
+    chosen = tuple(sorted((k, str(v)) for k, v in filters.items() if v is not None))
+    key = (str(session.get_bind().url), chosen, len(votes), votes[-1].id if votes else 0)
+    with _board_lock:
+        if key not in _board_cache:
+            if len(_board_cache) >= 32:
+                _board_cache.pop(next(iter(_board_cache)))
+            _board_cache[key] = standings(votes)
+        return _board_cache[key], len(votes)

@@ -174,6 +174,27 @@ def test_browser_writes_need_the_csrf_token(client):
     assert ok.status_code == 201
 
 
+@pytest.mark.parametrize("path", ["/leaderboard", "/api/votes/leaderboard", "/datasets", "/api/models"])
+def test_other_sites_pages_cannot_make_the_browser_fetch_anything(client, path):
+    """An <img>, <script>, frame or fetch on another site aimed at this server is refused before any work;
+    following a link from another site (a top-level navigation) still opens the page."""
+    for mode, dest in (
+        ("no-cors", "image"),
+        ("cors", "empty"),
+        ("navigate", "iframe"),
+        ("no-cors", "script"),
+    ):
+        headers = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": mode, "Sec-Fetch-Dest": dest}
+        refused = client.get(path, headers=headers)
+        assert refused.status_code == 403, (mode, dest)
+        assert "does not answer what other sites" in refused.text and "open it in its own tab" in refused.text
+    link = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
+    assert client.get(path, headers=link).status_code == 200
+    own = {"Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors", "Sec-Fetch-Dest": "empty"}
+    assert client.get(path, headers=own).status_code == 200
+    assert client.get(path).status_code == 200  # scripts and SDKs send no fetch metadata
+
+
 def test_signed_in_browser_still_needs_csrf(locked):
     locked.get("/login")
     csrf = locked.cookies[CSRF_COOKIE]

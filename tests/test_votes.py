@@ -4,7 +4,23 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from app import votes
+from tests.conftest import DEMO_DATASET, upload
+
 QUESTION = [{"role": "user", "content": "What is the capital of Quillmere?"}]
+
+
+@pytest.fixture(autouse=True)
+def runs(client, tiny_model_dir):
+    """Runs 1 and 2 (queued: a vote needs only that its targets exist)."""
+    model = client.post("/api/models", json={"path": str(tiny_model_dir)}).json()["id"]
+    dataset = upload(client, "demo.json", DEMO_DATASET.read_bytes()).json()["id"]
+    for _ in range(2):
+        launched = client.post("/api/runs", json={"dataset_id": dataset, "base_model": model})
+        assert launched.status_code == 201, launched.text
+    return model
 
 
 def vote(client, conversation: str = "c1", **fields):
@@ -124,17 +140,52 @@ def test_the_leaderboard_rates_targets_from_the_votes(client, settings):
     assert client.get("/api/votes/leaderboard", params={"conversation_id": "nothing"}).json() == []
 
 
-def test_the_compare_page_shows_the_compared_runs_standing(client, tiny_model_dir):
-    from tests.conftest import DEMO_DATASET, upload
-
-    model = client.post("/api/models", json={"path": str(tiny_model_dir)}).json()["id"]
-    dataset = upload(client, "demo.json", DEMO_DATASET.read_bytes()).json()["id"]
-    run = client.post("/api/runs", json={"dataset_id": dataset, "base_model": model}).json()["id"]
-    answers = [{"target": f"run-{run}", "text": "a"}, {"target": model, "text": "b"}]
-    vote(client, answers=answers)
-    vote(client, answers=[{"target": "run-99", "text": "a"}, {"target": "other", "text": "b"}])
-    page = client.get("/compare", params={"runs": run}).text
+def test_the_compare_page_shows_the_compared_runs_standing(client, runs):
+    model = runs  # runs 1 and 2 train it
+    vote(client, answers=[{"target": "run-1", "text": "a"}, {"target": model, "text": "b"}])
+    vote(client, answers=[{"target": "run-2", "text": "a"}, {"target": "smollm2-135m-instruct", "text": "b"}])
+    page = client.get("/compare", params={"runs": 1}).text
     assert 'id="compare-leaderboard"' in page
-    assert f'data-target="run-{run}"' in page and f'data-target="{model}"' in page
-    assert 'data-target="run-99"' not in page  # only the compared runs and their base models
+    assert 'data-target="run-1"' in page and f'data-target="{model}"' in page
+    # only the compared runs and their base models
+    assert 'data-target="run-2"' not in page and 'data-target="smollm2-135m-instruct"' not in page
     assert 'id="compare-leaderboard"' not in client.get("/compare").text
+
+
+def test_votes_for_targets_that_do_not_exist_are_refused(client):
+    for target, field in (("run-99", "answers.0.target"), ("gpt-imaginary", "answers.0.target")):
+        answers = [{"target": target, "text": "a"}, {"target": "run-1", "text": "b"}]
+        refused = vote(client, answers=answers)
+        assert refused.status_code == 422
+        problem = refused.json()["detail"][0]
+        assert (
+            problem["field"] == field and f"There is no model or run called '{target}'" in problem["message"]
+        )
+    last = [{"target": "run-1", "text": "a"}, {"target": f"run-{2**63}", "text": "b"}]
+    assert vote(client, answers=last).json()["detail"][0]["field"] == "answers.1.target"
+    assert client.get("/api/votes").json() == []  # nothing was stored
+    checkpoint = [{"target": "run-1-step-40", "text": "a"}, {"target": "smollm2-135m-instruct", "text": "b"}]
+    assert vote(client, answers=checkpoint).status_code == 201  # a run's checkpoint, a preparing model
+
+
+def test_the_leaderboard_is_computed_once_per_set_of_votes_and_rates_a_bounded_number(client, monkeypatch):
+    computed = []
+    real = votes.standings
+    monkeypatch.setattr(votes, "standings", lambda found: computed.append(len(found)) or real(found))
+    vote(client, "a")
+    for _ in range(3):
+        assert client.get("/api/votes/leaderboard").status_code == 200
+        assert client.get("/leaderboard").status_code == 200
+    assert computed == [1]  # one computation for six views of the same votes
+    vote(client, "b")
+    client.get("/api/votes/leaderboard")
+    assert computed == [1, 2]
+    # many targets: only the most compared are rated (the cost grows with the cube of their number)
+    monkeypatch.setattr(votes, "MAX_RATED", 2)
+    three = [{"target": t, "text": t} for t in ("run-1", "run-2", "smollm2-135m-instruct")]
+    vote(client, "c", answers=three, best=0)  # run-1 beats both; run-2 and the base model: no preference
+    for conversation in "def":
+        vote(client, conversation, answers=three[:2], best=1)
+    board = client.get("/api/votes/leaderboard").json()
+    # comparisons: run-1 7, run-2 4, the base model 3
+    assert sorted(s["target"] for s in board) == ["run-1", "run-2"]

@@ -355,10 +355,10 @@ def target_labels(settings, session) -> dict[str, str]:
 
 @router.get("/leaderboard", response_class=HTMLResponse)
 def leaderboard_page(request: Request, settings: SettingsDep, session: SessionDep):
-    found = votes.find(session=session)
+    table, counted = votes.leaderboard(session=session)
     context = {
-        "table": votes.standings(found),
-        "vote_count": len(found),
+        "table": table,
+        "vote_count": counted,
         "labels": target_labels(settings, session),
     }
     return render(request, "leaderboard.html", context)
@@ -389,9 +389,7 @@ def compare_page(
             ],
         }
     compared = {f"run-{r.id}" for r in chosen} | {r.base_model for r in chosen}
-    board = (
-        [s for s in votes.standings(votes.find(session=session)) if s.target in compared] if chosen else []
-    )
+    board = [s for s in votes.leaderboard(session=session)[0] if s.target in compared] if chosen else []
     context = {
         "board": board,
         "labels": target_labels(settings, session),

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, field_validator
 
@@ -17,6 +17,7 @@ from app import votes
 from app.datasets.formats import DatasetInvalid, RowError
 from app.datasets.store import create_dataset
 from app.deps import SessionDep, SettingsDep, WriteSessionDep
+from app.errors import problem
 from app.models import Vote
 from app.routes.datasets_api import invalid_response
 from app.schemas import DatasetOut
@@ -59,8 +60,12 @@ def vote_out(vote: Vote) -> dict[str, Any]:
 
 
 @router.post("", status_code=201)
-def record_vote(body: votes.VoteRequest, session: WriteSessionDep) -> dict[str, Any]:
-    """Store a vote; the answer says which target wrote each answer (the reveal)."""
+def record_vote(body: votes.VoteRequest, settings: SettingsDep, session: WriteSessionDep) -> dict[str, Any]:
+    """Store a vote; the answer says which target wrote each answer (the reveal). Every target must be
+    one of this server's models or runs."""
+    if unknown := votes.unknown_target(settings, body, session=session):
+        field, message = unknown
+        raise HTTPException(422, [problem(message, field)])
     return vote_out(votes.record(session=session, request=body))
 
 
@@ -72,7 +77,7 @@ def list_votes(session: SessionDep, filters: Annotated[VoteFilter, Query()]) -> 
 @router.get("/leaderboard")
 def leaderboard(session: SessionDep, filters: Annotated[VoteFilter, Query()]) -> list[dict[str, Any]]:
     """Each target's record and Bradley-Terry rating (Elo scale, with its 95% interval), best first."""
-    table = votes.standings(votes.find(session=session, **filters.model_dump()))
+    table, _ = votes.leaderboard(session=session, **filters.model_dump())
     return [asdict(s) | {"win_rate": s.win_rate} for s in table]
 
 
