@@ -269,7 +269,7 @@ def leaderboard(*, session: Session, **filters) -> tuple[list[Standing], int]:
     call repeated costs a query."""
     votes = find(session=session, **filters)
     chosen = tuple(sorted((k, str(v)) for k, v in filters.items() if v is not None))
-    key = (str(session.get_bind().url), chosen, len(votes), votes[-1].id if votes else 0)
+    key = (str(session.get_bind().engine.url), chosen, len(votes), votes[-1].id if votes else 0)
     with _board_lock:
         if key not in _board_cache:
             if len(_board_cache) >= 32:

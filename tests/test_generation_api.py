@@ -269,6 +269,38 @@ def test_leaving_mid_answer_stops_the_generation(app):
     assert health["waiting"] == 0 and health["cancelled"] == before + 1
 
 
+def test_a_plain_v1_answer_stops_when_its_client_leaves(app):
+    """A non-streaming answer is generated while its client waits; once it leaves, generation stops (within
+    the half-second the server takes to notice), so nobody else queues behind an answer no one reads."""
+    before = host_health(app)["cancelled"]
+    body = {"model": app["model"], "messages": [{"role": "user", "content": "Go on and on."}]}
+    body |= {"max_tokens": 450, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{app['base']}/v1/chat/completions", json=body, timeout=httpx.Timeout(10, read=0.3))
+    for _ in range(300):
+        health = host_health(app)
+        if health["waiting"] == 0:
+            break
+        threading.Event().wait(0.1)
+    assert health["waiting"] == 0 and health["cancelled"] == before + 1
+
+
+@pytest.mark.parametrize(
+    ("messages", "sentence"),
+    [
+        ([{"role": "user", "content": "   "}], "the conversation must end with the user's question"),
+        ([{"role": "user", "content": "hi"}] * 201, "at most 200 items"),
+    ],
+)
+def test_v1_passes_the_hosts_own_refusals_with_their_field(app, messages, sentence):
+    response = httpx.post(
+        f"{app['base']}/v1/chat/completions", json={"model": app["model"], "messages": messages}
+    )
+    error = response.json()["error"]
+    assert response.status_code == 422 and error["param"] == "messages", error
+    assert sentence in error["message"] and "answered 422" not in error["message"]
+
+
 def test_validation_rows_can_be_asked_with_their_reference(app):
     page = httpx.get(f"{app['base']}/playground/validation", params={"run": 1})
     assert page.status_code == 200

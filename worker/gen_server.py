@@ -17,15 +17,17 @@ import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import func, select
 
 from app import workers
 from app.config import Settings, get_settings
 from app.db import Database
+from app.errors import problem
 from app.models import Run, RunStatus
 from app.playground import GenerateBody, GenerationEvent, QueuedEvent, TargetError, resolve_all
 from app.security import BodyLimitMiddleware, HostCheckMiddleware, JsonBodyMiddleware, bearer_ok
@@ -185,6 +187,14 @@ class GenerationHost:
             done()
 
 
+async def refused_request(request: Request, exc: Exception) -> JSONResponse:
+    """A request the host's own checks refuse: its sentence and the field it blames, in the shape the web
+    server passes on (to the playground, and to `/v1` as OpenAI's `param`)."""
+    first = cast(RequestValidationError, exc).errors()[0]
+    field = ".".join(str(part) for part in first["loc"] if part != "body")
+    return JSONResponse({"detail": [problem(first["msg"], field or None)]}, status_code=422)
+
+
 def create_host(settings: Settings, engine=None) -> FastAPI:
     """The generation host's app: the Host check, the body limit and safe JSON around a GenerationHost."""
     import torch
@@ -212,6 +222,7 @@ def create_host(settings: Settings, engine=None) -> FastAPI:
     )
     listen_host, _ = settings.generation_listen
     app.add_middleware(HostCheckMiddleware, names=settings.host_names(listen_host))
+    app.add_exception_handler(RequestValidationError, refused_request)
     app.add_api_route("/healthz", host.healthz, methods=["GET"])
     app.add_api_route("/generate", host.generate, methods=["POST"])
     return app

@@ -7,6 +7,8 @@ OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with a senten
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -15,7 +17,7 @@ from typing import Any, Literal
 
 import anyio
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -98,13 +100,23 @@ def host_body(body: ChatRequest) -> dict[str, Any]:
 
 FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
 # The generation host names fields of its own request shape; OpenAI clients know these names.
-PARAMS = {"sampling.max_new_tokens": "max_tokens", "sampling": "max_tokens"}
+PARAMS = {"sampling": "max_tokens", "max_new_tokens": "max_tokens"}
+
+
+def openai_param(field: str) -> str | None:
+    """The OpenAI request's name for a field of the host's request (`panes.0.messages.3` → messages)."""
+    if field.startswith("panes"):
+        return "messages"
+    if field.startswith("sampling"):
+        name = field.removeprefix("sampling").strip(".") or "sampling"
+        return PARAMS.get(name, name)
+    return field or None
 
 
 def host_error(event: ErrorEvent) -> JSONResponse:
-    field = event.get("field") or ""
-    param = PARAMS.get(field) or ("messages" if field.startswith("panes") else None)
-    return openai_error(event.get("status", 500), event["message"], param=param)
+    message = event["message"]
+    param = openai_param(event.get("field") or "")
+    return openai_error(event.get("status", 500), message, param=param)
 
 
 @router.post("/chat/completions")
@@ -127,18 +139,20 @@ async def chat_completions(body: ChatRequest, request: Request, settings: Settin
     if body.stream:
         return EventSourceResponse(stream_chunks(first, events, completion_id, created, body.model), ping=15)
 
-    text, result = "", None
-    async for event in chain_first(first, events):
-        if event["type"] == "token":
-            text += event["text"]
-        elif event["type"] == "replace":
-            text = event["text"]
-        elif event["type"] == "end":
-            result = event["results"][0]
-        elif event["type"] == "error":
-            return host_error(event)
-    if result is None:
+    collecting = asyncio.create_task(final_event(chain_first(first, events)))
+    while not (await asyncio.wait({collecting}, timeout=DISCONNECT_POLL_SECONDS))[0]:
+        if await request.is_disconnected():  # nobody waits for this answer: the host stops generating
+            collecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await collecting
+            await events.aclose()
+            return Response(status_code=499)
+    last = collecting.result()
+    if last is not None and last["type"] == "error":
+        return host_error(last)
+    if last is None or last["type"] != "end":
         return openai_error(502, "The generation host ended the answer early.")
+    result = last["results"][0]
     return {
         "id": completion_id,
         "object": "chat.completion",
@@ -157,6 +171,20 @@ async def chat_completions(body: ChatRequest, request: Request, settings: Settin
             "total_tokens": result["prompt_tokens"] + result["tokens"],
         },
     }
+
+
+DISCONNECT_POLL_SECONDS = 0.5  # how soon a non-streaming answer notices its client has gone
+
+
+async def final_event(events: AsyncIterator[GenerationEvent]) -> GenerationEvent | None:
+    """The answer's last event (its end, or an error), read to the end of the host's stream."""
+    last = None
+    async for event in events:
+        if event["type"] in ("end", "error"):
+            last = event
+            if event["type"] == "error":
+                break
+    return last
 
 
 async def chain_first(
