@@ -143,10 +143,19 @@ def find(
     return votes
 
 
-def preference_file(votes: list[Vote]) -> bytes:
-    """The votes' preferences as a JSON Lines file (empty when none of them gives one)."""
-    lines = [json.dumps(p, ensure_ascii=False) for v in votes for p in pairs(v)]
-    return "\n".join(lines).encode("utf-8")
+def preference_file(votes: list[Vote], limit: int) -> bytes:
+    """The votes' preferences as a JSON Lines file (empty when none of them gives one). OverflowError, with
+    the size reached, as soon as it would pass `limit` bytes (the upload limit: a dataset made from votes is
+    held to it like any other)."""
+    lines, size = [], 0
+    for vote in votes:
+        for pair in pairs(vote):
+            line = json.dumps(pair, ensure_ascii=False).encode("utf-8")
+            size += len(line) + 1
+            if size > limit:
+                raise OverflowError(size)
+            lines.append(line)
+    return b"\n".join(lines)
 
 
 # --- the leaderboard -------------------------------------------------------------------------------------

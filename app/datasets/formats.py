@@ -103,6 +103,8 @@ def read_dataset(raw: bytes, write: Callable[[dict[str, Any]], None], *, max_row
         _decode(raw)  # a file of odd bytes is "not UTF-8" rather than "empty"
         raise DatasetInvalid([RowError(None, None, "The file is empty: there are no rows to train on.")])
     if first_byte.group() == b"[":
+        if len(raw) > MAX_JSON_ARRAY_BYTES:
+            raise DatasetInvalid([_array_too_large(len(raw))])
         layout, records = "json", iter(_json_array(_decode(raw)))
     elif first_byte.group() == b"{":
         layout, records = "jsonl", _json_lines(body)
@@ -148,6 +150,21 @@ def read_dataset(raw: bytes, write: Callable[[dict[str, Any]], None], *, max_row
     if total_errors:
         raise DatasetInvalid(errors, total=total_errors)
     return fmt, layout
+
+
+# A JSON array is parsed whole (its Python objects take some ten times the file's size); JSON Lines are read
+# a row at a time at any size. Larger arrays are refused with the way to convert them.
+MAX_JSON_ARRAY_BYTES = 32_000_000
+
+
+def _array_too_large(size: int) -> RowError:
+    return RowError(
+        None,
+        None,
+        f"This JSON array is {size / 1e6:,.0f} MB; Tuneboard reads a JSON array whole, up to "
+        f"{MAX_JSON_ARRAY_BYTES / 1e6:,.0f} MB. Save it as JSON Lines (one row per line, read row by row at "
+        "any size), e.g. with `jq -c '.[]' data.json > data.jsonl`, and upload that.",
+    )
 
 
 def _decode(raw: bytes) -> str:

@@ -1,17 +1,20 @@
 """Statistics of large datasets, computed in the background by a child process.
 
 A dataset's duplicates and split (`summary.json`) and its token lengths under a model (`lengths-*.json`)
-are cached beside its rows. For a small dataset the request computes them itself (a few seconds at most).
-For a larger one the request starts `python -m app.datasets.stats_job` once and answers at once with its
-progress; the child streams the rows in bounded memory, reports progress in a file, writes the cache and
-exits, so the web process neither blocks nor keeps the memory. Everything a job needs to be found again
-lives in files next to its cache: `<cache>.lock` (the child's pid), `<cache>.progress`, `<cache>.error`.
+are cached beside its rows. For a small dataset (few rows, a small file) the request computes them
+itself (a few seconds at most). For a larger one the request starts `python -m app.datasets.stats_job`
+once and answers at once with its progress; the child streams the rows in bounded memory, reports
+progress in a file, writes the cache and exits, so the web process neither blocks nor keeps the memory;
+its address space is capped (STATS_MEMORY_BYTES), so no dataset can take the machine's memory either.
+Everything a job needs to be found again lives in files next to its cache: `<cache>.lock` (the child's
+pid), `<cache>.progress`, `<cache>.error`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import threading
@@ -74,11 +77,20 @@ def start_or_poll(cache: Path, spec: dict[str, Any], total: int) -> StatsPending
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
+                preexec_fn=_capped,  # noqa: PLW1509 - only setrlimit between fork and exec
+                env=dict(os.environ, MALLOC_ARENA_MAX="2"),  # address space the cap need not count
             )
             os.write(descriptor, str(child.pid).encode())
             os.close(descriptor)
             _children.append(child)
     return progress(cache, total)
+
+
+STATS_MEMORY_BYTES = 3 << 30  # the address space a statistics job may use; past it, MemoryError
+
+
+def _capped() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (STATS_MEMORY_BYTES, STATS_MEMORY_BYTES))
 
 
 def progress(cache: Path, total: int) -> StatsPending:

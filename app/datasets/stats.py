@@ -93,10 +93,26 @@ def render_texts(rows: list[dict[str, Any]], info: TokenizerInfo, prompt_format:
     return rendered
 
 
+MEASURED_CHARS = 1_000_000  # a longer text is measured on its first million characters (a lower bound)
+
+
+def _measured(value: Any) -> Any:
+    if isinstance(value, str):
+        return value[:MEASURED_CHARS]
+    if isinstance(value, list):
+        return [_measured(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _measured(v) for k, v in value.items()}
+    return value
+
+
 def token_lengths(rows: list[dict[str, Any]], info: TokenizerInfo, prompt_format: str) -> list[int]:
+    """Each row's length in tokens under the prompt format. A text longer than MEASURED_CHARS counts its
+    first MEASURED_CHARS characters only (some 250,000 tokens, past any max length), so that one huge row
+    costs megabytes, not gigabytes."""
     tokenizer_path = info.folder / "tokenizer.json"
     tokenizer = _tokenizer(str(tokenizer_path), tokenizer_path.stat().st_mtime)
-    texts = render_texts(rows, info, prompt_format)
+    texts = render_texts([_measured(row) for row in rows], info, prompt_format)
     encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
     return [len(e.ids) for e in encodings]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from app.datasets import stats
-from app.datasets.jobs import side_file
+from app.datasets.jobs import STATS_MEMORY_BYTES, side_file
 from app.datasets.store import iter_rows, write_json
 
 BATCH = 2_000
@@ -59,6 +59,13 @@ def main(argv: list[str]) -> int:
         value = {"summary": summary, "lengths": lengths}[spec["kind"]](spec, report)
         write_json(cache, value)
         return 0
+    except MemoryError:
+        side_file(cache, ".error").write_text(
+            f"The statistics could not be computed: they needed more than the {STATS_MEMORY_BYTES >> 30} GiB "
+            "of memory a statistics job may use.",
+            encoding="utf-8",
+        )
+        return 1
     except Exception as exc:  # noqa: BLE001 - the page shows this sentence instead of statistics
         side_file(cache, ".error").write_text(
             f"The statistics could not be computed: {type(exc).__name__}: {exc}", encoding="utf-8"

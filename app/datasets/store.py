@@ -30,6 +30,7 @@ from app.datasets.split import HELD_OUT_FRACTION, HELD_OUT_MAX_ROWS, PREVIEW_SEE
 from app.db import Database
 from app.model_registry import ModelEntry
 from app.models import Dataset, Run
+from app.units import filesize
 
 ROWS_FILE = "rows.jsonl"
 PREVIEW_ROWS = 10  # the first rows a dataset's page shows
@@ -63,6 +64,13 @@ async def save_upload(settings: Settings, db: Database, file, *, name: str | Non
     )
 
 
+def too_large(settings: Settings, size: int) -> str:
+    return (
+        f"The dataset would be larger than the {settings.max_upload_mb:g} MB upload limit "
+        f"(TUNEBOARD_MAX_UPLOAD_MB): {filesize(size)} or more. Nothing was stored."
+    )
+
+
 def create_dataset(
     settings: Settings, db: Database, *, raw: bytes, filename: str, name: str | None = None
 ) -> Dataset:
@@ -72,6 +80,8 @@ def create_dataset(
     folder outside any transaction; only then is the row inserted and the folder renamed into place, in
     one transaction of a few milliseconds (so an upload never holds the database's write lock while it
     parses)."""
+    if len(raw) > settings.max_upload_bytes:  # every way of making a dataset: uploads, votes, the API
+        raise DatasetInvalid([RowError(None, None, too_large(settings, len(raw)))])
     settings.ensure_dirs()
     staging = Path(tempfile.mkdtemp(prefix="upload-", dir=settings.tmp_dir))
     final: Path | None = None
@@ -149,6 +159,41 @@ def iter_rows(path: Path) -> Iterator[dict[str, Any]]:
             yield json.loads(line)
 
 
+PREVIEW_LINE_BYTES = 1 << 20  # a stored row longer than this is not read for a preview
+PREVIEW_CHARS = 1_000  # a previewed text is cut here, its true length shown
+
+
+def preview_rows(settings: Settings, dataset_id: int, limit: int = PREVIEW_ROWS) -> list[dict[str, Any]]:
+    """The first rows as a page or the API shows them, in bounded memory whatever their size: each text
+    longer than PREVIEW_CHARS cut with its length said; a row whose stored line exceeds PREVIEW_LINE_BYTES
+    is not parsed at all but given as {"too_long": True, "bytes": its size}. (The rows whole: rows.jsonl.)"""
+    rows: list[dict[str, Any]] = []
+    with open(dataset_dir(settings, dataset_id) / ROWS_FILE, "rb") as f:
+        while len(rows) < limit:
+            line = f.readline(PREVIEW_LINE_BYTES + 1)
+            if not line:
+                break
+            if len(line) <= PREVIEW_LINE_BYTES:
+                rows.append(_cut(json.loads(line)))
+                continue
+            size = len(line)
+            while not line.endswith(b"\n") and line:  # the rest of the row, read and dropped in 1 MB pieces
+                line = f.readline(PREVIEW_LINE_BYTES)
+                size += len(line)
+            rows.append({"too_long": True, "bytes": size})
+    return rows
+
+
+def _cut(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > PREVIEW_CHARS:
+        return f"{value[:PREVIEW_CHARS]}… (cut here for the preview: {len(value):,} characters in all)"
+    if isinstance(value, list):
+        return [_cut(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _cut(v) for k, v in value.items()}
+    return value
+
+
 def load_rows(settings: Settings, dataset_id: int, limit: int | None = None) -> list[dict[str, Any]]:
     rows = iter_rows(dataset_dir(settings, dataset_id) / ROWS_FILE)
     return list(rows if limit is None else itertools.islice(rows, limit))
@@ -174,6 +219,21 @@ def _read_cache(path: str, mtime_ns: int, size: int) -> dict | None:
         return None
 
 
+INLINE_STATS_BYTES = 8_000_000  # a larger rows file gets its statistics in the background, whatever its rows
+
+
+def in_background(settings: Settings, dataset: Dataset) -> bool:
+    """Whether the dataset's statistics are computed by a child process (with a memory cap) rather than by
+    the request: many rows, or a large file (a few huge rows would otherwise cost the web process
+    gigabytes)."""
+    if dataset.rows > settings.stats_inline_rows:
+        return True
+    try:
+        return (dataset_dir(settings, dataset.id) / ROWS_FILE).stat().st_size > INLINE_STATS_BYTES
+    except OSError:
+        return False
+
+
 def dataset_summary(settings: Settings, dataset: Dataset) -> dict[str, Any]:
     """Statistics that need no tokenizer: duplicates and the validation split (cached on disk). Raises
     StatsPending while a large dataset's are computed in the background."""
@@ -181,7 +241,7 @@ def dataset_summary(settings: Settings, dataset: Dataset) -> dict[str, Any]:
     key = [HELD_OUT_FRACTION, HELD_OUT_MAX_ROWS, PREVIEW_SEED]
     if (summary := _cached(cache, key, "summary")) is not None:
         return summary
-    if dataset.rows > settings.stats_inline_rows:
+    if in_background(settings, dataset):
         split = {"fraction": HELD_OUT_FRACTION, "max_rows": HELD_OUT_MAX_ROWS}
         spec = {"kind": "summary", "rows": str(cache.with_name(ROWS_FILE)), "key": key, **split}
         raise jobs.start_or_poll(cache, {**spec, "seed": PREVIEW_SEED}, dataset.rows)
@@ -221,7 +281,7 @@ def token_lengths(
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
     cache = dataset_dir(settings, dataset.id) / f"lengths-{digest}.json"
     lengths = _cached(cache, key, "lengths")
-    if lengths is None and dataset.rows > settings.stats_inline_rows:
+    if lengths is None and in_background(settings, dataset):
         info = dataset_stats.read_tokenizer_info(model.folder)
         if prompt_format == "chat" and not info.chat_template:
             dataset_stats.render_texts([], info, prompt_format)  # the same sentence as inline

@@ -67,8 +67,9 @@ def dataset_rows(
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 10,
 ) -> list[dict[str, Any]]:
+    """The first rows, cut for reading (`store.preview_rows`); rows.jsonl has them whole."""
     get_dataset_or_404(session, dataset_id)
-    return store.load_rows(settings, dataset_id, limit=limit)
+    return store.preview_rows(settings, dataset_id, limit=limit)
 
 
 @router.get("/{dataset_id}/preferences.jsonl")

@@ -123,7 +123,7 @@ def dataset_page(
         "label": FORMAT_LABELS[(dataset.format, dataset.layout)],
         "summary": summary,
         "summary_pending": summary_pending,
-        "preview": store.load_rows(settings, dataset.id, limit=store.PREVIEW_ROWS),
+        "preview": store.preview_rows(settings, dataset.id),
         **_stats_context(settings, session, dataset, model, max_length, prompt_format),
     }
     target = request.headers.get("HX-Target")

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from app import votes
 from app.datasets.formats import DatasetInvalid, RowError
-from app.datasets.store import create_dataset
+from app.datasets.store import create_dataset, too_large
 from app.deps import SessionDep, SettingsDep, WriteSessionDep
 from app.errors import problem
 from app.models import Vote
@@ -88,7 +88,10 @@ async def dataset_from_votes(
     """A preference dataset (prompt, chosen, rejected) from the chosen votes, checked and stored like an
     upload; it then appears among the datasets."""
     chosen = votes.find(session=session, **body.model_dump(exclude={"name"}))
-    raw = votes.preference_file(chosen)
+    try:
+        raw = votes.preference_file(chosen, settings.max_upload_bytes)
+    except OverflowError as exc:
+        return invalid_response(DatasetInvalid([RowError(None, None, too_large(settings, exc.args[0]))]))
     if not raw:
         return invalid_response(
             DatasetInvalid(
