@@ -219,3 +219,43 @@ def test_the_generation_prompt_is_trainings_prompt_prefix(tiny_model_dir, prompt
         prompt_format=prompt_format,
     )
     assert prompt_ids(tokenizer, pane) == encoded["input_ids"][:answer_starts]
+
+
+class FixedAnswer(torch.nn.Module):
+    """A stand-in model whose greedy answer is always the same token ids (to cut one inside a character)."""
+
+    def __init__(self, answer_ids: list[int]):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.answer_ids = answer_ids
+
+    def generate(self, input_ids, **_):
+        answer = torch.tensor([self.answer_ids] * input_ids.shape[0])
+        return torch.cat([input_ids, answer], dim=1)
+
+
+def test_answers_cut_inside_a_character_carry_no_replacement_character(tiny_model_dir):
+    """Every output path (the stream, the final answer the playground and /v1 send, scored answers and
+    the references they are scored against) drops the half of a multi-byte character an answer was cut in."""
+    from transformers import AutoTokenizer
+
+    from worker.engine import PaneResult, PaneStreamer
+    from worker.evaluate import answer, scored_reference
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = tokenizer("Hi 漢字", add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids[:-1]).endswith("\ufffd")  # the cut falls inside 字
+
+    events, results = [], [PaneResult()]
+    streamer = PaneStreamer(tokenizer, [0], set(), events.append, results)
+    streamer.put(torch.tensor([[1, 2, 3]]))  # the prompt
+    for token in ids[:-1]:
+        streamer.put(torch.tensor([token]))
+    streamer.end()
+    streamed = "".join(e["text"] for e in events if e["type"] == "token")
+    assert streamed == results[0].text == "Hi 漢" and not any("\ufffd" in e["text"] for e in events)
+
+    scored = answer(FixedAnswer(ids[:-1]), tokenizer, [[1, 2, 3]], [len(ids) - 1])
+    assert scored == ["Hi 漢"]
+    cut_reference = scored_reference(tokenizer, "Hi 漢字 and more", len(ids) - 1)
+    assert cut_reference == "Hi 漢"

@@ -203,8 +203,10 @@ class PaneStreamer(BaseStreamer):
     def _flush(self, row: int, final: bool = False) -> None:
         result = self.results[self.panes[row]]
         text = self.tokenizer.decode(self.ids[row], skip_special_tokens=True)
-        if text.endswith("\ufffd") and not final:  # half of a multi-byte character: wait for the rest
-            return
+        if text.endswith(PARTIAL):
+            if not final:  # half of a multi-byte character: wait for the rest
+                return
+            text = whole_characters(text)  # the answer was cut inside one: drop the half
         if text.startswith(result.text):
             delta = text[len(result.text) :]
             if delta:
@@ -216,6 +218,15 @@ class PaneStreamer(BaseStreamer):
     def end(self) -> None:
         for row in range(len(self.panes)):
             self._flush(row, final=True)
+
+
+PARTIAL = "\ufffd"  # what decoding makes of the first bytes of a character whose last bytes are missing
+
+
+def whole_characters(text: str) -> str:
+    """Text decoded from tokens that may end inside a multi-byte UTF-8 character (an answer cut at its
+    token limit), without the replacement characters that half became."""
+    return text.rstrip(PARTIAL)
 
 
 class StopFlag(StoppingCriteria):

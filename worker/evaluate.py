@@ -27,7 +27,7 @@ from app.runs.evaluation import best_of, evaluation_rows, question_of
 from app.runs.folder import CHECKPOINT_PREFIX
 from app.scoring import Scores, mean, score
 from worker.callbacks import ProgressCallback
-from worker.engine import messages_prompt_ids
+from worker.engine import messages_prompt_ids, whole_characters
 from worker.judge import Judge
 from worker.sink import Sink
 
@@ -87,7 +87,9 @@ def scored_reference(tokenizer, reference: str, limit: int) -> str:
     new tokens an answer may have, its first `limit` tokens (a cut answer is compared with a reference
     cut the same way, so that a right beginning can score full marks)."""
     ids = tokenizer(reference, add_special_tokens=False)["input_ids"]
-    return reference if len(ids) <= limit else tokenizer.decode(ids[:limit], skip_special_tokens=True)
+    if len(ids) <= limit:
+        return reference
+    return whole_characters(tokenizer.decode(ids[:limit], skip_special_tokens=True))
 
 
 def answer_budget(tokenizer, reference: str, limit: int) -> int:
@@ -125,7 +127,7 @@ def answer(model, tokenizer, prompts: list[list[int]], budgets: list[int]) -> li
                 pad_token_id=pad,
             )
         texts += tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
-    return [t.strip() for t in texts]
+    return [whole_characters(t).strip() for t in texts]
 
 
 class EvaluationCallback(TrainerCallback):
