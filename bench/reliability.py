@@ -1,5 +1,6 @@
-"""Reliability figures: how the web server answers while a 40 MB dataset is uploaded and checked, and what
-the background statistics of 1,000,000 rows cost (time, and peak memory of the child that computes them).
+"""Reliability figures: how the web server answers while a 40 MB dataset is uploaded and checked, what
+the background statistics of 1,000,000 rows cost (time, and peak memory of the child that computes them),
+and what one 100 MB row costs the web process (peak memory, and the time to open its page).
 """
 
 from __future__ import annotations
@@ -92,6 +93,60 @@ def run_job(spec: dict) -> dict:
     }
 
 
+HUGE_ROW = 100_000_000  # characters in the one huge row's answer
+
+
+def _memory_kb(pid: int, field: str) -> int:
+    return next(int(line.split()[1]) for line in open(f"/proc/{pid}/status") if line.startswith(field))
+
+
+def huge_row(model_dir: Path) -> dict:
+    """A dataset with one 100 MB row: the web process's peak memory above idle while it is uploaded and
+    while its page is opened (statistics included, until they are done), and how long the page took."""
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(data_dir=Path(tmp) / "data")
+        upgrade(settings)
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        server = serve_web(settings.data_dir, port, {"TUNEBOARD_MAX_UPLOAD_MB": "150"})
+        try:
+            rows = [{"instruction": "Recite the ledger.", "output": "l" * HUGE_ROW}]
+            rows += [{"instruction": f"Question {i}?", "output": f"Answer {i}."} for i in range(20)]
+            content = "\n".join(json.dumps(r) for r in rows).encode()
+            idle = _memory_kb(server.pid, "VmRSS")
+            started = time.monotonic()
+            response = httpx.post(
+                f"{base}/api/datasets", files={"file": ("huge.jsonl", content)}, timeout=600
+            )
+            upload_seconds = time.monotonic() - started
+            assert response.status_code == 201, response.text
+            dataset = response.json()["id"]
+            model = httpx.post(f"{base}/api/models", json={"path": str(model_dir)}).json()["id"]
+            upload_peak = _memory_kb(server.pid, "VmHWM")
+            Path(f"/proc/{server.pid}/clear_refs").write_text("5")  # the peak starts again from here
+            started = time.monotonic()
+            page = httpx.get(f"{base}/datasets/{dataset}", params={"model": model}, timeout=600)
+            page_seconds = time.monotonic() - started
+            assert page.status_code == 200
+            stats_url = f"{base}/api/datasets/{dataset}/stats"
+            while (stats := httpx.get(stats_url, params={"model": model}, timeout=600)).status_code == 202:
+                time.sleep(0.5)
+            assert stats.status_code == 200, stats.text
+            stats_seconds = time.monotonic() - started
+            page_peak = _memory_kb(server.pid, "VmHWM")
+        finally:
+            stop_process(server, 30)
+    return {
+        "megabytes": len(content) / 1e6,
+        "upload_seconds": upload_seconds,
+        "upload_above_idle_mb": (upload_peak - idle) / 1024,
+        "page_seconds": page_seconds,
+        "page_kb": len(page.content) / 1024,
+        "stats_seconds": stats_seconds,
+        "page_above_idle_mb": (page_peak - idle) / 1024,
+    }
+
+
 def reliability_benchmark(model_dir: Path) -> dict:
     from app.datasets import stats
 
@@ -136,12 +191,13 @@ def reliability_benchmark(model_dir: Path) -> dict:
         "lengths": lengths,
         "summary": summary,
         "median_tokens": statistics.median(counted),
+        "huge_row": huge_row(model_dir),
     }
 
 
 def report_reliability(result: dict) -> str:
     upload, health = result["upload"], result["upload"]["healthz"]
-    lengths, summary = result["lengths"], result["summary"]
+    lengths, summary, huge = result["lengths"], result["summary"], result["huge_row"]
     return "\n".join([
         f"Upload of {ROWS:,} rows ({result['megabytes']:.0f} MB JSON Lines): answered 201 in "
         f"{upload['seconds']:.1f} s; /healthz polled {health['count']} times meanwhile: p50 "
@@ -151,4 +207,8 @@ def report_reliability(result: dict) -> str:
         f"({lengths['above_idle_mb']:.0f} MB above the idle process); duplicates and split "
         f"{summary['seconds']:.0f} s, peak {summary['peak_mb']:.0f} MB ({summary['above_idle_mb']:.0f} MB "
         "above idle)",
+        f"One 100 MB row ({huge['megabytes']:.0f} MB file): uploaded in {huge['upload_seconds']:.1f} s, web "
+        f"process {huge['upload_above_idle_mb']:.0f} MB above idle; its page in {huge['page_seconds']:.2f} s "
+        f"({huge['page_kb']:.0f} KB), statistics done {huge['stats_seconds']:.1f} s after, web process "
+        f"{huge['page_above_idle_mb']:.0f} MB above idle meanwhile",
     ])  # fmt: skip
