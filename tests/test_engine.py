@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from worker.engine import AdapterRef, Engine, GenerationError, PaneRequest, Sampling, prompt_ids
+from worker.engine import (
+    AdapterRef,
+    Engine,
+    GenerationError,
+    PaneRequest,
+    Sampling,
+    prompt_ids,
+    whole_characters,
+)
 
 QUESTION = [{"role": "user", "content": "What is the capital of Quillmere?"}]
 
@@ -56,7 +64,9 @@ def pane(model_dir: Path, adapter: str | None = None, adapters=None, **extra) ->
 
 
 def reference(model_dir: Path, adapter_dir: Path | None, request: PaneRequest, max_new_tokens: int) -> str:
-    """What plain transformers (and PEFT's own loader) answer, one prompt at a time."""
+    """What plain transformers (and PEFT's own loader) answer, one prompt at a time, less the half of a
+    character an answer cut at its token limit ends in (the engine drops it; the random-weight model often
+    ends inside one)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -77,7 +87,7 @@ def reference(model_dir: Path, adapter_dir: Path | None, request: PaneRequest, m
             top_p=None,
             top_k=None,
         )
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    return whole_characters(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
 
 
 def collect(engine: Engine, panes: list[PaneRequest], sampling: Sampling, stop=None):

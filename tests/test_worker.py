@@ -79,14 +79,20 @@ def metrics(client, run_id: int) -> list[dict]:
 @pytest.mark.trains
 @pytest.mark.databases
 def test_a_run_succeeds_with_metrics_and_a_downloadable_adapter(client, settings, db, launch, database):
-    run = launch(max_steps=8, logging_steps=2, save_steps=4, evaluation={"max_new_tokens": 32})
+    run = launch(max_steps=8, logging_steps=3, save_steps=4, evaluation={"max_new_tokens": 32})
     assert work_once(settings, db, me="w1", stop=threading.Event())
     done = client.get(f"/api/runs/{run['id']}").json()
     assert done["status"] == "succeeded", done["error"]
+    # the last step is reached, though the last logged point is step 6
     assert (done["attempts"], done["exit_code"], done["total_steps"], done["current_step"]) == (1, 0, 8, 8)
     assert 0 < done["trainable_params"] < done["total_params"]
+    # one parameter total: the base model's, on New run's estimate and the run alike
+    estimate = client.post(
+        "/api/runs/estimate", json={"dataset_id": done["dataset_id"], "base_model": done["base_model"]}
+    ).json()
+    assert estimate["total"] == done["total_params"]
     points = metrics(client, run["id"])
-    assert [p["step"] for p in points if p["kind"] == "train"] == [2, 4, 6, 8]
+    assert [p["step"] for p in points if p["kind"] == "train"] == [3, 6]
     assert [p["step"] for p in points if p["kind"] == "eval"] == [4, 8]
     assert [p["id"] for p in points] == sorted(p["id"] for p in points)
     folder = settings.runs_dir / str(run["id"])
@@ -110,7 +116,7 @@ def test_a_run_succeeds_with_metrics_and_a_downloadable_adapter(client, settings
     assert report["best_step"] in (4, 8) and report["base"]["step"] == 0
     rows = [json.loads(line) for line in Path(config["dataset_path"]).read_text().splitlines()]
     for entry in report["rows"]:
-        reference = rows[entry["row"]]["messages"][-1]["content"]
+        reference = rows[entry["row"] - 1]["messages"][-1]["content"]  # rows are numbered from 1
         assert entry["reference"] == reference
         for answer in (entry["base"], entry["best"]):
             assert {k: answer[k] for k in METRICS} == score(answer["text"], reference)

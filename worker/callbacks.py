@@ -119,6 +119,10 @@ class ProgressCallback(TrainerCallback):
         )
         self._mark(state)
 
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.sink.reached(state.global_step)
+
     def exclude(self, seconds: float) -> None:
         """Time spent on something else (answering evaluation questions) does not count as training."""
         if self._last_time is not None:

@@ -25,6 +25,9 @@ class Sink:
         """(cancel requested, reason this process must stop at once or None)."""
         return False, None
 
+    def reached(self, step: int) -> None:
+        """Training ended at `step` (logged points may stop a few steps short of it)."""
+
     def answers(self, *, step: int, split: str, answers: list[dict], seconds: float) -> None:
         """One evaluation's scored answers (worker.evaluate logs their means itself)."""
 
@@ -61,6 +64,12 @@ class DatabaseSink(Sink):
         super().metric(values)
         with self.db.write_session() as session:
             state.record_metric(session=session, run_id=self.run_id, values=values)
+
+    def reached(self, step: int) -> None:
+        from app.runs import state
+
+        with self.db.write_session() as session:
+            state.record_step(session=session, run_id=self.run_id, step=step)
 
     def answers(self, *, step: int, split: str, answers: list[dict], seconds: float) -> None:
         from app.runs.evaluation import record_answers

@@ -96,7 +96,8 @@ def choose_checkpointing(config: RunConfig, lengths: list[int], dtype) -> bool:
 
 def load_model(config: RunConfig, dtype, checkpointing: bool):
     """The base model with the run's adapter: a new one (the run's method, seeded), or the starting run's
-    adapter to train on (`start_adapter`). Returns (PEFT model, trainable parameters, all parameters)."""
+    adapter to train on (`start_adapter`). Returns (PEFT model, trainable parameters, the base model's
+    parameters)."""
     import torch
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, set_seed
@@ -108,6 +109,7 @@ def load_model(config: RunConfig, dtype, checkpointing: bool):
         model_path, dtype=dtype, attn_implementation=config.training.attention
     )
     model.config.use_cache = False  # required for correct packed-sequence masks, useless in training
+    total = model.num_parameters()  # the base model's own, as New run's estimate counts them (one total)
     if checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -129,7 +131,7 @@ def load_model(config: RunConfig, dtype, checkpointing: bool):
             model = get_peft_model(model, peft_config)
         except ValueError as exc:
             raise UserError(f"PEFT could not apply {config.method} to this model: {exc}") from exc
-    trainable, total = model.get_nb_trainable_parameters()
+    trainable, _with_adapter = model.get_nb_trainable_parameters()
     log.info(
         "%s%s on %s in %s on %d CPU threads: %d of %d parameters trainable",
         config.method,

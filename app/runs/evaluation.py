@@ -206,7 +206,7 @@ def table(
         result.append(
             {
                 "split": split,
-                "row": index,
+                "row": index + 1,  # the row's number in its dataset, counted from 1 as every page does
                 "question": question,
                 "reference": messages[-1]["content"] if messages else "",
                 "base": _answer(base.get(key)),

@@ -172,6 +172,12 @@ def record_metric(*, session: Session, run_id: int, values: dict) -> None:
     session.commit()
 
 
+def record_step(*, session: Session, run_id: int, step: int) -> None:
+    """The step training reached when it ended (the last logged one may be a few steps before it)."""
+    session.execute(update(Run).where(Run.id == run_id).values(current_step=step))
+    session.commit()
+
+
 def ownership(*, session: Session, run_id: int) -> tuple[str, str | None, int, bool, datetime | None]:
     """(status, worker_id, attempts, cancel_requested, heartbeat_at) as the trainer checks them."""
     row = session.execute(
