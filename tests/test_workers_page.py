@@ -157,3 +157,31 @@ def test_the_workers_api_lists_workers_and_takes_orders(client, db):
     assert client.post("/api/workers/nobody:1/orders", json={"what": "stop"}).status_code == 404
     bad = client.post("/api/workers/gpu-box:4242/orders", json={"what": "explode"})
     assert bad.status_code == 422 and bad.json()["detail"][0]["field"] == "what"
+
+
+def test_a_worker_converting_a_model_stays_alive_and_no_banner_says_otherwise(
+    client, settings, db, monkeypatch
+):
+    """Converting the bundled model takes a minute on a first start: the worker keeps beating meanwhile,
+    so the pages never say that no worker is running while it is busy."""
+    import time
+
+    import worker.main
+
+    quick = settings.model_copy(update={"heartbeat_seconds": 0.1, "stale_after_seconds": 0.4})
+    seen: list[bool] = []
+    banners: list[bool] = []
+
+    def slow_conversion(settings, db, *, stop):
+        for _ in range(12):  # 1.2 s: three times the silence after which a worker counts as gone
+            time.sleep(0.1)
+            with db.session() as session:
+                seen.append(workers.any_alive(session=session, stale_after=quick.stale_after_seconds))
+            client.app.state.settings = quick
+            banners.append('id="no-worker"' in client.get("/datasets").text)
+
+    monkeypatch.setattr(worker.main, "prepare_pending_models", slow_conversion)
+    work_once(quick, db, me="box:9", stop=threading.Event())
+    assert len(seen) == 12 and all(seen) and not any(banners)
+    with db.session() as session:
+        assert session.get(workers.Worker, "box:9").status == "preparing a model"

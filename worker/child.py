@@ -10,7 +10,8 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from app.processes import stop_process
@@ -75,3 +76,22 @@ def stop_with_parent(what: str) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+@contextmanager
+def beating(tick: Callable[[], object], every: float, name: str = "heartbeat") -> Iterator[None]:
+    """Call `tick` every `every` seconds from a thread while the caller is busy with something long
+    (converting a model, moving files), so that nobody takes the worker or its job for lost."""
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(every):
+            tick()
+
+    thread = threading.Thread(target=beat, name=name, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=10)

@@ -15,8 +15,7 @@ import sys
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 from app import exports, jobs, workers
@@ -27,7 +26,7 @@ from app.models import Export, Run
 from app.prompts import INSTRUCTION_CHAT_TEMPLATE
 from app.runs.folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from app.units import filesize
-from worker.child import run_child, stop_with_parent
+from worker.child import beating, run_child, stop_with_parent
 from worker.gguf_export import ExportError
 from worker.remote import Server, ServerError
 from worker.supervise import training_env, write_with_retry
@@ -87,7 +86,7 @@ def run_export(
     tick()
     try:
         if server is not None:
-            with beating(tick):
+            with beating(tick, every=1.0, name="export-heartbeat"):
                 server.fetch_adapter(export.run_id, export.step)
         env = training_env(settings) | settings.child_env(**{WORKER_ENV: me})
         ended = run_child(
@@ -108,7 +107,7 @@ def run_export(
         made = exports.export_dir(settings, export)
         size = (made / exports.file_name(export)).stat().st_size
         if server is not None:
-            with beating(tick):
+            with beating(tick, every=1.0, name="export-heartbeat"):
                 server.push_export(export.id, made)
             shutil.rmtree(made, ignore_errors=True)  # the web server keeps it; this machine needs no copy
     except ServerError as exc:
@@ -129,24 +128,6 @@ def run_export(
         log.info("export %d done (%d bytes)", export.id, size)
     else:
         log.warning("export %d was made, but it is no longer this worker's to finish", export.id)
-
-
-@contextmanager
-def beating(tick: Callable[[], bool], every: float = 1.0) -> Iterator[None]:
-    """Keep the export's heartbeat from a thread while the worker moves files."""
-    done = threading.Event()
-
-    def beat() -> None:
-        while not done.wait(every):
-            tick()
-
-    thread = threading.Thread(target=beat, name="export-heartbeat", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join(timeout=10)
 
 
 # --- in the child -----------------------------------------------------------------------------------------

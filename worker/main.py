@@ -19,6 +19,7 @@ from app.db import PASSING_FAULTS, Database
 from app.migrate import schema_ready
 from app.model_registry import list_models
 from app.processes import Backoff, ChildKeeper
+from worker.child import beating
 from worker.export import run_export
 from worker.hardware import machine_summary
 from worker.prepare import prepare_pending_models
@@ -142,7 +143,16 @@ def work_once(
         stop.set()
         return False
     if settings.prepare_models:
-        prepare_pending_models(settings, db, stop=stop)
+
+        def beat() -> None:  # a conversion takes a minute or more: the worker stays visibly alive
+            try:
+                with db.write_session() as session:
+                    workers.beat(session=session, worker_id=me, status="preparing a model")
+            except PASSING_FAULTS:
+                pass  # a busy database: the next beat tries again
+
+        with beating(beat, settings.heartbeat_seconds, name="worker-heartbeat"):
+            prepare_pending_models(settings, db, stop=stop)
     with db.write_session() as session:
         stale_after = timedelta(seconds=settings.stale_after_seconds)
         stale = jobs.requeue_stale(session=session, stale_after=stale_after)

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from app import workers
@@ -24,6 +23,7 @@ from app.processes import Backoff, describe_exit, free_port, signal_group, stop_
 from app.runs import state
 from app.runs.config import RunConfig
 from app.runs.folder import RunFolder
+from worker.child import beating
 from worker.hardware import usable_cores, visible_gpus
 from worker.prepare import prepare_model
 from worker.remote import ArtifactSync, Server, ServerError
@@ -191,7 +191,7 @@ def supervise(
 ) -> str:
     """Run `run` to its end. Returns the final status, or "requeued" when this worker is stopping. Raises
     ServerError after handing the run back when the web server cannot be reached (the worker loop waits)."""
-    with beating(settings, db, run.id, me):  # converting the model and fetching files may take minutes
+    with run_beating(settings, db, run.id, me):  # converting the model and fetching files may take minutes
         problem, model_folder = ensure_model(settings, db, run, stop=stop)
         if problem:
             return fail(db, run, me, problem)
@@ -211,29 +211,20 @@ def supervise(
             sync.stop()
 
 
-@contextmanager
-def beating(settings: Settings, db: Database, run_id: int, me: str):
+def run_beating(settings: Settings, db: Database, run_id: int, me: str):
     """The run's heartbeat from a thread while the worker itself is busy with it (converting its model,
     moving its files), so that nobody takes it for lost."""
-    done = threading.Event()
 
     def beat() -> None:
-        while not done.wait(settings.heartbeat_seconds):
-            try:
-                with db.write_session() as session:
-                    state.heartbeat(session=session, run_id=run_id, worker_id=me)
-            except state.TransitionError:
-                pass  # lost: the caller finds out by itself
-            except PASSING_FAULTS:
-                pass  # a busy database: the next beat tries again
+        try:
+            with db.write_session() as session:
+                state.heartbeat(session=session, run_id=run_id, worker_id=me)
+        except state.TransitionError:
+            pass  # lost: the caller finds out by itself
+        except PASSING_FAULTS:
+            pass  # a busy database: the next beat tries again
 
-    thread = threading.Thread(target=beat, name=f"beat-run-{run_id}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
+    return beating(beat, settings.heartbeat_seconds, name=f"beat-run-{run_id}")
 
 
 def _attempt(
@@ -316,7 +307,7 @@ def _attempt(
             error += log_tail
     if sync is not None:
         try:
-            with beating(settings, db, run.id, me):
+            with run_beating(settings, db, run.id, me):
                 sync.close(adapter=status in WITH_ADAPTER)
         except ServerError as exc:
             status, error = (
