@@ -132,6 +132,17 @@ def test_compare_finished_runs(app, context, scored_runs):
     assert context.errors == []
 
 
+# Buttons, links and fields whose right edge lies past the screen's (except inside a table that scrolls in
+# its .table-wrap, which shows a shadow as its cue), and any cell of the two widest tables, the scored
+# answers and the workers, which must show every cell: on a phone they become a card per row.
+OUTSIDE_THE_SCREEN = """[
+  ...[...document.querySelectorAll("button, a, input, select, textarea")]
+    .filter(e => !e.closest(".table-wrap:not(:has(table.reflow))")),
+  ...document.querySelectorAll("#eval-rows td, #workers-table td")]
+  .filter(e => e.offsetParent !== null && e.getBoundingClientRect().right > window.innerWidth + 1)
+  .map(e => e.id || e.textContent.trim().slice(0, 40) || e.tagName)"""
+
+
 @pytest.mark.parametrize("width", [1280, 390])
 def test_every_page_fits_the_screen(app, browser, tmp_path, width, scored_runs):
     """Screenshots at desktop and phone width; nothing may stick out sideways (the runs' pages show their
@@ -146,7 +157,19 @@ def test_every_page_fits_the_screen(app, browser, tmp_path, width, scored_runs):
         page.wait_for_load_state("networkidle")
         overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 0, f"{path} is {overflow}px wider than a {width}px screen"
+        # every action is within the screen, and the wide tables (scored answers, workers) show every
+        # cell without scrolling: on a phone they become a card per row
+        hidden = page.evaluate(OUTSIDE_THE_SCREEN)
+        assert hidden == [], f"{path} at {width}px puts these beyond the right edge: {hidden}"
         page.screenshot(
             path=str(tmp_path / f"{path.strip('/').replace('/', '_') or 'runs'}-{width}.png"), full_page=True
         )
+    if width == 390:  # New run's cost is read before its Launch button; the playground's toggles line up
+        page.goto(app["base"] + "/runs/new")
+        page.wait_for_load_state("networkidle")
+        cost, launch = page.locator(".estimate-card").bounding_box(), page.locator("#launch").bounding_box()
+        assert launch["y"] > cost["y"] + cost["height"]
+        page.goto(app["base"] + f"/playground?run={second}")
+        left = [page.locator(f"#{box}").bounding_box()["x"] for box in ("alpaca-mode", "blind-mode")]
+        assert left[0] == left[1]
     page.close()
