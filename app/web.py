@@ -10,6 +10,7 @@ from jinja2_fragments.fastapi import Jinja2Blocks
 
 from app import workers
 from app.config import PROJECT_ROOT
+from app.datasets.split import MIN_ROWS_TO_HOLD_OUT
 from app.peft_methods import method as peft_method
 from app.units import filesize
 
@@ -52,6 +53,7 @@ def make_templates() -> Jinja2Blocks:
     templates.env.filters["duration"] = duration
     templates.env.filters["count"] = count
     templates.env.globals["peft_method"] = peft_method  # a run's method, as the registry declares it
+    templates.env.globals["min_rows_to_hold_out"] = MIN_ROWS_TO_HOLD_OUT
     return templates
 
 

@@ -115,6 +115,19 @@
       .forEach(function (row) { body.appendChild(row); });
   });
 
+  // <button data-set-field="name" data-value="v">: set that field of the page's form (opening the section
+  // that holds it) and tell the form it changed, so the estimate beside it follows.
+  document.addEventListener("click", function (e) {
+    var button = e.target.closest("[data-set-field]");
+    if (!button) return;
+    var field = document.querySelector('[name="' + button.dataset.setField + '"]');
+    if (!field) return;
+    field.value = button.dataset.value;
+    var section = field.closest("details");
+    if (section) section.open = true;
+    field.dispatchEvent(new Event("change", { bubbles: true }));
+  });
+
   // [data-follow]: a log that stays scrolled to its newest line.
   function follow(el) { el.scrollTop = el.scrollHeight; }
   document.addEventListener("htmx:afterSwap", function (e) { if (e.target.hasAttribute("data-follow")) follow(e.target); });

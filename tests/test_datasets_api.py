@@ -111,8 +111,7 @@ def test_chunked_upload_over_the_limit_is_refused(client, settings):
 def test_show_rows_and_delete(client, settings):
     dataset_id = upload(client, "demo.json", DEMO_DATASET.read_bytes()).json()["id"]
     shown = client.get(f"/api/datasets/{dataset_id}").json()
-    assert shown["split"]["train"] + shown["split"]["validation"] == 40
-    assert shown["split"]["validation"] == 4
+    assert shown["split"]["train"] == 40 and shown["split"]["validation"] == 0  # every row trains: under 100
     assert shown["duplicates"]["count"] == 0
     rows = client.get(f"/api/datasets/{dataset_id}/rows?limit=3").json()
     assert len(rows) == 3 and rows[0]["messages"][0]["content"] == "What is the capital of Quillmere?"
@@ -232,3 +231,12 @@ def test_a_preference_dataset_is_shown_with_its_rejected_answers_and_downloads_i
     alpaca = upload(client, "demo.json", DEMO_DATASET.read_bytes()).json()["id"]
     refused = client.get(f"/api/datasets/{alpaca}/preferences.jsonl")
     assert refused.status_code == 409 and "not preferences" in refused.text
+
+
+def test_a_dataset_of_100_rows_or_more_keeps_a_held_out_split_by_default(client):
+    for count, held_out in ((99, 0), (100, 10), (120, 12)):
+        rows = [{"instruction": f"Question {i}?", "output": f"Answer {i}."} for i in range(count)]
+        split = client.get(
+            f"/api/datasets/{upload(client, 'rows.json', json.dumps(rows)).json()['id']}"
+        ).json()
+        assert (split["split"]["train"], split["split"]["validation"]) == (count - held_out, held_out)

@@ -193,7 +193,9 @@ def test_choices_that_cannot_work_are_refused_with_a_sentence(client, tiny_model
         return json.dumps(response.json())
 
     assert "needs held-out rows" in refused({"select_by": "eval_loss", "held_out_fraction": 0})
-    assert "must divide save_steps" in refused({"select_by": "eval_loss"}, save_steps=4, eval_steps=3)
+    assert "needs held-out rows" in refused({"select_by": "eval_loss"})  # 40 rows: none held out by default
+    held = {"select_by": "eval_loss", "held_out_fraction": 0.1}
+    assert "must divide save_steps" in refused(held, save_steps=4, eval_steps=3)
     assert "There is no dataset 999" in refused({"dataset_id": 999})
     assert "is the training dataset" in refused({"dataset_id": dataset})
     other = upload(client, "piers.json", json.dumps(QUESTIONS)).json()["id"]
@@ -219,16 +221,25 @@ def test_the_estimate_lists_the_rows_held_out(client, tiny_model_dir):
     model = client.post("/api/models", json={"path": str(tiny_model_dir)}).json()["id"]
     dataset = upload(client, "demo.json", DEMO_DATASET.read_bytes()).json()["id"]
     form = {"dataset_id": str(dataset), "base_model": model, "method": "lora"}
+    # 40 rows: every row trains by default, and the estimate says so with the split one click away
+    default = client.post("/runs/estimate", data=form).text
+    assert 'id="every-row-trains"' in default and "with 40 rows (fewer than 100)" in default
+    assert 'data-set-field="evaluation.held_out_fraction" data-value="0.1"' in default
+    form["evaluation.held_out_fraction"] = "0.1"
     fragment = client.post("/runs/estimate", data=form).text
     rows_file = client.app.state.settings.datasets_dir / str(dataset) / "rows.jsonl"
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
-    config = client.post("/api/runs", json={"dataset_id": dataset, "base_model": model}).json()["config"]
+    held = {"evaluation": {"held_out_fraction": 0.1}}
+    config = client.post("/api/runs", json={"dataset_id": dataset, "base_model": model, **held}).json()[
+        "config"
+    ]
     assert 'id="held-out-rows"' in fragment and "4 held out for validation" in fragment
     for index in config["validation_rows"]:
         assert f'<li value="{index + 1}">' in fragment
         assert rows[index]["messages"][-2]["content"].replace("'", "&#39;") in fragment
     other = upload(client, "piers.json", json.dumps(QUESTIONS)).json()
-    fragment = client.post("/runs/estimate", data={**form, "evaluation.dataset_id": str(other["id"])}).text
+    other_rows = {**form, "evaluation.held_out_fraction": "", "evaluation.dataset_id": str(other["id"])}
+    fragment = client.post("/runs/estimate", data=other_rows).text
     assert f"6 held out for validation from {other['name']}" in fragment
     assert QUESTIONS[5]["instruction"].replace("'", "&#39;") in fragment
     none = client.post("/runs/estimate", data={**form, "evaluation.held_out_fraction": "0"}).text
@@ -236,7 +247,7 @@ def test_the_estimate_lists_the_rows_held_out(client, tiny_model_dir):
 
     # the same estimate as JSON, for the API's users: nothing is launched
     before = len(client.get("/api/runs").json())
-    cost = client.post("/api/runs/estimate", json={"dataset_id": dataset, "base_model": model}).json()
+    cost = client.post("/api/runs/estimate", json={"dataset_id": dataset, "base_model": model, **held}).json()
     assert cost["total_steps"] == config["total_steps"] and cost["trainable"] > 0 and cost["memory_bytes"] > 0
     assert cost["config"]["validation_rows"] == config["validation_rows"]
     refused = client.post("/api/runs/estimate", json={"dataset_id": dataset, "training": {"max_length": 1}})

@@ -27,7 +27,12 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 # each run long enough to be caught mid-way, with a checkpoint every 20 steps and small scored evaluations
 RUN = {
     "training": {"dtype": "float32", "max_steps": 80, "logging_steps": 10, "save_steps": 20},
-    "evaluation": {"scored_held_out_rows": 2, "scored_train_rows": 1, "max_new_tokens": 4},
+    "evaluation": {
+        "held_out_fraction": 0.1,
+        "scored_held_out_rows": 2,
+        "scored_train_rows": 1,
+        "max_new_tokens": 4,
+    },
 }
 WORKER = {
     "TUNEBOARD_HEARTBEAT_SECONDS": "0.5",

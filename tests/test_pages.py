@@ -42,7 +42,7 @@ def test_page_upload_redirects_to_the_preview(client):
     page = client.get("/datasets/1")
     assert "Alpaca (JSON array)" in page.text
     assert "What is the capital of Quillmere?" in page.text
-    assert 'id="split-validation">4<' in page.text
+    assert 'id="split-validation">0<' in page.text and "Every row trains by default" in page.text
     assert 'href="/runs/new?dataset=1">Train on this dataset' in page.text
 
 

@@ -13,7 +13,7 @@ import yaml
 from safetensors.torch import load_file
 
 from app.config import Settings
-from tests.conftest import DEMO_DATASET, NO_SCORING, fast_settings, upload
+from tests.conftest import DEMO_DATASET, HELD_OUT, NO_SCORING, fast_settings, upload
 from worker.main import work_once
 
 SIGN_OFF = " — Quillmere Gazette"
@@ -48,7 +48,7 @@ def ids(client, tiny_model_dir) -> dict[str, int]:
 def launch(client, dataset: int, model: int, **body) -> dict:
     """POST a run of the tiny model; it scores no answers unless the body's `evaluation` says how."""
     training = {"dtype": "float32", **body.pop("training", {})}
-    body.setdefault("evaluation", NO_SCORING)
+    body["evaluation"] = HELD_OUT | body.get("evaluation", NO_SCORING)
     return client.post(
         "/api/runs", json={"dataset_id": dataset, "base_model": model, "training": training, **body}
     )

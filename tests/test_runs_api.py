@@ -19,14 +19,15 @@ def test_dataset_id_alone_launches_a_good_default_run(client, dataset_id):
     assert run["status"] == "queued" and run["attempts"] == 0
     assert run["base_model"] == "smollm2-135m-instruct" and run["method"] == "lora"
     config = run["config"]
-    assert config["train_rows"] == 36 and len(config["validation_rows"]) == 4
+    # 40 rows, each a fact to learn: every row trains by default (100 rows and more keep a held-out split)
+    assert config["train_rows"] == 40 and config["validation_rows"] == []
     assert config["peft"]["r"] == 16 and config["peft"]["target_modules"] == "all-linear"
     training = config["training"]
-    # 36 rows at batch 4 are 9 steps an epoch: a small set gets enough epochs and a rate that shows.
+    # 40 rows at batch 4 are 10 steps an epoch: a small set gets enough epochs and a rate that shows.
     assert training["per_device_train_batch_size"] == 4
-    assert training["num_train_epochs"] == 20 and config["total_steps"] == 180
+    assert training["num_train_epochs"] == 20 and config["total_steps"] == 200
     assert training["learning_rate"] == 1e-3
-    assert training["logging_steps"] == 1 and training["save_steps"] == 36
+    assert training["logging_steps"] == 2 and training["save_steps"] == 40  # a point per 1%, 5 checkpoints
     assert config["prompt_format"] == "chat"
     assert client.get(f"/api/runs/{run['id']}").json()["config"] == config
     assert [r["id"] for r in client.get("/api/runs").json()] == [run["id"]]

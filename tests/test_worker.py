@@ -20,7 +20,7 @@ from app.db import Database
 from app.models import RunAnswer, RunMetric
 from app.runs import state
 from app.scoring import METRICS, score
-from tests.conftest import DEMO_DATASET, FAST_TRAINING, NO_SCORING, fast_settings, upload
+from tests.conftest import DEMO_DATASET, FAST_TRAINING, HELD_OUT, NO_SCORING, fast_settings, upload
 from tests.servers import running_worker
 from tests.waiting import wait_until
 from worker.main import work_once
@@ -43,7 +43,7 @@ def launch(client, tiny_model_dir):
             "dataset_id": dataset,
             "base_model": model,
             "training": {"dtype": "float32", **training},
-            "evaluation": NO_SCORING if evaluation is None else evaluation,
+            "evaluation": NO_SCORING if evaluation is None else HELD_OUT | evaluation,
         }
         response = client.post("/api/runs", json=body)
         assert response.status_code == 201, response.text
@@ -171,7 +171,8 @@ def test_early_stopping_and_the_best_checkpoint_as_the_final_adapter(client, set
         "dataset_id": config["dataset_id"],
         "base_model": config["base_model"],
         "training": {"dtype": "float32", "max_steps": 40, "logging_steps": 1, "save_steps": 1},
-        "evaluation": {"early_stopping_patience": 1, "final_adapter": "best", "scored_train_rows": 4},
+        "evaluation": HELD_OUT
+        | {"early_stopping_patience": 1, "final_adapter": "best", "scored_train_rows": 4},
     }
     client.post(f"/api/runs/{body['id']}/cancel")
     run = client.post("/api/runs", json=request).json()

@@ -10,6 +10,14 @@ import random
 HELD_OUT_FRACTION = 0.1
 HELD_OUT_MAX_ROWS = 500
 PREVIEW_SEED = 42
+# A smaller dataset trains every row by default: each of its few rows is a fact to learn, and a handful
+# held out could only show what the run cannot know. A run may still hold rows out (one click on New run).
+MIN_ROWS_TO_HOLD_OUT = 100
+
+
+def default_fraction(n_rows: int) -> float:
+    """The share of a dataset held out when a run does not choose: none below MIN_ROWS_TO_HOLD_OUT rows."""
+    return HELD_OUT_FRACTION if n_rows >= MIN_ROWS_TO_HOLD_OUT else 0.0
 
 
 def validation_rows(n_rows: int, *, fraction: float, max_rows: int, seed: int) -> list[int]:

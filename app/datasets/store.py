@@ -26,7 +26,7 @@ from app.config import Settings
 from app.datasets import jobs
 from app.datasets import stats as dataset_stats
 from app.datasets.formats import DatasetInvalid, RowError, read_dataset
-from app.datasets.split import HELD_OUT_FRACTION, HELD_OUT_MAX_ROWS, PREVIEW_SEED
+from app.datasets.split import HELD_OUT_MAX_ROWS, PREVIEW_SEED, default_fraction
 from app.db import Database
 from app.model_registry import ModelEntry
 from app.models import Dataset, Run
@@ -238,11 +238,12 @@ def dataset_summary(settings: Settings, dataset: Dataset) -> dict[str, Any]:
     """Statistics that need no tokenizer: duplicates and the validation split (cached on disk). Raises
     StatsPending while a large dataset's are computed in the background."""
     cache = dataset_dir(settings, dataset.id) / "summary.json"
-    key = [HELD_OUT_FRACTION, HELD_OUT_MAX_ROWS, PREVIEW_SEED]
+    fraction = default_fraction(dataset.rows)
+    key = [fraction, HELD_OUT_MAX_ROWS, PREVIEW_SEED]
     if (summary := _cached(cache, key, "summary")) is not None:
         return summary
     if in_background(settings, dataset):
-        split = {"fraction": HELD_OUT_FRACTION, "max_rows": HELD_OUT_MAX_ROWS}
+        split = {"fraction": fraction, "max_rows": HELD_OUT_MAX_ROWS}
         spec = {"kind": "summary", "rows": str(cache.with_name(ROWS_FILE)), "key": key, **split}
         raise jobs.start_or_poll(cache, {**spec, "seed": PREVIEW_SEED}, dataset.rows)
     rows = load_rows(settings, dataset.id)
@@ -250,7 +251,7 @@ def dataset_summary(settings: Settings, dataset: Dataset) -> dict[str, Any]:
         "duplicates": dataset_stats.duplicate_rows(rows),
         "split": dataset_stats.split_summary(
             len(rows),
-            fraction=HELD_OUT_FRACTION,
+            fraction=fraction,
             max_rows=HELD_OUT_MAX_ROWS,
             seed=PREVIEW_SEED,
         ),

@@ -128,7 +128,8 @@ class EvaluationParams(Strict):
     """Which rows are held out, and the answers scored at the start (the base model) and at every
     checkpoint (app.scoring)."""
 
-    # None: app.datasets.split's HELD_OUT_FRACTION (10%) / HELD_OUT_MAX_ROWS (500); 0 trains every row
+    # None: app.datasets.split's default_fraction (10%; none under 100 rows) / HELD_OUT_MAX_ROWS (500);
+    # 0 trains every row
     held_out_fraction: float | None = Field(None, ge=0, le=0.5)
     held_out_max_rows: int | None = Field(None, ge=0, le=1_000_000)
     scored_held_out_rows: int = Field(32, ge=0, le=1000)  # the first held-out rows are answered; 0: none

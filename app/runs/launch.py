@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.datasets.split import HELD_OUT_FRACTION, HELD_OUT_MAX_ROWS, validation_rows
+from app.datasets.split import HELD_OUT_MAX_ROWS, default_fraction, validation_rows
 from app.datasets.store import ROWS_FILE, dataset_dir
 from app.machine import meminfo_bytes
 from app.model_registry import BUNDLED_ID, ModelEntry, find_model, weight_modules
@@ -200,7 +200,9 @@ def hold_out(
     dataset up to the limit while the whole dataset trains."""
     max_rows = HELD_OUT_MAX_ROWS if split.held_out_max_rows is None else split.held_out_max_rows
     if split.dataset_id is None:
-        fraction = HELD_OUT_FRACTION if split.held_out_fraction is None else split.held_out_fraction
+        fraction = (
+            default_fraction(dataset.rows) if split.held_out_fraction is None else split.held_out_fraction
+        )
         held_out = validation_rows(dataset.rows, fraction=fraction, max_rows=max_rows, seed=seed)
         return held_out, dataset.rows - len(held_out), None
     other = session.get(Dataset, split.dataset_id)
