@@ -19,7 +19,11 @@ def test_launch_from_the_page_and_watch_the_curve_draw(app, context):
     page.goto(f"{app['base']}/runs/new")
     page.select_option("#base_model", app["model"])
     page.fill("[name='training.num_train_epochs']", "40")
-    # the estimate follows the form: 36 rows at batch 4 are 9 steps an epoch
+    # 40 rows train every row by default: 10 steps an epoch at batch 4; one click holds 10% out instead,
+    # and the estimate follows the form: 36 rows are 9 steps an epoch
+    page.wait_for_function("(document.getElementById('est-steps') || {}).textContent?.startsWith('400')")
+    page.click("#every-row-trains button")
+    assert page.input_value("[name='evaluation.held_out_fraction']") == "0.1"
     page.wait_for_function("(document.getElementById('est-steps') || {}).textContent?.startsWith('360')")
     page.click("#launch")
     page.wait_for_url(re.compile(r"/runs/\d+$"))
