@@ -41,6 +41,14 @@ def stub_score(answer: str) -> int:
     return 1 + len(answer) % 10
 
 
+def send_json(handler: BaseHTTPRequestHandler, status: int, payload: bytes) -> None:
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(payload)))
+    handler.end_headers()
+    handler.wfile.write(payload)
+
+
 class StubJudge(BaseHTTPRequestHandler):
     """An OpenAI-compatible chat endpoint that grades by `stub_score` and keeps what it was sent."""
 
@@ -62,11 +70,7 @@ class StubJudge(BaseHTTPRequestHandler):
                 ],
             }
         ).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        send_json(self, 200, payload)
 
     def log_message(self, *args):
         pass
@@ -290,12 +294,7 @@ class Refusing(BaseHTTPRequestHandler):
     """An endpoint that refuses every request with a page of its own (say, another service's secrets)."""
 
     def do_POST(self):
-        payload = b'{"error": {"message": "internal-admin-secret-page"}}'
-        self.send_response(403)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        send_json(self, 403, b'{"error": {"message": "internal-admin-secret-page"}}')
 
     def log_message(self, *args):
         pass

@@ -250,6 +250,16 @@ def host_health(app) -> dict:
     return httpx.get(f"{app['base']}/api/playground/status").json()
 
 
+def cancelled_once_idle(app) -> int:
+    """The host's count of cancelled answers, once nothing waits any more (at most 30 s)."""
+    for _ in range(300):
+        health = host_health(app)
+        if health["waiting"] == 0:
+            return health["cancelled"]
+        threading.Event().wait(0.1)
+    raise AssertionError(f"the generation host still has questions waiting: {health}")
+
+
 def test_leaving_mid_answer_stops_the_generation(app):
     body = {
         "panes": [{"target": app["model"], "messages": [{"role": "user", "content": "Go on and on."}]}],
@@ -261,12 +271,7 @@ def test_leaving_mid_answer_stops_the_generation(app):
         for line in lines:
             if line.startswith("event: token"):
                 break
-    for _ in range(300):
-        health = host_health(app)
-        if health["waiting"] == 0:
-            break
-        threading.Event().wait(0.1)
-    assert health["waiting"] == 0 and health["cancelled"] == before + 1
+    assert cancelled_once_idle(app) == before + 1
 
 
 def test_a_plain_v1_answer_stops_when_its_client_leaves(app):
@@ -277,12 +282,7 @@ def test_a_plain_v1_answer_stops_when_its_client_leaves(app):
     body |= {"max_tokens": 450, "temperature": 0}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{app['base']}/v1/chat/completions", json=body, timeout=httpx.Timeout(10, read=0.3))
-    for _ in range(300):
-        health = host_health(app)
-        if health["waiting"] == 0:
-            break
-        threading.Event().wait(0.1)
-    assert health["waiting"] == 0 and health["cancelled"] == before + 1
+    assert cancelled_once_idle(app) == before + 1
 
 
 @pytest.mark.parametrize(
