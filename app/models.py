@@ -148,6 +148,9 @@ class Run(Leased, Base):
     exit_code: Mapped[int | None] = mapped_column(Integer)
     total_steps: Mapped[int | None] = mapped_column(Integer)
     current_step: Mapped[int] = mapped_column(Integer, default=0)
+    # what a running run is doing now, in words ("Scoring the base model's answers: 16 of 40"); the pages
+    # show it only while the run runs
+    phase: Mapped[str | None] = mapped_column(String(200))
     trainable_params: Mapped[int | None] = mapped_column(BigInteger)
     total_params: Mapped[int | None] = mapped_column(BigInteger)
     resumed_from_step: Mapped[int | None] = mapped_column(Integer)

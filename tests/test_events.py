@@ -166,3 +166,17 @@ def test_a_run_created_before_the_runs_page_connects_is_announced(
             first = parse(_until_blank(lines))
             assert (first[0].event == "runs-changed") is announced
             assert first[0].data == "1" if announced else first[0].event == f"run-{run_id}"
+
+
+def test_the_run_page_says_what_a_running_run_is_doing(client, db, run_id):
+    """Scoring the base model's answers, loading, converting: the phase shows with the progress while the
+    run runs (and in its progress API), and not once it has ended."""
+    with db.write_session() as session:
+        state.record_phase(session=session, run_id=run_id, phase="Scoring the base model's answers: 8 of 40")
+    page = client.get(f"/runs/{run_id}").text
+    shown = "Scoring the base model&#39;s answers: 8 of 40"
+    assert f'<p class="phase small" id="run-phase" role="status">{shown}</p>' in page
+    assert client.get(f"/api/runs/{run_id}").json()["phase"] == "Scoring the base model's answers: 8 of 40"
+    finish(db, run_id)
+    assert 'id="run-phase"' not in client.get(f"/runs/{run_id}").text
+    assert client.get(f"/api/runs/{run_id}").json()["phase"] is None

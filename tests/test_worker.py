@@ -143,6 +143,54 @@ def test_a_run_succeeds_with_metrics_and_a_downloadable_adapter(client, settings
 
 
 @pytest.mark.trains
+def test_a_relaunch_reuses_the_base_models_answers(client, settings, db, launch):
+    """The same base model asked the same rows with the same settings answers the same: a relaunch (a new
+    learning rate, as advice's one click makes) reuses the answers instead of generating them again; other
+    prompts, budgets or dtypes ask afresh."""
+
+    def base_answers(run_id: int) -> dict:
+        with db.session() as session:
+            rows = session.scalars(select(RunAnswer).where(RunAnswer.run_id == run_id, RunAnswer.step == 0))
+            return {(a.split, a.row): a.answer for a in rows}
+
+    def trained(**values) -> tuple[dict, str]:
+        run = launch(max_steps=1, save_steps=1, **values)
+        assert work_once(settings, db, me="w1", stop=threading.Event())
+        assert client.get(f"/api/runs/{run['id']}").json()["status"] == "succeeded"
+        return base_answers(run["id"]), (settings.runs_dir / str(run["id"]) / "train.log").read_text()
+
+    few = {"scored_held_out_rows": 2, "scored_train_rows": 2}
+    first, first_log = trained(evaluation={"max_new_tokens": 8, **few})
+    again, again_log = trained(learning_rate=2e-3, evaluation={"max_new_tokens": 8, **few})
+    reused = "the base model's answers to these rows and settings are reused from an earlier run"
+    assert reused not in first_log and reused in again_log
+    # what decides the answers names the file they are kept in: another budget, prompt or dtype asks afresh
+    from types import SimpleNamespace
+
+    from app.runs.config import RunConfig
+    from worker.evaluate import Question, base_answers_file
+
+    config = RunConfig.model_validate(client.get("/api/runs/1").json()["config"])
+    model = SimpleNamespace(dtype="torch.float32", device="cpu")
+    asked = {"train": [Question(3, [1, 2, 3], "q", "r", 8)]}
+    kept = base_answers_file(settings.models_dir, config, model, asked)
+    assert kept == base_answers_file(settings.models_dir, config, model, asked)
+    longer = {"train": [Question(3, [1, 2, 3], "q", "r", 12)]}
+    other = {"train": [Question(3, [1, 2, 4], "q", "r", 8)]}
+    half = SimpleNamespace(dtype="torch.bfloat16", device="cpu")
+    assert kept not in {
+        base_answers_file(settings.models_dir, config, model, longer),
+        base_answers_file(settings.models_dir, config, model, other),
+        base_answers_file(settings.models_dir, config, half, asked),
+    }
+    # the phases the run page shows, as the training process said them
+    for phase in ("Loading the base model", "Scoring the base model's answers to held-out rows: 0 of 2",
+                  "Scoring step 1's answers to training rows: 0 of 2", "Saving the adapter"):  # fmt: skip
+        assert phase in first_log, phase
+    assert len(first) == 2 + 2 and again == first
+
+
+@pytest.mark.trains
 def test_the_best_checkpoint_survives_rotation_and_answers_by_name(client, settings, db, launch):
     """Six checkpoints with save_total_limit 2: the best-scored one is kept beside the newest, and the
     playground and /v1 reach it as run-N-best."""

@@ -10,10 +10,13 @@ answers (make bench reports it per checkpoint).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,7 @@ def scored(config: RunConfig, processes: int = 1) -> bool:
 
 
 BATCH = 8
+SPLIT_NAMES = {"validation": "held-out rows", "train": "training rows"}
 JUDGE_WAIT_SECONDS = 900  # at the end of training, for the judge's verdicts on the last checkpoint
 
 
@@ -99,12 +103,16 @@ def answer_budget(tokenizer, reference: str, limit: int) -> int:
 
 
 @torch.no_grad()
-def answer(model, tokenizer, prompts: list[list[int]], budgets: list[int]) -> list[str]:
+def answer(
+    model, tokenizer, prompts: list[list[int]], budgets: list[int], done: Callable[[int], None] | None = None
+) -> list[str]:
     """Greedy answers to token-id prompts, in left-padded batches; a batch generates at most the largest of
-    its prompts' budgets of new tokens."""
+    its prompts' budgets of new tokens. `done` hears how many are answered before each batch."""
     device = next(model.parameters()).device
     texts: list[str] = []
     for start in range(0, len(prompts), BATCH):
+        if done is not None:
+            done(start)
         batch = prompts[start : start + BATCH]
         max_new_tokens = max(budgets[start : start + BATCH])
         width = max(len(p) for p in batch)
@@ -143,8 +151,10 @@ class EvaluationCallback(TrainerCallback):
         resumed: bool,
         progress: ProgressCallback | None = None,
         judge: Judge | None = None,
+        answers_dir: Path | None = None,
     ):
         self.config, self.sink, self.questions, self.resumed = config, sink, questions, resumed
+        self.answers_dir = answers_dir  # where the base model's answers are kept for the next run to reuse
         self.judge = judge  # grades each split's answers in the background
         self.progress = progress  # told how long evaluating took, so that it is not counted as training
         self.scores: dict[int, float] = {}  # this attempt's checkpoints: step -> the score that selects
@@ -195,14 +205,46 @@ class EvaluationCallback(TrainerCallback):
         that continues another run's adapter, that adapter's answers (where this run starts)."""
         if self.config.start_adapter:
             self.evaluate(model, tokenizer, 0)
-        elif peft_method(self.config.method).prompt_learning:
-            self.evaluate(model.get_base_model(), tokenizer, 0)
-        else:
+            return
+        base = model.get_base_model() if peft_method(self.config.method).prompt_learning else model
+        kept = base_answers_file(self.answers_dir, self.config, base, self.questions)
+        known = read_answers(kept)
+        if known is not None:
+            log.info("the base model's answers to these rows and settings are reused from an earlier run")
+            self.evaluate(base, tokenizer, 0, known=known)
+            return
+        if base is model:
             with model.disable_adapter():
-                self.evaluate(model, tokenizer, 0)
+                texts = self.answer_all(model, tokenizer, 0)
+        else:
+            texts = self.answer_all(base, tokenizer, 0)
+        write_answers(kept, texts)
 
-    def evaluate(self, model, tokenizer, step: int) -> dict[str, Scores]:
-        """Answer and score every split at `step`; returns each answered split's mean scores."""
+    def answer_all(self, model, tokenizer, step: int) -> dict[str, list[str]]:
+        texts: dict[str, list[str]] = {}
+        self.evaluate(model, tokenizer, step, answered=texts)
+        return texts
+
+    def reporting(self, step: int, split: str, total: int) -> Callable[[int], None]:
+        """What the run page says while answers are generated: whose, to which rows, how far along."""
+        whose = "the base model's" if step == 0 else f"step {step}'s"
+
+        def done(count: int) -> None:
+            self.sink.phase(f"Scoring {whose} answers to {SPLIT_NAMES[split]}: {count} of {total}")
+
+        return done
+
+    def evaluate(
+        self,
+        model,
+        tokenizer,
+        step: int,
+        *,
+        known: dict[str, list[str]] | None = None,
+        answered: dict[str, list[str]] | None = None,
+    ) -> dict[str, Scores]:
+        """Answer and score every split at `step` (with `known`, the answers given instead of generated);
+        returns each answered split's mean scores, and fills `answered` with the answers by split."""
         result: dict[str, Scores] = {}
         processes = int(os.environ.get("WORLD_SIZE", "1"))
         if not any(self.questions.values()) or not scored(self.config, processes):
@@ -216,8 +258,19 @@ class EvaluationCallback(TrainerCallback):
                 if not items:
                     continue
                 started = time.perf_counter()
-                texts = answer(model, tokenizer, [q.prompt for q in items], [q.budget for q in items])
+                if known is not None and len(known.get(split, [])) == len(items):
+                    texts = known[split]
+                else:
+                    texts = answer(
+                        model,
+                        tokenizer,
+                        [q.prompt for q in items],
+                        [q.budget for q in items],
+                        self.reporting(step, split, len(items)),
+                    )
                 seconds = time.perf_counter() - started
+                if answered is not None:
+                    answered[split] = texts
                 scores = [score(text, q.reference) for q, text in zip(items, texts, strict=True)]
                 answers = [
                     {"row": q.row, "answer": text, **scored}
@@ -236,7 +289,42 @@ class EvaluationCallback(TrainerCallback):
         finally:
             tokenizer.padding_side = side
             model.train(training)
+            self.sink.phase(None)  # back to training
         return result
+
+
+def base_answers_file(folder: Path | None, config: RunConfig, model, questions) -> Path | None:
+    """Where the base model's greedy answers to exactly these prompts, budgets, weights, dtype and device
+    are kept: a relaunch (advice's one click, a new learning rate) asks the same questions of the same base
+    model, and its answers cannot differ. None when no folder is given."""
+    if folder is None:
+        return None
+    weights = sorted(Path(config.model_path).glob("*.safetensors"))
+    key = {
+        "model": config.model_path,
+        "weights": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights],
+        "dtype": str(model.dtype),
+        "device": str(model.device),
+        "questions": {s: [(q.row, q.prompt, q.budget) for q in items] for s, items in questions.items()},
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return folder / f"{digest}.json"
+
+
+def read_answers(path: Path | None) -> dict[str, list[str]] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path is not None else None
+    except (OSError, ValueError):
+        return None
+
+
+def write_answers(path: Path | None, texts: dict[str, list[str]]) -> None:
+    if path is None or not texts:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    staging.write_text(json.dumps(texts), encoding="utf-8")
+    os.replace(staging, path)
 
 
 def evaluate_run(settings, run_id: int, step: int | None, *, base: bool = False) -> dict[str, Any]:

@@ -28,6 +28,11 @@ class Sink:
     def reached(self, step: int) -> None:
         """Training ended at `step` (logged points may stop a few steps short of it)."""
 
+    def phase(self, text: str | None) -> None:
+        """What the training process is doing now, in words (None once it is plain training)."""
+        if text:
+            log.info("%s", text)
+
     def answers(self, *, step: int, split: str, answers: list[dict], seconds: float) -> None:
         """One evaluation's scored answers (worker.evaluate logs their means itself)."""
 
@@ -70,6 +75,17 @@ class DatabaseSink(Sink):
 
         with self.db.write_session() as session:
             state.record_step(session=session, run_id=self.run_id, step=step)
+
+    def phase(self, text: str | None) -> None:
+        from app.db import PASSING_FAULTS
+        from app.runs import state
+
+        super().phase(text)
+        try:
+            with self.db.write_session() as session:
+                state.record_phase(session=session, run_id=self.run_id, phase=text)
+        except PASSING_FAULTS:
+            pass  # a busy database: the page shows the next phase instead
 
     def answers(self, *, step: int, split: str, answers: list[dict], seconds: float) -> None:
         from app.runs.evaluation import record_answers

@@ -192,6 +192,7 @@ def supervise(
     """Run `run` to its end. Returns the final status, or "requeued" when this worker is stopping. Raises
     ServerError after handing the run back when the web server cannot be reached (the worker loop waits)."""
     with run_beating(settings, db, run.id, me):  # converting the model and fetching files may take minutes
+        say_phase(db, run.id, "Preparing: the base model and the run's files")
         problem, model_folder = ensure_model(settings, db, run, stop=stop)
         if problem:
             return fail(db, run, me, problem)
@@ -241,6 +242,7 @@ def _attempt(
     distributed = str(run.config.get("distributed", "ddp"))
     command = launch_command(settings, folder.config, run.attempts, gpus=run.gpus, distributed=distributed)
     log.info("run %d attempt %d: %s", run.id, run.attempts, " ".join(command))
+    say_phase(db, run.id, "Starting the training process")
     oom_before = oom_kills()
     with open(folder.log, "ab") as out:
         out.write(f"--- attempt {run.attempts} by {me} ---\n".encode())
@@ -324,6 +326,15 @@ def _attempt(
     return status
 
 
+def say_phase(db: Database, run_id: int, phase: str | None) -> None:
+    """What the run is doing, for its page, from the worker (the training process says its own)."""
+    try:
+        with db.write_session() as session:
+            state.record_phase(session=session, run_id=run_id, phase=phase)
+    except PASSING_FAULTS:
+        pass  # a busy database: the page shows the next phase instead
+
+
 def ensure_model(
     settings: Settings, db: Database, run: Run, *, stop: threading.Event
 ) -> tuple[str | None, Path | None]:
@@ -335,6 +346,7 @@ def ensure_model(
         return removed_model(run.base_model), None
     if model.status == "preparing":
         log.info("run %d: preparing %s first", run.id, model.id)
+        say_phase(db, run.id, f"Converting {model.name} to train it (once; about a minute for a small model)")
         reason = prepare_model(model, stop=stop)
         if reason:
             return reason, None

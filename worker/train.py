@@ -198,6 +198,9 @@ def training_arguments(config: RunConfig, dtype, has_eval: bool, args_class=None
     )
 
 
+BASE_ANSWERS = ".base-answers"  # under the models folder: base models' answers, kept for the next run
+
+
 def training_callbacks(config: RunConfig, sink, sources, tokenizer, resumed_from, trainable, total):
     """Progress into the database, AdaLoRA's rank updates, and the scored answers at every checkpoint."""
     from transformers import TrainerCallback
@@ -218,7 +221,13 @@ def training_callbacks(config: RunConfig, sink, sources, tokenizer, resumed_from
         judge = Judge(config.evaluation.judge, Settings(), sink)
     callbacks.append(
         EvaluationCallback(
-            config, sink, scored, resumed=resumed_from is not None, progress=progress, judge=judge
+            config,
+            sink,
+            scored,
+            resumed=resumed_from is not None,
+            progress=progress,
+            judge=judge,
+            answers_dir=Settings().models_dir / BASE_ANSWERS,
         )
     )
     return callbacks
@@ -283,7 +292,9 @@ def build_trainer(config: RunConfig, sink, attempt: int | None):
             training.max_length,
         )
 
+    sink.phase("Loading the base model")
     model, dtype, trainable, total = prepared_model(config, train_split.lengths)
+    sink.phase(None)
     has_eval = bool(eval_split.examples)
     packing = training.packing and not peft_method(config.method).prompt_learning
     resume = resume_point(folder)
@@ -326,6 +337,7 @@ def train(config: RunConfig, sink, attempt: int | None = None) -> Path:
         kind = trainer.accelerator.distributed_type.value  # MULTI_GPU, MULTI_CPU (gloo) or FSDP
         log.info("training with %d processes (%s)", trainer.args.world_size, kind)
     trainer.train(resume_from_checkpoint=resume_from)
+    sink.phase("Saving the adapter")
     log.info("peak resident memory %.0f MiB", peak_memory_mb())
     adapter = run_folder(config).adapter
     staging = adapter.with_name(".adapter.partial")

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -56,12 +56,19 @@ class RunOut(BaseModel):
     exit_code: int | None
     total_steps: int | None
     current_step: int
+    phase: str | None  # what a running run is doing now, in words; None once it has ended
     trainable_params: int | None
     total_params: int | None
     resumed_from_step: int | None
     gpus: int
     history: list[AttemptOut]  # each attempt: the worker that trained it, and how it ended
     config: dict[str, Any]
+
+    @model_validator(mode="after")
+    def _phase_while_running(self):
+        if self.status != "running":
+            self.phase = None
+        return self
 
 
 @router.get("/presets")

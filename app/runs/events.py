@@ -62,6 +62,7 @@ def progress(run: Run, latest: RunMetric | None = None, *, now: datetime | None 
         "eta_seconds": eta,
         "attempts": run.attempts,
         "error": run.error,
+        "phase": run.phase if run.status == RunStatus.RUNNING else None,
     }
 
 

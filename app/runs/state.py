@@ -172,6 +172,12 @@ def record_metric(*, session: Session, run_id: int, values: dict) -> None:
     session.commit()
 
 
+def record_phase(*, session: Session, run_id: int, phase: str | None) -> None:
+    """What the run is doing now, in words (None: nothing to say beyond its step)."""
+    session.execute(update(Run).where(Run.id == run_id).values(phase=phase[:200] if phase else None))
+    session.commit()
+
+
 def record_step(*, session: Session, run_id: int, step: int) -> None:
     """The step training reached when it ended (the last logged one may be a few steps before it)."""
     session.execute(update(Run).where(Run.id == run_id).values(current_step=step))

@@ -8,7 +8,7 @@ import re
 import httpx
 import pytest
 
-from tests.browser.conftest import api_run, finished_runs, launch, points
+from tests.browser.conftest import api_run, launch, points
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.browser
@@ -120,8 +120,12 @@ def test_runs_page_updates_rows_live(app, context):
 
 @pytest.fixture(scope="module")
 def scored_runs(app) -> list[int]:
-    """Two finished runs with scored answers (1 and 2 epochs), for the tests that only look at them."""
-    return finished_runs(app, 1, 2, scored=True)
+    """Two finished runs with scored answers (1 and 2 epochs: 9 and 18 steps), two checkpoints each (the
+    pages draw answers by step from any number), for the tests that only look at them."""
+    runs = [launch(app, 1, scored=True, save_steps=5), launch(app, 2, scored=True, save_steps=9)]
+    for run in runs:
+        wait_until(lambda run=run: api_run(app, run)["status"] == "succeeded", 180, f"run {run} to finish")
+    return runs
 
 
 def test_compare_finished_runs(app, context, scored_runs):
