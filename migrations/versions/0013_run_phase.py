@@ -17,11 +17,11 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
+# Plain ALTER TABLE both ways (SQLite has DROP COLUMN since 3.35): a batch operation would copy `runs` into a
+# new table and drop the old one, and with foreign keys on that drop deletes every run's metrics and answers.
 def upgrade() -> None:
-    with op.batch_alter_table("runs") as table:
-        table.add_column(sa.Column("phase", sa.String(200), nullable=True))
+    op.add_column("runs", sa.Column("phase", sa.String(200), nullable=True))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("runs") as table:
-        table.drop_column("phase")
+    op.drop_column("runs", "phase")
