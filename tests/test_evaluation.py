@@ -383,12 +383,22 @@ def test_advice_names_the_change_most_likely_to_help(client, tiny_model_dir):
     rising = advise(run, _summary([(24, 0), (80, 40), (92, 73)]))
     assert not rising.learned and rising.change == {"training.num_train_epochs": 10}
     assert "73% of the training rows answered like their reference at step 20" in rising.sentence
-    stalled = advise(run, _summary([(10, 0), (30, 10), (31, 10)]))
+    # the cosine schedule had decayed to nearly zero in the last interval: the one before it gained 20
+    decayed = advise(run, _summary([(10, 0), (30, 10), (31, 10)]))
+    assert decayed.change == {"training.num_train_epochs": 10} and "stopped improving" not in decayed.sentence
+    assert "still rising until its cosine learning rate decayed to nearly zero at the end" in decayed.sentence
+    constant = config | {"training": config["training"] | {"lr_scheduler_type": "constant"}}
+    flat_end = advise(
+        Run(status=RunStatus.SUCCEEDED, config=constant), _summary([(10, 0), (30, 10), (31, 10)])
+    )
+    assert flat_end.change == {"training.learning_rate": 2e-3}  # at a constant rate a flat end is a stall
+    stalled = advise(run, _summary([(10, 0), (11, 1), (12, 1)]))
     assert stalled.change == {"training.learning_rate": 2e-3} and stalled.label == "learning rate 0.002"
-    cut = advise(run, _summary([(10, 0), (30, 10), (31, 10)]), truncated=20)
+    assert "stopped improving" in stalled.sentence
+    cut = advise(run, _summary([(10, 0), (11, 1), (12, 1)]), truncated=20)
     assert cut.change == {"training.max_length": 2048} and "20 of 40 rows are longer" in cut.sentence
     config["training"]["learning_rate"] = 3e-3
-    assert advise(run, _summary([(10, 0), (30, 10), (31, 11)])).change == {"peft.r": 32}
+    assert advise(run, _summary([(10, 0), (11, 1), (12, 2)])).change == {"peft.r": 32}
     assert advise(Run(status=RunStatus.RUNNING, config=config), _summary([(10, 0), (30, 10)])) is None
     assert advise(run, {"steps": [], "base": None}) is None
 

@@ -7,7 +7,8 @@ app.runs.evaluation.MATCHED_CHRF: long answers that share most of their text sti
 facts); a run has learned its answers when LEARNED percent of the scored training rows are. The rules, in
 order, at the run's last scored checkpoint:
 1. learned: say so, and whether the held-out answers improved too;
-2. the training rows' scores were still rising at the last checkpoint: more epochs;
+2. the training rows' scores were still rising at the last checkpoint, or, under a schedule that decays to
+   zero (the default cosine), in the interval before it: more epochs;
 3. many rows were cut by max_length: a longer max length;
 4. it stalled: a higher learning rate, up to MAX_LEARNING_RATE; then a higher rank.
 """
@@ -15,6 +16,7 @@ order, at the run's last scored checkpoint:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 from app.models import Run, RunStatus
@@ -65,14 +67,22 @@ def advise(run: Run, summary: dict[str, Any], *, truncated: int | None = None) -
             return Advice(True, f"Learned the training answers: {where}; {generalises}.")
         return Advice(True, f"Learned the training answers: {where}.")
 
-    previous = scored[-2]["train"] if len(scored) > 1 else before
-    gained = max(chrf - previous["chrf"], matched - previous["matched"])
-    if gained >= RISING:
+    points = [before] + [s["train"] for s in scored]
+    gains = [max(b["chrf"] - a["chrf"], b["matched"] - a["matched"]) for a, b in pairwise(points)]
+    # A schedule that decays to zero takes almost no step in its last interval: a flat end says nothing
+    # about a stall there, so the interval before it decides.
+    decays = training.lr_scheduler_type not in ("constant", "constant_with_warmup")
+    if gains[-1] >= RISING or (decays and len(gains) > 1 and gains[-2] >= RISING):
         epochs = training.num_train_epochs * 2
+        when = (
+            "still rising at the last checkpoint"
+            if gains[-1] >= RISING
+            else f"still rising until its {training.lr_scheduler_type} learning rate decayed to nearly zero "
+            f"at the end (+{gains[-2]:.0f} in the interval before the last)"
+        )
         return Advice(
             False,
-            f"Has not learned the training answers yet: {where}, still rising at the last checkpoint. "
-            f"More epochs should get further.",
+            f"Has not learned the training answers yet: {where}, {when}. More epochs should get further.",
             {"training.num_train_epochs": epochs},
             f"{epochs:g} epochs",
         )
