@@ -17,6 +17,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,17 +214,10 @@ class EvaluationCallback(TrainerCallback):
             log.info("the base model's answers to these rows and settings are reused from an earlier run")
             self.evaluate(base, tokenizer, 0, known=known)
             return
-        if base is model:
-            with model.disable_adapter():
-                texts = self.answer_all(model, tokenizer, 0)
-        else:
-            texts = self.answer_all(base, tokenizer, 0)
-        write_answers(kept, texts)
-
-    def answer_all(self, model, tokenizer, step: int) -> dict[str, list[str]]:
         texts: dict[str, list[str]] = {}
-        self.evaluate(model, tokenizer, step, answered=texts)
-        return texts
+        with model.disable_adapter() if base is model else nullcontext():
+            self.evaluate(base, tokenizer, 0, answered=texts)
+        write_answers(kept, texts)
 
     def reporting(self, step: int, split: str, total: int) -> Callable[[int], None]:
         """What the run page says while answers are generated: whose, to which rows, how far along."""

@@ -96,14 +96,19 @@ def render_texts(rows: list[dict[str, Any]], info: TokenizerInfo, prompt_format:
 MEASURED_CHARS = 1_000_000  # a longer text is measured on its first million characters (a lower bound)
 
 
-def _measured(value: Any) -> Any:
+def map_texts(value: Any, change: Callable[[str], str]) -> Any:
+    """A row (or any JSON value) with `change` applied to every string in it."""
     if isinstance(value, str):
-        return value[:MEASURED_CHARS]
+        return change(value)
     if isinstance(value, list):
-        return [_measured(v) for v in value]
+        return [map_texts(v, change) for v in value]
     if isinstance(value, dict):
-        return {k: _measured(v) for k, v in value.items()}
+        return {k: map_texts(v, change) for k, v in value.items()}
     return value
+
+
+def _measured(text: str) -> str:
+    return text[:MEASURED_CHARS]
 
 
 def token_lengths(rows: list[dict[str, Any]], info: TokenizerInfo, prompt_format: str) -> list[int]:
@@ -112,7 +117,7 @@ def token_lengths(rows: list[dict[str, Any]], info: TokenizerInfo, prompt_format
     costs megabytes, not gigabytes."""
     tokenizer_path = info.folder / "tokenizer.json"
     tokenizer = _tokenizer(str(tokenizer_path), tokenizer_path.stat().st_mtime)
-    texts = render_texts([_measured(row) for row in rows], info, prompt_format)
+    texts = render_texts([map_texts(row, _measured) for row in rows], info, prompt_format)
     encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
     return [len(e.ids) for e in encodings]
 

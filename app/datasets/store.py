@@ -174,7 +174,7 @@ def preview_rows(settings: Settings, dataset_id: int, limit: int = PREVIEW_ROWS)
             if not line:
                 break
             if len(line) <= PREVIEW_LINE_BYTES:
-                rows.append(_cut(json.loads(line)))
+                rows.append(dataset_stats.map_texts(json.loads(line), _cut))
                 continue
             size = len(line)
             while not line.endswith(b"\n") and line:  # the rest of the row, read and dropped in 1 MB pieces
@@ -184,14 +184,10 @@ def preview_rows(settings: Settings, dataset_id: int, limit: int = PREVIEW_ROWS)
     return rows
 
 
-def _cut(value: Any) -> Any:
-    if isinstance(value, str) and len(value) > PREVIEW_CHARS:
-        return f"{value[:PREVIEW_CHARS]}… (cut here for the preview: {len(value):,} characters in all)"
-    if isinstance(value, list):
-        return [_cut(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _cut(v) for k, v in value.items()}
-    return value
+def _cut(text: str) -> str:
+    if len(text) <= PREVIEW_CHARS:
+        return text
+    return f"{text[:PREVIEW_CHARS]}… (cut here for the preview: {len(text):,} characters in all)"
 
 
 def load_rows(settings: Settings, dataset_id: int, limit: int | None = None) -> list[dict[str, Any]]:
