@@ -212,6 +212,8 @@ def test_blind_votes_become_a_preference_dataset_a_leaderboard_and_a_dpo_run(app
     page.select_option("#dataset_id", str(dataset["id"]))
     page.wait_for_selector("#objective-fields[data-objective='dpo']")
     assert "holds pairs of answers" in page.inner_text("#objective-help")
+    # the swapped-in fields answer a change only once htmx has processed them (under load that can lag)
+    page.wait_for_function("!!(document.getElementById('start_from_run') || {})['htmx-internal-data']")
     page.select_option("#start_from_run", str(run_id))
     # the fields come back from the server with the starting run's note: only then is the form whole
     page.wait_for_selector(f"#start-note:has-text('run #{run_id}')")
