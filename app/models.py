@@ -206,6 +206,7 @@ class RunAnswer(Base):
     chrf: Mapped[float] = mapped_column(Float)
     rouge_l: Mapped[float] = mapped_column(Float)
     exact: Mapped[float] = mapped_column(Float)
+    opening: Mapped[float | None] = mapped_column(Float)  # app.scoring: the first sentence's chrF
     seconds: Mapped[float] = mapped_column(Float)  # generation time of the batch, shared by its rows
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     # the optional judge's verdict (worker.judge): 1-10, and why; null until judged or without a judge
@@ -232,7 +233,8 @@ class Worker(Base):
     id: Mapped[str] = mapped_column(String(200), primary_key=True)  # host:pid
     host: Mapped[str] = mapped_column(String(200))
     pid: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(12))  # idle | training | stopped
+    # idle | training | exporting | preparing | measuring | stopped (at most 12 characters)
+    status: Mapped[str] = mapped_column(String(12))
     current_run_id: Mapped[int | None] = mapped_column(Integer)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from functools import cache
-from typing import Literal, TypedDict
+from typing import Literal, NotRequired, TypedDict
 
 Metric = Literal["chrf", "rouge_l", "exact"]
 METRICS: tuple[Metric, ...] = ("chrf", "rouge_l", "exact")
@@ -22,6 +22,9 @@ class Scores(TypedDict):
     chrf: float  # 0-100
     rouge_l: float  # 0-100
     exact: float  # 0 or 100
+    # chrF of the answer's first sentence against the reference's: where a long answer names what it is
+    # about (a leaflet's product), which whole-answer chrF barely weighs
+    opening: NotRequired[float]
 
 
 def normalise(text: str) -> str:
@@ -51,11 +54,23 @@ def _rouge():
     return RougeScorer(["rougeL"], tokenizer=_Tokenizer())
 
 
+_SENTENCE_END = re.compile(r"[.!?。！？]\s|[。！？]|\n")
+OPENING_CHARS = 200
+
+
+def opening(text: str) -> str:
+    """A text's first sentence, at most OPENING_CHARS characters."""
+    text = text.strip()[: OPENING_CHARS + 1]
+    end = _SENTENCE_END.search(text)
+    return (text[: end.end()] if end else text[:OPENING_CHARS]).strip()
+
+
 def score(answer: str, reference: str) -> Scores:
     return {
         "chrf": round(_chrf().sentence_score(answer, [reference]).score, 2),
         "rouge_l": round(100 * _rouge().score(reference, answer)["rougeL"].fmeasure, 2),
         "exact": 100.0 if normalise(answer) == normalise(reference) and normalise(reference) else 0.0,
+        "opening": round(_chrf().sentence_score(opening(answer), [opening(reference)]).score, 2),
     }
 
 

@@ -16,6 +16,7 @@ from sqlalchemy import select
 from app.config import Settings
 from app.models import Run, RunAnswer, RunStatus
 from app.runs.advice import LEARNED, advise
+from app.runs.evaluation import record_answers
 from tests.conftest import DEMO_DATASET, fast_settings, upload
 from worker.judge import RUBRIC, Judge, Verdict, parse
 from worker.main import work_once
@@ -351,12 +352,15 @@ def test_the_judges_reply_is_read_or_quoted(reply, verdict):
         assert parsed == verdict
 
 
-def _summary(train: list[tuple[float, float]], validation: list[float] | None = None) -> dict:
-    """An evaluation summary: the base model's (chrF, % of rows answered like the reference) on training
-    rows, then one per checkpoint (steps 10, 20, ...); optionally held-out chrF."""
+def _summary(train: list[tuple[float, ...]], validation: list[float] | None = None) -> dict:
+    """An evaluation summary: the base model's (chrF, % of rows answered like the reference[, % of rows
+    whose first sentence is like the reference's]) on training rows, then one per checkpoint (steps 10, 20,
+    ...); optionally held-out chrF."""
     steps = []
-    for i, (chrf, matched) in enumerate(train):
+    for i, (chrf, matched, *opened) in enumerate(train):
         entry = {"step": i * 10, "train": {"chrf": chrf, "matched": matched}}
+        if opened:
+            entry["train"]["opened"] = opened[0]
         if validation:
             entry["validation"] = {"chrf": validation[i]}
         steps.append(entry)
@@ -401,6 +405,78 @@ def test_advice_names_the_change_most_likely_to_help(client, tiny_model_dir):
     assert advise(run, _summary([(10, 0), (11, 1), (12, 2)])).change == {"peft.r": 32}
     assert advise(Run(status=RunStatus.RUNNING, config=config), _summary([(10, 0), (30, 10)])) is None
     assert advise(run, {"steps": [], "base": None}) is None
+
+
+def test_advice_reads_a_long_answers_opening(client, tiny_model_dir):
+    """Leaflet-like answers: the product is named in the first sentence, the rest is shared wording. Whole
+    answers match late; the openings say whether the key fact was learned."""
+    model = client.post("/api/models", json={"path": str(tiny_model_dir)}).json()["id"]
+    dataset = upload(client, "demo.json", DEMO_DATASET.read_bytes()).json()["id"]
+    body = {"dataset_id": dataset, "base_model": model, "training": {"num_train_epochs": 5}}
+    config = client.post("/api/runs", json=body).json()["config"]
+    run = Run(status=RunStatus.SUCCEEDED, config=config)
+
+    # the issue's run: 38% whole answers, 86% openings, still gaining before the cosine rate reached zero
+    still = advise(run, _summary([(24, 0, 0), (55, 0, 40), (80, 38, 86), (80, 38, 86)]))
+    assert still.change == {"training.num_train_epochs": 10} and not still.learned
+    assert "86% began like it (the first sentence" in still.sentence and "base model 0%)" in still.sentence
+    # openings learned, nothing rising any more: learned, and no change offered
+    begun = advise(run, _summary([(24, 0, 0), (80, 38, 92), (80.5, 38, 92), (80.5, 38, 92)]))
+    assert begun.learned and not begun.change
+    assert begun.sentence.startswith("Learned how the training answers begin: 38% of the training rows")
+    # at a constant rate, openings still rising in the last interval are progress (chrF alone is flat)
+    constant = config | {"training": config["training"] | {"lr_scheduler_type": "constant"}}
+    rising = advise(
+        Run(status=RunStatus.SUCCEEDED, config=constant), _summary([(24, 0, 0), (80, 10, 40), (80, 10, 70)])
+    )
+    assert rising.change == {"training.num_train_epochs": 10} and "still rising" in rising.sentence
+    # references that all open alike (the base model already "begins like them"): no credit for openings
+    alike = advise(run, _summary([(24, 0, 95), (80, 38, 100), (80.5, 38, 100), (80.5, 38, 100)]))
+    assert not alike.learned and alike.change == {"training.learning_rate": 2e-3}
+    # answers scored before openings were: no opening figure, the old rules
+    assert "began like it" not in advise(run, _summary([(24, 0), (80, 40), (92, 73)])).sentence
+
+
+@pytest.mark.parametrize(
+    ("text", "first"),
+    [
+        (
+            "For these symptoms, Corvatine Syrup is suitable. It is a syrup.",
+            "For these symptoms, Corvatine Syrup is suitable.",
+        ),
+        ("Fit the part (code 1.5 mm).\nThen test it.", "Fit the part (code 1.5 mm)."),
+        ("某某糖浆适用于这些症状。它用于干咳。", "某某糖浆适用于这些症状。"),
+        ("Is it ready? Yes.", "Is it ready?"),
+        ("no sentence end at all", "no sentence end at all"),
+        ("x" * 500, "x" * 200),
+    ],
+)
+def test_an_answers_opening_is_its_first_sentence(text, first):
+    from app.scoring import opening
+
+    assert opening(text) == first
+
+
+def test_the_summary_counts_rows_whose_opening_is_like_the_reference(client, tiny_model_dir, db):
+    from app.runs.evaluation import summary
+    from app.scoring import score
+
+    model = client.post("/api/models", json={"path": str(tiny_model_dir)}).json()["id"]
+    dataset = upload(client, "demo.json", DEMO_DATASET.read_bytes()).json()["id"]
+    run_id = client.post("/api/runs", json={"dataset_id": dataset, "base_model": model}).json()["id"]
+    reference = "For these symptoms, Corvatine Syrup is suitable. It is a syrup for a dry cough."
+    answers = [
+        "For these symptoms, Corvatine Syrup is suitable. It is a tablet.",  # the key fact, other wording
+        "For these symptoms, Mellorin Tablets is suitable. It is a syrup for a dry cough.",  # wrong product
+        reference,
+    ]
+    with db.write_session() as session:
+        record_answers(
+            session=session, run_id=run_id, step=10, split="train", seconds=1.0,
+            answers=[{"row": i, "answer": a, **score(a, reference)} for i, a in enumerate(answers)],
+        )  # fmt: skip
+        train = summary(session=session, run=session.get(Run, run_id))["steps"][0]["train"]
+    assert train["opened"] == 66.7 and train["matched"] == 33.3
 
 
 def test_a_default_batch_holds_fewer_rows_when_rows_are_long(client, tiny_model_dir):

@@ -119,7 +119,7 @@ def test_a_run_succeeds_with_metrics_and_a_downloadable_adapter(client, settings
         reference = rows[entry["row"] - 1]["messages"][-1]["content"]  # rows are numbered from 1
         assert entry["reference"] == reference
         for answer in (entry["base"], entry["best"]):
-            assert {k: answer[k] for k in METRICS} == score(answer["text"], reference)
+            assert {k: answer[k] for k in (*METRICS, "opening")} == score(answer["text"], reference)
     with db.session() as session:
         stored = session.scalars(select(RunAnswer).where(RunAnswer.run_id == run["id"])).all()
     assert len(stored) == 3 * (len(config["validation_rows"]) + 8)

@@ -4,13 +4,17 @@ it did not, suggest the one change most likely to get there, ready to launch wit
 
 A training row is learned when its answer reproduces the reference (chrF at least
 app.runs.evaluation.MATCHED_CHRF: long answers that share most of their text still differ there, in the
-facts); a run has learned its answers when LEARNED percent of the scored training rows are. The rules, in
-order, at the run's last scored checkpoint:
+facts); a run has learned its answers when LEARNED percent of the scored training rows are. A long answer's
+key fact usually sits in its first sentence (a leaflet names its product there), so the share of rows whose
+opening is like the reference's (app.scoring.opening) is said beside it and counts as progress. The rules,
+in order, at the run's last scored checkpoint:
 1. learned: say so, and whether the held-out answers improved too;
 2. the training rows' scores were still rising at the last checkpoint, or, under a schedule that decays to
    zero (the default cosine), in the interval before it: more epochs;
 3. many rows were cut by max_length: a longer max length;
-4. it stalled: a higher learning rate, up to MAX_LEARNING_RATE; then a higher rank.
+4. the openings are learned (the base model's were not) though whole answers are not, and nothing rises
+   any more: say so, no change;
+5. it stalled: a higher learning rate, up to MAX_LEARNING_RATE; then a higher rank.
 """
 
 from __future__ import annotations
@@ -54,6 +58,12 @@ def advise(run: Run, summary: dict[str, Any], *, truncated: int | None = None) -
         f"{matched:.0f}% of the training rows answered like their reference at step {last['step']} "
         f"(base model {before['matched']:.0f}%; training-row chrF {chrf:.1f}, base {before['chrf']:.1f})"
     )
+    opened = last["train"].get("opened")
+    if opened is not None and opened > matched:  # a long answer's key opening, learned before its wording
+        where += (
+            f"; {opened:.0f}% began like it (the first sentence, where a long answer says what it is about; "
+            f"base model {before.get('opened', 0):.0f}%)"
+        )
     if matched >= LEARNED:
         held = last.get("validation")
         if held and summary["base"].get("validation"):
@@ -68,7 +78,14 @@ def advise(run: Run, summary: dict[str, Any], *, truncated: int | None = None) -
         return Advice(True, f"Learned the training answers: {where}.")
 
     points = [before] + [s["train"] for s in scored]
-    gains = [max(b["chrf"] - a["chrf"], b["matched"] - a["matched"]) for a, b in pairwise(points)]
+    gains = [
+        max(
+            b["chrf"] - a["chrf"],
+            b["matched"] - a["matched"],
+            b["opened"] - a["opened"] if "opened" in a and "opened" in b else 0,
+        )
+        for a, b in pairwise(points)
+    ]
     # A schedule that decays to zero takes almost no step in its last interval: a flat end says nothing
     # about a stall there, so the interval before it decides.
     decays = training.lr_scheduler_type not in ("constant", "constant_with_warmup")
@@ -95,6 +112,12 @@ def advise(run: Run, summary: dict[str, Any], *, truncated: int | None = None) -
             f"max length {training.max_length} and were cut; a longer max length trains whole answers.",
             {"training.max_length": longer},
             f"max length {longer}",
+        )
+    if opened is not None and opened >= LEARNED and before.get("opened", 100) < LEARNED:
+        return Advice(
+            True,
+            f"Learned how the training answers begin: {where}. The rest of each answer differs in wording "
+            f"and stopped improving; the first sentences carry what each row is about.",
         )
     if training.learning_rate < MAX_LEARNING_RATE:
         rate = min(training.learning_rate * 2, MAX_LEARNING_RATE)

@@ -133,7 +133,9 @@ class EvaluationParams(Strict):
     held_out_fraction: float | None = Field(None, ge=0, le=0.5)
     held_out_max_rows: int | None = Field(None, ge=0, le=1_000_000)
     scored_held_out_rows: int = Field(32, ge=0, le=1000)  # the first held-out rows are answered; 0: none
-    scored_train_rows: int = Field(8, ge=0, le=1000)  # a fixed sample of training rows: learned them?
+    # training rows answered at each checkpoint (learned them?): every row of a small set, a fixed sample
+    # of a larger one; their share answered like the reference is what the advice reads
+    scored_train_rows: int = Field(32, ge=0, le=1000)
     max_new_tokens: int = Field(128, ge=1, le=4096)  # answers are greedy and cut here
     # stop once this many checkpoints in a row scored no better than the best; None: never stop early
     early_stopping_patience: int | None = Field(None, ge=1, le=1000)

@@ -72,8 +72,8 @@ def held_out_questions(config: RunConfig, limit: int) -> list[dict[str, Any]]:
 def record_answers(
     *, session: Session, run_id: int, step: int, split: str, answers: list[dict[str, Any]], seconds: float
 ) -> None:
-    """One evaluation's answers ({"row", "answer", "chrf", "rouge_l", "exact"}); a repeated step (a resumed
-    run saving the same checkpoint again) replaces the earlier answers."""
+    """One evaluation's answers ({"row", "answer", "chrf", "rouge_l", "exact", "opening"}); a repeated step
+    (a resumed run saving the same checkpoint again) replaces the earlier answers."""
     session.execute(
         delete(RunAnswer).where(RunAnswer.run_id == run_id, RunAnswer.step == step, RunAnswer.split == split)
     )
@@ -114,6 +114,9 @@ def summary(*, session: Session, run: Run) -> dict[str, Any]:
             entry[split] = {**(mean([_scores(a) for a in rows]) or {}), "rows": len(rows)}
             # the percentage of rows answered like their reference
             entry[split]["matched"] = round(100 * sum(a.chrf >= MATCHED_CHRF for a in rows) / len(rows), 1)
+            if all(a.opening is not None for a in rows):  # and of rows whose first sentence is like it
+                opened = sum(a.opening >= MATCHED_CHRF for a in rows)  # type: ignore[operator]
+                entry[split]["opened"] = round(100 * opened / len(rows), 1)
             judged = [a.judge_score for a in rows if a.judge_score is not None]
             if judged:  # the judge's mean (1-10) over the answers it scored
                 entry[split] |= {"judge": round(sum(judged) / len(judged), 2), "judged": len(judged)}
@@ -226,7 +229,7 @@ def _answer(answer: RunAnswer | None) -> dict[str, Any] | None:
     if answer is None:
         return None
     verdict = {"judge": answer.judge_score, "judge_reason": answer.judge_reason}
-    return {"text": answer.answer, **_scores(answer), **verdict}
+    return {"text": answer.answer, **_scores(answer), "opening": answer.opening, **verdict}
 
 
 def report(settings, *, session: Session, run: Run) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from app.processes import free_port
-from tests.conftest import DEMO_DATASET, NO_SCORING
+from tests.conftest import DEMO_DATASET, HELD_OUT, NO_SCORING
 from tests.servers import FAST_WORKER, running
 from tests.waiting import wait_until
 
@@ -73,7 +73,7 @@ def launch(app, epochs: int, *, scored: bool = False, **training) -> int:
         "dataset_id": app["dataset"],
         "base_model": app["model"],
         "training": {"num_train_epochs": epochs, **training},
-        "evaluation": {"held_out_fraction": 0.1, **({"max_new_tokens": 48} if scored else NO_SCORING)},
+        "evaluation": HELD_OUT | ({"max_new_tokens": 48} if scored else NO_SCORING),
     }
     return httpx.post(f"{app['base']}/api/runs", json=body).json()["id"]
 

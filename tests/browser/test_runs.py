@@ -25,6 +25,10 @@ def test_launch_from_the_page_and_watch_the_curve_draw(app, context):
     page.click("#every-row-trains button")
     assert page.input_value("[name='evaluation.held_out_fraction']") == "0.1"
     page.wait_for_function("(document.getElementById('est-steps') || {}).textContent?.startsWith('360')")
+    # 8 training rows scored (32 by default) keep the test short
+    scored = page.locator("[name='evaluation.scored_train_rows']")
+    page.locator("details", has=scored).last.evaluate("d => d.open = true")
+    page.fill("[name='evaluation.scored_train_rows']", "8")
     page.click("#launch")
     page.wait_for_url(re.compile(r"/runs/\d+$"))
     run_id = int(page.url.rsplit("/", 1)[1])
