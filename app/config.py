@@ -88,7 +88,12 @@ class Settings(BaseSettings):
         ge=0,
         description="datasets up to this many rows get statistics at once; larger in the background",
     )
-    prepare_models: bool = Field(True, description="convert GGUF base models while the worker is idle")
+    prepare_models: bool = Field(
+        True,
+        description=(
+            "while the worker is idle: convert GGUF base models, and measure its training speed once"
+        ),
+    )
     heartbeat_seconds: float = Field(
         3.0, gt=0, description="how often a worker marks its run alive and, when idle, looks for work"
     )

@@ -154,6 +154,19 @@ def claim_next(
     return None
 
 
+def waiting(*, session: Session, models: Sequence[str] | None = None, gpus: int | None = None) -> bool:
+    """Whether a queued job of any kind waits that a worker with `models` and `gpus` could claim."""
+    return any(
+        session.scalar(
+            select(kind.table.id)  # type: ignore[attr-defined]
+            .where(kind.table.status == QUEUED, *kind.serves(models, gpus))
+            .limit(1)
+        )
+        is not None
+        for kind in KINDS.values()
+    )
+
+
 def _held(kind: Kind, job_id: int, worker_id: str):
     """An update of the job only while `worker_id` holds it."""
     table = kind.table

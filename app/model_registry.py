@@ -226,6 +226,12 @@ def list_models(settings: Settings, *, session: Session) -> list[ModelEntry]:
     ]
 
 
+def default_model(models: list[ModelEntry]) -> ModelEntry | None:
+    """The model New run starts from: the bundled one when it is ready, else the first ready one."""
+    ready = [m for m in models if m.ready]
+    return next((m for m in ready if m.id == BUNDLED_ID), ready[0] if ready else None)
+
+
 def find_model(settings: Settings, model_id: str, *, session: Session) -> ModelEntry | None:
     return next((m for m in list_models(settings, session=session) if m.id == model_id), None)
 

@@ -121,6 +121,15 @@ def any_alive(*, session: Session, stale_after: float) -> bool:
     )
 
 
+def measuring(*, session: Session, stale_after: float) -> bool:
+    """Whether a live worker is measuring its speed now (worker.probe)."""
+    found = list_workers(session=session, stale_after=stale_after)
+    return any(alive and worker.status == MEASURING for worker, alive in found)
+
+
+MEASURING = "measuring"  # a worker's status while its speed trial runs
+
+
 def waiting_reason(*, session: Session, run: Run, stale_after: float) -> str | None:
     """Why a queued run is not being taken although workers are alive (no alive worker at all is every
     page's banner), or None."""

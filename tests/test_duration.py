@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+import pytest
 
 from app.models import Run, RunAnswer, RunMetric, RunStatus
 from app.runs.config import RunConfig, TrainingParams, resolve_training, validate_peft
@@ -65,7 +69,7 @@ def test_the_estimate_scales_the_latest_finished_run_to_the_new_one(
     first = client.post("/api/runs/estimate", json=request).json()
     assert "seconds" not in first
     page = client.post("/runs/estimate", data={"dataset_id": str(dataset), "base_model": model}).text
-    assert "estimated once a run has finished on this server" in page
+    assert "estimated once this machine's speed is known" in page
 
     # a finished run: steps of 2 s (the first, warming up, 6 s), scored evaluations of 5 s (the first, warming
     # up, 15 s), 20 s of start-up
@@ -141,3 +145,62 @@ def test_the_estimate_scales_the_latest_finished_run_to_the_new_one(
     assert client.post("/api/runs/estimate", json=request).json()["calibrated_by"] == launched["id"]
     theirs = client.post("/api/runs/estimate", json={**request, "base_model": other}).json()
     assert theirs["calibrated_by"] == elsewhere["id"]
+
+
+@pytest.mark.trains  # the trial is the real training process
+def test_before_any_run_the_workers_speed_trial_gives_a_range(client, tiny_model_dir, db, settings):
+    from app import workers
+    from worker.main import capabilities
+    from worker.probe import due, known_speeds, measure_when_idle, speed_file
+
+    model = client.post("/api/models", json={"path": str(tiny_model_dir)}).json()["id"]
+    dataset = upload(client, "demo.json", DEMO_DATASET.read_bytes()).json()["id"]
+    request = {"dataset_id": dataset, "base_model": model}
+    form = {"dataset_id": str(dataset), "base_model": model}
+    page = client.post("/runs/estimate", data=form).text
+    assert "an idle worker measures it" in page and "hx-trigger" not in page.split('id="estimate"')[1][:200]
+
+    idle = settings.model_copy(update={"prepare_models": True})
+    has = capabilities(idle, db)
+    assert has.hardware["speed"] == {}  # nothing measured yet
+    trial = {"db": db, "me": "box:1", "hardware": has.hardware, "models": has.models}
+
+    # a run waiting for a worker ends the trial at once; nothing is kept, so it is tried again later
+    queued = client.post("/api/runs", json=request).json()
+    assert measure_when_idle(idle, stop=threading.Event(), **trial)
+    assert not speed_file(settings.data_dir, model).exists()
+    client.post(f"/api/runs/{queued['id']}/cancel")
+
+    # while a worker measures, the page says so and asks again
+    with db.write_session() as session:
+        workers.beat(session=session, worker_id="box:1", status=workers.MEASURING)
+    page = client.post("/runs/estimate", data=form).text
+    assert "Measuring this machine's speed" in page and 'hx-trigger="load delay:5s"' in page
+
+    # the trial: a few steps of the real training process on made-up rows, one evaluation's answers
+    assert measure_when_idle(idle, stop=threading.Event(), **trial)
+    assert not measure_when_idle(idle, stop=threading.Event(), **trial)  # once per machine and model
+    has = capabilities(idle, db)
+    speed = has.hardware["speed"][model]
+    assert speed["seconds_per_work"] > 0 and speed["startup_seconds"] > 0 and speed["seconds_per_answer"] > 0
+    with db.write_session() as session:
+        workers.beat(session=session, worker_id="box:1", status="idle", capabilities=has)
+    estimate = client.post("/api/runs/estimate", json=request).json()
+    low, high = estimate["seconds_range"]
+    assert estimate["calibrated_by"] is None and low < estimate["seconds"] < high
+    parts = estimate["duration_parts"]
+    assert parts["startup"] == speed["startup_seconds"] and parts["training"] > 0 and parts["evaluation"] > 0
+    page = client.post("/runs/estimate", data=form).text
+    assert "from a worker's short speed trial" in page and "Measuring" not in page
+
+    # another machine (other cores or threads) does not count this trial
+    elsewhere = {**has.hardware, "cpus": has.hardware["cpus"] + 1}
+    assert known_speeds(idle, elsewhere) == {} and known_speeds(idle, has.hardware)[model] == speed
+    # a failed trial is tried again, but not at once
+    assert due(None) and not due({"speed": speed})
+    assert not due({"error": "out of memory", "failed_at": time.time()})
+    assert due({"error": "out of memory", "failed_at": time.time() - 7 * 3600})
+    # a silent worker's trial is not used
+    with db.write_session() as session:
+        session.get(workers.Worker, "box:1").heartbeat_at = datetime(2026, 1, 1, tzinfo=UTC)
+    assert "seconds" not in client.post("/api/runs/estimate", json=request).json()

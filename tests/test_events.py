@@ -180,3 +180,38 @@ def test_the_run_page_says_what_a_running_run_is_doing(client, db, run_id):
     finish(db, run_id)
     assert 'id="run-phase"' not in client.get(f"/runs/{run_id}").text
     assert client.get(f"/api/runs/{run_id}").json()["phase"] is None
+
+
+def test_the_eta_counts_the_evaluations_still_to_come():
+    """The training process's ETA: steps to go at the step time, and each evaluation still to come (one
+    every save_steps from this step on, one at the end) at the latest one's time; the page counts it down
+    from when it was logged."""
+    from datetime import UTC, datetime, timedelta
+    from types import SimpleNamespace
+
+    from app.models import Run, RunMetric, RunStatus
+    from app.runs.events import progress
+    from worker.callbacks import ProgressCallback
+    from worker.sink import Sink
+
+    callback = ProgressCallback(Sink(), resumed_from=None, trainable=1, total=2)
+    args = SimpleNamespace(save_steps=20)
+    at = lambda step: SimpleNamespace(global_step=step, max_steps=90)  # noqa: E731
+    assert callback.eta(args, at(10), 0.5) == 80 * 0.5  # no evaluation measured: steps alone
+    callback._last_time = 0.0
+    callback.exclude(3.0, step=0)  # the base model's answers: two splits, 5 s together
+    callback.exclude(2.0, step=0)
+    # at step 10 the checkpoints 20, 40, 60, 80 and the end (90) are still to be scored
+    assert callback.eta(args, at(10), 0.5) == 80 * 0.5 + 5 * 5.0
+    # step 20 is logged before its checkpoint is saved and scored: still five; after it, four
+    assert callback.eta(args, at(20), 0.5) == 70 * 0.5 + 5 * 5.0
+    callback.exclude(4.0, step=20)
+    assert callback.eta(args, at(21), 0.5) == 69 * 0.5 + 4 * 4.0
+    assert callback.eta(args, at(90), 0.5) == 1 * 4.0  # the last step logged: the end's evaluation
+
+    logged = datetime(2026, 12, 7, 12, tzinfo=UTC)
+    run = Run(status=RunStatus.RUNNING, current_step=21, total_steps=90, started_at=logged, attempts=1)
+    values = {"step_time": 0.5, "eta_seconds": 50.5}
+    point = RunMetric(step=21, kind="train", values=values, created_at=logged)
+    assert progress(run, point, now=logged + timedelta(seconds=10))["eta_seconds"] == 40.5
+    assert progress(run, point, now=logged + timedelta(minutes=5))["eta_seconds"] == 0.0

@@ -184,4 +184,4 @@ def test_a_worker_converting_a_model_stays_alive_and_no_banner_says_otherwise(
     work_once(quick, db, me="box:9", stop=threading.Event())
     assert len(seen) == 12 and all(seen) and not any(banners)
     with db.session() as session:
-        assert session.get(workers.Worker, "box:9").status == "preparing a model"
+        assert session.get(workers.Worker, "box:9").status == "preparing"

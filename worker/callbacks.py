@@ -74,6 +74,8 @@ class ProgressCallback(TrainerCallback):
         self._last_time: float | None = None
         self._last_step: int | None = None
         self._last_tokens: int | None = None
+        self._evaluation_seconds = 0.0  # the latest scored evaluation's, all splits together
+        self._evaluated_step: int | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -113,6 +115,7 @@ class ProgressCallback(TrainerCallback):
                 "step": state.global_step,
                 "tokens_per_second": tokens / elapsed if elapsed > 0 else None,
                 "step_time": elapsed / steps,
+                "eta_seconds": self.eta(args, state, elapsed / steps),
                 "memory_mb": process_memory_mb(),
                 "gpu_memory_mb": gpu_memory_mb(),
             }
@@ -123,10 +126,23 @@ class ProgressCallback(TrainerCallback):
         if state.is_world_process_zero:
             self.sink.reached(state.global_step)
 
-    def exclude(self, seconds: float) -> None:
-        """Time spent on something else (answering evaluation questions) does not count as training."""
+    def exclude(self, seconds: float, step: int | None = None) -> None:
+        """Time spent on something else (answering evaluation questions at `step`) does not count as
+        training; it says how long each evaluation still to come will take."""
         if self._last_time is not None:
             self._last_time += seconds
+        if step is not None:
+            same = step == self._evaluated_step
+            self._evaluation_seconds = (self._evaluation_seconds if same else 0.0) + seconds
+            self._evaluated_step = step
+
+    def eta(self, args, state, step_time: float) -> float:
+        """Seconds left: the steps to go at this step time, and every evaluation still to come (one each
+        save_steps from this step on, one at the end) at the latest one's time."""
+        step, last = state.global_step, state.max_steps
+        every = max(1, int(args.save_steps or last))
+        evaluations = last // every - (step - 1) // every + (1 if last % every else 0)
+        return max(0, last - step) * step_time + evaluations * self._evaluation_seconds
 
     def on_step_end(self, args, state, control, **kwargs):
         now = time.monotonic()

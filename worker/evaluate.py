@@ -275,7 +275,7 @@ class EvaluationCallback(TrainerCallback):
                     graded = [(q.row, q.question, q.reference, t) for q, t in zip(items, texts, strict=True)]
                     self.judge.submit(step=step, split=split, items=graded)
                 if self.progress is not None:
-                    self.progress.exclude(time.perf_counter() - started)
+                    self.progress.exclude(time.perf_counter() - started, step)
                 means = mean(scores)
                 log.info("evaluation at step %d, %s rows: %s in %.1f s", step, split, means, seconds)
                 if means is not None:

@@ -23,6 +23,7 @@ from worker.child import beating
 from worker.export import run_export
 from worker.hardware import machine_summary
 from worker.prepare import prepare_pending_models
+from worker.probe import known_speeds, measure_when_idle
 from worker.remote import Server
 from worker.supervise import supervise
 
@@ -124,11 +125,13 @@ def _say_stopped(db: Database, me: str) -> None:
 
 
 def capabilities(settings: Settings, db: Database) -> workers.Capabilities:
-    """What this worker announces: its machine, and the base models it can load (ready here, or a GGUF
-    file it can convert first)."""
+    """What this worker announces: its machine (with its measured speeds, worker.probe), and the base
+    models it can load (ready here, or a GGUF file it can convert first)."""
     with db.session() as session:
         models = [m.id for m in list_models(settings, session=session) if m.status in ("ready", "preparing")]
-    return workers.Capabilities(hardware=machine_summary(), models=models)
+    hardware = machine_summary()
+    hardware["speed"] = known_speeds(settings, hardware)  # by base model: New run's duration before any run
+    return workers.Capabilities(hardware=hardware, models=models)
 
 
 def work_once(
@@ -147,7 +150,7 @@ def work_once(
         def beat() -> None:  # a conversion takes a minute or more: the worker stays visibly alive
             try:
                 with db.write_session() as session:
-                    workers.beat(session=session, worker_id=me, status="preparing a model")
+                    workers.beat(session=session, worker_id=me, status="preparing")
             except PASSING_FAULTS:
                 pass  # a busy database: the next beat tries again
 
@@ -162,8 +165,10 @@ def work_once(
         return False
     with db.write_session() as session:
         claimed = jobs.claim_next(session=session, worker_id=me, models=has.models, gpus=has.gpus)
-    if claimed is None:
-        return False
+    if claimed is None:  # idle: a good time to learn this machine's speed, once
+        return settings.prepare_models and measure_when_idle(
+            settings, db, me=me, hardware=has.hardware, models=has.models, stop=stop
+        )
     kind, row = claimed
     HANDLERS[kind.name](settings, db, row, me=me, stop=stop, server=server)
     return True

@@ -16,9 +16,9 @@ from app.datasets.formats import FORMAT_LABELS, DatasetInvalid
 from app.datasets.jobs import StatsPending
 from app.deps import DatasetId, SessionDep, SettingsDep, WriteSessionDep, get_dataset_or_404
 from app.model_registry import (
-    BUNDLED_ID,
     ModelPathInvalid,
     UnknownModel,
+    default_model,
     list_models,
     register_model,
     unregister_model,
@@ -71,10 +71,9 @@ def _stats_context(
     prompt_format: str,
 ) -> dict:
     models = list_models(settings, session=session)
-    ready = [m for m in models if m.ready]
     chosen = next((m for m in models if m.id == model), None)
     if chosen is None:
-        chosen = next((m for m in ready if m.id == BUNDLED_ID), ready[0] if ready else models[0])
+        chosen = default_model(models) or models[0]
     max_length = max_length or DEFAULT_MAX_LENGTH
     stats, problem = None, None
     if prompt_format not in PROMPT_FORMATS:

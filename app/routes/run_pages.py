@@ -196,6 +196,8 @@ async def estimate_fragment(request: Request, settings: SettingsDep, session: Se
     if config is not None:
         cost = run_estimate(settings, session, config)
     context = {"cost": cost, "problems": problems, "config": config, "held_out": [], "held_out_from": None}
+    if cost is not None and "seconds" not in cost:  # the page asks again until the trial has a figure
+        context["measuring"] = workers.measuring(session=session, stale_after=settings.stale_after_seconds)
     if config is not None:
         context["held_out"] = evaluation.held_out_questions(config, HELD_OUT_SHOWN)
         other = config.evaluation.dataset_id and session.get(Dataset, config.evaluation.dataset_id)

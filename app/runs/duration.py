@@ -5,8 +5,10 @@ batching), from the model's shapes (app.runs.shapes): the frozen weights' matmul
 per-element work (dropout, casts and small matmuls on every adapted module's inputs and outputs), and
 attention, which grows with the batch's longest row. Work becomes seconds through the latest run that
 finished on this server: its measured training seconds over its own counted work, its start-up time (launch,
-model load, first-step warm-up, the final save) and its seconds per scored answer. So the estimate follows
-this machine, whatever its speed, from the first run on; the constants below only set how the parts weigh
+model load, first-step warm-up, the final save) and its seconds per scored answer. Before any run has
+finished, a worker's speed trial gives the same three figures (worker.probe: a few steps of the real training
+process on made-up rows), with a wider range. So the estimate follows this machine, whatever its speed;
+the constants below only set how the parts weigh
 against each other (`python -m bench --only training` checks the result against runs through the API)."""
 
 from __future__ import annotations
@@ -38,12 +40,23 @@ RECOMPUTE = 1.5  # gradient checkpointing runs each layer's forward pass twice
 
 @dataclass(frozen=True)
 class Calibration:
-    """What the latest finished run on this server measured."""
+    """What the latest finished run on this server measured, or else a worker's speed trial."""
 
-    run_id: int
+    run_id: int | None  # None: a worker's speed trial (worker.probe), made before any run finished
     seconds_per_work: float
     startup_seconds: float
     seconds_per_answer: float | None  # None: it scored no answers
+
+    @property
+    def spread(self) -> tuple[float, float]:
+        """How far the run may end from the estimate, as factors: a trial of a few steps on made-up rows
+        knows less than a whole run did (docs/benchmarks.md: estimates from a run within −17% to +20% of
+        the measured duration, from a trial −10% and −3% on the long-answer sets)."""
+        return TRIAL_SPREAD if self.run_id is None else RUN_SPREAD
+
+
+RUN_SPREAD = (0.8, 1.2)
+TRIAL_SPREAD = (0.75, 1.35)
 
 
 def token_work(config: RunConfig, shapes, checkpointing: bool) -> tuple[float, float]:
@@ -121,27 +134,43 @@ def calibrate(session: Session, run: Run, config: RunConfig, lengths: list[int] 
     ).all()
     if shapes is None or len(points) < 2:
         return None
+    per_answer, answers = seconds_per_answer(session, run.id)
+    wall = (run.finished_at - run.started_at).total_seconds()
+    steps = [(p.step, p.get("step_time") or 0, p.get("tokens_per_second") or 0) for p in points]
+    speed = speed_of(config, lengths, shapes, steps, wall, answers, per_answer)
+    if speed is None:
+        return None
+    return Calibration(
+        run_id=run.id, seconds_per_work=speed[0], startup_seconds=speed[1], seconds_per_answer=per_answer
+    )
+
+
+def speed_of(
+    config: RunConfig,
+    lengths: list[int],
+    shapes,
+    points: list[tuple[int, float, float]],
+    wall: float,
+    answers: int,
+    per_answer: float | None,
+) -> tuple[float, float] | None:
+    """(seconds per unit of work, start-up seconds) of a training process that trained `config` on rows of
+    these `lengths`, logging (step, step_time, tokens_per_second) `points`, in `wall` seconds of which
+    `answers` scored answers took `per_answer` seconds each; None when too few steps were measured."""
     # as the run set it; one that left it to Tuneboard counts as off (it is on only when memory is short)
     epoch = epoch_work(config, lengths, shapes, bool(config.training.gradient_checkpointing))
     seconds = tokens = 0.0
-    previous = points[0].step
-    for point in points[1:]:  # the first point carries the warm-up, which start-up counts
-        elapsed = (point.get("step_time") or 0) * (point.step - previous)
-        seconds, tokens = seconds + elapsed, tokens + elapsed * (point.get("tokens_per_second") or 0)
-        previous = point.step
+    previous = points[0][0] if points else 0
+    for step, step_time, tokens_per_second in points[1:]:  # the first carries the warm-up: start-up counts it
+        elapsed = step_time * (step - previous)
+        seconds, tokens = seconds + elapsed, tokens + elapsed * tokens_per_second
+        previous = step
     if seconds <= 0 or tokens <= 0:
         return None
     seconds_per_work = seconds / (tokens * epoch[0] / sum(lengths))
     training = seconds_per_work * run_work(config, epoch)
-    per_answer, answers = seconds_per_answer(session, run.id)
-    wall = (run.finished_at - run.started_at).total_seconds()
-    return Calibration(
-        run_id=run.id,
-        seconds_per_work=seconds_per_work,
-        # what is neither steady training nor typical answering: launch, load, warm-ups, the last save
-        startup_seconds=max(0.0, wall - training - answers * (per_answer or 0.0)),
-        seconds_per_answer=per_answer,
-    )
+    # what is neither steady training nor typical answering: launch, load, warm-ups, the last save
+    return seconds_per_work, max(0.0, wall - training - answers * (per_answer or 0.0))
 
 
 def latest_calibration(session: Session, base_model: str, lengths_of) -> Calibration | None:
@@ -160,6 +189,30 @@ def latest_calibration(session: Session, base_model: str, lengths_of) -> Calibra
     return None
 
 
+def trial_calibration(session: Session, base_model: str, stale_after: float) -> Calibration | None:
+    """A live worker's speed trial (announced with its hardware: worker.probe), on `base_model` if one
+    measured it, else on another model (the work counted per model carries the difference)."""
+    from app.workers import list_workers
+
+    speeds = [
+        (model, speed)
+        for worker, alive in list_workers(session=session, stale_after=stale_after)
+        if alive
+        for model, speed in ((worker.hardware or {}).get("speed") or {}).items()
+        if isinstance(speed, dict) and speed.get("seconds_per_work")
+    ]
+    if not speeds:
+        return None
+    # the model's own trial first; of several workers, the slowest (a run may land on any of them)
+    _, speed = min(speeds, key=lambda entry: (entry[0] != base_model, -entry[1]["seconds_per_work"]))
+    return Calibration(
+        run_id=None,
+        seconds_per_work=float(speed["seconds_per_work"]),
+        startup_seconds=float(speed.get("startup_seconds") or 0.0),
+        seconds_per_answer=speed.get("seconds_per_answer"),
+    )
+
+
 def duration(
     config: RunConfig, lengths: list[int], calibration: Calibration, shapes, *, checkpointing: bool
 ) -> dict:
@@ -169,8 +222,11 @@ def duration(
     )
     count, answers = evaluations(config)
     answering = count * answers * (calibration.seconds_per_answer or 0.0)
+    seconds = calibration.startup_seconds + training + answering
+    low, high = calibration.spread
     return {
-        "seconds": calibration.startup_seconds + training + answering,
+        "seconds": seconds,
+        "seconds_range": [seconds * low, seconds * high],
         "duration_parts": {
             "startup": calibration.startup_seconds,
             "training": training,

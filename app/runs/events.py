@@ -46,7 +46,12 @@ def progress(run: Run, latest: RunMetric | None = None, *, now: datetime | None 
         end = run.finished_at or now
         elapsed = max(0.0, (end - run.started_at).total_seconds())
     step_time = latest.get("step_time") if latest else None
-    if run.status == RunStatus.RUNNING and step_time and run.total_steps:
+    logged_eta = latest.get("eta_seconds") if latest else None
+    if run.status == RunStatus.RUNNING and latest is not None and logged_eta is not None:
+        # the training process's own: steps to go and the evaluations still to come, as of its last log
+        since = max(0.0, (now - latest.created_at).total_seconds()) if latest.created_at else 0.0
+        eta = max(0.0, logged_eta - since)
+    elif run.status == RunStatus.RUNNING and step_time and run.total_steps:
         eta = max(0.0, (run.total_steps - run.current_step) * step_time)
     return {
         "id": run.id,
