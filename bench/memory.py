@@ -2,8 +2,10 @@
 step takes) of `python -m worker.train` on short, long and mixed rows, for the bundled model and a larger
 Llama-shaped one with random weights, with gradient checkpointing off and on.
 
-Each case trains a few steps of one run folder in its own process, the way the worker launches it, with
-answer scoring off, and reads the peak the process logs at its end.
+Each case trains one run folder in its own process, the way the worker launches it, for enough steps that
+the C allocator reaches the steady state a whole run lives in (glibc keeps what tensors of changing sizes
+freed: a process's peak grows over its first ten to twenty steps, then holds), with answers scored before
+the first step and after the last as a run's are, and reads the peak the process logs at its end.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class Case:
     rows: str  # short | long | mixed
     checkpointing: bool
     targets: str | list[str] = "all-linear"
-    steps: int = 3
+    steps: int = 20
 
 
 CASES = [
@@ -47,10 +49,10 @@ CASES = [
     Case("bundled", "long", True),
     Case("bundled", "mixed", False),
     Case("bundled", "long", False, TUTORIAL_TARGETS),
-    Case("large", "short", False, steps=2),
-    Case("large", "long", False, steps=2),
-    Case("large", "long", True, steps=2),
-    Case("large", "mixed", False, steps=2),
+    Case("large", "short", False, steps=16),
+    Case("large", "long", False, steps=16),
+    Case("large", "long", True, steps=16),
+    Case("large", "mixed", False, steps=16),
 ]
 
 
@@ -85,7 +87,7 @@ def config_for(case: Case, model_dir: Path, rows_file: Path, folder: Path) -> Ru
         per_device_train_batch_size=4,
         batch_tokens=1024,
         logging_steps=1,
-        save_steps=10_000,
+        save_steps=case.steps,  # one scored evaluation at the end, beside the base model's
         eval_steps=10_000,
         gradient_checkpointing=case.checkpointing,
     )
@@ -99,7 +101,7 @@ def config_for(case: Case, model_dir: Path, rows_file: Path, folder: Path) -> Ru
         prompt_format="chat",
         peft=validate_peft("lora", {"target_modules": case.targets}),
         training=training,
-        evaluation=EvaluationParams(scored_held_out_rows=0, scored_train_rows=0),
+        evaluation=EvaluationParams(scored_held_out_rows=0, scored_train_rows=8),
         train_rows=16,
         validation_rows=[],
         total_steps=case.steps,
@@ -169,7 +171,8 @@ def memory_benchmark(model_dir: Path, threads: int) -> dict:
 def report_memory(result: dict) -> str:
     lines = [
         "\nMemory: the New run estimate against the training process's measured peak (batches of up to 4 "
-        "rows within 1,024 tokens, LoRA r16, bf16, answer scoring off)",
+        "rows within 1,024 tokens, LoRA r16, bf16; 20 steps, 16 on the larger model; 8 answers scored "
+        "before the first step and after the last)",
         "",
         "| model | rows | LoRA on | gradient checkpointing | largest batch (tokens) | measured peak "
         "| estimate | error |",

@@ -77,9 +77,10 @@ def choose_checkpointing(config: RunConfig, lengths: list[int], dtype) -> bool:
     batch would not fit the free memory without it (app.runs.estimate). Refuses a run that would not fit."""
     import torch
 
-    free, _ = free_memory("cuda" if torch.cuda.is_available() else "cpu")
+    cpu = not torch.cuda.is_available()
+    free, _ = free_memory("cpu" if cpu else "cuda")
     weight_bytes = torch.finfo(dtype).bits // 8
-    needed = memory_needed(config, lengths, free, weight_bytes)
+    needed = memory_needed(config, lengths, free, weight_bytes, cpu)
     if needed is None:  # a model whose layout the estimate does not know
         return bool(config.training.gradient_checkpointing)
     if config.training.gradient_checkpointing is None:
@@ -89,7 +90,7 @@ def choose_checkpointing(config: RunConfig, lengths: list[int], dtype) -> bool:
             needed["largest_batch_tokens"],
             needed["memory_without_checkpointing"] / 2**30,
         )
-    if reason := refusal(config, lengths, free, weight_bytes):
+    if reason := refusal(config, lengths, free, weight_bytes, cpu):
         raise UserError(reason)
     return needed["gradient_checkpointing"]
 
@@ -338,7 +339,6 @@ def train(config: RunConfig, sink, attempt: int | None = None) -> Path:
         log.info("training with %d processes (%s)", trainer.args.world_size, kind)
     trainer.train(resume_from_checkpoint=resume_from)
     sink.phase("Saving the adapter")
-    log.info("peak resident memory %.0f MiB", peak_memory_mb())
     adapter = run_folder(config).adapter
     staging = adapter.with_name(".adapter.partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -361,6 +361,8 @@ def train(config: RunConfig, sink, attempt: int | None = None) -> Path:
         shutil.rmtree(adapter, ignore_errors=True)
         os.replace(staging, adapter)
         log.info("adapter saved to %s", adapter)
+    # the whole run's, its evaluations and the save included (what New run's estimate is measured against)
+    log.info("peak resident memory %.0f MiB", peak_memory_mb())
     return adapter
 
 

@@ -14,7 +14,7 @@ from app.peft_methods import drops_inputs
 from app.peft_methods import method as peft_method
 from app.runs.batching import padded_tokens
 from app.runs.config import PREFERENCE_OBJECTIVES, RunConfig
-from app.runs.duration import Calibration, duration, latest_calibration
+from app.runs.duration import Calibration, duration, latest_calibration, trial_calibration
 from app.runs.shapes import Shapes, adapted_modules
 
 
@@ -72,7 +72,8 @@ def trainable_parameters(shapes: Shapes, method: str, peft: dict) -> int:
 
 
 # The memory model's constants, measured on the bundled model and a larger Llama-shaped one through the
-# real training process (`python -m bench --only memory`, docs/benchmarks.md).
+# real training process over 16-20 steps with answers scored (`python -m bench --only memory`,
+# docs/benchmarks.md).
 RUNTIME_BYTES = 900 * 2**20  # python, torch, transformers, the tokenizer, the rows and the Trainer
 # values kept for the backward pass per token and layer: × hidden, × intermediate, and × the input
 # features of each module an adapter wraps (its float32 copy of the input; with dropout, also the mask and
@@ -81,6 +82,10 @@ HIDDEN_VALUES, INTERMEDIATE_VALUES, ADAPTED_VALUES, DROPOUT_VALUES = 2, 1, 2, 2
 ATTENTION_BYTES = 1.5  # per attention score kept (row length² × heads, each layer): CPU attention keeps some
 CHECKPOINTED_VALUES = 1  # with gradient checkpointing: each layer keeps its input only (× hidden)
 LOGIT_BYTES = 10  # per learned position and vocabulary entry: the logits, their float copy, the softmax
+# Over a whole run (hundreds of steps, answers generated at every checkpoint) the process holds about this
+# many times its weights' size beside them: pages the C allocator keeps after tensors of changing sizes are
+# freed, and generation's. Steady after ten to twenty steps; the first three steps show almost none of it.
+RETAINED_PER_WEIGHT = 2.5
 
 
 def adapted_values(config: RunConfig) -> int:
@@ -93,20 +98,28 @@ class MemoryEstimate:
 
     runtime: int
     weights: int
+    retained: int  # RETAINED_PER_WEIGHT × weights: what a long run keeps beside them
     adapter: int  # trainable parameters, their gradients and two AdamW moments, all float32
     activations: int
     logits: int
 
     @property
     def total(self) -> int:
-        return self.runtime + self.weights + self.adapter + self.activations + self.logits
+        return self.runtime + self.weights + self.retained + self.adapter + self.activations + self.logits
 
 
 def training_memory(
-    shapes: Shapes, config: RunConfig, padded: int, longest: int, *, checkpointing: bool, weight_bytes: int
+    shapes: Shapes,
+    config: RunConfig,
+    padded: int,
+    longest: int,
+    *,
+    checkpointing: bool,
+    weight_bytes: int,
+    cpu: bool = True,
 ) -> MemoryEstimate:
     """What training `config` takes at its largest batch of `padded` tokens (rows × longest row), its rows
-    at most `longest` tokens long."""
+    at most `longest` tokens long, in a CPU's memory (`cpu`, where the C allocator retains) or a GPU's."""
     wraps = peft_method(config.method).wraps_linear
     targets = adapted_modules(shapes, config.peft.get("target_modules")) if wraps else {}
     layer = (
@@ -122,6 +135,7 @@ def training_memory(
     return MemoryEstimate(
         runtime=RUNTIME_BYTES,
         weights=shapes.total() * weight_bytes,
+        retained=int(RETAINED_PER_WEIGHT * shapes.total() * weight_bytes) if cpu else 0,
         adapter=trainable_parameters(shapes, config.method, config.peft) * 16,
         activations=int(kept),
         logits=padded * shapes.vocab * LOGIT_BYTES,
@@ -161,15 +175,20 @@ def length_stats(
     return None if lengths is None else stats_of(lengths, max_length=max_length)
 
 
-def training_lengths(settings, session: Session, config: RunConfig) -> list[int] | None:
-    """The token lengths of the rows a run trains on, cut at its max_length; None when unknown."""
-    lengths = row_lengths(
+def dataset_lengths(settings, session: Session, config: RunConfig) -> list[int] | None:
+    """Every row's token length in a run's dataset, under its model and prompt format; None when unknown."""
+    return row_lengths(
         settings,
         session,
         dataset_id=config.dataset_id,
         base_model=config.base_model,
         prompt_format=config.prompt_format,
     )
+
+
+def training_lengths(settings, session: Session, config: RunConfig) -> list[int] | None:
+    """The token lengths of the rows a run trains on, cut at its max_length; None when unknown."""
+    lengths = dataset_lengths(settings, session, config)
     if lengths is None:
         return None
     cut = config.training.max_length
@@ -195,12 +214,17 @@ def largest_batch(config: RunConfig, lengths: list[int] | None) -> tuple[int, in
 
 
 def memory_needed(
-    config: RunConfig, lengths: list[int] | None, memory_limit: int | None, weight_bytes: int | None = None
+    config: RunConfig,
+    lengths: list[int] | None,
+    memory_limit: int | None,
+    weight_bytes: int | None = None,
+    cpu: bool | None = None,
 ) -> dict | None:
     """Peak memory of the run's training process and whether gradient checkpointing will be on (the run's
     choice, or on by itself when the run would not otherwise fit `memory_limit` bytes, as the training
     process decides); None where the model's layout is unknown. `weight_bytes`: the loaded dtype's size, when
-    known (else 2 for auto, as on machines with fast bf16)."""
+    known (else 2 for auto, as on machines with fast bf16); `cpu`: whether it trains on the CPU (else on a
+    GPU; None: as the run asks, a CPU when it asks for no GPU)."""
     shapes = Shapes.read(Path(config.model_path))
     if shapes is None:
         return None
@@ -208,8 +232,11 @@ def memory_needed(
     if weight_bytes is None:
         weight_bytes = 2 if training.dtype in ("auto", "bfloat16", "float16") else 4
     padded, longest = largest_batch(config, lengths)
+    on_cpu = not config.gpus if cpu is None else cpu
     without, with_ = (
-        training_memory(shapes, config, padded, longest, checkpointing=on, weight_bytes=weight_bytes)
+        training_memory(
+            shapes, config, padded, longest, checkpointing=on, weight_bytes=weight_bytes, cpu=on_cpu
+        )
         for on in (False, True)
     )
     checkpointing = training.gradient_checkpointing
@@ -227,11 +254,15 @@ def memory_needed(
 
 
 def refusal(
-    config: RunConfig, lengths: list[int] | None, memory_limit: int | None, weight_bytes: int | None = None
+    config: RunConfig,
+    lengths: list[int] | None,
+    memory_limit: int | None,
+    weight_bytes: int | None = None,
+    cpu: bool | None = None,
 ) -> str | None:
     """A sentence when the run cannot fit `memory_limit` bytes as it is batched (checkpointing on by itself
     where the run leaves it to Tuneboard)."""
-    needed = memory_needed(config, lengths, memory_limit, weight_bytes)
+    needed = memory_needed(config, lengths, memory_limit, weight_bytes, cpu)
     if needed is None or memory_limit is None or needed["memory_bytes"] * HEADROOM <= memory_limit:
         return None
     needs, has = needed["memory_bytes"] / 2**30, memory_limit / 2**30
@@ -270,11 +301,19 @@ def estimate(
 def run_estimate(settings, session: Session, config: RunConfig) -> dict:
     """`estimate` for a resolved run on this server: its training rows' lengths, this machine's memory and
     speed."""
-    return estimate(
+    from app.datasets.stats import rows_over
+
+    calibration = latest_calibration(
+        session, config.base_model, lambda run_config: training_lengths(settings, session, run_config)
+    ) or trial_calibration(session, config.base_model, settings.stale_after_seconds)
+    result = estimate(
         config,
         lengths=training_lengths(settings, session, config),
         memory_limit=meminfo_bytes("MemAvailable"),
-        calibration=latest_calibration(
-            session, config.base_model, lambda run_config: training_lengths(settings, session, run_config)
-        ),
+        calibration=calibration,
     )
+    every = dataset_lengths(settings, session, config)
+    if every is not None:  # the dataset page's warning, under this run's max length
+        over = rows_over(every, config.training.max_length)
+        result |= {"rows_cut": len(over), "rows_cut_numbers": over[:20]}
+    return result
