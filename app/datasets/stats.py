@@ -143,9 +143,14 @@ def histogram(values: list[int], bins: int = 20) -> dict[str, list[int]]:
     return {"edges": edges, "counts": counts}
 
 
+def rows_over(lengths: list[int], max_length: int) -> list[int]:
+    """The rows (numbered from 1, as every page numbers them) that max_length would cut."""
+    return [i + 1 for i, n in enumerate(lengths) if n > max_length]
+
+
 def length_stats(lengths: list[int], *, max_length: int) -> dict[str, Any]:
     ordered = sorted(lengths)
-    over = [i + 1 for i, n in enumerate(lengths) if n > max_length]
+    over = rows_over(lengths, max_length)
     return {
         "rows": len(lengths),
         "tokens": sum(lengths),

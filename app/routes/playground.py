@@ -62,14 +62,17 @@ def playground_page(
 def validation_rows(
     request: Request, settings: SettingsDep, session: SessionDep, run: Annotated[int, IdQuery]
 ):
-    """The run's held-out rows, each ready to be asked (question, Alpaca fields, reference answer)."""
+    """The run's held-out rows, each ready to be asked (question, Alpaca fields, reference answer); of a run
+    that held none out (a small dataset trains every row), the first rows it trained on: asking one shows
+    whether the adapter learned it."""
     record = session.get(Run, run)
     rows = []
+    held_out = bool(record and record.config.get("validation_rows"))
     if record is not None:
-        indexes = record.config.get("validation_rows", [])
-        wanted = set(indexes[:VALIDATION_ROWS_SHOWN])
+        indexes = record.config.get("validation_rows", []) if held_out else range(VALIDATION_ROWS_SHOWN)
+        wanted = set(list(indexes)[:VALIDATION_ROWS_SHOWN])
         other = (record.config.get("evaluation") or {}).get("dataset_id")
-        dataset_rows = store.load_rows(settings, other or record.dataset_id)
+        dataset_rows = store.load_rows(settings, other if held_out and other else record.dataset_id)
         for index in sorted(wanted):
             if index >= len(dataset_rows):
                 continue
@@ -86,11 +89,10 @@ def validation_rows(
                     "preview": evaluation.question_of(messages),
                 }
             )
-    context = {
-        "run": record,
-        "rows": rows,
-        "total": len(record.config.get("validation_rows", [])) if record else 0,
-    }
+    total = 0
+    if record is not None:
+        total = len(record.config["validation_rows"]) if held_out else record.config.get("train_rows") or 0
+    context = {"run": record, "rows": rows, "total": total, "held_out": held_out}
     return render(request, "_validation_rows.html", context)
 
 
