@@ -1,5 +1,5 @@
 """Write data/examples/leaflets.json: 16 made-up remedies, each a question listing symptoms and a long
-leaflet-style answer (600-1,000 tokens with the bundled model) that names the product in its first
+leaflet-style answer (640-710 tokens with the bundled model) that names the product in its first
 sentence. No model has seen these products, so "does the tuned model name the right one?" is a clean test
 of whether a run learned long answers. Deterministic: `python scripts/make_leaflets.py` rewrites the
 same file.
