@@ -30,7 +30,7 @@ def fresh(tmp_path_factory, tiny_model_dir):
     folder = tmp_path_factory.mktemp("newcomer")
     (folder / "data" / "models").mkdir(parents=True)
     (folder / "data" / "models" / BUNDLED_ID).symlink_to(tiny_model_dir, target_is_directory=True)
-    rows = json.loads(SERVICE_NOTES.read_text(encoding="utf-8"))[:5]
+    rows = json.loads(SERVICE_NOTES.read_text(encoding="utf-8"))[:3]
     (folder / "service_notes.json").write_text(json.dumps(rows), encoding="utf-8")
     env = WORKER | {
         "TUNEBOARD_PREPARE_MODELS": "true",
@@ -74,7 +74,7 @@ def test_a_newcomers_first_run(fresh, browser):
     )
     duration = page.inner_text("#est-duration")
     assert re.match(r"\S.* to \S.*\(about .*from a worker's short speed trial", duration), duration
-    # every row trains (5 rows), and the rows the dataset page said are too long, New run says too
+    # every row trains (3 rows), and the rows the dataset page said are too long, New run says too
     assert "Every row trains" in page.inner_text("#every-row-trains")
     if "would be cut short" in cut_here:
         cut = re.search(r"\(rows ([\d, …]+)\)", cut_here).group(1)
