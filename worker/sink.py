@@ -77,15 +77,8 @@ class DatabaseSink(Sink):
             state.record_step(session=session, run_id=self.run_id, step=step)
 
     def phase(self, text: str | None) -> None:
-        from app.db import PASSING_FAULTS
-        from app.runs import state
-
         super().phase(text)
-        try:
-            with self.db.write_session() as session:
-                state.record_phase(session=session, run_id=self.run_id, phase=text)
-        except PASSING_FAULTS:
-            pass  # a busy database: the page shows the next phase instead
+        say_phase(self.db, self.run_id, text)
 
     def answers(self, *, step: int, split: str, answers: list[dict], seconds: float) -> None:
         from app.runs.evaluation import record_answers
@@ -113,3 +106,16 @@ class DatabaseSink(Sink):
         if heartbeat_at is None or utcnow() - heartbeat_at > self.stale_after:
             return False, "the worker supervising this run stopped heartbeating"
         return bool(cancel), None
+
+
+def say_phase(db, run_id: int, phase: str | None) -> None:
+    """What the run is doing, for its page (from the worker or the training process); a busy database only
+    means the page shows the next phase instead."""
+    from app.db import PASSING_FAULTS
+    from app.runs import state
+
+    try:
+        with db.write_session() as session:
+            state.record_phase(session=session, run_id=run_id, phase=phase)
+    except PASSING_FAULTS:
+        pass

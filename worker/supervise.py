@@ -27,6 +27,7 @@ from worker.child import beating
 from worker.hardware import usable_cores, visible_gpus
 from worker.prepare import prepare_model
 from worker.remote import ArtifactSync, Server, ServerError
+from worker.sink import say_phase
 from worker.train import write_config
 
 log = logging.getLogger("tuneboard.worker")
@@ -324,15 +325,6 @@ def _attempt(
     )
     log.info("run %d %s (%s)", run.id, status, describe_exit(code))
     return status
-
-
-def say_phase(db: Database, run_id: int, phase: str | None) -> None:
-    """What the run is doing, for its page, from the worker (the training process says its own)."""
-    try:
-        with db.write_session() as session:
-            state.record_phase(session=session, run_id=run_id, phase=phase)
-    except PASSING_FAULTS:
-        pass  # a busy database: the page shows the next phase instead
 
 
 def ensure_model(

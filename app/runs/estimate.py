@@ -189,8 +189,12 @@ def dataset_lengths(settings, session: Session, config: RunConfig) -> list[int] 
 def training_lengths(settings, session: Session, config: RunConfig) -> list[int] | None:
     """The token lengths of the rows a run trains on, cut at its max_length; None when unknown."""
     lengths = dataset_lengths(settings, session, config)
-    if lengths is None:
-        return None
+    return None if lengths is None else trained_lengths(config, lengths)
+
+
+def trained_lengths(config: RunConfig, lengths: list[int]) -> list[int]:
+    """Of every row's token length (`dataset_lengths`), those of the rows the run trains on, cut at its
+    max_length."""
     cut = config.training.max_length
     return [min(n, cut) for n in trained(lengths, [] if config.evaluation_path else config.validation_rows)]
 
@@ -306,13 +310,13 @@ def run_estimate(settings, session: Session, config: RunConfig) -> dict:
     calibration = latest_calibration(
         session, config.base_model, lambda run_config: training_lengths(settings, session, run_config)
     ) or trial_calibration(session, config.base_model, settings.stale_after_seconds)
+    every = dataset_lengths(settings, session, config)
     result = estimate(
         config,
-        lengths=training_lengths(settings, session, config),
+        lengths=None if every is None else trained_lengths(config, every),
         memory_limit=meminfo_bytes("MemAvailable"),
         calibration=calibration,
     )
-    every = dataset_lengths(settings, session, config)
     if every is not None:  # the dataset page's warning, under this run's max length
         over = rows_over(every, config.training.max_length)
         result |= {"rows_cut": len(over), "rows_cut_numbers": over[:20]}
