@@ -27,7 +27,14 @@ def get_write_session(request: Request) -> Iterator[Session]:
         yield session
 
 
+async def get_form(request: Request) -> dict[str, str]:
+    """A page form's text fields, read before the route runs: routes that take it stay plain functions, run
+    in the server's thread pool, so that their database and tokenizer work never holds up other requests."""
+    return {key: value for key, value in (await request.form()).items() if isinstance(value, str)}
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+FormDep = Annotated[dict[str, str], Depends(get_form)]
 SessionDep = Annotated[Session, Depends(get_session)]
 WriteSessionDep = Annotated[Session, Depends(get_write_session)]
 

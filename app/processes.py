@@ -18,6 +18,7 @@ import socket
 import subprocess
 import threading
 import time
+from typing import Protocol
 
 log = logging.getLogger("tuneboard.keeper")
 
@@ -82,7 +83,25 @@ class ChildKeeper:
         stop_process(self.process, grace)
 
 
-def signal_group(process: subprocess.Popen, sig: int) -> None:
+class Child(Protocol):
+    """What the stoppers need of a child: a `subprocess.Popen`, or a process forked otherwise
+    (worker.warm)."""
+
+    pid: int
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def terminate(self) -> None: ...
+
+    def kill(self) -> None: ...
+
+
+def signal_group(process: Child, sig: int) -> None:
     """Send `sig` to the process group `process` leads (started with `start_new_session=True`): the
     process and every process it started. A group already gone is no error."""
     try:
@@ -91,7 +110,7 @@ def signal_group(process: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def stop_process(process: subprocess.Popen, grace: float, *, group: bool = False) -> int:
+def stop_process(process: Child, grace: float, *, group: bool = False) -> int:
     """Stop `process` politely, then firmly: SIGTERM, and SIGKILL once `grace` seconds have passed.
     `group`: signal the whole process group it leads (a launcher and its children). Returns the exit
     code; a process that already ended is only reaped."""

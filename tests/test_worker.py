@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -302,20 +303,17 @@ def test_cancel_stops_training_and_keeps_the_adapter(client, settings, launch, b
 
 
 def training_pid(settings, run_id: int) -> int | None:
-    """The training interpreter of a run (not accelerate's launcher), found by its run.yaml's full path
-    (another test's run of the same id lives in another data folder)."""
-    run_yaml = str(settings.run_folder(run_id).config)
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        text = b" ".join(cmdline).decode(errors="replace")
-        if "-m worker.train" in text and run_yaml in text and "accelerate" not in text:
-            return int(entry.name)
-    return None
+    """The training process of a run's latest attempt while it lives: the process the run's log names
+    (forked warm, its command line is the fork server's)."""
+    log = settings.run_folder(run_id).log
+    started = re.findall(r"training process (\d+)$", log.read_text(), re.M) if log.is_file() else []
+    if not started:
+        return None
+    try:
+        state = Path(f"/proc/{started[-1]}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+    return None if state == "Z" else int(started[-1])  # a zombie has ended, unreaped
 
 
 @pytest.mark.trains

@@ -19,7 +19,7 @@ from app.config import Settings
 from app.db import PASSING_FAULTS, Database
 from app.model_registry import find_model, removed_model
 from app.models import WITH_ADAPTER, Run, RunStatus
-from app.processes import Backoff, describe_exit, free_port, signal_group, stop_process
+from app.processes import Backoff, Child, describe_exit, free_port, signal_group, stop_process
 from app.runs import state
 from app.runs.config import RunConfig
 from app.runs.folder import RunFolder
@@ -29,6 +29,7 @@ from worker.prepare import prepare_model
 from worker.remote import ArtifactSync, Server, ServerError
 from worker.sink import say_phase
 from worker.train import write_config
+from worker.warm import start as warm_start
 
 log = logging.getLogger("tuneboard.worker")
 # How long a run asked to stop gets to stop by itself (it saves its adapter first) before SIGTERM, and then
@@ -245,12 +246,7 @@ def _attempt(
     log.info("run %d attempt %d: %s", run.id, run.attempts, " ".join(command))
     say_phase(db, run.id, "Starting the training process")
     oom_before = oom_kills()
-    with open(folder.log, "ab") as out:
-        out.write(f"--- attempt {run.attempts} by {me} ---\n".encode())
-        out.flush()
-        child = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+    child = start_training(command, env, folder.log, f"attempt {run.attempts} by {me}")
     cancel_since = terminate_since = None
     lost = False
     while child.poll() is None:
@@ -284,7 +280,7 @@ def _attempt(
             terminate_since = now
         if terminate_since is not None and now - terminate_since > CANCEL_GRACE_SECONDS:
             signal_group(child, signal.SIGKILL)
-    code = child.returncode
+    code = child.wait()
     if lost:
         _close_sync(sync, adapter=False)
         return "lost"
@@ -325,6 +321,22 @@ def _attempt(
     )
     log.info("run %d %s (%s)", run.id, status, describe_exit(code))
     return status
+
+
+def start_training(command: list[str], env: dict[str, str], log_path: Path, heading: str) -> Child:
+    """The training process, in a session of its own, its output appended to the run's log under a heading
+    for the attempt: forked warm when one process trains (worker.warm), else a new interpreter (`accelerate
+    launch` and its processes)."""
+    with open(log_path, "ab") as out:
+        out.write(f"--- {heading} ---\n".encode())
+    warm = warm_start(command[3:], env, log_path) if command[1:3] == ["-m", "worker.train"] else None
+    if warm is not None:
+        log.info("training process %d forked warm", warm.pid)
+        return warm
+    with open(log_path, "ab") as out:
+        return subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
 
 
 def ensure_model(

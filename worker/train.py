@@ -408,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True
     )
     quiet_libraries()
+    log.info("training process %d", os.getpid())
 
     from worker.callbacks import ORPHANED_EXIT, Orphaned
     from worker.sink import DatabaseSink, Sink

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
 from app import exports
-from app.deps import RunId, SessionDep, SettingsDep, WriteSessionDep, get_run_or_404
+from app.deps import FormDep, RunId, SessionDep, SettingsDep, WriteSessionDep, get_run_or_404
 from app.model_registry import ModelPathInvalid
 from app.models import MAX_ID, WITH_ADAPTER, Run
 from app.routes.exports_api import ExportId, get_export_or_404
@@ -86,8 +86,9 @@ def export_card(request: Request, run_id: RunId, settings: SettingsDep, session:
 
 
 @router.post("/runs/{run_id}/exports/estimate", response_class=HTMLResponse)
-async def estimate_block(request: Request, run_id: RunId, settings: SettingsDep, session: SessionDep):
-    form = await request.form()
+def estimate_block(
+    request: Request, run_id: RunId, settings: SettingsDep, session: SessionDep, form: FormDep
+):
     run = get_run_or_404(session, run_id)
     try:
         step = _form_step(form.get("step"))
@@ -99,8 +100,9 @@ async def estimate_block(request: Request, run_id: RunId, settings: SettingsDep,
 
 
 @router.post("/runs/{run_id}/exports", response_class=HTMLResponse)
-async def export_from_page(request: Request, run_id: RunId, settings: SettingsDep, session: WriteSessionDep):
-    form = await request.form()
+def export_from_page(
+    request: Request, run_id: RunId, settings: SettingsDep, session: WriteSessionDep, form: FormDep
+):
     run = get_run_or_404(session, run_id)
     error = None
     try:

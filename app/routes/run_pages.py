@@ -17,7 +17,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app import charts, votes, workers
 from app.datasets import store
-from app.deps import IdQuery, RunId, SessionDep, SettingsDep, WriteSessionDep, get_run_or_404
+from app.deps import FormDep, IdQuery, RunId, SessionDep, SettingsDep, WriteSessionDep, get_run_or_404
 from app.model_registry import BUNDLED_ID, list_models
 from app.models import MAX_ID, WITH_ADAPTER, Dataset, Run, RunMetric
 from app.peft_methods import CHOICES, DEFAULT_METHOD, LABELS, METHODS
@@ -189,8 +189,7 @@ def _validate_form(settings, session, form: dict[str, str]):
 
 
 @router.post("/runs/estimate", response_class=HTMLResponse)
-async def estimate_fragment(request: Request, settings: SettingsDep, session: SessionDep):
-    form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
+def estimate_fragment(request: Request, settings: SettingsDep, session: SessionDep, form: FormDep):
     config, problems = _validate_form(settings, session, form)
     cost = None
     if config is not None:
@@ -210,8 +209,7 @@ HELD_OUT_SHOWN = 12
 
 
 @router.post("/runs", response_class=HTMLResponse)
-async def launch_from_page(request: Request, settings: SettingsDep, session: WriteSessionDep):
-    form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
+def launch_from_page(request: Request, settings: SettingsDep, session: WriteSessionDep, form: FormDep):
     config, problems = _validate_form(settings, session, form)
     if config is None:
         return render(
