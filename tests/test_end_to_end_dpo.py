@@ -73,13 +73,13 @@ def test_dpo_teaches_the_bundled_model_a_sign_off_it_never_used(client, settings
     body = {
         "dataset_id": train,
         "objective": "dpo",
-        # kept short for the CPU (a DPO step here is about 4 s a pair): 16 steps of 2 pairs, at 4× the
+        # kept short for the CPU (a DPO step here is about 2.5 s a pair): 8 steps of 2 pairs, at 8× the
         # default rate; the held-out questions are answered at the start and at the end
         "training": {
-            "max_steps": 16,
+            "max_steps": 8,
             "per_device_train_batch_size": 2,
-            "learning_rate": 2e-4,
-            "save_steps": 16,
+            "learning_rate": 4e-4,
+            "save_steps": 8,
         },
         "evaluation": {"dataset_id": held_out, "scored_train_rows": 0, "held_out_fraction": 0},
     }
