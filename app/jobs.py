@@ -1,11 +1,12 @@
 """The job queue: the one set of rules by which workers take background work from the database.
 
 A job is a row of a table with the lease columns (`app.models.Leased`): a run to train, an export to
-make. Each kind is one `Kind` in KINDS: its table, what a worker must have to serve it, and what its
-row becomes when its worker goes silent too often. Every claim, heartbeat, hand-back, end and stale check
-goes through the functions below, and every attempt is a row of `job_attempts` (which worker, when, how it
-ended), so both kinds count attempts the same way. What a job's row means beyond its lease stays with its
-owner: the run state machine (app.runs.state) and app.exports call this module for the lease.
+make, a model to download. Each kind is one `Kind` in KINDS: its table, what a worker must have to serve
+it, and what its row becomes when its worker goes silent too often. Every claim, heartbeat, hand-back,
+end and stale check goes through the functions below, and every attempt is a row of `job_attempts` (which
+worker, when, how it ended), so every kind counts attempts the same way. What a job's row means beyond its
+lease stays with its owner: the run state machine (app.runs.state), app.exports and app.downloads call this
+module for the lease.
 
     queued ──claim──▶ running ──end──▶ the kind's finished states
       ▲                  │
@@ -27,7 +28,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, delete, func, select, update
 from sqlalchemy.orm import Session
 
-from app.models import Export, ExportStatus, JobAttempt, Leased, Run, RunStatus, utcnow
+from app.models import Export, ExportStatus, JobAttempt, Leased, ModelDownload, Run, RunStatus, utcnow
 
 QUEUED, RUNNING = "queued", "running"
 MAX_LOST = 3  # attempts whose worker went silent before the job fails
@@ -95,8 +96,28 @@ EXPORT = Kind(
     claimed={"progress": 0.0, "stage": None},
     handed_back={"progress": 0.0, "stage": None, "started_at": None},
 )
-# a worker looks in this order: an export takes minutes and someone is waiting for its download
-KINDS = {kind.name: kind for kind in (EXPORT, TRAIN)}
+
+
+def _any_worker(models: Sequence[str] | None, gpus: int | None) -> list[ColumnElement[bool]]:
+    return []
+
+
+def _download_silent_end(download: Any, lost: int) -> dict[str, Any] | None:
+    if download.cancel_requested:
+        return {"status": "cancelled", "speed": None}
+    if lost < MAX_LOST:
+        return None
+    return {
+        "status": "failed",
+        "speed": None,
+        "error": f"The worker downloading this model stopped responding {lost} times. Download it again to "
+        "resume from the files that arrived.",
+    }
+
+
+DOWNLOAD = Kind("download", ModelDownload, _any_worker, _download_silent_end, handed_back={"speed": None})
+# a worker looks in this order: someone waits for an export's file or a model's, and a run may wait on it
+KINDS = {kind.name: kind for kind in (EXPORT, DOWNLOAD, TRAIN)}
 
 
 def claim(

@@ -65,9 +65,17 @@ class ModelEntry:
 
 
 def is_model_folder(folder: Path) -> bool:
-    """A folder transformers can load: config, weights and a fast tokenizer."""
+    """A folder transformers can load: config, weights and a fast tokenizer; every shard its weights'
+    index names (a download still under way has only some)."""
     if not (folder / "config.json").is_file() or not (folder / "tokenizer.json").is_file():
         return False
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).is_file():
+            try:
+                shards = set(json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"].values())
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                return False
+            return bool(shards) and all((folder / str(shard)).is_file() for shard in shards)
     return any(p.name.endswith(WEIGHT_SUFFIXES) for p in folder.iterdir())
 
 
@@ -159,20 +167,21 @@ def bundled_entry(settings: Settings) -> ModelEntry:
 def hf_cache_entries(cache_dir: Path | None = None) -> list[ModelEntry]:
     """Causal-LM checkpoints already downloaded into the local Hugging Face cache (never fetches).
 
-    Every page that lists models asks, so the scan is remembered until the cache folder changes (a new
-    model's folder changes its modification time)."""
+    Every page that lists models asks, so the scan is remembered until the cache folder or one of its
+    snapshot folders changes (a new model, or a file arriving in a download)."""
     from huggingface_hub import constants
 
     folder = Path(cache_dir or constants.HF_HUB_CACHE)
     try:
-        stamp = folder.stat().st_mtime_ns
+        snapshots = folder.glob("models--*/snapshots/*")
+        stamp = (folder.stat().st_mtime_ns, *(p.stat().st_mtime_ns for p in snapshots))
     except OSError:
         return []
     return list(_scan_hf_cache(str(folder), stamp))
 
 
 @lru_cache(maxsize=4)
-def _scan_hf_cache(folder: str, _stamp: int) -> tuple[ModelEntry, ...]:
+def _scan_hf_cache(folder: str, _stamp: tuple[int, ...]) -> tuple[ModelEntry, ...]:
     from huggingface_hub import scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 
@@ -218,10 +227,15 @@ def registered_entry(settings: Settings, model: RegisteredModel) -> ModelEntry:
 
 
 def list_models(settings: Settings, *, session: Session) -> list[ModelEntry]:
+    """Every base model: the bundled one, the Hugging Face cache's (a model being downloaded is listed
+    once its download ends), the registered ones."""
+    from app.downloads import active_ids
+
     registered = session.scalars(select(RegisteredModel).order_by(RegisteredModel.id)).all()
+    downloading = active_ids(session=session)
     return [
         bundled_entry(settings),
-        *hf_cache_entries(),
+        *(m for m in hf_cache_entries() if m.id not in downloading),
         *(registered_entry(settings, m) for m in registered),
     ]
 

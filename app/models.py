@@ -279,6 +279,27 @@ class Export(Leased, Base):
     error: Mapped[str | None] = mapped_column(Text)
 
 
+class ModelDownload(Leased, Base):
+    """A base model fetched by name from a hub into the Hugging Face cache, by a worker (app.downloads owns
+    every change). `files` are the files it fetches, with their sizes; `bytes_done` counts what has arrived
+    so far, including what an interrupted attempt left (the client resumes it)."""
+
+    __tablename__ = "model_downloads"
+    __table_args__ = (Index("ix_model_downloads_status_id", "status", "id"), {"sqlite_autoincrement": True})
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    repo_id: Mapped[str] = mapped_column(String(200))
+    revision: Mapped[str] = mapped_column(String(100))
+    commit: Mapped[str] = mapped_column(String(100))  # the commit the revision named when it was looked up
+    endpoint: Mapped[str] = mapped_column(String(300))  # the hub it comes from
+    files: Mapped[dict] = mapped_column(JSON)  # {name: bytes}
+    bytes_total: Mapped[int] = mapped_column(BigInteger)
+    bytes_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    speed: Mapped[float | None] = mapped_column(Float)  # bytes per second, lately
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
 class Vote(Base):
     """One blind comparison in the playground: the conversation asked, the answers in the order they were
     shown with the target that wrote each, the verdict, the chosen answer (possibly edited by the voter),

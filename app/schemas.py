@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.datasets.formats import FORMAT_LABELS
 
@@ -46,3 +46,44 @@ class ModelOut(BaseModel):
 class ModelRegistration(BaseModel):
     path: str
     name: str | None = None
+
+
+class HubModelAsk(BaseModel):
+    """A model to look up or download by name: an id as the Hub spells it, and a revision (default main)."""
+
+    repo_id: str = Field(max_length=300)
+    revision: str | None = Field(default=None, max_length=200)
+
+
+class HubModelOut(BaseModel):
+    repo_id: str
+    revision: str
+    commit: str
+    endpoint: str
+    files: dict[str, int]
+    size_bytes: int
+    license: str | None
+    gated: bool
+    architecture: str | None
+    refusal: str | None
+    disk_free_bytes: int | None
+    files_left_out: int
+
+
+class DownloadOut(BaseModel):
+    id: int
+    repo_id: str
+    revision: str
+    endpoint: str
+    status: str
+    bytes_done: int
+    bytes_total: int
+    speed_bytes_per_second: float | None
+    attempts: int
+    error: str | None
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class HubToken(BaseModel):
+    token: str = Field(max_length=300)

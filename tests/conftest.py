@@ -21,10 +21,13 @@ os.environ.setdefault("TUNEBOARD_ALLOWED_HOSTS", "testserver")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # The modules that take longest, measured (`make test` prints the slowest tests), go to the test processes
-# first, so that the processes finish together instead of one working alone at the end.
+# first, so that the processes finish together instead of one working alone at the end. The two that train
+# the bundled model are not handed out together: the first converts it, and the other, given second to the
+# same process (pytest-xdist hands each process two modules to begin with), finds it converted instead of
+# waiting idle on the conversion.
 LONGEST_FIRST = (
-    "tests/test_end_to_end_dpo.py", "tests/test_end_to_end.py", "tests/browser/test_runs.py",
-    "tests/browser/test_chat.py", "tests/test_worker.py", "tests/test_fleet.py", "tests/test_distributed.py",
+    "tests/test_end_to_end_dpo.py", "tests/browser/test_runs.py", "tests/browser/test_chat.py",
+    "tests/test_end_to_end.py", "tests/test_worker.py", "tests/test_fleet.py", "tests/test_distributed.py",
     "tests/test_faults.py", "tests/test_preference_runs.py", "tests/test_exports.py",
     "tests/test_bundled_model.py",
 )  # fmt: skip

@@ -11,7 +11,7 @@ from sqlalchemy import text
 from app import exports, jobs
 from app.db import make_engine
 from app.migrate import alembic_config
-from app.models import Dataset, Export, Run, utcnow
+from app.models import Dataset, Export, ModelDownload, Run, utcnow
 from app.runs import state
 
 pytestmark = pytest.mark.databases
@@ -20,8 +20,20 @@ LATER = timedelta(minutes=5)
 
 
 def add_job(db, kind: jobs.Kind, base_model: str = "m") -> int:
-    """One queued job of `kind`: a run, or an export of a run."""
+    """One queued job of `kind`: a run, an export of a run, or a model's download."""
     with db.write_session() as session:
+        if kind is jobs.DOWNLOAD:
+            download = ModelDownload(
+                repo_id="org/m",
+                revision="main",
+                commit="main",
+                endpoint="http://hub",
+                files={},
+                bytes_total=1,
+            )
+            session.add(download)
+            session.commit()
+            return download.id
         dataset = Dataset(
             name="d", filename="d.jsonl", format="alpaca", layout="jsonl", rows=1, size_bytes=1, sha256="0"
         )
@@ -53,7 +65,8 @@ def go_silent(db, kind: jobs.Kind) -> dict[str, list[int]]:
 def test_every_kind_follows_the_same_lease(db, kind):
     job_id = add_job(db, kind)
     with db.write_session() as session:
-        assert jobs.claim(session=session, kind=kind, worker_id="w1", models=["other"]) is None
+        if kind is not jobs.DOWNLOAD:  # any worker downloads a model; runs and exports need theirs
+            assert jobs.claim(session=session, kind=kind, worker_id="w1", models=["other"]) is None
         held = jobs.claim(session=session, kind=kind, worker_id="w1", models=["m"])
         assert held is not None and held.id == job_id and held.status == "running" and held.attempts == 1
         assert jobs.claim(session=session, kind=kind, worker_id="w2") is None  # nothing else queued

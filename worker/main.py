@@ -20,6 +20,7 @@ from app.migrate import schema_ready
 from app.model_registry import list_models
 from app.processes import Backoff, ChildKeeper
 from worker.child import beating
+from worker.download import run_download
 from worker.export import run_export
 from worker.hardware import machine_summary
 from worker.prepare import prepare_pending_models
@@ -175,4 +176,8 @@ def work_once(
 
 
 # what a worker does with each kind of job (app.jobs.KINDS): a new kind is one handler here
-HANDLERS: dict[str, Callable[..., object]] = {jobs.EXPORT.name: run_export, jobs.TRAIN.name: supervise}
+HANDLERS: dict[str, Callable[..., object]] = {
+    jobs.EXPORT.name: run_export,
+    jobs.DOWNLOAD.name: run_download,
+    jobs.TRAIN.name: supervise,
+}

@@ -24,6 +24,7 @@ from app.model_registry import (
     unregister_model,
 )
 from app.prompts import PROMPT_FORMATS
+from app.routes.hub_pages import hub_context
 from app.runs.config import DEFAULT_MAX_LENGTH
 from app.web import hx_redirect, render
 
@@ -142,7 +143,9 @@ def delete_from_page(dataset_id: DatasetId, settings: SettingsDep, session: Writ
 
 @router.get("/models", response_class=HTMLResponse)
 def models_page(request: Request, settings: SettingsDep, session: SessionDep):
-    return render(request, "models.html", {"models": list_models(settings, session=session)})
+    context = {"models": list_models(settings, session=session)} | hub_context(settings, session)
+    target = request.headers.get("HX-Target") if request.headers.get("HX-Request") else None
+    return render(request, "models.html", context, block="models_body" if target == "models-body" else None)
 
 
 @router.post("/models", response_class=HTMLResponse)

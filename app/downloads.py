@@ -1,0 +1,124 @@
+"""Model downloads: the one owner of `model_downloads` rows. The web tier queues one after a lookup
+(app.hub); a worker takes it from the queue like a run or an export (app.jobs' DOWNLOAD kind), fetches
+the files into the Hugging Face cache and reports how far it got; the Models page shows the progress and
+may cancel it.
+
+    queued ──claim──▶ running ──▶ succeeded | failed | cancelled
+                         │
+                         └── cancel asked: the worker stops the transfer, keeping what arrived, so that
+                             downloading again resumes where it stopped
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app import jobs
+from app.hub import HubModel
+from app.models import ModelDownload, utcnow
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+ACTIVE = (QUEUED, RUNNING)
+SHOWN_FOR = timedelta(days=1)  # finished downloads stay listed this long (failed ones until retried)
+
+
+class DownloadRefused(ValueError):
+    """A download that cannot be queued, with its sentence."""
+
+
+def request(*, session: Session, model: HubModel) -> tuple[ModelDownload, bool]:
+    """Queue the download of a looked-up model, or give the one already under way for the same model and
+    revision. Returns (download, queued now)."""
+    if model.refusal:
+        raise DownloadRefused(model.refusal)
+    under_way = session.scalar(
+        select(ModelDownload).where(
+            ModelDownload.repo_id == model.repo_id,
+            ModelDownload.revision == model.revision,
+            ModelDownload.endpoint == model.endpoint,
+            ModelDownload.status.in_(ACTIVE),
+        )
+    )
+    if under_way is not None:
+        return under_way, False
+    download = ModelDownload(
+        repo_id=model.repo_id,
+        revision=model.revision,
+        commit=model.commit,
+        endpoint=model.endpoint,
+        files=model.files,
+        bytes_total=model.size,
+        bytes_done=0,
+        status=QUEUED,
+    )
+    session.add(download)
+    session.commit()
+    return download, True
+
+
+def listed(*, session: Session) -> list[ModelDownload]:
+    """What the Models page shows: downloads under way, failed ones not downloaded since, and any that
+    ended in the last day; newest first."""
+    rows = session.scalars(select(ModelDownload).order_by(ModelDownload.id.desc()).limit(50)).all()
+    shown, seen = [], set()
+    for row in rows:
+        key = (row.repo_id, row.revision)
+        recent = row.finished_at is None or utcnow() - row.finished_at < SHOWN_FOR
+        if key in seen or not (row.status in ACTIVE or row.status == FAILED or recent):
+            continue
+        seen.add(key)
+        shown.append(row)
+    return shown
+
+
+def active_ids(*, session: Session) -> set[str]:
+    """Model ids being downloaded: listed as downloading, not as ready, until their files are all here."""
+    return set(session.scalars(select(ModelDownload.repo_id).where(ModelDownload.status.in_(ACTIVE))))
+
+
+def cancel(*, session: Session, download: ModelDownload) -> None:
+    """A queued download ends at once; a running one is stopped by its worker within a heartbeat."""
+    if download.status == QUEUED:
+        download.status, download.finished_at = CANCELLED, utcnow()
+    elif download.status == RUNNING:
+        download.cancel_requested = True
+    session.commit()
+
+
+def retry(*, session: Session, download: ModelDownload) -> None:
+    """Queue a failed or cancelled download again; the files that arrived are kept and resumed from."""
+    if download.status in ACTIVE or download.status == SUCCEEDED:
+        return
+    jobs.forget(session=session, kind=jobs.DOWNLOAD, job_id=download.id)
+    download.status, download.error, download.cancel_requested = QUEUED, None, False
+    download.attempts, download.worker_id, download.speed = 0, None, None
+    download.started_at = download.finished_at = None
+    session.commit()
+
+
+def report(*, session: Session, download_id: int, worker_id: str, done: int, speed: float | None) -> bool:
+    """The worker's heartbeat with the bytes that have arrived. False: stop (the download was cancelled,
+    or is no longer this worker's)."""
+    ours, cancel_requested = jobs.beat(
+        session=session,
+        kind=jobs.DOWNLOAD,
+        job_id=download_id,
+        worker_id=worker_id,
+        returning=ModelDownload.cancel_requested,
+        bytes_done=done,
+        speed=speed,
+    )
+    return ours and not cancel_requested
+
+
+def end(*, session: Session, download_id: int, worker_id: str, status: str, error: str | None = None) -> bool:
+    values: dict = {"speed": None, "error": error[:4000] if error else None}
+    if status == SUCCEEDED:
+        row = session.get(ModelDownload, download_id)
+        values["bytes_done"] = row.bytes_total if row is not None else 0
+    return jobs.end(
+        session=session, kind=jobs.DOWNLOAD, job_id=download_id, worker_id=worker_id, status=status, **values
+    )

@@ -1,0 +1,316 @@
+"""Base models fetched by name from the Hugging Face Hub or a mirror of it (`HF_ENDPOINT`), through the
+`huggingface_hub` client. The web tier looks a model up before anything is downloaded (its size, licence,
+whether it is gated, whether Tuneboard can train it, whether the disk has room) and keeps the Hub tokens;
+a worker downloads (worker/download.py) into the ordinary Hugging Face cache, where other tools find it
+too and from where the Models page lists it (app.model_registry).
+
+A token is kept per hub address in the data folder (readable by the server's user only), never shown or
+logged, and sent only to the address it was saved for: every call names its token, or `False` for none, so
+that the client's own token lookup (HF_TOKEN, the login file) never sends one anywhere else.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from app.config import Settings
+from app.units import filesize
+
+# A model id as the Hub spells them: an optional owner, a name; letters, digits, - _ .
+REPO_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,99}$")
+# The files a model needs: its configuration, tokenizer and chat template, and its weights in one format
+# (safetensors, else PyTorch's); never other formats (ONNX, GGUF, TensorFlow, Flax) or the copies some
+# repositories keep in subfolders.
+CONFIG_FILES = (
+    "*.json", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.txt", "*.jinja", "spiece.model",
+)  # fmt: skip
+SAFETENSORS, PYTORCH = ("*.safetensors",), ("pytorch_model*.bin",)
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+TIMEOUT = 20.0  # seconds for the Hub to answer a lookup
+
+
+class HubProblem(Exception):
+    """A sentence for the user about a model id, a token or the Hub itself."""
+
+
+@dataclass
+class HubModel:
+    repo_id: str
+    revision: str
+    commit: str
+    endpoint: str
+    files: dict[str, int]  # the files Tuneboard downloads, with their sizes
+    license: str | None
+    gated: bool
+    architecture: str | None
+    refusal: str | None  # why Tuneboard cannot train it, when it cannot
+    disk_free: int | None
+    others: int = 0  # files left out (other formats, duplicates)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return sum(self.files.values())
+
+    @property
+    def fits_disk(self) -> bool:
+        return self.disk_free is None or self.size <= self.disk_free
+
+
+def endpoint() -> str:
+    """The hub this server downloads from: huggingface.co, or the mirror HF_ENDPOINT names."""
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT.rstrip("/")
+
+
+def hub_name(url: str) -> str:
+    return "the Hugging Face Hub" if url == "https://huggingface.co" else url
+
+
+def cache_dir() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+# --- tokens -----------------------------------------------------------------------------------------------
+
+
+def _tokens_file(settings: Settings) -> Path:
+    return settings.data_dir / "secrets" / "hub-tokens.json"
+
+
+def _read_tokens(settings: Settings) -> dict[str, str]:
+    try:
+        tokens = json.loads(_tokens_file(settings).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in tokens.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def token_for(settings: Settings, url: str) -> str | bool:
+    """The token saved for `url`, or False: no token at all (not the client's own lookup)."""
+    return _read_tokens(settings).get(url.rstrip("/")) or False
+
+
+def has_token(settings: Settings, url: str) -> bool:
+    return bool(token_for(settings, url))
+
+
+def _write_tokens(settings: Settings, tokens: dict[str, str]) -> None:
+    path = _tokens_file(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    temporary = path.with_suffix(".tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as out:
+        json.dump(tokens, out)
+    os.replace(temporary, path)
+
+
+def save_token(settings: Settings, url: str, token: str) -> str:
+    """Check `token` with the hub at `url` and keep it for that hub; returns the account's name."""
+    token = token.strip()
+    if not re.fullmatch(r"[A-Za-z0-9_-]{8,200}", token):
+        raise HubProblem("That does not look like a Hugging Face token (hf_… letters and digits).")
+    from huggingface_hub import HfApi
+
+    try:
+        account = HfApi(endpoint=url).whoami(token=token)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes its sentence
+        raise HubProblem(_sentence(exc, url, what="the token")) from None
+    _write_tokens(settings, _read_tokens(settings) | {url.rstrip("/"): token})
+    return str(account.get("name") or "your account")
+
+
+def forget_token(settings: Settings, url: str) -> None:
+    tokens = _read_tokens(settings)
+    if tokens.pop(url.rstrip("/"), None) is not None:
+        _write_tokens(settings, tokens)
+
+
+# --- looking a model up -----------------------------------------------------------------------------------
+
+
+def check_id(repo_id: str, revision: str | None) -> tuple[str, str]:
+    repo_id, revision = repo_id.strip(), (revision or "").strip() or "main"
+    if not REPO_ID.fullmatch(repo_id) or ".." in repo_id:
+        raise HubProblem(
+            f"{repo_id[:100]!r} is not a model id: write it as the Hub shows it, such as "
+            "Qwen/Qwen2.5-0.5B-Instruct."
+        )
+    if not REVISION.fullmatch(revision) or ".." in revision:
+        raise HubProblem(f"{revision[:100]!r} is not a revision: a branch, a tag or a commit.")
+    return repo_id, revision
+
+
+def needed_files(files: dict[str, int]) -> dict[str, int]:
+    """The files to download: configuration and tokenizer files and the weights in one format, from the
+    repository's top folder."""
+    top = {name: size for name, size in files.items() if "/" not in name}
+
+    def matching(patterns: tuple[str, ...]) -> dict[str, int]:
+        return {n: s for n, s in top.items() if any(fnmatch.fnmatch(n, p) for p in patterns)}
+
+    weights = matching(SAFETENSORS) or matching(PYTORCH)
+    config = matching(CONFIG_FILES)
+    if not matching(SAFETENSORS):  # a PyTorch index without safetensors: keep it, drop the other
+        config = {n: s for n, s in config.items() if n != "model.safetensors.index.json"}
+    else:
+        config = {n: s for n, s in config.items() if n != "pytorch_model.bin.index.json"}
+    return config | weights
+
+
+def _refusal(repo_id: str, files: dict[str, int], config: dict | None) -> tuple[str | None, str | None]:
+    """(the architecture, why Tuneboard cannot train the model or None)."""
+    architectures = list((config or {}).get("architectures") or [])
+    architecture = architectures[0] if architectures else None
+    if "config.json" not in files:
+        return architecture, (
+            f"{repo_id} has no config.json: it is not a transformers model (a GGUF file, a dataset or "
+            "an adapter?). Tuneboard trains causal language models in the transformers format."
+        )
+    if not any(fnmatch.fnmatch(n, p) for n in files for p in SAFETENSORS + PYTORCH):
+        return architecture, f"{repo_id} has no weights Tuneboard reads (safetensors or PyTorch .bin)."
+    if "tokenizer.json" not in files:
+        return architecture, (
+            f"{repo_id} has no tokenizer.json (a fast tokenizer), which Tuneboard needs to count and "
+            "train on tokens."
+        )
+    if architectures and not any(a.endswith(CAUSAL_SUFFIXES) for a in architectures):
+        return architecture, (
+            f"{repo_id} is a {architecture}, not a causal language model: Tuneboard fine-tunes models that "
+            "generate text (…ForCausalLM)."
+        )
+    return architecture, None
+
+
+def disk_free(folder: Path) -> int | None:
+    """Free bytes where the cache is (or would be created)."""
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            try:
+                return shutil.disk_usage(candidate).free
+            except OSError:
+                return None
+    return None
+
+
+def lookup(settings: Settings, repo_id: str, revision: str | None = None) -> HubModel:
+    """What downloading `repo_id` at `revision` would bring, asked of the hub; HubProblem with a sentence
+    for an unknown id or revision, a gated model without access, a hub that does not answer."""
+    repo_id, revision = check_id(repo_id, revision)
+    from huggingface_hub import HfApi
+
+    url = endpoint()
+    api = HfApi(endpoint=url)
+    try:
+        info = api.model_info(
+            repo_id, revision=revision, files_metadata=True, token=token_for(settings, url), timeout=TIMEOUT
+        )
+    except Exception as exc:  # noqa: BLE001 - every failure becomes its sentence
+        raise HubProblem(_sentence(exc, url, repo_id=repo_id, revision=revision)) from None
+    every = {s.rfilename: int(s.size or 0) for s in (info.siblings or [])}
+    files = needed_files(every)
+    card = info.card_data
+    license_ = getattr(card, "license", None) if card is not None else None
+    architecture, refusal = _refusal(repo_id, files, info.config)
+    model = HubModel(
+        repo_id=repo_id,
+        revision=revision,
+        commit=str(info.sha or revision),
+        endpoint=url,
+        files=files,
+        license=str(license_) if license_ else None,
+        gated=bool(info.gated),
+        architecture=architecture,
+        refusal=refusal,
+        disk_free=disk_free(cache_dir()),
+        others=len(every) - len(files),
+    )
+    if model.gated and model.refusal is None:
+        model.refusal = _gated_access(model, token_for(settings, url))
+    if not model.fits_disk:
+        model.refusal = model.refusal or (
+            f"{repo_id} needs {filesize(model.size)} and the disk holding the Hugging Face cache "
+            f"({cache_dir()}) has {filesize(model.disk_free or 0)} free. Free some space, or point HF_HOME "
+            "at a larger disk."
+        )
+    return model
+
+
+def _gated_access(model: HubModel, token: str | bool) -> str | None:
+    """For a gated model (whose description anyone may read): whether the saved token may fetch its files,
+    asked with one HEAD request for its config; the sentence when it may not."""
+    from urllib.parse import quote
+
+    from huggingface_hub import get_hf_file_metadata
+
+    address = f"{model.endpoint}/{model.repo_id}/resolve/{quote(model.commit, safe='')}/config.json"
+    try:
+        get_hf_file_metadata(address, token=token, timeout=TIMEOUT, endpoint=model.endpoint)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes its sentence
+        return _sentence(exc, model.endpoint, repo_id=model.repo_id, revision=model.revision)
+    return None
+
+
+def offline_sentence(url: str) -> str:
+    return (
+        f"{hub_name(url)} cannot be reached from this server, so models cannot be fetched by name here. "
+        "Without a network: copy a model's folder from another machine's Hugging Face cache "
+        "(~/.cache/huggingface/hub) into this one's, or register a local folder below."
+    )
+
+
+def _sentence(
+    exc: BaseException, url: str, *, repo_id: str = "", revision: str = "", what: str = "the model"
+) -> str:
+    """The user's sentence for a failure of the Hub client."""
+    return known_sentence(exc, url, repo_id=repo_id, revision=revision, what=what) or (
+        f"{hub_name(url)} could not be asked about {what}: {exc}"
+    )
+
+
+def known_sentence(
+    exc: BaseException, url: str, *, repo_id: str = "", revision: str = "", what: str = "the model"
+) -> str | None:
+    """The sentence for a failure the Hub client names (not found, gated, offline, an HTTP error), or
+    None."""
+    import httpx2
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = hub_name(url)
+    if isinstance(exc, GatedRepoError):
+        return (
+            f"{repo_id} is gated: accept its conditions on its page on {where} with your account, then save "
+            "a token of that account here (a read token is enough)."
+        )
+    if isinstance(exc, RepositoryNotFoundError):
+        return (
+            f"There is no model {repo_id} on {where} (or it is private, and the token saved here has no "
+            "access to it). Check the spelling: owner/name, as on the model's page."
+        )
+    if isinstance(exc, RevisionNotFoundError):
+        return f"{repo_id} has no revision {revision!r} on {where}: give a branch, a tag or a commit it has."
+    if isinstance(exc, (OfflineModeIsEnabled, httpx2.ConnectError, httpx2.ConnectTimeout)):
+        return offline_sentence(url)
+    if isinstance(exc, HfHubHTTPError):
+        status = exc.response.status_code if exc.response is not None else None
+        if status == 401 and what == "the token":
+            return f"{where} refused that token: copy it again from your account's settings (Access Tokens)."
+        return f"{where} answered with an error about {what} (HTTP {status}); try again later."
+    return None

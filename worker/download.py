@@ -1,0 +1,236 @@
+"""Model downloads, made by a worker: `run_download` (in the worker loop) starts `python -m worker.download
+ID`, keeps the worker's heartbeat, and records how the download ended; the child fetches the model's files
+with the `huggingface_hub` client into the ordinary Hugging Face cache (the client's own resumable
+transfers, only the files the lookup chose), reporting the bytes that have arrived, and stops when the
+download is cancelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import io
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+
+from tqdm.std import tqdm
+
+from app import downloads, jobs, workers
+from app.config import Settings, get_settings
+from app.db import PASSING_FAULTS, Database
+from app.hub import hub_name, known_sentence, token_for
+from app.model_registry import is_model_folder
+from app.models import ModelDownload
+from worker.child import run_child, stop_with_parent
+from worker.supervise import write_with_retry
+
+log = logging.getLogger("tuneboard.download")
+SAID = "tuneboard-download-error:"  # the child's own sentence on a failure it can explain
+CANCELLED = 3  # the child's exit code when the download was cancelled
+CHUNK = 1024 * 1024  # bytes the client reads at a time
+
+
+# --- in the worker loop -----------------------------------------------------------------------------------
+
+
+def run_download(
+    settings: Settings, db: Database, download: ModelDownload, *, me: str, stop: threading.Event, **_
+) -> None:
+    """Fetch one claimed model in a child process and record how it ended. A worker stopping hands the
+    download back to the queue (the next attempt resumes the files that arrived)."""
+    log.info(
+        "download %d: %s at %s from %s", download.id, download.repo_id, download.revision, download.endpoint
+    )
+
+    cancelled = threading.Event()
+
+    def tick() -> bool:
+        """The worker's heartbeat; False (the child is stopped) once the download is cancelled."""
+        try:
+            with db.write_session() as session:
+                orders = workers.beat(session=session, worker_id=me, status="downloading")
+                row = session.get(ModelDownload, download.id, populate_existing=True)
+                if row is None or row.cancel_requested:
+                    cancelled.set()
+        except PASSING_FAULTS:
+            return True
+        if orders.stop:
+            stop.set()
+        return not cancelled.is_set()
+
+    ended = run_child(
+        [sys.executable, "-m", "worker.download", str(download.id), "--worker", me],
+        stop=stop,
+        env=settings.child_env(),
+        tick=tick,
+        every=1.0,
+    )
+    if ended.code is None and not cancelled.is_set():  # the worker is stopping
+        write_with_retry(
+            db, lambda s: jobs.hand_back(session=s, kind=jobs.DOWNLOAD, job_id=download.id, worker_id=me)
+        )
+        return
+    if ended.code != 0:
+        drop_partial_files(download.repo_id)
+    if ended.code == 0:
+        status, error = downloads.SUCCEEDED, None
+    elif ended.code == CANCELLED or cancelled.is_set():
+        status, error = downloads.CANCELLED, None
+    else:
+        status, error = downloads.FAILED, ended.reason(SAID)
+    write_with_retry(
+        db,
+        lambda s: downloads.end(session=s, download_id=download.id, worker_id=me, status=status, error=error),
+    )
+    log.info("download %d %s%s", download.id, status, f": {error}" if error else "")
+
+
+def drop_partial_files(repo_id: str) -> None:
+    """The partly written files a stopped transfer leaves in the cache (the client starts a file it did not
+    finish again from its beginning in a later call, under another name); files that arrived whole stay,
+    and the next download fetches only the others."""
+    from app.hub import cache_dir
+
+    blobs = cache_dir() / f"models--{repo_id.replace('/', '--')}" / "blobs"
+    for partial in blobs.glob("*.incomplete"):
+        partial.unlink(missing_ok=True)
+
+
+# --- in the child -----------------------------------------------------------------------------------------
+
+
+class Cancelled(Exception):
+    pass
+
+
+class FileUnusable(Exception):
+    """The transfer ended, but what arrived is not the model the lookup described."""
+
+
+class Reporter:
+    """Bytes that have arrived, to the download's row at most twice a second, with the speed over the last
+    few seconds; Cancelled once the download was cancelled or is no longer this worker's."""
+
+    def __init__(self, db: Database, download_id: int, worker_id: str):
+        self.db, self.download_id, self.worker_id = db, download_id, worker_id
+        self.last, self.samples = 0.0, [(time.monotonic(), 0)]
+        self.stopped = False
+
+    def __call__(self, done: int, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.stopped:
+            raise Cancelled
+        if not force and now - self.last < 0.5:
+            return
+        self.last = now
+        self.samples = [s for s in self.samples if now - s[0] < 5] + [(now, done)]
+        first = self.samples[0]
+        speed = (done - first[1]) / (now - first[0]) if now - first[0] > 0.2 else None
+        try:
+            with self.db.write_session() as session:
+                going = downloads.report(
+                    session=session,
+                    download_id=self.download_id,
+                    worker_id=self.worker_id,
+                    done=done,
+                    speed=speed,
+                )
+        except PASSING_FAULTS:  # a busy database: this report is skipped, the next one tries again
+            return
+        if not going:
+            self.stopped = True
+            raise Cancelled
+
+
+def progress_class(report: Reporter) -> type[tqdm]:
+    """A tqdm class for the client: its bar of bytes written (resumed bytes included) goes to `report`;
+    nothing is printed."""
+
+    class Progress(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["file"], kwargs["disable"] = io.StringIO(), False
+            super().__init__(*args, **kwargs)
+
+        def update(self, n: float | None = 1) -> bool | None:
+            shown = super().update(n)
+            if self.unit == "B" and str(self.desc).startswith("Reconstruct"):
+                report(int(self.n))
+            return shown
+
+    return Progress
+
+
+def fetch(settings: Settings, db: Database, download_id: int, worker_id: str) -> Path:
+    """Download the model's chosen files into the Hugging Face cache; the snapshot folder."""
+    from huggingface_hub import constants, snapshot_download
+
+    constants.DOWNLOAD_CHUNK_SIZE = CHUNK  # progress and a cancel every MiB, not every 10 MiB
+
+    with db.session() as session:
+        row = session.get(ModelDownload, download_id)
+        if row is None:
+            raise Cancelled
+        repo_id, revision, url, files = row.repo_id, row.revision, row.endpoint, list(row.files)
+    report = Reporter(db, download_id, worker_id)
+    report(0, force=True)
+    folder = Path(
+        snapshot_download(
+            repo_id,
+            revision=revision,
+            allow_patterns=files,
+            endpoint=url,
+            token=token_for(settings, url),
+            tqdm_class=progress_class(report),
+        )
+    )
+    missing = [name for name in files if not (folder / name).is_file()]
+    if missing or not is_model_folder(folder):
+        raise FileUnusable(
+            f"{hub_name(url)} sent {repo_id} without {', '.join(missing[:5]) or 'a complete model'}; "
+            "download it again."
+        )
+    report(sum((folder / name).stat().st_size for name in files), force=True)
+    return folder
+
+
+def sentence(exc: BaseException, url: str, repo_id: str, revision: str) -> str:
+    """The sentence for a failed download: the lookup's sentences, a full disk, or a broken transfer."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return "The disk holding the Hugging Face cache is full. Free some space, then download it again."
+    if isinstance(exc, FileUnusable):
+        return str(exc)
+    return known_sentence(exc, url, repo_id=repo_id, revision=revision) or (
+        f"The transfer of {repo_id} from {hub_name(url)} broke off ({type(exc).__name__}: {exc}). Download "
+        "it again: it resumes from the files that arrived."
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Download one queued model (started by the worker).")
+    parser.add_argument("download_id", type=int)
+    parser.add_argument("--worker", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    stop_with_parent("download")
+    settings = get_settings()
+    db = Database(settings.sqlalchemy_url)
+    with db.session() as session:
+        row = session.get(ModelDownload, args.download_id)
+        where = (row.endpoint, row.repo_id, row.revision) if row is not None else ("", "", "")
+    try:
+        fetch(settings, db, args.download_id, args.worker)
+    except Cancelled:
+        return CANCELLED
+    except Exception as exc:  # noqa: BLE001 - every failure becomes its sentence
+        print(f"{SAID} {sentence(exc, *where)}", file=sys.stderr)
+        return 1
+    finally:
+        db.dispose()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
