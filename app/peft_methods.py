@@ -128,6 +128,7 @@ class PeftMethod:
     mixed_batch: bool = False  # answers in one batch with other adapters on a shared base model
     preference: bool = False  # may train a DPO or KTO run (its weights start as a no-op)
     not_continuable: str | None = None  # why a later run cannot start from its adapter, when it cannot
+    not_on_quantized: str | None = None  # why it cannot train on a 4-bit or 8-bit base model, when it cannot
     choice: str = ""  # what New run's method list adds to its name
 
     @property
@@ -142,6 +143,11 @@ _PROMPT_LEARNING: dict[str, Any] = {
     "prompt_learning": True, "answer_logits_only": False, "simple_fields": ("num_virtual_tokens",)
 }  # fmt: skip
 
+_NOT_QUANTIZED = (
+    "PEFT's {} layers cannot wrap a 4-bit or 8-bit base model's layers: choose LoRA (QLoRA), AdaLoRA or "
+    "IA³, or set quantization to none."
+)
+
 METHODS: dict[str, PeftMethod] = {
     method.key: method
     for method in (
@@ -154,10 +160,12 @@ METHODS: dict[str, PeftMethod] = {
         PeftMethod(
             "loha", "LoHa", LohaParams, "LoHaConfig", "LOHA", 2e-4, "hadamard",
             simple_fields=("r", "alpha"), preference=True, **_LORA_FAMILY,
+            not_on_quantized=_NOT_QUANTIZED.format("LoHa"),
         ),
         PeftMethod(
             "lokr", "LoKr", LokrParams, "LoKrConfig", "LOKR", 2e-4, "kronecker",
             simple_fields=("r", "alpha"), preference=True, **_LORA_FAMILY,
+            not_on_quantized=_NOT_QUANTIZED.format("LoKr"),
         ),
         PeftMethod(
             "adalora", "AdaLoRA", AdaLoraParams, "AdaLoraConfig", "ADALORA", 2e-4, "adaptive_rank",

@@ -106,11 +106,23 @@ def load_model(config: RunConfig, dtype, checkpointing: bool):
     from worker.peft_methods import build_peft_config
 
     model_path = Path(config.model_path)
+    quantization = config.training.quantization
     model: Any = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=dtype, attn_implementation=config.training.attention
+        model_path,
+        dtype=dtype,
+        attn_implementation=config.training.attention,
+        **(
+            {"quantization_config": quantization_config(quantization, dtype)}
+            if quantization != "none"
+            else {}
+        ),
     )
     model.config.use_cache = False  # required for correct packed-sequence masks, useless in training
     total = model.num_parameters()  # the base model's own, as New run's estimate counts them (one total)
+    if quantization != "none":  # PEFT's k-bit preparation: norms in float32, inputs that carry gradients
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -134,16 +146,32 @@ def load_model(config: RunConfig, dtype, checkpointing: bool):
             raise UserError(f"PEFT could not apply {config.method} to this model: {exc}") from exc
     trainable, _with_adapter = model.get_nb_trainable_parameters()
     log.info(
-        "%s%s on %s in %s on %d CPU threads: %d of %d parameters trainable",
+        "%s%s on %s in %s%s on %d CPU threads: %d of %d parameters trainable",
         config.method,
         f" (from run {config.start_run_id}'s adapter)" if config.start_adapter else "",
         config.base_model,
         dtype,
+        f" (base model {quantization})" if quantization != "none" else "",
         torch.get_num_threads(),
         trainable,
         total,
     )
     return model, trainable, total
+
+
+def quantization_config(quantization: str, dtype):
+    """bitsandbytes' settings for a quantised base model: QLoRA's NF4 with double quantisation computing in
+    the run's dtype, or LLM.int8."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
 
 
 def prepared_model(config: RunConfig, lengths: list[int]):

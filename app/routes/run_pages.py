@@ -185,7 +185,8 @@ def _validate_form(settings, session, form: dict[str, str]):
             for e in exc.errors()
         ]
     except InvalidRun as exc:
-        return None, [{"field": exc.field, "message": exc.message}]
+        fix = dict(zip(("field", "value", "label"), exc.fix, strict=True)) if exc.fix else None
+        return None, [{"field": exc.field, "message": exc.message, "fix": fix}]
 
 
 @router.post("/runs/estimate", response_class=HTMLResponse)

@@ -49,9 +49,10 @@ DEFAULT_MAX_LENGTH = 1024  # tokens a training row keeps; the dataset pages' sta
 class InvalidRun(ValueError):
     """A run request that cannot run: `field` names the setting (`training.max_steps`), `message` says why."""
 
-    def __init__(self, field: str, message: str):
+    def __init__(self, field: str, message: str, fix: tuple[str, str, str] | None = None):
         super().__init__(f"{field}: {message}")
         self.field, self.message = field, message
+        self.fix = fix  # (a setting, the value that makes the run possible, what a button offering it says)
 
 
 PEFT_PARAMS: dict[str, type[Strict]] = {key: m.params for key, m in METHODS.items()}
@@ -93,6 +94,9 @@ class TrainingParams(Strict):
     # sdpa: PyTorch's fused attention, no full score matrices kept where the kernel allows; eager: plain
     attention: Literal["sdpa", "eager"] = "sdpa"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    # the base model's linear layers loaded quantised by bitsandbytes (4bit: NF4 with double quantisation,
+    # QLoRA; 8bit: LLM.int8), the adapter trained in `dtype` beside them; none: the base model in `dtype`
+    quantization: Literal["none", "4bit", "8bit"] = "none"
 
     @field_validator("max_steps")
     @classmethod
@@ -307,6 +311,8 @@ def resolve_training(
         values["save_steps"] = max(1, math.ceil(total / 5))
     if values["eval_steps"] is None:
         values["eval_steps"] = values["save_steps"]
+    if values["quantization"] != "none" and (why := peft_method(method).not_on_quantized):
+        raise InvalidRun("training.quantization", why)
     if peft_method(method).prompt_learning and values["packing"]:
         raise InvalidRun(
             "training.packing",

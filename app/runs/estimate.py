@@ -88,6 +88,22 @@ LOGIT_BYTES = 10  # per learned position and vocabulary entry: the logits, their
 RETAINED_PER_WEIGHT = 2.5
 
 
+# bytes a quantised linear layer's weight takes per parameter: NF4's 4 bits and its block constants (one
+# 8-bit absmax per 64 weights, itself quantised, plus a float32 per 256 blocks); int8's byte and its rows'
+# scales
+QUANTIZED_BYTES = {"4bit": 0.5 + 1 / 64 + 4 / (64 * 256), "8bit": 1.0}
+
+
+def weights_bytes(shapes: Shapes, quantization: str, weight_bytes: int) -> int:
+    """The base model's weights in memory: every parameter in the loaded dtype, or, quantised, the decoder
+    layers' linear weights at QUANTIZED_BYTES and the rest (embeddings, norms, the output layer) as loaded."""
+    total = shapes.total()
+    if quantization == "none":
+        return total * weight_bytes
+    linear = shapes.layers * sum(inputs * outputs for inputs, outputs in shapes.linear().values())
+    return int(linear * QUANTIZED_BYTES[quantization] + (total - linear) * weight_bytes)
+
+
 def adapted_values(config: RunConfig) -> int:
     return ADAPTED_VALUES + (DROPOUT_VALUES if drops_inputs(config.method, config.peft) else 0)
 
@@ -132,10 +148,11 @@ def training_memory(
         kept = padded * (shapes.layers * CHECKPOINTED_VALUES * shapes.hidden + layer) * weight_bytes + scores
     else:
         kept = shapes.layers * (padded * layer * weight_bytes + scores)
+    weights = weights_bytes(shapes, config.training.quantization, weight_bytes)
     return MemoryEstimate(
         runtime=RUNTIME_BYTES,
-        weights=shapes.total() * weight_bytes,
-        retained=int(RETAINED_PER_WEIGHT * shapes.total() * weight_bytes) if cpu else 0,
+        weights=weights,
+        retained=int(RETAINED_PER_WEIGHT * weights) if cpu else 0,
         adapter=trainable_parameters(shapes, config.method, config.peft) * 16,
         activations=int(kept),
         logits=padded * shapes.vocab * LOGIT_BYTES,
@@ -275,6 +292,21 @@ def refusal(
         return f"The base model alone does not fit: training it needs {gib}. Choose a smaller model."
     hint = "" if needed["gradient_checkpointing"] else ", or turn on gradient checkpointing"
     return f"This run does not fit: it needs {gib}. Lower batch tokens, the batch size or max length{hint}."
+
+
+def quantized_fit(
+    config: RunConfig, lengths: list[int] | None, memory_limit: int | None, cpu: bool | None = None
+) -> int | None:
+    """For a run too large for `memory_limit` in full precision: the bytes it needs with its base model
+    loaded 4-bit (QLoRA), when that fits and its method can train on a quantised base; else None."""
+    if config.training.quantization != "none" or peft_method(config.method).not_on_quantized:
+        return None
+    training = config.training.model_copy(update={"quantization": "4bit"})
+    quantized = config.model_copy(update={"training": training})
+    needed = memory_needed(quantized, lengths, memory_limit, cpu=cpu)
+    if needed is None or memory_limit is None or needed["memory_bytes"] * HEADROOM > memory_limit:
+        return None
+    return int(needed["memory_bytes"])
 
 
 def estimate(

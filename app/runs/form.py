@@ -40,6 +40,7 @@ HELP = {
     "auto = on when the run would not fit otherwise",
     "attention": "sdpa = PyTorch's fused attention; eager = plain attention (more memory on long rows)",
     "dtype": "auto = bf16 where the hardware is fast at it",
+    "quantization": "4bit = QLoRA: the base model in NF4, about a quarter of its memory; 8bit: LLM.int8",
     "target_modules": "all-linear, or names separated by commas (q_proj, v_proj)",
     "r": "adapter rank",
     "held_out_fraction": "share of rows kept out of training to measure generalisation; 0 = train every row; "

@@ -28,7 +28,7 @@ from app.runs.config import (
     resolve_training,
     validate_peft,
 )
-from app.runs.estimate import refusal, row_lengths, trained
+from app.runs.estimate import quantized_fit, refusal, row_lengths, trained
 
 
 def build_run_config(settings: Settings, request: RunRequest, *, session: Session) -> RunConfig:
@@ -103,10 +103,14 @@ def build_run_config(settings: Settings, request: RunRequest, *, session: Sessio
         distributed=request.distributed,
     )
     # a run for GPU workers is checked by the worker that claims it, against its own memory
-    if not config.gpus and (reason := refusal(config, lengths, meminfo_bytes("MemTotal"))):
-        raise InvalidRun(
-            "base_model" if reason.startswith("The base model") else "training.batch_tokens", reason
-        )
+    memory = meminfo_bytes("MemTotal")
+    if not config.gpus and (reason := refusal(config, lengths, memory)):
+        fix = None
+        if (quantized := quantized_fit(config, lengths, memory)) is not None:
+            reason += f" With the base model loaded 4-bit (QLoRA) it needs about {quantized / 2**30:.1f} GiB."
+            fix = ("training.quantization", "4bit", "Train it 4-bit (QLoRA)")
+        field = "base_model" if reason.startswith("The base model") else "training.batch_tokens"
+        raise InvalidRun(field, reason, fix)
     return config
 
 

@@ -1,0 +1,129 @@
+"""QLoRA: a run whose base model is loaded 4-bit (NF4, double quantisation) or 8-bit by bitsandbytes, with
+PEFT's k-bit preparation, trains its adapter like any run (bitsandbytes quantises and trains on the CPU
+too); methods whose layers cannot wrap quantised layers are refused with a sentence; the memory estimate
+counts the quantised weights."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from app.config import Settings
+from app.runs.estimate import QUANTIZED_BYTES, weights_bytes
+from app.runs.shapes import Shapes
+from tests.conftest import DEMO_DATASET, NO_SCORING, fast_settings, upload
+from worker.main import work_once
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database: str | None) -> Settings:
+    return fast_settings(tmp_path, database)
+
+
+@pytest.fixture
+def queue(client, tiny_model_dir):
+    model = client.post("/api/models", json={"path": str(tiny_model_dir)}).json()["id"]
+    dataset = upload(client, "demo.json", DEMO_DATASET.read_bytes()).json()["id"]
+
+    def queue(method: str = "lora", quantization: str = "4bit", **training):
+        body = {
+            "dataset_id": dataset,
+            "base_model": model,
+            "method": method,
+            "training": {"dtype": "float32", "quantization": quantization, **training},
+            "evaluation": NO_SCORING,
+        }
+        return client.post("/api/runs", json=body)
+
+    return queue
+
+
+@pytest.mark.trains
+def test_a_4bit_base_model_trains_a_lora_adapter(client, settings, db, queue):
+    run = queue(max_steps=6, logging_steps=2, save_steps=3)
+    assert run.status_code == 201, run.text
+    assert work_once(settings, db, me="w1", stop=threading.Event())
+    done = client.get(f"/api/runs/{run.json()['id']}").json()
+    assert done["status"] == "succeeded", done["error"]
+    folder = settings.runs_dir / str(done["id"])
+    log = (folder / "train.log").read_text()
+    assert "(base model 4bit)" in log
+    losses = [p["loss"] for p in client.get(f"/api/runs/{done['id']}/metrics").json() if p["kind"] == "train"]
+    assert len(losses) == 3 and all(loss > 0 for loss in losses)
+    adapter = load_file(folder / "adapter" / "adapter_model.safetensors")
+    trained = [name for name, tensor in adapter.items() if "lora_B" in name and tensor.abs().sum() > 0]
+    assert trained, "the adapter did not train"  # lora_B starts at zero: only training moves it
+    assert len(trained) == 2 * 7  # every linear layer of both decoder layers
+
+
+def test_methods_that_cannot_wrap_quantised_layers_are_refused(queue):
+    refused = queue(method="loha")
+    assert refused.status_code == 422
+    problem = refused.json()["detail"][0]
+    assert (
+        problem["field"] == "training.quantization" and "cannot wrap a 4-bit or 8-bit" in problem["message"]
+    )
+    assert queue(method="ia3", quantization="8bit").status_code == 201
+
+
+def test_the_estimate_counts_quantised_weights(tiny_model_dir):
+    shapes = Shapes.read(tiny_model_dir)
+    assert shapes is not None
+    full = weights_bytes(shapes, "none", 2)
+    linear = shapes.layers * sum(a * b for a, b in shapes.linear().values())
+    assert weights_bytes(shapes, "4bit", 2) == int(
+        linear * QUANTIZED_BYTES["4bit"] + (shapes.total() - linear) * 2
+    )
+    assert weights_bytes(shapes, "8bit", 2) < full and weights_bytes(shapes, "4bit", 2) < weights_bytes(
+        shapes, "8bit", 2
+    )
+    # a 7B-shaped model: 4-bit weights about a quarter of bf16's, less than 5 GiB
+    seven = Shapes(
+        hidden=4096,
+        intermediate=11008,
+        layers=32,
+        heads=32,
+        kv_heads=32,
+        head_dim=128,
+        vocab=32000,
+        tied=False,
+    )
+    assert weights_bytes(seven, "4bit", 2) < 0.3 * weights_bytes(seven, "none", 2)
+    assert weights_bytes(seven, "4bit", 2) < 5 * 2**30
+
+
+def test_a_run_too_large_for_the_machine_is_offered_4bit(client, tiny_model_dir, tmp_path, monkeypatch):
+    """A 7B-shaped model (its configuration; the fit check reads no weights) on a machine of 32 GiB: in
+    bf16 it cannot train here, 4-bit it can, and the refusal says so, with the page's one-click fix."""
+    import json
+    import shutil
+
+    from app.runs import launch
+
+    big = tmp_path / "seven-b"
+    big.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, big / name)
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    config |= {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32}
+    config |= {"num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128, "vocab_size": 32000}
+    (big / "config.json").write_text(json.dumps(config))
+    save_file(
+        {"model.norm.weight": torch.ones(4096)}, str(big / "model.safetensors")
+    )  # only checked, never loaded
+    monkeypatch.setattr(launch, "meminfo_bytes", lambda name: 32 * 2**30)
+    model = client.post("/api/models", json={"path": str(big)}).json()["id"]
+    dataset = upload(client, "demo.json", DEMO_DATASET.read_bytes()).json()["id"]
+    body = {"dataset_id": dataset, "base_model": model, "evaluation": NO_SCORING}
+    refused = client.post("/api/runs", json=body)
+    assert refused.status_code == 422
+    said = refused.json()["detail"][0]["message"]
+    assert "does not fit" in said and "With the base model loaded 4-bit (QLoRA) it needs about" in said
+    page = client.post("/runs/estimate", data={"dataset_id": str(dataset), "base_model": model}).text
+    assert 'data-set-field="training.quantization" data-value="4bit"' in page
+    body["training"] = {"quantization": "4bit"}
+    assert client.post("/api/runs", json=body).status_code == 201
