@@ -165,10 +165,19 @@ def claim(
 
 
 def claim_next(
-    *, session: Session, worker_id: str, models: Sequence[str] | None = None, gpus: int | None = None
+    *,
+    session: Session,
+    worker_id: str,
+    models: Sequence[str] | None = None,
+    gpus: int | None = None,
+    shared_disk: bool = True,
 ) -> tuple[Kind, Any] | None:
-    """The next job of any kind this worker can serve, kinds in KINDS' order: (its kind, its row)."""
+    """The next job of any kind this worker can serve, kinds in KINDS' order: (its kind, its row). A worker
+    without the web server's disk (`shared_disk` False) takes no download: a model fetched by name goes to
+    the Hugging Face cache of the machine the web server lists models from."""
     for kind in KINDS.values():
+        if kind is DOWNLOAD and not shared_disk:
+            continue
         row = claim(session=session, kind=kind, worker_id=worker_id, models=models, gpus=gpus)
         if row is not None:
             return kind, row

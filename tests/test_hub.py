@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import constants
 
-from app import hub
+from app import hub, jobs
 from app.processes import free_port
 from tests.conftest import fast_settings
 from tests.hub_standin import Repo, running_hub
@@ -139,6 +139,20 @@ def test_a_model_downloaded_by_name_becomes_a_base_model(
     assert (snapshot / "model.safetensors").read_bytes() == (repo_folder / "model.safetensors").read_bytes()
     models = {m["id"]: m for m in client.get("/api/models").json()}
     assert models["tiny/llama"]["status"] == "ready" and models["tiny/llama"]["source"] == "hf-cache"
+
+
+def test_only_a_worker_with_the_web_servers_disk_takes_a_download(
+    client, db, repo_folder, hub_cache, monkeypatch
+):
+    """A worker elsewhere (a fleet's) would put the model in its own cache, where the web server never
+    lists it: the download waits for one on the web server's machine."""
+    with running_hub(repos(repo_folder)) as standin:
+        pointing_at(monkeypatch, standin.url)
+        assert client.post("/api/models/downloads", json={"repo_id": "tiny/llama"}).status_code == 201
+    with db.write_session() as session:
+        assert jobs.claim_next(session=session, worker_id="elsewhere", shared_disk=False) is None
+        kind, row = jobs.claim_next(session=session, worker_id="here")
+    assert kind is jobs.DOWNLOAD and row.repo_id == "tiny/llama"
     # no token was saved, so none was sent, even though the client could have found one of its own
     assert all(auth is None for _, _, auth in standin.requests)
 

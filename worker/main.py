@@ -165,7 +165,9 @@ def work_once(
     if stop.is_set() or orders.drain:
         return False
     with db.write_session() as session:
-        claimed = jobs.claim_next(session=session, worker_id=me, models=has.models, gpus=has.gpus)
+        claimed = jobs.claim_next(
+            session=session, worker_id=me, models=has.models, gpus=has.gpus, shared_disk=server is None
+        )
     if claimed is None:  # idle: a good time to learn this machine's speed, once
         return settings.prepare_models and measure_when_idle(
             settings, db, me=me, hardware=has.hardware, models=has.models, stop=stop
