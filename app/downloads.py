@@ -74,9 +74,29 @@ def listed(*, session: Session) -> list[ModelDownload]:
     return shown
 
 
-def active_ids(*, session: Session) -> set[str]:
-    """Model ids being downloaded: listed as downloading, not as ready, until their files are all here."""
-    return set(session.scalars(select(ModelDownload.repo_id).where(ModelDownload.status.in_(ACTIVE))))
+def arriving(*, session: Session) -> dict[tuple[str, str], list[str]]:
+    """The snapshots being downloaded, (model id, commit): the files they will hold. The model list leaves
+    out such a snapshot until every one of them is there (an earlier, complete one stays listed)."""
+    rows = session.execute(
+        select(ModelDownload.repo_id, ModelDownload.commit, ModelDownload.files).where(
+            ModelDownload.status.in_(ACTIVE)
+        )
+    ).all()
+    return {(repo_id, commit): list(files) for repo_id, commit, files in rows}
+
+
+def others_active(*, session: Session, download_id: int, repo_id: str) -> bool:
+    """Whether another download of the same model is under way (its partly written files are its own)."""
+    return (
+        session.scalar(
+            select(ModelDownload.id).where(
+                ModelDownload.repo_id == repo_id,
+                ModelDownload.id != download_id,
+                ModelDownload.status.in_(ACTIVE),
+            )
+        )
+        is not None
+    )
 
 
 def cancel(*, session: Session, download: ModelDownload) -> None:

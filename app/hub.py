@@ -5,8 +5,9 @@ a worker downloads (worker/download.py) into the ordinary Hugging Face cache, wh
 too and from where the Models page lists it (app.model_registry).
 
 A token is kept per hub address in the data folder (readable by the server's user only), never shown or
-logged, and sent only to the address it was saved for: every call names its token, or `False` for none, so
-that the client's own token lookup (HF_TOKEN, the login file) never sends one anywhere else.
+logged, and given only to calls to the address it was saved for: every call names its token, or `False`
+for none, so that the client's own token lookup (HF_TOKEN, the login file) never sends one anywhere else.
+(The client keeps it on a redirect to the Hub's own hosts: docs/architecture.md.)
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass, field
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from app.config import Settings
+from app.model_registry import is_causal_lm
 from app.units import filesize
 
 # A model id as the Hub spells them: an optional owner, a name; letters, digits, - _ .
@@ -32,7 +35,6 @@ CONFIG_FILES = (
     "*.json", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.txt", "*.jinja", "spiece.model",
 )  # fmt: skip
 SAFETENSORS, PYTORCH = ("*.safetensors",), ("pytorch_model*.bin",)
-CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 TIMEOUT = 20.0  # seconds for the Hub to answer a lookup
 
 
@@ -53,7 +55,7 @@ class HubModel:
     refusal: str | None  # why Tuneboard cannot train it, when it cannot
     disk_free: int | None
     others: int = 0  # files left out (other formats, duplicates)
-    notes: list[str] = field(default_factory=list)
+    access: bool | None = None  # gated: whether the saved token may fetch its files (None: not known)
 
     @property
     def size(self) -> int:
@@ -109,8 +111,7 @@ def _write_tokens(settings: Settings, tokens: dict[str, str]) -> None:
     path = _tokens_file(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
-    temporary = path.with_suffix(".tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=".hub-tokens-")  # mode 0600
     with os.fdopen(descriptor, "w", encoding="utf-8") as out:
         json.dump(tokens, out)
     os.replace(temporary, path)
@@ -185,7 +186,7 @@ def _refusal(repo_id: str, files: dict[str, int], config: dict | None) -> tuple[
             f"{repo_id} has no tokenizer.json (a fast tokenizer), which Tuneboard needs to count and "
             "train on tokens."
         )
-    if architectures and not any(a.endswith(CAUSAL_SUFFIXES) for a in architectures):
+    if not is_causal_lm(config or {}):
         return architecture, (
             f"{repo_id} is a {architecture}, not a causal language model: Tuneboard fine-tunes models that "
             "generate text (…ForCausalLM)."
@@ -238,6 +239,7 @@ def lookup(settings: Settings, repo_id: str, revision: str | None = None) -> Hub
     )
     if model.gated and model.refusal is None:
         model.refusal = _gated_access(model, token_for(settings, url))
+        model.access = True if model.refusal is None else (False if "is gated" in model.refusal else None)
     if not model.fits_disk:
         model.refusal = model.refusal or (
             f"{repo_id} needs {filesize(model.size)} and the disk holding the Hugging Face cache "

@@ -200,13 +200,23 @@ def _scan_hf_cache(folder: str, _stamp: tuple[int, ...]) -> tuple[ModelEntry, ..
     return tuple(entries)
 
 
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # the architectures Tuneboard trains
+
+
+def is_causal_lm(config: dict) -> bool:
+    """A decoder that generates text, by its config.json (one naming no architecture is taken as one)."""
+    architectures = config.get("architectures") or []
+    if config.get("is_encoder_decoder"):
+        return False
+    return not architectures or any(str(a).endswith(CAUSAL_SUFFIXES) for a in architectures)
+
+
 def _is_causal_lm(folder: Path) -> bool:
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    architectures = config.get("architectures") or []
-    return not architectures or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    return isinstance(config, dict) and is_causal_lm(config)
 
 
 def registered_entry(settings: Settings, model: RegisteredModel) -> ModelEntry:
@@ -227,15 +237,20 @@ def registered_entry(settings: Settings, model: RegisteredModel) -> ModelEntry:
 
 
 def list_models(settings: Settings, *, session: Session) -> list[ModelEntry]:
-    """Every base model: the bundled one, the Hugging Face cache's (a model being downloaded is listed
-    once its download ends), the registered ones."""
-    from app.downloads import active_ids
+    """Every base model: the bundled one, the Hugging Face cache's (a snapshot being downloaded once all
+    its files are there), the registered ones."""
+    from app.downloads import arriving
 
     registered = session.scalars(select(RegisteredModel).order_by(RegisteredModel.id)).all()
-    downloading = active_ids(session=session)
+    coming = arriving(session=session)
+
+    def whole(entry: ModelEntry) -> bool:
+        files = coming.get((entry.id, entry.folder.name))
+        return files is None or all((entry.folder / name).is_file() for name in files)
+
     return [
         bundled_entry(settings),
-        *(m for m in hf_cache_entries() if m.id not in downloading),
+        *(m for m in hf_cache_entries() if whole(m)),
         *(registered_entry(settings, m) for m in registered),
     ]
 

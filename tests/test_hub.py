@@ -139,6 +139,14 @@ def test_a_model_downloaded_by_name_becomes_a_base_model(
     assert (snapshot / "model.safetensors").read_bytes() == (repo_folder / "model.safetensors").read_bytes()
     models = {m["id"]: m for m in client.get("/api/models").json()}
     assert models["tiny/llama"]["status"] == "ready" and models["tiny/llama"]["source"] == "hf-cache"
+    # no token was saved, so none was sent, even though the client could have found one of its own
+    assert all(auth is None for _, _, auth in standin.requests)
+    assert (hub_cache / "models--tiny--llama" / "refs" / "main").read_text() == SHA  # as other tools expect
+    # downloading it again (it is here whole) leaves it listed meanwhile
+    with running_hub(repos(repo_folder)) as standin:
+        pointing_at(monkeypatch, standin.url)
+        assert client.post("/api/models/downloads", json={"repo_id": "tiny/llama"}).status_code == 201
+    assert "tiny/llama" in {m["id"] for m in client.get("/api/models").json()}
 
 
 def test_only_a_worker_with_the_web_servers_disk_takes_a_download(
@@ -153,8 +161,6 @@ def test_only_a_worker_with_the_web_servers_disk_takes_a_download(
         assert jobs.claim_next(session=session, worker_id="elsewhere", shared_disk=False) is None
         kind, row = jobs.claim_next(session=session, worker_id="here")
     assert kind is jobs.DOWNLOAD and row.repo_id == "tiny/llama"
-    # no token was saved, so none was sent, even though the client could have found one of its own
-    assert all(auth is None for _, _, auth in standin.requests)
 
 
 def test_a_gated_model_needs_a_token_that_is_sent_to_its_hub_only(

@@ -48,17 +48,25 @@ def run_download(
     cancelled = threading.Event()
 
     def tick() -> bool:
-        """The worker's heartbeat; False (the child is stopped) once the download is cancelled."""
+        """The worker's and the download's heartbeats (the child reports bytes only as they arrive, and a
+        hub may keep it waiting); False (the child is stopped) once the download is cancelled, or is no
+        longer this worker's."""
         try:
             with db.write_session() as session:
                 orders = workers.beat(session=session, worker_id=me, status="downloading")
-                row = session.get(ModelDownload, download.id, populate_existing=True)
-                if row is None or row.cancel_requested:
-                    cancelled.set()
+                ours, cancel = jobs.beat(
+                    session=session,
+                    kind=jobs.DOWNLOAD,
+                    job_id=download.id,
+                    worker_id=me,
+                    returning=ModelDownload.cancel_requested,
+                )
         except PASSING_FAULTS:
             return True
         if orders.stop:
             stop.set()
+        if cancel or not ours:
+            cancelled.set()
         return not cancelled.is_set()
 
     ended = run_child(
@@ -74,7 +82,12 @@ def run_download(
         )
         return
     if ended.code != 0:
-        drop_partial_files(download.repo_id)
+        with db.session() as session:
+            alone = not downloads.others_active(
+                session=session, download_id=download.id, repo_id=download.repo_id
+            )
+        if alone:
+            drop_partial_files(download.repo_id)
     if ended.code == 0:
         status, error = downloads.SUCCEEDED, None
     elif ended.code == CANCELLED or cancelled.is_set():
@@ -173,19 +186,24 @@ def fetch(settings: Settings, db: Database, download_id: int, worker_id: str) ->
         row = session.get(ModelDownload, download_id)
         if row is None:
             raise Cancelled
-        repo_id, revision, url, files = row.repo_id, row.revision, row.endpoint, list(row.files)
+        repo_id, revision, commit = row.repo_id, row.revision, row.commit
+        url, files = row.endpoint, list(row.files)
     report = Reporter(db, download_id, worker_id)
     report(0, force=True)
     folder = Path(
         snapshot_download(
             repo_id,
-            revision=revision,
+            revision=commit,  # the commit the lookup described, though the branch may have moved since
             allow_patterns=files,
             endpoint=url,
             token=token_for(settings, url),
             tqdm_class=progress_class(report),
         )
     )
+    if revision != commit:  # the cache's ref, as a download by the revision's name writes it
+        refs = folder.parent.parent / "refs" / revision
+        refs.parent.mkdir(parents=True, exist_ok=True)
+        refs.write_text(commit, encoding="utf-8")
     missing = [name for name in files if not (folder / name).is_file()]
     if missing or not is_model_folder(folder):
         raise FileUnusable(

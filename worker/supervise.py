@@ -247,6 +247,28 @@ def _attempt(
     say_phase(db, run.id, "Starting the training process")
     oom_before = oom_kills()
     child = start_training(command, env, folder.log, f"attempt {run.attempts} by {me}")
+    try:
+        return _watch(settings, db, run, folder, child, oom_before, me=me, stop=stop, sync=sync)
+    except (
+        BaseException
+    ):  # a fault the loop does not pass over: the worker stops, and so does its run's process
+        stop_process(child, CANCEL_GRACE_SECONDS, group=True)
+        raise
+
+
+def _watch(
+    settings: Settings,
+    db: Database,
+    run: Run,
+    folder: RunFolder,
+    child: Child,
+    oom_before: int | None,
+    *,
+    me: str,
+    stop: threading.Event,
+    sync: ArtifactSync | None,
+) -> str:
+    """Heartbeat the run while its training process works, pass on a cancel, and record how it ended."""
     cancel_since = terminate_since = None
     lost = False
     while child.poll() is None:

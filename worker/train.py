@@ -59,13 +59,23 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def check_fits(model_path: Path, dtype, shards: int = 1) -> None:
+def check_fits(model_path: Path, dtype, shards: int = 1, quantization: str = "none") -> None:
     """Refuse a model whose weights alone would not fit, before loading it takes the machine down (under
-    FSDP each of the run's `shards` processes holds its part)."""
+    FSDP each of the run's `shards` processes holds its part; a quantised base as app.runs.estimate counts
+    it)."""
     import torch
 
+    from app.runs.estimate import weights_bytes
+    from app.runs.shapes import Shapes
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if problem := shortfall(loaded_bytes(model_path, dtype) // shards, device):
+    shapes = Shapes.read(model_path) if quantization != "none" else None
+    weights = (
+        weights_bytes(shapes, quantization, torch.finfo(dtype).bits // 8)
+        if shapes is not None
+        else loaded_bytes(model_path, dtype)
+    )
+    if problem := shortfall(weights // shards, device):
         raise UserError(
             f"The base model does not fit: {problem}. Choose a smaller model, or free memory and launch "
             "again."
@@ -119,7 +129,8 @@ def load_model(config: RunConfig, dtype, checkpointing: bool):
     )
     model.config.use_cache = False  # required for correct packed-sequence masks, useless in training
     total = model.num_parameters()  # the base model's own, as New run's estimate counts them (one total)
-    if quantization != "none":  # PEFT's k-bit preparation: norms in float32, inputs that carry gradients
+    if quantization != "none":  # PEFT's k-bit preparation: the unquantised weights in float32, inputs that
+        # carry gradients
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -178,7 +189,15 @@ def prepared_model(config: RunConfig, lengths: list[int]):
     """The model to train, after the checks that it fits: (model, dtype, trainable, all parameters).
     `lengths`: the training sequences' token lengths, for the memory estimate."""
     dtype = choose_dtype(config.training.dtype)
-    check_fits(Path(config.model_path), dtype, world_size() if config.distributed == "fsdp" else 1)
+    quantization = config.training.quantization
+    if quantization != "none" and world_size() > 1:
+        raise UserError(
+            "A run with a quantised base model trains in one process here: ask for one GPU (or set "
+            "quantization to none to train in several)."
+        )
+    check_fits(
+        Path(config.model_path), dtype, world_size() if config.distributed == "fsdp" else 1, quantization
+    )
     checkpointing = choose_checkpointing(config, lengths, dtype)
     model, trainable, total = load_model(config, dtype, checkpointing)
     return model, dtype, trainable, total

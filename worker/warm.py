@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 log = logging.getLogger("tuneboard.worker")
@@ -45,16 +46,24 @@ class WarmProcess:
 
     @property
     def returncode(self) -> int | None:
-        return self._process.exitcode
+        return self.poll()
 
     def poll(self) -> int | None:
-        return self._process.exitcode
+        """The exit code once the child has ended. The fork server reports it; should the server itself
+        have died (it answers 255 then), the child is still running for as long as its process lives."""
+        code = self._process.exitcode
+        if code == LOST_SERVER and _alive(self.pid):
+            return None
+        return code
 
     def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
         self._process.join(timeout)
-        if self._process.exitcode is None:
-            raise subprocess.TimeoutExpired(self.args, timeout or 0)
-        return self._process.exitcode
+        while (code := self.poll()) is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout or 0)
+            time.sleep(0.2)
+        return code
 
     def send_signal(self, sig: int) -> None:
         if self._process.exitcode is None:
@@ -65,6 +74,22 @@ class WarmProcess:
 
     def kill(self) -> None:
         self._process.kill()
+
+
+LOST_SERVER = 255  # multiprocessing's exit code for a child whose fork server stopped answering
+
+
+def _alive(pid: int) -> bool:
+    """Whether the process `pid` still runs (a zombie has ended; the fork server may no longer reap it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return False
+        return True
+    return state != "Z"
 
 
 def import_time() -> dict[str, str]:
@@ -123,7 +148,7 @@ def start(argv: list[str], env: dict[str, str], log_path: Path) -> WarmProcess |
                 target=_child, args=(argv, env, str(log_path)), name="tuneboard-train", daemon=False
             )
             process.start()
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - a server that failed to start: a fresh interpreter does it
             log.warning("could not start the training process warm (%s); starting it afresh", exc)
             return None
     return WarmProcess(process, [sys.executable, "-m", "worker.train", *argv])

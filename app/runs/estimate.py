@@ -96,12 +96,13 @@ QUANTIZED_BYTES = {"4bit": 0.5 + 1 / 64 + 4 / (64 * 256), "8bit": 1.0}
 
 def weights_bytes(shapes: Shapes, quantization: str, weight_bytes: int) -> int:
     """The base model's weights in memory: every parameter in the loaded dtype, or, quantised, the decoder
-    layers' linear weights at QUANTIZED_BYTES and the rest (embeddings, norms, the output layer) as loaded."""
+    layers' linear weights at QUANTIZED_BYTES and the rest (embeddings, norms, the output layer) in float32,
+    where PEFT's k-bit preparation puts them."""
     total = shapes.total()
     if quantization == "none":
         return total * weight_bytes
     linear = shapes.layers * sum(inputs * outputs for inputs, outputs in shapes.linear().values())
-    return int(linear * QUANTIZED_BYTES[quantization] + (total - linear) * weight_bytes)
+    return int(linear * QUANTIZED_BYTES[quantization] + (total - linear) * 4)
 
 
 def adapted_values(config: RunConfig) -> int:
@@ -288,10 +289,18 @@ def refusal(
         return None
     needs, has = needed["memory_bytes"] / 2**30, memory_limit / 2**30
     gib = f"about {needs:.1f} GiB, and {has:.1f} GiB is available"
+    quantized = quantized_fit(config, lengths, memory_limit, cpu)
+    offer = (
+        f" With the base model loaded 4-bit (QLoRA) it needs about {quantized / 2**30:.1f} GiB."
+        if quantized is not None
+        else ""
+    )
     if needed["weights_bytes"] * HEADROOM > memory_limit:
-        return f"The base model alone does not fit: training it needs {gib}. Choose a smaller model."
+        smaller = offer or " Choose a smaller model."
+        return f"The base model alone does not fit: training it needs {gib}.{smaller}"
     hint = "" if needed["gradient_checkpointing"] else ", or turn on gradient checkpointing"
-    return f"This run does not fit: it needs {gib}. Lower batch tokens, the batch size or max length{hint}."
+    lower = "Lower batch tokens, the batch size or max length"
+    return f"This run does not fit: it needs {gib}. {lower}{hint}.{offer}"
 
 
 def quantized_fit(

@@ -103,11 +103,16 @@ def build_run_config(settings: Settings, request: RunRequest, *, session: Sessio
         distributed=request.distributed,
     )
     # a run for GPU workers is checked by the worker that claims it, against its own memory
+    if config.training.quantization != "none" and config.gpus > 1:
+        raise InvalidRun(
+            "training.quantization",
+            "A run with a quantised base model trains on one GPU here: ask for one, or set quantization to "
+            "none to train on several.",
+        )
     memory = meminfo_bytes("MemTotal")
     if not config.gpus and (reason := refusal(config, lengths, memory)):
         fix = None
-        if (quantized := quantized_fit(config, lengths, memory)) is not None:
-            reason += f" With the base model loaded 4-bit (QLoRA) it needs about {quantized / 2**30:.1f} GiB."
+        if quantized_fit(config, lengths, memory) is not None:  # the sentence offers it; the page, a button
             fix = ("training.quantization", "4bit", "Train it 4-bit (QLoRA)")
         field = "base_model" if reason.startswith("The base model") else "training.batch_tokens"
         raise InvalidRun(field, reason, fix)
