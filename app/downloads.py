@@ -14,6 +14,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app import jobs
@@ -55,7 +56,21 @@ def request(*, session: Session, model: HubModel) -> tuple[ModelDownload, bool]:
         status=QUEUED,
     )
     session.add(download)
-    session.commit()
+    try:
+        session.commit()
+    except IntegrityError:  # the same download asked for twice at once: the other request queued it
+        session.rollback()
+        again = session.scalar(
+            select(ModelDownload).where(
+                ModelDownload.repo_id == model.repo_id,
+                ModelDownload.revision == model.revision,
+                ModelDownload.endpoint == model.endpoint,
+                ModelDownload.status.in_(ACTIVE),
+            )
+        )
+        if again is None:
+            raise
+        return again, False
     return download, True
 
 

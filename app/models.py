@@ -20,6 +20,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy import false as sa_false
+from sqlalchemy import text as sa_text
 from sqlalchemy.orm import DeclarativeBase, Mapped, foreign, mapped_column, relationship
 
 
@@ -285,7 +286,19 @@ class ModelDownload(Leased, Base):
     so far, including what an interrupted attempt left (the client resumes it)."""
 
     __tablename__ = "model_downloads"
-    __table_args__ = (Index("ix_model_downloads_status_id", "status", "id"), {"sqlite_autoincrement": True})
+    __table_args__ = (
+        Index("ix_model_downloads_status_id", "status", "id"),
+        Index(
+            "uq_model_downloads_active",
+            "repo_id",
+            "revision",
+            "endpoint",
+            unique=True,
+            sqlite_where=sa_text("status IN ('queued', 'running')"),
+            postgresql_where=sa_text("status IN ('queued', 'running')"),
+        ),
+        {"sqlite_autoincrement": True},
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     repo_id: Mapped[str] = mapped_column(String(200))

@@ -262,3 +262,30 @@ def test_a_cancelled_download_stops_mid_file_and_downloads_again(
         done = client.get(f"/api/models/downloads/{queued['id']}").json()
         assert done["status"] == "succeeded", done["error"]
     assert "tiny/large" in {m["id"] for m in client.get("/api/models").json()}
+
+
+def test_one_download_of_a_model_is_under_way_at_a_time(db):
+    """However many requests ask at once: the database keeps one queued or running download per model,
+    revision and hub (downloads.request answers the later ones with it)."""
+    from sqlalchemy.exc import IntegrityError
+
+    from app.models import ModelDownload
+
+    def row(status: str) -> ModelDownload:
+        return ModelDownload(
+            repo_id="org/m",
+            revision="main",
+            commit=SHA,
+            endpoint="http://hub",
+            files={},
+            bytes_total=1,
+            status=status,
+        )
+
+    with db.write_session() as session:
+        session.add_all([row("succeeded"), row("failed"), row("queued")])
+        session.commit()
+        session.add(row("running"))
+        with pytest.raises(IntegrityError):
+            session.commit()
+        session.rollback()

@@ -21,7 +21,7 @@ from tqdm.std import tqdm
 from app import downloads, jobs, workers
 from app.config import Settings, get_settings
 from app.db import PASSING_FAULTS, Database
-from app.hub import hub_name, known_sentence, token_for
+from app.hub import cache_dir, hub_name, known_sentence, token_for
 from app.model_registry import is_model_folder
 from app.models import ModelDownload
 from worker.child import run_child, stop_with_parent
@@ -105,8 +105,6 @@ def drop_partial_files(repo_id: str) -> None:
     """The partly written files a stopped transfer leaves in the cache (the client starts a file it did not
     finish again from its beginning in a later call, under another name); files that arrived whole stay,
     and the next download fetches only the others."""
-    from app.hub import cache_dir
-
     blobs = cache_dir() / f"models--{repo_id.replace('/', '--')}" / "blobs"
     for partial in blobs.glob("*.incomplete"):
         partial.unlink(missing_ok=True)
@@ -127,12 +125,14 @@ class Reporter:
     """Bytes that have arrived, to the download's row at most twice a second, with the speed over the last
     few seconds; Cancelled once the download was cancelled or is no longer this worker's."""
 
-    def __init__(self, db: Database, download_id: int, worker_id: str):
-        self.db, self.download_id, self.worker_id = db, download_id, worker_id
-        self.last, self.samples = 0.0, [(time.monotonic(), 0)]
+    def __init__(self, db: Database, download_id: int, worker_id: str, already: int = 0):
+        self.db, self.download_id, self.worker_id, self.already = db, download_id, worker_id, already
+        self.last, self.samples = 0.0, [(time.monotonic(), already)]
         self.stopped = False
 
-    def __call__(self, done: int, *, force: bool = False) -> None:
+    def __call__(self, transferred: int, *, force: bool = False) -> None:
+        """`transferred`: the bytes this attempt has written (the files already here are added)."""
+        done = self.already + transferred
         now = time.monotonic()
         if self.stopped:
             raise Cancelled
@@ -187,8 +187,12 @@ def fetch(settings: Settings, db: Database, download_id: int, worker_id: str) ->
         if row is None:
             raise Cancelled
         repo_id, revision, commit = row.repo_id, row.revision, row.commit
-        url, files = row.endpoint, list(row.files)
-    report = Reporter(db, download_id, worker_id)
+        url, row_files = row.endpoint, dict(row.files)
+    files = list(row_files)
+    # files an earlier attempt brought whole: the client skips them, and its bars never count them
+    snapshot = cache_dir() / f"models--{repo_id.replace('/', '--')}" / "snapshots" / commit
+    here = sum(size for name, size in row_files.items() if (snapshot / name).is_file())
+    report = Reporter(db, download_id, worker_id, already=here)
     report(0, force=True)
     folder = Path(
         snapshot_download(
@@ -210,6 +214,7 @@ def fetch(settings: Settings, db: Database, download_id: int, worker_id: str) ->
             f"{hub_name(url)} sent {repo_id} without {', '.join(missing[:5]) or 'a complete model'}; "
             "download it again."
         )
+    report.already = 0
     report(sum((folder / name).stat().st_size for name in files), force=True)
     return folder
 

@@ -41,8 +41,19 @@ def upgrade() -> None:
         sqlite_autoincrement=True,
     )
     op.create_index("ix_model_downloads_status_id", "model_downloads", ["status", "id"])
+    # one download under way per model, revision and hub, however many requests ask for it at once
+    active = sa.text("status IN ('queued', 'running')")
+    op.create_index(
+        "uq_model_downloads_active",
+        "model_downloads",
+        ["repo_id", "revision", "endpoint"],
+        unique=True,
+        sqlite_where=active,
+        postgresql_where=active,
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("uq_model_downloads_active", table_name="model_downloads")
     op.drop_index("ix_model_downloads_status_id", table_name="model_downloads")
     op.drop_table("model_downloads")
