@@ -225,7 +225,7 @@ def test_an_interrupted_transfer_resumes_where_it_broke_off(
 def test_a_cancelled_download_stops_mid_file_and_downloads_again(
     client, settings, db, large_repo, hub_cache, monkeypatch
 ):
-    slow = Repo(folder=large_repo, sha=SHA, bytes_per_second=400_000)
+    slow = Repo(folder=large_repo, sha=SHA, bytes_per_second=200_000)
     with running_hub({"tiny/large": slow}) as standin:
         pointing_at(monkeypatch, standin.url)
         queued = client.post("/api/models/downloads", json={"repo_id": "tiny/large"}).json()
