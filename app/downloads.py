@@ -30,12 +30,9 @@ class DownloadRefused(ValueError):
     """A download that cannot be queued, with its sentence."""
 
 
-def request(*, session: Session, model: HubModel) -> tuple[ModelDownload, bool]:
-    """Queue the download of a looked-up model, or give the one already under way for the same model and
-    revision. Returns (download, queued now)."""
-    if model.refusal:
-        raise DownloadRefused(model.refusal)
-    under_way = session.scalar(
+def _under_way(session: Session, model: HubModel) -> ModelDownload | None:
+    """The queued or running download of the same model, revision and hub (at most one: a unique index)."""
+    return session.scalar(
         select(ModelDownload).where(
             ModelDownload.repo_id == model.repo_id,
             ModelDownload.revision == model.revision,
@@ -43,7 +40,14 @@ def request(*, session: Session, model: HubModel) -> tuple[ModelDownload, bool]:
             ModelDownload.status.in_(ACTIVE),
         )
     )
-    if under_way is not None:
+
+
+def request(*, session: Session, model: HubModel) -> tuple[ModelDownload, bool]:
+    """Queue the download of a looked-up model, or give the one already under way for the same model and
+    revision. Returns (download, queued now)."""
+    if model.refusal:
+        raise DownloadRefused(model.refusal)
+    if (under_way := _under_way(session, model)) is not None:
         return under_way, False
     download = ModelDownload(
         repo_id=model.repo_id,
@@ -60,15 +64,7 @@ def request(*, session: Session, model: HubModel) -> tuple[ModelDownload, bool]:
         session.commit()
     except IntegrityError:  # the same download asked for twice at once: the other request queued it
         session.rollback()
-        again = session.scalar(
-            select(ModelDownload).where(
-                ModelDownload.repo_id == model.repo_id,
-                ModelDownload.revision == model.revision,
-                ModelDownload.endpoint == model.endpoint,
-                ModelDownload.status.in_(ACTIVE),
-            )
-        )
-        if again is None:
+        if (again := _under_way(session, model)) is None:
             raise
         return again, False
     return download, True

@@ -83,6 +83,13 @@ def cache_dir() -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
+def repo_folder(repo_id: str) -> Path:
+    """A model's folder in the Hugging Face cache (blobs, refs, snapshots), named as the client names it."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    return cache_dir() / repo_folder_name(repo_id=repo_id, repo_type="model")
+
+
 # --- tokens -----------------------------------------------------------------------------------------------
 
 
@@ -161,9 +168,10 @@ def needed_files(files: dict[str, int]) -> dict[str, int]:
     def matching(patterns: tuple[str, ...]) -> dict[str, int]:
         return {n: s for n, s in top.items() if any(fnmatch.fnmatch(n, p) for p in patterns)}
 
-    weights = matching(SAFETENSORS) or matching(PYTORCH)
+    safetensors = matching(SAFETENSORS)
+    weights = safetensors or matching(PYTORCH)
     config = matching(CONFIG_FILES)
-    if not matching(SAFETENSORS):  # a PyTorch index without safetensors: keep it, drop the other
+    if not safetensors:  # a PyTorch index without safetensors: keep it, drop the other
         config = {n: s for n, s in config.items() if n != "model.safetensors.index.json"}
     else:
         config = {n: s for n, s in config.items() if n != "pytorch_model.bin.index.json"}
@@ -212,11 +220,9 @@ def lookup(settings: Settings, repo_id: str, revision: str | None = None) -> Hub
     from huggingface_hub import HfApi
 
     url = endpoint()
-    api = HfApi(endpoint=url)
+    api, token = HfApi(endpoint=url), token_for(settings, url)
     try:
-        info = api.model_info(
-            repo_id, revision=revision, files_metadata=True, token=token_for(settings, url), timeout=TIMEOUT
-        )
+        info = api.model_info(repo_id, revision=revision, files_metadata=True, token=token, timeout=TIMEOUT)
     except Exception as exc:  # noqa: BLE001 - every failure becomes its sentence
         raise HubProblem(_sentence(exc, url, repo_id=repo_id, revision=revision)) from None
     every = {s.rfilename: int(s.size or 0) for s in (info.siblings or [])}
@@ -238,7 +244,7 @@ def lookup(settings: Settings, repo_id: str, revision: str | None = None) -> Hub
         others=len(every) - len(files),
     )
     if model.gated and model.refusal is None:
-        model.refusal = _gated_access(model, token_for(settings, url))
+        model.refusal = _gated_access(model, token)
         model.access = True if model.refusal is None else (False if "is gated" in model.refusal else None)
     if not model.fits_disk:
         model.refusal = model.refusal or (

@@ -48,6 +48,7 @@ class Kind:
     silent_end: Callable[[Any, int], dict[str, Any] | None]
     claimed: dict[str, Any] = field(default_factory=dict)
     handed_back: dict[str, Any] = field(default_factory=dict)
+    web_disk: bool = False  # only a worker sharing the web server's disk takes it
 
 
 def _run_serves(models: Sequence[str] | None, gpus: int | None) -> list[ColumnElement[bool]]:
@@ -115,7 +116,10 @@ def _download_silent_end(download: Any, lost: int) -> dict[str, Any] | None:
     }
 
 
-DOWNLOAD = Kind("download", ModelDownload, _any_worker, _download_silent_end, handed_back={"speed": None})
+# a model fetched by name goes to the Hugging Face cache of the machine the web server lists models from
+DOWNLOAD = Kind(
+    "download", ModelDownload, _any_worker, _download_silent_end, handed_back={"speed": None}, web_disk=True
+)
 # a worker looks in this order: someone waits for an export's file or a model's, and a run may wait on it
 KINDS = {kind.name: kind for kind in (EXPORT, DOWNLOAD, TRAIN)}
 
@@ -173,10 +177,9 @@ def claim_next(
     shared_disk: bool = True,
 ) -> tuple[Kind, Any] | None:
     """The next job of any kind this worker can serve, kinds in KINDS' order: (its kind, its row). A worker
-    without the web server's disk (`shared_disk` False) takes no download: a model fetched by name goes to
-    the Hugging Face cache of the machine the web server lists models from."""
+    without the web server's disk (`shared_disk` False) takes none of the kinds that need it (`web_disk`)."""
     for kind in KINDS.values():
-        if kind is DOWNLOAD and not shared_disk:
+        if kind.web_disk and not shared_disk:
             continue
         row = claim(session=session, kind=kind, worker_id=worker_id, models=models, gpus=gpus)
         if row is not None:

@@ -18,7 +18,7 @@ from app.config import PROJECT_ROOT, Settings
 from bench.data import alpaca_rows
 from bench.training import tuneboard_config, write_rows
 from worker import warm
-from worker.supervise import launch_command, training_env
+from worker.supervise import launch_command, trainer_args, training_env
 from worker.train import write_config
 
 REPEATS = 3
@@ -62,9 +62,10 @@ def startup_benchmark(model_dir: Path, threads: int) -> dict:
                         *command[1:],
                     ]  # fmt: skip
                 if way == "warm":
+                    args = trainer_args(settings, run / "run.yaml", 1)
                     if first_warm is None:  # the server's own start: once per worker, timed apart
-                        first_warm = _warm_seconds(command[3:], env, run)
-                    seconds[way].append(_warm_seconds(command[3:], env, run))
+                        first_warm = _warm_seconds(args, env, run)
+                    seconds[way].append(_warm_seconds(args, env, run))
                 else:
                     seconds[way].append(_seconds(command, env))
     medians = {way: statistics.median(values) for way, values in seconds.items()}

@@ -5,6 +5,8 @@ counts the quantised weights."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -73,7 +75,7 @@ def test_methods_that_cannot_wrap_quantised_layers_are_refused(queue):
     assert several.status_code == 422 and "trains on one GPU here" in several.json()["detail"][0]["message"]
 
 
-def test_the_estimate_counts_quantised_weights(tiny_model_dir):
+def test_the_estimate_counts_quantised_weights(tiny_model_dir, tmp_path):
     shapes = Shapes.read(tiny_model_dir)
     assert shapes is not None
     assert weights_bytes(shapes, "none", 2) == shapes.total() * 2
@@ -83,39 +85,38 @@ def test_the_estimate_counts_quantised_weights(tiny_model_dir):
         expected = int(linear * QUANTIZED_BYTES[quantization] + (shapes.total() - linear) * 4)
         assert weights_bytes(shapes, quantization, 2) == expected
     # a 7B-shaped model: 4-bit weights a third of bf16's (embeddings and output layer in float32), under 5 GiB
-    seven = Shapes(
-        hidden=4096,
-        intermediate=11008,
-        layers=32,
-        heads=32,
-        kv_heads=32,
-        head_dim=128,
-        vocab=32000,
-        tied=False,
-    )
+    seven = Shapes.read(seven_b_shaped(tmp_path, tiny_model_dir))
+    assert seven is not None and seven.hidden == 4096 and seven.layers == 32
     assert weights_bytes(seven, "4bit", 2) < weights_bytes(seven, "none", 2) / 3
     assert weights_bytes(seven, "4bit", 2) < 5 * 2**30
+
+
+def seven_b_shaped(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    """A model folder shaped like a 7B Llama (its configuration; the weights file is only checked, never
+    loaded), with the tiny model's tokenizer."""
+    big = tmp_path / "seven-b"
+    big.mkdir(exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, big / name)
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    config |= {
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "tie_word_embeddings": False,
+    }
+    config |= {"num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128, "vocab_size": 32000}
+    (big / "config.json").write_text(json.dumps(config))
+    save_file({"model.norm.weight": torch.ones(4096)}, str(big / "model.safetensors"))
+    return big
 
 
 def test_a_run_too_large_for_the_machine_is_offered_4bit(client, tiny_model_dir, tmp_path, monkeypatch):
     """A 7B-shaped model (its configuration; the fit check reads no weights) on a machine of 32 GiB: in
     bf16 it cannot train here, 4-bit it can, and the refusal says so, with the page's one-click fix."""
-    import json
-    import shutil
-
     from app.runs import launch
 
-    big = tmp_path / "seven-b"
-    big.mkdir()
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tiny_model_dir / name, big / name)
-    config = json.loads((tiny_model_dir / "config.json").read_text())
-    config |= {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32}
-    config |= {"num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128, "vocab_size": 32000}
-    (big / "config.json").write_text(json.dumps(config))
-    save_file(
-        {"model.norm.weight": torch.ones(4096)}, str(big / "model.safetensors")
-    )  # only checked, never loaded
+    big = seven_b_shaped(tmp_path, tiny_model_dir)
     monkeypatch.setattr(launch, "meminfo_bytes", lambda name: 32 * 2**30)
     model = client.post("/api/models", json={"path": str(big)}).json()["id"]
     dataset = upload(client, "demo.json", DEMO_DATASET.read_bytes()).json()["id"]

@@ -21,7 +21,7 @@ from tqdm.std import tqdm
 from app import downloads, jobs, workers
 from app.config import Settings, get_settings
 from app.db import PASSING_FAULTS, Database
-from app.hub import cache_dir, hub_name, known_sentence, token_for
+from app.hub import hub_name, known_sentence, repo_folder, token_for
 from app.model_registry import is_model_folder
 from app.models import ModelDownload
 from worker.child import run_child, stop_with_parent
@@ -105,7 +105,7 @@ def drop_partial_files(repo_id: str) -> None:
     """The partly written files a stopped transfer leaves in the cache (the client starts a file it did not
     finish again from its beginning in a later call, under another name); files that arrived whole stay,
     and the next download fetches only the others."""
-    blobs = cache_dir() / f"models--{repo_id.replace('/', '--')}" / "blobs"
+    blobs = repo_folder(repo_id) / "blobs"
     for partial in blobs.glob("*.incomplete"):
         partial.unlink(missing_ok=True)
 
@@ -190,7 +190,7 @@ def fetch(settings: Settings, db: Database, download_id: int, worker_id: str) ->
         url, row_files = row.endpoint, dict(row.files)
     files = list(row_files)
     # files an earlier attempt brought whole: the client skips them, and its bars never count them
-    snapshot = cache_dir() / f"models--{repo_id.replace('/', '--')}" / "snapshots" / commit
+    snapshot = repo_folder(repo_id) / "snapshots" / commit
     here = sum(size for name, size in row_files.items() if (snapshot / name).is_file())
     report = Reporter(db, download_id, worker_id, already=here)
     report(0, force=True)

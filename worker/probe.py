@@ -29,6 +29,7 @@ import threading
 import time
 from pathlib import Path
 
+from app.datasets.store import write_json
 from worker.sink import Sink
 
 log = logging.getLogger("tuneboard.probe")
@@ -160,14 +161,8 @@ def measure_when_idle(settings, db, *, me: str, hardware: dict, models: list[str
         reason = ended.reason()
         log.warning("speed trial on %s failed: %s", model.id, reason)
         entry = {"model": model.id, "machine": machine, "error": reason, "failed_at": time.time()}
-        write_entry(out, entry)
+        write_json(out, entry)
     return True
-
-
-def write_entry(out: Path, entry: dict) -> None:
-    staging = out.with_name(f".{out.name}.{os.getpid()}.partial")
-    staging.write_text(json.dumps(entry), encoding="utf-8")
-    staging.replace(out)
 
 
 # --- the trial's own process ---
@@ -256,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     speed = trial(args.model_dir, args.model_id, started)
     log.info("measured %s: %s", args.model_id, speed)
-    write_entry(args.out, {"model": args.model_id, "machine": args.machine, "speed": speed})
+    write_json(args.out, {"model": args.model_id, "machine": args.machine, "speed": speed})
     return 0
 
 

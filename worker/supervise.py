@@ -63,16 +63,18 @@ FSDP = [
 ]  # fmt: skip
 
 
+def trainer_args(settings: Settings, run_yaml: Path, attempt: int) -> list[str]:
+    """The trainer's own arguments (`python -m worker.train` ARGS, or a warm start's)."""
+    return [str(run_yaml), "--attempt", str(attempt), "--stale-after", str(settings.stale_after_seconds / 2)]
+
+
 def launch_command(
     settings: Settings, run_yaml: Path, attempt: int, *, gpus: int = 0, distributed: str = "ddp"
 ) -> list[str]:
     """The training command. One process (a laptop, one GPU) runs the trainer directly: one interpreter,
     no launcher. Several (the GPUs the run asked for, else TUNEBOARD_NUM_PROCESSES) go through
     `accelerate launch`, data parallel or, with `distributed="fsdp"`, sharded."""
-    training = [
-        "-m", "worker.train", str(run_yaml), "--attempt", str(attempt),
-        "--stale-after", str(settings.stale_after_seconds / 2),
-    ]  # fmt: skip
+    training = ["-m", "worker.train", *trainer_args(settings, run_yaml, attempt)]
     processes = processes_for(settings, gpus)
     if processes == 1:
         return [sys.executable, *training]
@@ -246,7 +248,9 @@ def _attempt(
     log.info("run %d attempt %d: %s", run.id, run.attempts, " ".join(command))
     say_phase(db, run.id, "Starting the training process")
     oom_before = oom_kills()
-    child = start_training(command, env, folder.log, f"attempt {run.attempts} by {me}")
+    alone = processes_for(settings, run.gpus) == 1
+    warm_args = trainer_args(settings, folder.config, run.attempts) if alone else None
+    child = start_training(command, env, folder.log, f"attempt {run.attempts} by {me}", warm_args)
     try:
         return _watch(settings, db, run, folder, child, oom_before, me=me, stop=stop, sync=sync)
     except (
@@ -345,13 +349,15 @@ def _watch(
     return status
 
 
-def start_training(command: list[str], env: dict[str, str], log_path: Path, heading: str) -> Child:
+def start_training(
+    command: list[str], env: dict[str, str], log_path: Path, heading: str, warm_args: list[str] | None
+) -> Child:
     """The training process, in a session of its own, its output appended to the run's log under a heading
-    for the attempt: forked warm when one process trains (worker.warm), else a new interpreter (`accelerate
-    launch` and its processes)."""
+    for the attempt: forked warm with `warm_args` when one process trains (worker.warm), else `command` in
+    a new interpreter (`accelerate launch` and its processes)."""
     with open(log_path, "ab") as out:
         out.write(f"--- {heading} ---\n".encode())
-    warm = warm_start(command[3:], env, log_path) if command[1:3] == ["-m", "worker.train"] else None
+    warm = warm_start(warm_args, env, log_path) if warm_args is not None else None
     if warm is not None:
         log.info("training process %d forked warm", warm.pid)
         return warm

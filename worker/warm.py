@@ -44,10 +44,6 @@ class WarmProcess:
         self.args = args
         self.pid: int = process.pid
 
-    @property
-    def returncode(self) -> int | None:
-        return self.poll()
-
     def poll(self) -> int | None:
         """The exit code once the child has ended. The fork server reports it; should the server itself
         have died (it answers 255 then), the child is still running for as long as its process lives."""
@@ -64,10 +60,6 @@ class WarmProcess:
                 raise subprocess.TimeoutExpired(self.args, timeout or 0)
             time.sleep(0.2)
         return code
-
-    def send_signal(self, sig: int) -> None:
-        if self._process.exitcode is None:
-            os.kill(self.pid, sig)
 
     def terminate(self) -> None:
         self._process.terminate()
