@@ -37,6 +37,7 @@ class Target:
     model_path: Path
     adapter_path: Path | None = None
     prompt_format: str = "chat"
+    quantization: str = "none"  # a QLoRA run's base, as it trained: its adapter answers on the same
     run_id: int | None = None
     step: int | None = None
     created: int = 0  # unix seconds, for /v1/models
@@ -67,6 +68,7 @@ def _run_target(
         model_path=model_path,
         adapter_path=settings.run_folder(run.id).adapter_at(step),
         prompt_format=run.config.get("prompt_format", "chat"),
+        quantization=run.config.get("training", {}).get("quantization", "none"),
         run_id=run.id,
         step=step,
         created=int(run.created_at.timestamp()),

@@ -194,6 +194,11 @@ def main() -> None:
         help="learning and leaflets only: LoRA parameters to change from the defaults, as JSON",
     )
     parser.add_argument(
+        "--training",
+        type=json.loads,
+        help='learning and leaflets only: training settings to set, as JSON (\'{"quantization": "4bit"}\')',
+    )
+    parser.add_argument(
         "--only",
         choices=[
             "training",
@@ -254,7 +259,9 @@ def main() -> None:
     if args.only in (None, "learning"):
         from bench.learning import learning_benchmark, report_learning
 
-        result["learning"] = learning_benchmark(model_dir, args.threads, peft=args.peft)
+        result["learning"] = learning_benchmark(
+            model_dir, args.threads, training=args.training, peft=args.peft
+        )
         print(report_learning(result["learning"]))
     if args.only in (None, "leaflets"):
         from bench.learning import LEAFLETS, SERVICE_NOTES, learning_benchmark, report_learning
@@ -263,7 +270,9 @@ def main() -> None:
         # each set on a fresh server, so New run's duration comes from the worker's speed trial
         result["leaflets"] = []
         for dataset in (LEAFLETS, SERVICE_NOTES):
-            result["leaflets"].append(learning_benchmark(model_dir, args.threads, dataset, peft=args.peft))
+            result["leaflets"].append(
+                learning_benchmark(model_dir, args.threads, dataset, training=args.training, peft=args.peft)
+            )
             print(report_learning(result["leaflets"][-1]), flush=True)
     if args.only in (None, "memory"):
         from bench.memory import memory_benchmark, report_memory

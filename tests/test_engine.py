@@ -18,6 +18,7 @@ from worker.engine import (
     prompt_ids,
     whole_characters,
 )
+from worker.quantized import loading_arguments
 
 QUESTION = [{"role": "user", "content": "What is the capital of Quillmere?"}]
 
@@ -71,7 +72,9 @@ def reference(model_dir: Path, adapter_dir: Path | None, request: PaneRequest, m
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, **loading_arguments(request.quantization, torch.float32)
+    )
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir)
     ids = torch.tensor([prompt_ids(tokenizer, request)])

@@ -15,9 +15,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from app.config import Settings
+from app.playground import resolve
 from app.runs.estimate import QUANTIZED_BYTES, weights_bytes
 from app.runs.shapes import Shapes
 from tests.conftest import DEMO_DATASET, NO_SCORING, fast_settings, upload
+from tests.test_engine import GREEDY, QUESTION, collect, reference
+from worker.engine import AdapterRef, Engine, PaneRequest
 from worker.main import work_once
 
 
@@ -61,6 +64,32 @@ def test_a_4bit_base_model_trains_a_lora_adapter(client, settings, db, queue):
     trained = [name for name, tensor in adapter.items() if "lora_B" in name and tensor.abs().sum() > 0]
     assert trained, "the adapter did not train"  # lora_B starts at zero: only training moves it
     assert len(trained) == 2 * 7  # every linear layer of both decoder layers
+
+    # The playground and /v1 answer with it on the base loaded 4-bit, as it trained; the base model's own
+    # pane beside it stays in full precision.
+    with db.session() as session:
+        target = resolve(settings, f"run-{done['id']}", session=session)
+    assert target.quantization == "4bit"
+    engine = Engine(device="cpu", dtype=torch.float32)
+    tuned = PaneRequest(
+        model_key=target.base_model,
+        model_path=target.model_path,
+        adapter=AdapterRef(target.id, target.adapter_path),
+        messages=QUESTION,
+        quantization=target.quantization,
+    )
+    base = PaneRequest(
+        model_key=target.base_model, model_path=target.model_path, adapter=None, messages=QUESTION
+    )
+    results, _ = collect(engine, [base, tuned], GREEDY)
+    assert results[1].text == reference(target.model_path, target.adapter_path, tuned, GREEDY.max_new_tokens)
+    assert results[0].text == reference(target.model_path, None, base, GREEDY.max_new_tokens)
+    slots = {slot.key: slot for slot in engine.slots.values()}
+    assert set(slots) == {target.base_model, f"{target.base_model} (4bit)"}
+    assert slots[f"{target.base_model} (4bit)"].adapters.keys() == {target.id}
+    layers = {type(m).__name__ for m in slots[f"{target.base_model} (4bit)"].model.modules()}
+    assert "Linear4bit" in layers
+    assert "Linear4bit" not in {type(m).__name__ for m in slots[target.base_model].model.modules()}
 
 
 def test_methods_that_cannot_wrap_quantised_layers_are_refused(queue):

@@ -35,7 +35,8 @@ from transformers.generation.streamers import BaseStreamer
 from app.peft_methods import by_peft_type
 from app.playground import GenerationEvent, PaneAnswer
 from app.prompts import instruction_prompt
-from worker.hardware import choose_dtype, loaded_bytes, shortfall
+from worker.hardware import choose_dtype, shortfall
+from worker.quantized import loading_arguments, weights_in_memory
 
 log = logging.getLogger("tuneboard.generation")
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
@@ -85,6 +86,12 @@ class PaneRequest:
     messages: list[dict[str, Any]]
     prompt_format: str = "chat"  # chat | instruction
     system: str | None = None
+    quantization: str = "none"  # a QLoRA run's adapter answers on the base loaded as it trained: 4bit | 8bit
+
+    @property
+    def base_key(self) -> str:
+        """The slot of the base model this pane answers on (a quantised base is a model of its own)."""
+        return self.model_key if self.quantization == "none" else f"{self.model_key} ({self.quantization})"
 
 
 @dataclass
@@ -244,7 +251,7 @@ def exclusive_key(pane: PaneRequest) -> str:
     """The slot of an adapter that needs its own copy of the base model."""
     if pane.adapter is None:
         raise ValueError("only a pane with an adapter has an exclusive slot")
-    return f"{pane.model_key}+{pane.adapter.name}"
+    return f"{pane.base_key}+{pane.adapter.name}"
 
 
 def shares_base(path: Path) -> bool:
@@ -337,27 +344,30 @@ class Engine:
             )
 
     # ---- loading ---------------------------------------------------------------------------------
-    def _load_base(self, key: str, path: Path, keep: set[str], emit: Emit, pane: int) -> Slot:
-        estimate = loaded_bytes(path, self.dtype)
+    def _load_base(self, key: str, pane: PaneRequest, keep: set[str], emit: Emit, index: int) -> Slot:
+        path = pane.model_path
+        estimate = weights_in_memory(path, self.dtype, pane.quantization)
         self._make_room(estimate, keep, f"the base model {key}")
         self._check_free(estimate, f"the base model {key}")
-        emit({"type": "status", "pane": pane, "message": f"Loading {key}…"})
+        emit({"type": "status", "pane": index, "message": f"Loading {key}…"})
         started = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(path)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
-        model = model.to(self.device).eval()  # type: ignore[arg-type]  # transformers types `to` wrongly
+        model = AutoModelForCausalLM.from_pretrained(path, **loading_arguments(pane.quantization, self.dtype))
+        if pane.quantization == "none":  # bitsandbytes places a quantised model itself, and refuses `to`
+            model = model.to(self.device)  # type: ignore[arg-type]  # transformers types `to` wrongly
+        model.eval()
         log.info("loaded %s in %.1f s", key, time.perf_counter() - started)
         return Slot(key=key, model=model, tokenizer=tokenizer, base_bytes=param_bytes(model))
 
     def shared_slot(self, pane: PaneRequest, keep: set[str], emit: Emit, index: int) -> Slot:
-        slot = self.slots.get(pane.model_key)
+        slot = self.slots.get(pane.base_key)
         if slot is None:
-            slot = self._load_base(pane.model_key, pane.model_path, keep, emit, index)
-            self.slots[pane.model_key] = slot
-        self.slots.move_to_end(pane.model_key)
+            slot = self._load_base(pane.base_key, pane, keep, emit, index)
+            self.slots[pane.base_key] = slot
+        self.slots.move_to_end(pane.base_key)
         if pane.adapter is not None:
             self._attach(slot, pane.adapter, keep, emit, index)
         return slot
@@ -388,7 +398,7 @@ class Engine:
         key = exclusive_key(pane)
         slot = self.slots.get(key)
         if slot is None:
-            slot = self._load_base(key, pane.model_path, keep, emit, index)
+            slot = self._load_base(key, pane, keep, emit, index)
             emit({"type": "status", "pane": index, "message": f"Attaching {pane.adapter.name}…"})
             slot.model = PeftModel.from_pretrained(
                 slot.model, str(pane.adapter.path), **ADAPTER_LOADING
@@ -429,12 +439,12 @@ class Engine:
         """Answer every pane, streaming through `emit`; panes on the same base model and LoRA-family
         adapters form one batch."""
         results = [PaneResult() for _ in panes]
-        keep = {p.model_key for p in panes} | {p.adapter.name for p in panes if p.adapter}
+        keep = {p.base_key for p in panes} | {p.adapter.name for p in panes if p.adapter}
         keep |= {exclusive_key(p) for p in panes if p.adapter}
         groups: dict[str, tuple[bool, list[int]]] = {}  # slot key -> (own base copy?, pane indexes)
         for index, pane in enumerate(panes):
             exclusive = pane.adapter is not None and not shares_base(pane.adapter.path)
-            key = exclusive_key(pane) if exclusive else pane.model_key
+            key = exclusive_key(pane) if exclusive else pane.base_key
             groups.setdefault(key, (exclusive, []))[1].append(index)
         for exclusive, members in groups.values():
             if stop.is_set():

@@ -95,6 +95,7 @@ class GenerationHost:
                 messages=[m.model_dump(exclude_none=True) for m in pane.messages],
                 prompt_format=t.prompt_format,
                 system=pane.system,
+                quantization=t.quantization,
             )
             for t, pane in zip(targets, body.panes, strict=True)
         ]

@@ -25,7 +25,8 @@ from app.peft_methods import method as peft_method
 from app.runs.config import PREFERENCE_OBJECTIVES, RunConfig
 from app.runs.estimate import memory_needed, refusal
 from app.runs.folder import ADAPTER_CONFIG, CHECKPOINT_PREFIX, RunFolder
-from worker.hardware import choose_dtype, free_memory, loaded_bytes, peak_memory_mb, shortfall
+from worker.hardware import choose_dtype, free_memory, peak_memory_mb, shortfall
+from worker.quantized import loading_arguments, weights_in_memory
 
 log = logging.getLogger("tuneboard.train")
 
@@ -65,17 +66,8 @@ def check_fits(model_path: Path, dtype, shards: int = 1, quantization: str = "no
     it)."""
     import torch
 
-    from app.runs.estimate import weights_bytes
-    from app.runs.shapes import Shapes
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    shapes = Shapes.read(model_path) if quantization != "none" else None
-    weights = (
-        weights_bytes(shapes, quantization, torch.finfo(dtype).bits // 8)
-        if shapes is not None
-        else loaded_bytes(model_path, dtype)
-    )
-    if problem := shortfall(weights // shards, device):
+    if problem := shortfall(weights_in_memory(model_path, dtype, quantization) // shards, device):
         raise UserError(
             f"The base model does not fit: {problem}. Choose a smaller model, or free memory and launch "
             "again."
@@ -118,14 +110,7 @@ def load_model(config: RunConfig, dtype, checkpointing: bool):
     model_path = Path(config.model_path)
     quantization = config.training.quantization
     model: Any = AutoModelForCausalLM.from_pretrained(
-        model_path,
-        dtype=dtype,
-        attn_implementation=config.training.attention,
-        **(
-            {"quantization_config": quantization_config(quantization, dtype)}
-            if quantization != "none"
-            else {}
-        ),
+        model_path, attn_implementation=config.training.attention, **loading_arguments(quantization, dtype)
     )
     model.config.use_cache = False  # required for correct packed-sequence masks, useless in training
     total = model.num_parameters()  # the base model's own, as New run's estimate counts them (one total)
@@ -168,21 +153,6 @@ def load_model(config: RunConfig, dtype, checkpointing: bool):
         total,
     )
     return model, trainable, total
-
-
-def quantization_config(quantization: str, dtype):
-    """bitsandbytes' settings for a quantised base model: QLoRA's NF4 with double quantisation computing in
-    the run's dtype, or LLM.int8."""
-    from transformers import BitsAndBytesConfig
-
-    if quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=dtype,
-    )
 
 
 def prepared_model(config: RunConfig, lengths: list[int]):

@@ -1,0 +1,45 @@
+"""A base model loaded quantised (QLoRA's 4-bit NF4, or LLM.int8) through bitsandbytes: the loading
+settings and what its weights take in memory. The trainer and the generation engine both load a QLoRA run's
+base this way, so that its adapter answers on the base it was trained on. Torch and transformers are imported
+inside the functions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from worker.hardware import loaded_bytes
+
+
+def quantization_config(quantization: str, dtype):
+    """bitsandbytes' settings: QLoRA's NF4 with double quantisation computing in `dtype`, or LLM.int8."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+
+
+def loading_arguments(quantization: str, dtype) -> dict[str, Any]:
+    """What `from_pretrained` takes besides the path: the quantisation settings when there are any."""
+    if quantization == "none":
+        return {"dtype": dtype}
+    return {"dtype": dtype, "quantization_config": quantization_config(quantization, dtype)}
+
+
+def weights_in_memory(model_path: Path, dtype, quantization: str = "none") -> int:
+    """About how much the base model's weights take once loaded (quantised linear layers as
+    app.runs.estimate counts them)."""
+    if quantization == "none":
+        return loaded_bytes(model_path, dtype)
+    import torch
+
+    from app.runs.estimate import weights_bytes
+    from app.runs.shapes import Shapes
+
+    return weights_bytes(Shapes.read(model_path), quantization, torch.finfo(dtype).bits // 8)
