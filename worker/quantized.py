@@ -34,12 +34,13 @@ def loading_arguments(quantization: str, dtype) -> dict[str, Any]:
 
 def weights_in_memory(model_path: Path, dtype, quantization: str = "none") -> int:
     """About how much the base model's weights take once loaded (quantised linear layers as
-    app.runs.estimate counts them)."""
-    if quantization == "none":
-        return loaded_bytes(model_path, dtype)
+    app.runs.estimate counts them; a layout it does not know, as if unquantised: the larger figure)."""
     import torch
 
     from app.runs.estimate import weights_bytes
     from app.runs.shapes import Shapes
 
-    return weights_bytes(Shapes.read(model_path), quantization, torch.finfo(dtype).bits // 8)
+    shapes = Shapes.read(model_path) if quantization != "none" else None
+    if shapes is None:
+        return loaded_bytes(model_path, dtype)
+    return weights_bytes(shapes, quantization, torch.finfo(dtype).bits // 8)
