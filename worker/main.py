@@ -25,6 +25,7 @@ from worker.export import run_export
 from worker.hardware import machine_summary
 from worker.prepare import prepare_pending_models
 from worker.probe import known_speeds, measure_when_idle
+from worker.publish import run_publish
 from worker.remote import Server
 from worker.supervise import supervise
 
@@ -181,5 +182,6 @@ def work_once(
 HANDLERS: dict[str, Callable[..., object]] = {
     jobs.EXPORT.name: run_export,
     jobs.DOWNLOAD.name: run_download,
+    jobs.PUBLISH.name: run_publish,
     jobs.TRAIN.name: supervise,
 }

@@ -24,6 +24,7 @@ from app.peft_methods import CHOICES, DEFAULT_METHOD, LABELS, METHODS
 from app.playground import list_targets
 from app.prompts import PROMPT_FORMATS
 from app.routes.export_pages import export_context
+from app.routes.publish_pages import publish_context
 from app.runs import evaluation, state
 from app.runs.config import (
     OBJECTIVE_LABELS,
@@ -253,6 +254,7 @@ def run_page(request: Request, run_id: RunId, settings: SettingsDep, session: Se
             "charts": charts.spec(charts.charts_for(run.config.get("objective", "sft"))),
         }
         | export_context(settings, session, run)
+        | publish_context(settings, session, run)
     )
     return render(request, "run.html", context, block=block)
 

@@ -1,0 +1,212 @@
+"""Publications, pushed by a worker: `run_publish` (in the worker loop) starts `python -m worker.publish ID`,
+keeps the worker's heartbeat, and records how the push ended; the child creates the repository (private
+unless asked otherwise) and sends the files and the model card in one commit with the `huggingface_hub`
+client, reporting the bytes sent, and stops when the push is cancelled.
+
+Each file goes to the client as a stream that counts what is read from it once the client has hashed it,
+so the bytes on the page are the bytes sent (a stream also keeps the client on its plain HTTP upload,
+which every hub and mirror speaks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import sys
+import threading
+from typing import BinaryIO, cast
+
+from app import jobs, publishing
+from app.config import Settings, get_settings
+from app.db import Database
+from app.hub import hub_name, known_sentence, token_for
+from app.models import Export, Publication, Run
+from worker.child import BytesReporter, Cancelled, job_tick, run_child, stop_with_parent
+from worker.supervise import write_with_retry
+
+log = logging.getLogger("tuneboard.publish")
+SAID = "tuneboard-publish-error:"  # the child's own sentence on a failure it can explain
+CANCELLED = 3  # the child's exit code when the push was cancelled
+
+
+# --- in the worker loop -----------------------------------------------------------------------------------
+
+
+def run_publish(
+    settings: Settings, db: Database, publication: Publication, *, me: str, stop: threading.Event, **_
+) -> None:
+    """Push one claimed publication from a child process and record how it ended. A worker stopping hands
+    it back to the queue (the next attempt sends the files again)."""
+    log.info("publication %d: run %d's %s to %s", publication.id, publication.run_id, publication.what,
+             publication.repo_id)  # fmt: skip
+    cancelled = threading.Event()
+    kind, job_id = jobs.PUBLISH, publication.id
+    tick = job_tick(db, me=me, kind=kind, job_id=job_id, status="publishing", stop=stop, cancelled=cancelled)
+    ended = run_child(
+        [sys.executable, "-m", "worker.publish", str(job_id), "--worker", me],
+        stop=stop,
+        env=settings.child_env(),
+        tick=tick,
+        every=1.0,
+    )
+    if ended.code is None and not cancelled.is_set():  # the worker is stopping
+        write_with_retry(db, lambda s: jobs.hand_back(session=s, kind=kind, job_id=job_id, worker_id=me))
+        return
+    url = None
+    if ended.code == 0:
+        status, error = publishing.SUCCEEDED, None
+        url = next(
+            (line.split(" ", 1)[1] for line in ended.stderr.splitlines() if line.startswith("pushed ")), None
+        )
+    elif ended.code == CANCELLED or cancelled.is_set():
+        status, error = publishing.CANCELLED, None
+    else:
+        status, error = publishing.FAILED, ended.reason(SAID)
+    write_with_retry(
+        db,
+        lambda s: publishing.end(
+            session=s, publication_id=job_id, worker_id=me, status=status, error=error, url=url
+        ),
+    )
+    log.info("publication %d %s%s", job_id, status, f": {error}" if error else "")
+
+
+# --- in the child -----------------------------------------------------------------------------------------
+
+
+class Counted(io.BufferedIOBase):
+    """A file being sent: reads pass through to `source`; once `counting` is on, the bytes read go to
+    `moved` (the client reads each file once to hash it before it sends it)."""
+
+    def __init__(self, source: BinaryIO, moved: list[int], report: BytesReporter):
+        self.source, self.moved, self.report = source, moved, report
+        self.counting = False
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.source.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.source.tell()
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = self.source.read(-1 if size is None else size)
+        if self.counting and data:
+            self.moved[0] += len(data)
+            self.report(self.moved[0])  # raises Cancelled once the push is cancelled
+        return data
+
+    def read1(self, size: int = -1) -> bytes:
+        return self.read(size)
+
+    def close(self) -> None:
+        self.source.close()
+        archive = getattr(self.source, "_tuneboard_archive", None)
+        if archive is not None:
+            archive.close()
+        super().close()
+
+
+def push(settings: Settings, db: Database, publication_id: int, worker_id: str) -> str:
+    """Create the repository and commit the files; the commit's address."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    with db.session() as session:
+        row = session.get(Publication, publication_id)
+        if row is None:
+            raise Cancelled
+        export = session.get(Export, row.export_id) if row.export_id is not None else None
+        run = session.get(Run, row.run_id)
+        if run is None:  # deleted since (its publications go with it)
+            raise Cancelled
+        chosen = [*publishing.files(settings, row, run, export), publishing.card_file(row)]
+        repo_id, private, url, what = row.repo_id, row.private, row.endpoint, row.what
+        session.expunge(row)
+
+    def send(session, done: int, speed: float | None) -> bool:
+        return publishing.report(
+            session=session, publication_id=publication_id, worker_id=worker_id, done=done, speed=speed
+        )
+
+    report = BytesReporter(db, send)
+    report(0, force=True)
+    api = HfApi(endpoint=url, token=token_for(settings, url))
+    created = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    moved = [0]
+    streams = [Counted(f.open(), moved, report) for f in chosen]
+    try:
+        operations = [
+            CommitOperationAdd(path_in_repo=f.name, path_or_fileobj=cast(BinaryIO, stream))  # hashed, rewound
+            for f, stream in zip(chosen, streams, strict=True)
+        ]
+        for stream in streams:
+            stream.counting = True
+        what_label = "adapter" if what == publishing.ADAPTER else f"{what} export"
+        commit = api.create_commit(
+            repo_id,
+            operations=operations,
+            commit_message=f"Tuneboard: run {row.run_id}'s {what_label}",
+            repo_type="model",
+        )
+    finally:
+        for stream in streams:
+            stream.close()
+    report.already, moved[0] = 0, sum(f.size for f in chosen)
+    report(moved[0], force=True)
+    return str(commit.commit_url or created)
+
+
+def sentence(exc: BaseException, url: str, repo_id: str) -> str:
+    """The sentence for a failed push."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(exc, publishing.PublishRefused):
+        return str(exc)
+    if isinstance(exc, HfHubHTTPError) and exc.response is not None:
+        status = exc.response.status_code
+        if status in (401, 403):
+            return (
+                f"{hub_name(url)} refused to let the saved token write to {repo_id} (HTTP {status}): save "
+                "a token with write access on the Models page, and check that the owner is your account or"
+                "an organisation you may write to."
+            )
+        if status == 409:
+            return f"{hub_name(url)} cannot create {repo_id} (HTTP 409): the name is taken; choose another."
+    return known_sentence(exc, url, repo_id=repo_id, what=repo_id) or (
+        f"The push to {repo_id} on {hub_name(url)} broke off ({type(exc).__name__}: {exc}). Publish it again."
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Push one queued publication (started by the worker).")
+    parser.add_argument("publication_id", type=int)
+    parser.add_argument("--worker", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    stop_with_parent("push")
+    settings = get_settings()
+    db = Database(settings.sqlalchemy_url)
+    with db.session() as session:
+        row = session.get(Publication, args.publication_id)
+        where = (row.endpoint, row.repo_id) if row is not None else ("", "")
+    try:
+        address = push(settings, db, args.publication_id, args.worker)
+    except Cancelled:
+        return CANCELLED
+    except Exception as exc:  # noqa: BLE001 - every failure becomes its sentence
+        print(f"{SAID} {sentence(exc, *where)}", file=sys.stderr)
+        return 1
+    finally:
+        db.dispose()
+    print(f"pushed {address}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
