@@ -158,3 +158,45 @@ def test_a_run_too_large_for_the_machine_is_offered_4bit(client, tiny_model_dir,
     assert 'data-set-field="training.quantization" data-value="4bit"' in page
     body["training"] = {"quantization": "4bit"}
     assert client.post("/api/runs", json=body).status_code == 201
+
+
+def lora_gradients(model_dir: Path, *, kept: bool, scored_first: bool) -> dict[str, torch.Tensor]:
+    """The LoRA weights' gradients of one training step of the tiny model loaded 4-bit, taken (with
+    `scored_first`) after an eval-mode forward without gradients, as scoring answers runs one."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    from worker.quantized import keep_trainable, loading_arguments
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **loading_arguments("4bit", torch.float32))
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if kept:
+        keep_trainable(model)
+    config = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)  # B non-zero: A learns too
+    model = get_peft_model(model, config)
+    ids = torch.tensor([[5, 9, 23, 42, 7, 11, 3, 19]])
+    if scored_first:
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=ids)
+        model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_scoring_answers_between_steps_leaves_a_4bit_model_learning(tiny_model_dir):
+    """bitsandbytes repacks 4-bit layers for its CPU inference kernel on an eval-mode forward without
+    gradients (AVX512-BF16 CPUs), and that kernel passes no gradient back: the bundled model's QLoRA run
+    stopped learning after scoring the base model's answers. Training keeps the trainable layout."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    before = lora_gradients(tiny_model_dir, kept=True, scored_first=False)
+    after = lora_gradients(tiny_model_dir, kept=True, scored_first=True)
+    assert before.keys() == after.keys() and len(before) == 2 * 7 * 2  # A and B of every linear layer
+    for name, gradient in before.items():
+        assert torch.allclose(gradient, after[name], atol=1e-6), name
+    if has_avx512bf16():  # on such a CPU, without it the gradients go wrong: the check above has teeth here
+        with pytest.warns(UserWarning, match="gemv_4bit: an autograd kernel was not registered"):
+            broken = lora_gradients(tiny_model_dir, kept=False, scored_first=True)
+        assert any(not torch.allclose(g, broken[n], atol=1e-6) for n, g in before.items())

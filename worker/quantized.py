@@ -44,3 +44,16 @@ def weights_in_memory(model_path: Path, dtype, quantization: str = "none") -> in
     if shapes is None:
         return loaded_bytes(model_path, dtype)
     return weights_bytes(shapes, quantization, torch.finfo(dtype).bits // 8)
+
+
+def keep_trainable(model) -> None:
+    """Keep a quantised model's 4-bit layers in the layout training needs. bitsandbytes (0.50) repacks a
+    4-bit layer's weights for its fast CPU kernel the first time the layer runs in eval mode without
+    gradients (on CPUs with AVX512-BF16), and keeps them so; that kernel passes no gradient back, so a run
+    that scores answers before or between its steps would stop learning from then on. The generation engine,
+    which never trains, keeps the fast kernel."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False

@@ -26,7 +26,7 @@ from app.runs.config import PREFERENCE_OBJECTIVES, RunConfig
 from app.runs.estimate import memory_needed, refusal
 from app.runs.folder import ADAPTER_CONFIG, CHECKPOINT_PREFIX, RunFolder
 from worker.hardware import choose_dtype, free_memory, peak_memory_mb, shortfall
-from worker.quantized import loading_arguments, weights_in_memory
+from worker.quantized import keep_trainable, loading_arguments, weights_in_memory
 
 log = logging.getLogger("tuneboard.train")
 
@@ -119,6 +119,7 @@ def load_model(config: RunConfig, dtype, checkpointing: bool):
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        keep_trainable(model)  # scoring answers between steps must not switch the layers to inference
     if checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
