@@ -71,6 +71,7 @@ def push_all(settings, db) -> None:
             return
 
 
+@pytest.mark.trains
 def test_an_adapter_and_a_gguf_export_are_published_with_their_model_card(
     client,
     settings,
@@ -149,6 +150,7 @@ def test_an_adapter_and_a_gguf_export_are_published_with_their_model_card(
         assert not any(WRITE in text for text in shown)
 
 
+@pytest.mark.trains
 def test_bad_pushes_get_a_sentence(client, settings, db, finished_run, monkeypatch, tiny_model_dir):
     def refused(body: dict, status: int = 422) -> str:
         answer = client.post(f"/api/runs/{finished_run}/publications", json=body)

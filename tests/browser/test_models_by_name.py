@@ -1,0 +1,134 @@
+"""A real model's path, in the browser, against a stand-in for the Hugging Face Hub (tests/hub_standin.py,
+reached through HF_ENDPOINT as a mirror would be): look a model up by name on the Models page, download it
+with its progress bar, launch a QLoRA (4-bit) run of it from New run, chat with it beside its base model,
+and publish its adapter to a private repository with a model card. Screenshots of each page at 1280 and
+390 px go to the test's folder."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+
+from app.processes import free_port
+from tests.browser.conftest import WORKER
+from tests.conftest import DEMO_DATASET
+from tests.hub_standin import Repo, running_hub
+from tests.servers import running
+
+pytestmark = pytest.mark.browser
+
+SHA = "b" * 40
+WRITE = "hf_browserwrite0123456789"
+
+
+@pytest.fixture(scope="module")
+def hub_and_server(tmp_path_factory, tiny_model_dir):
+    """The stand-in serving the tiny model as tiny/llama, slowly enough (60 kB/s) to watch its bar, and a
+    server whose hub it is."""
+    folder = tmp_path_factory.mktemp("models-by-name")
+    repos = {"tiny/llama": Repo(folder=tiny_model_dir, sha=SHA, bytes_per_second=60_000)}
+    with running_hub(repos, write_tokens={WRITE}) as standin:
+        env = WORKER | {
+            "TUNEBOARD_GENERATION_URL": f"http://127.0.0.1:{free_port()}",
+            "HF_ENDPOINT": standin.url,
+            "HF_HUB_CACHE": str(folder / "hf-cache"),
+        }
+        with running("serve", folder / "data", log=folder / "serve.log", env_extra=env) as (base, _):
+            files = {"file": ("demo_alpaca.json", DEMO_DATASET.read_bytes())}
+            httpx.post(f"{base}/api/datasets", files=files).raise_for_status()
+            yield {"base": base, "folder": folder, "hub": standin}
+
+
+def shoot(page, folder, name: str) -> None:
+    for width in (1280, 390):
+        page.set_viewport_size({"width": width, "height": 900})
+        page.screenshot(path=str(folder / f"{name}-{width}.png"), full_page=True)
+    page.set_viewport_size({"width": 1280, "height": 900})
+
+
+def test_fetch_a_model_by_name_train_it_4bit_chat_and_publish(hub_and_server, browser):
+    base, folder, standin = hub_and_server["base"], hub_and_server["folder"], hub_and_server["hub"]
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+
+    # Models: look it up, then download it; the bar moves and says what is left
+    page.goto(f"{base}/models")
+    page.fill("#repo_id", "tiny/llama")
+    page.click("#lookup-button")
+    page.wait_for_selector("#download-button")
+    assert "LlamaForCausalLM" in page.inner_text("#lookup-result") and "apache-2.0" in page.inner_text(
+        "#lookup-result"
+    )
+    page.click("#download-button")
+    page.wait_for_function(
+        "(() => { const bar = document.querySelector('#hub-downloads progress');"
+        " return bar && Number(bar.value) > 0 && Number(bar.value) < Number(bar.max); })()",
+        timeout=30_000,
+    )
+    assert " of " in page.inner_text("#hub-downloads .download")
+    shoot(page, folder, "download")
+    page.wait_for_selector(".download[data-status='succeeded']", timeout=60_000)
+    assert "ready to train" in page.inner_text(".download[data-status='succeeded']")
+
+    # New run: the fetched model, its base loaded 4-bit; the estimate says so
+    page.goto(f"{base}/runs/new")
+    page.select_option("#base_model", "tiny/llama")
+    page.fill("[name='training.num_train_epochs']", "6")
+    field = page.locator("[name='training.quantization']")
+    page.locator("details", has=field).last.evaluate("d => d.open = true")
+    field.select_option("4bit")
+    page.wait_for_function(
+        "(document.getElementById('est-memory') || {}).textContent?.includes('base model 4bit')"
+    )
+    shoot(page, folder, "new-qlora-run")
+    page.click("#launch")
+    page.wait_for_url(re.compile(r"/runs/\d+$"))
+    run_id = int(page.url.rsplit("/", 1)[1])
+    page.wait_for_function(
+        "document.getElementById('run-summary').dataset.status === 'succeeded'", timeout=180_000
+    )
+    run = httpx.get(f"{base}/api/runs/{run_id}").json()
+    assert run["base_model"] == "tiny/llama" and run["config"]["training"]["quantization"] == "4bit"
+
+    # Chat: the tuned pane answers on the 4-bit base, beside the base model
+    page.reload()
+    page.click("#chat-with-run")
+    page.wait_for_url(re.compile(r"/playground\?run=\d+$"))
+    page.fill("#prompt", "What is the capital of Quillmere?")
+    page.press("#prompt", "Enter")
+    page.wait_for_function(
+        "document.querySelectorAll('.answer-stats').length === 2 && "
+        "[...document.querySelectorAll('.answer-stats')].every(s => s.textContent.includes('tokens'))",
+        timeout=90_000,
+    )
+    answers = page.eval_on_selector_all(".answer .answer-text", "els => els.map(e => e.textContent)")
+    assert all(a.strip() for a in answers)
+    shoot(page, folder, "chat-qlora")
+
+    # Publish: a write token saved on the Models page, then the run page's card
+    page.goto(f"{base}/models")
+    page.fill("#token", WRITE)
+    page.click("#hub-token button[type='submit']")
+    page.wait_for_selector("#hub-token [role='status']")
+    page.goto(f"{base}/runs/{run_id}#run-publish")
+    page.fill("#publish-repo", "standin-user/tiny-qlora")
+    assert page.is_checked("#publish-private")
+    page.click("#publish-button")
+    page.wait_for_selector(".publication[data-status='succeeded']", timeout=60_000)
+    assert "the commit on" in page.inner_text(".publication")
+    page.locator("#run-publish").scroll_into_view_if_needed()
+    shoot(page, folder, "published")
+    pushed = standin.pushed["standin-user/tiny-qlora"]
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(pushed)
+    card = pushed["README.md"].decode()
+    assert (
+        "base_model: tiny/llama" in card
+        and "QLoRA" in card
+        and "BitsAndBytesConfig(load_in_4bit=True" in card
+    )
+    html = page.content() + httpx.get(f"{base}/api/runs/{run_id}/publications").text
+    assert WRITE not in html and WRITE not in (folder / "serve.log").read_text(errors="replace")
+    assert errors == []
