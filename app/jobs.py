@@ -113,40 +113,42 @@ def _any_worker(models: Sequence[str] | None, gpus: int | None) -> list[ColumnEl
     return []
 
 
-def _download_silent_end(download: Any, lost: int) -> dict[str, Any] | None:
-    if download.cancel_requested:
-        return {"status": "cancelled", "speed": None}
-    if lost < MAX_LOST:
-        return None
-    return {
-        "status": "failed",
-        "speed": None,
-        "error": f"The worker downloading this model stopped responding {lost} times. Download it again to "
-        "resume from the files that arrived.",
-    }
+def _transfer_silent_end(gave_up: str) -> Callable[[Any, int], dict[str, Any] | None]:
+    """A download's or a push's end when its worker went silent: cancelled if that was asked for, failed
+    with `gave_up` (formatted with the count) after MAX_LOST silences, else queued again."""
+
+    def silent_end(row: Any, lost: int) -> dict[str, Any] | None:
+        if row.cancel_requested:
+            return {"status": "cancelled", "speed": None}
+        if lost < MAX_LOST:
+            return None
+        return {"status": "failed", "speed": None, "error": gave_up.format(lost=lost)}
+
+    return silent_end
 
 
 # a model fetched by name goes to the Hugging Face cache of the machine the web server lists models from
 DOWNLOAD = Kind(
-    "download", ModelDownload, _any_worker, _download_silent_end, handed_back={"speed": None}, web_disk=True
+    "download",
+    ModelDownload,
+    _any_worker,
+    _transfer_silent_end(
+        "The worker downloading this model stopped responding {lost} times. Download it again to resume "
+        "from the files that arrived."
+    ),
+    handed_back={"speed": None},
+    web_disk=True,
 )
-
-
-def _publish_silent_end(publication: Any, lost: int) -> dict[str, Any] | None:
-    if publication.cancel_requested:
-        return {"status": "cancelled", "speed": None}
-    if lost < MAX_LOST:
-        return None
-    return {
-        "status": "failed",
-        "speed": None,
-        "error": f"The worker publishing this stopped responding {lost} times. Publish it again.",
-    }
 
 
 # the files pushed are on the web server's disk (the run's adapter, its exports)
 PUBLISH = Kind(
-    "publish", Publication, _any_worker, _publish_silent_end, handed_back={"speed": None}, web_disk=True
+    "publish",
+    Publication,
+    _any_worker,
+    _transfer_silent_end("The worker publishing this stopped responding {lost} times. Publish it again."),
+    handed_back={"speed": None},
+    web_disk=True,
 )
 # a worker looks in this order: someone waits for an export's file or a model's, and a run may wait on it
 KINDS = {kind.name: kind for kind in (EXPORT, DOWNLOAD, PUBLISH, TRAIN)}

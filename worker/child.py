@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from app.processes import stop_process
 
@@ -165,3 +166,52 @@ class BytesReporter:
         if not going:
             self.stopped = True
             raise Cancelled
+
+
+CANCELLED = 3  # a job child's exit code when its job was cancelled
+DONE = "tuneboard-job-done:"  # before what a job child's work returned, on its last line
+
+
+def job_child(
+    argv: list[str] | None,
+    *,
+    what: str,
+    table: type,
+    work: Callable[..., str | None],
+    sentence: Callable[[BaseException, Any], str],
+    said: str,
+) -> int:
+    """The main of a job's child, `python -m worker.<module> ID --worker W`: it ends with the worker that
+    started it, runs `work(settings, db, ID, W)`, and exits 0 (after printing `DONE` and what `work`
+    returned, when it returned something), CANCELLED, or 1 after printing `said` and the sentence for the
+    failure (`sentence(exc, the job's row as it was at the start, or None)`)."""
+    import argparse
+    import sys
+
+    from app.config import get_settings
+    from app.db import Database
+
+    parser = argparse.ArgumentParser(description=f"One queued {what} (started by the worker).")
+    parser.add_argument("job_id", type=int)
+    parser.add_argument("--worker", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    stop_with_parent(what)
+    settings = get_settings()
+    db = Database(settings.sqlalchemy_url)
+    with db.session() as session:
+        row = session.get(table, args.job_id)
+        if row is not None:
+            session.expunge(row)
+    try:
+        result = work(settings, db, args.job_id, args.worker)
+    except Cancelled:
+        return CANCELLED
+    except Exception as exc:  # noqa: BLE001 - every failure becomes its sentence
+        print(f"{said} {sentence(exc, row)}", file=sys.stderr)
+        return 1
+    finally:
+        db.dispose()
+    if result:
+        print(f"{DONE} {result}", file=sys.stderr)
+    return 0

@@ -7,7 +7,6 @@ download is cancelled.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import io
 import logging
@@ -18,17 +17,16 @@ from pathlib import Path
 from tqdm.std import tqdm
 
 from app import downloads, jobs
-from app.config import Settings, get_settings
+from app.config import Settings
 from app.db import Database
 from app.hub import hub_name, known_sentence, repo_folder, token_for
 from app.model_registry import is_model_folder
 from app.models import ModelDownload
-from worker.child import BytesReporter, Cancelled, job_tick, run_child, stop_with_parent
+from worker.child import CANCELLED, BytesReporter, Cancelled, job_child, job_tick, run_child
 from worker.supervise import write_with_retry
 
 log = logging.getLogger("tuneboard.download")
 SAID = "tuneboard-download-error:"  # the child's own sentence on a failure it can explain
-CANCELLED = 3  # the child's exit code when the download was cancelled
 CHUNK = 1024 * 1024  # bytes the client reads at a time
 
 
@@ -187,27 +185,13 @@ def sentence(exc: BaseException, url: str, repo_id: str, revision: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Download one queued model (started by the worker).")
-    parser.add_argument("download_id", type=int)
-    parser.add_argument("--worker", required=True)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    stop_with_parent("download")
-    settings = get_settings()
-    db = Database(settings.sqlalchemy_url)
-    with db.session() as session:
-        row = session.get(ModelDownload, args.download_id)
-        where = (row.endpoint, row.repo_id, row.revision) if row is not None else ("", "", "")
-    try:
-        fetch(settings, db, args.download_id, args.worker)
-    except Cancelled:
-        return CANCELLED
-    except Exception as exc:  # noqa: BLE001 - every failure becomes its sentence
-        print(f"{SAID} {sentence(exc, *where)}", file=sys.stderr)
-        return 1
-    finally:
-        db.dispose()
-    return 0
+    def failed(exc: BaseException, row: ModelDownload | None) -> str:
+        return sentence(exc, row.endpoint, row.repo_id, row.revision) if row else str(exc)
+
+    def work(settings: Settings, db: Database, download_id: int, worker_id: str) -> None:
+        fetch(settings, db, download_id, worker_id)
+
+    return job_child(argv, what="download", table=ModelDownload, work=work, sentence=failed, said=SAID)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ which every hub and mirror speaks).
 
 from __future__ import annotations
 
-import argparse
 import io
 import logging
 import sys
@@ -18,16 +17,15 @@ import threading
 from typing import BinaryIO, cast
 
 from app import jobs, publishing
-from app.config import Settings, get_settings
+from app.config import Settings
 from app.db import Database
 from app.hub import hub_name, known_sentence, token_for
 from app.models import Export, Publication, Run
-from worker.child import BytesReporter, Cancelled, job_tick, run_child, stop_with_parent
+from worker.child import CANCELLED, DONE, BytesReporter, Cancelled, job_child, job_tick, run_child
 from worker.supervise import write_with_retry
 
 log = logging.getLogger("tuneboard.publish")
 SAID = "tuneboard-publish-error:"  # the child's own sentence on a failure it can explain
-CANCELLED = 3  # the child's exit code when the push was cancelled
 
 
 # --- in the worker loop -----------------------------------------------------------------------------------
@@ -57,7 +55,7 @@ def run_publish(
     if ended.code == 0:
         status, error = publishing.SUCCEEDED, None
         url = next(
-            (line.split(" ", 1)[1] for line in ended.stderr.splitlines() if line.startswith("pushed ")), None
+            (line.split(DONE, 1)[1].strip() for line in ended.stderr.splitlines() if DONE in line), None
         )
     elif ended.code == CANCELLED or cancelled.is_set():
         status, error = publishing.CANCELLED, None
@@ -184,28 +182,10 @@ def sentence(exc: BaseException, url: str, repo_id: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Push one queued publication (started by the worker).")
-    parser.add_argument("publication_id", type=int)
-    parser.add_argument("--worker", required=True)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    stop_with_parent("push")
-    settings = get_settings()
-    db = Database(settings.sqlalchemy_url)
-    with db.session() as session:
-        row = session.get(Publication, args.publication_id)
-        where = (row.endpoint, row.repo_id) if row is not None else ("", "")
-    try:
-        address = push(settings, db, args.publication_id, args.worker)
-    except Cancelled:
-        return CANCELLED
-    except Exception as exc:  # noqa: BLE001 - every failure becomes its sentence
-        print(f"{SAID} {sentence(exc, *where)}", file=sys.stderr)
-        return 1
-    finally:
-        db.dispose()
-    print(f"pushed {address}", file=sys.stderr)
-    return 0
+    def failed(exc: BaseException, row: Publication | None) -> str:
+        return sentence(exc, row.endpoint, row.repo_id) if row else str(exc)
+
+    return job_child(argv, what="push", table=Publication, work=push, sentence=failed, said=SAID)
 
 
 if __name__ == "__main__":
