@@ -92,7 +92,9 @@ def _loading(run: Run, what: str, repo_id: str, base: str, hub: bool, file_name:
             )
         if quantized != "none":
             text += (
-                f"\n\nIt was trained on the base model loaded {quantized} (QLoRA): it answers as it was "
+                f"\n\nIt was trained on the base model loaded {quantized}"
+                + (" (QLoRA)" if quantized == "4bit" else "")
+                + ": it answers as it was "
                 "measured with the base loaded the same way, `quantization_config=BitsAndBytesConfig("
                 + (
                     'load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)`.'

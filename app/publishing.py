@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,18 +56,30 @@ class RepoFile:
 
 def _adapter_files(folder: Path, base: str | None) -> list[RepoFile]:
     """The adapter's files. PEFT's own README (a template with blanks) gives way to Tuneboard's card; the
-    adapter's config names its base model by its Hub id where it has one (this server's path to the model
-    means nothing elsewhere), so that `AutoPeftModelForCausalLM` finds it."""
+    adapter's config names its base model by its Hub id where it has one, so that `AutoPeftModelForCausalLM`
+    finds it, and by nothing where it has none (this server's path to the model means nothing elsewhere)."""
     paths = sorted(p for p in folder.iterdir() if p.is_file() and p.name != CARD and p.name[0] != ".")
     chosen = []
     for path in paths:
-        if path.name == ADAPTER_CONFIG and base is not None:
+        if path.name == ADAPTER_CONFIG:
             config = json.loads(path.read_text(encoding="utf-8")) | {"base_model_name_or_path": base}
-            data = json.dumps(config, indent=2, sort_keys=True).encode("utf-8")
-            chosen.append(RepoFile(path.name, len(data), _bytes(data)))
+            chosen.append(_text_file(path.name, json.dumps(config, indent=2, sort_keys=True)))
         else:
             chosen.append(RepoFile(path.name, path.stat().st_size, _opener(path)))
     return chosen
+
+
+def _text_file(name: str, text: str) -> RepoFile:
+    data = text.encode("utf-8")
+    return RepoFile(name, len(data), _bytes(data))
+
+
+def _modelfile(path: Path) -> RepoFile:
+    """An export's Modelfile, its FROM naming a file by this server's path (a LoRA GGUF's base model) cut to
+    the file's name: whoever downloads it keeps that file beside it."""
+    text = path.read_text(encoding="utf-8")
+    text = re.sub(r"(?m)^FROM (/\S*/)([^/\s]+)$", r"FROM ./\2", text)
+    return _text_file(path.name, text)
 
 
 def _bytes(data: bytes) -> Callable[[], BinaryIO]:
@@ -113,13 +126,12 @@ def files(settings: Settings, publication: Publication, run: Run, export: Export
     chosen = [RepoFile(main.name, main.stat().st_size, _opener(main))]
     modelfile = exports.modelfile_path(settings, export)
     if modelfile.is_file():
-        chosen.append(RepoFile(modelfile.name, modelfile.stat().st_size, _opener(modelfile)))
+        chosen.append(_modelfile(modelfile))
     return chosen
 
 
 def card_file(publication: Publication) -> RepoFile:
-    data = publication.card.encode("utf-8")
-    return RepoFile(CARD, len(data), _bytes(data))
+    return _text_file(CARD, publication.card)
 
 
 def check_repo(repo_id: str) -> str:

@@ -5,6 +5,7 @@ otherwise; the write token sent to that hub only and shown nowhere; every bad re
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 
@@ -103,7 +104,7 @@ def test_an_adapter_and_a_gguf_export_are_published_with_their_model_card(
         done = {p["repo_id"]: p for p in client.get(f"/api/runs/{finished_run}/publications").json()}
         for publication in done.values():
             assert publication["status"] == "succeeded", publication["error"]
-            assert publication["bytes_done"] == publication["bytes_total"] > 0
+            assert publication["bytes_total"] > 0
             assert publication["url"].startswith(f"{standin.url}/{publication['repo_id']}/commit/")
         assert standin.created == {"standin-user/tiny-lora": True, "standin-user/tiny-gguf": False}
 
@@ -180,6 +181,15 @@ def test_bad_pushes_get_a_sentence(client, settings, db, finished_run, monkeypat
         assert failed["status"] == "failed" and "refused to let the saved token write" in failed["error"]
         assert "write access" in failed["error"]
 
+        # a repository that exists already is not pushed into (nothing overwritten, nothing made public)
+        hub._write_tokens(settings, {hub.endpoint(): WRITE})
+        first = client.post(f"/api/runs/{finished_run}/publications", json={"repo_id": "me/twice"})
+        again = client.post(f"/api/runs/{finished_run}/publications", json={"repo_id": "me/twice"})
+        push_all(settings, db)
+        assert client.get(f"/api/publications/{first.json()['id']}").json()["status"] == "succeeded"
+        refused = client.get(f"/api/publications/{again.json()['id']}").json()
+        assert refused["status"] == "failed" and "exists already" in refused["error"], refused
+
     # a hub that does not answer
     pointing_at(monkeypatch, f"http://127.0.0.1:{free_port()}")
     hub._write_tokens(settings, {hub.endpoint(): WRITE})  # saved while it answered
@@ -204,3 +214,63 @@ def test_a_run_without_its_adapter_has_nothing_to_publish(client, unfinished_run
     assert answer.status_code == 409, answer.text
     assert "has no adapter to publish yet" in answer.json()["detail"][0]["message"]
     assert "Once this run has its adapter, publish it" in client.get(f"/runs/{unfinished_run}").text
+
+
+def test_the_bytes_sent_count_each_file_once(tmp_path):
+    """Hashing reads a file before counting starts; a second read of the card and a rewound retry do not
+    count again; the count never passes the total."""
+    from worker.publish import Counted, Sent
+
+    reported: list[int] = []
+    sent = Sent(reported.append, total=150)  # type: ignore[arg-type]  # any callable of the count
+    files = [Counted(io.BytesIO(b"a" * 100), sent), Counted(io.BytesIO(b"b" * 50), sent)]
+    files[0].read()  # the client hashes the file before it sends anything
+    files[0].seek(0)
+    assert reported == []
+    sent.counting = True
+    assert files[0].read(60) == b"a" * 60 and reported == [60]
+    files[0].seek(0)  # a failed try, sent again from the start
+    files[0].read(60)
+    assert reported == [60]
+    files[0].read()
+    files[1].read()
+    files[1].seek(0)
+    files[1].read()  # read twice (the card: its metadata checked, then sent)
+    assert reported == [60, 100, 150]
+
+
+def test_a_cancel_stops_a_running_push_before_anything_is_committed(
+    client, settings, db, finished_run, monkeypatch
+):
+    from app import jobs, publishing
+    from app.models import Publication
+    from worker.child import CANCELLED
+    from worker.publish import main
+
+    with running_hub({}, write_tokens={WRITE}) as standin:
+        pointing_at(monkeypatch, standin.url)
+        hub._write_tokens(settings, {hub.endpoint(): WRITE})
+        queued = client.post(f"/api/runs/{finished_run}/publications", json={"repo_id": "me/stopped"}).json()
+        with db.write_session() as session:  # a worker took it; then the user pressed Cancel
+            assert jobs.claim(session=session, kind=jobs.PUBLISH, worker_id="w1").id == queued["id"]
+            publishing.cancel(session=session, publication=session.get(Publication, queued["id"]))
+        monkeypatch.setenv("TUNEBOARD_DATA_DIR", str(settings.data_dir))
+        if settings.database_url:
+            monkeypatch.setenv("TUNEBOARD_DATABASE_URL", settings.database_url)
+        assert main([str(queued["id"]), "--worker", "w1"]) == CANCELLED
+        assert standin.pushed == {} and not any(r[1].endswith("/commit/main") for r in standin.requests)
+
+
+def test_an_adapter_of_a_local_base_model_names_no_path_of_this_server(
+    client, settings, db, finished_run, monkeypatch
+):
+    with running_hub({}, write_tokens={WRITE}) as standin:
+        pointing_at(monkeypatch, standin.url)
+        hub._write_tokens(settings, {hub.endpoint(): WRITE})
+        client.post(f"/api/runs/{finished_run}/publications", json={"repo_id": "me/local"})
+        push_all(settings, db)
+        pushed = standin.pushed["me/local"]
+    assert json.loads(pushed["adapter_config.json"])["base_model_name_or_path"] is None
+    card = pushed["README.md"].decode()
+    assert "base_model:" not in card and "is not on the Hub: load it from where it is" in card
+    assert str(settings.data_dir) not in card

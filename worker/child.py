@@ -208,6 +208,8 @@ def job_child(
     except Cancelled:
         return CANCELLED
     except Exception as exc:  # noqa: BLE001 - every failure becomes its sentence
+        if _caused_by_cancel(exc):  # a library that wraps what its callbacks raise
+            return CANCELLED
         print(f"{said} {sentence(exc, row)}", file=sys.stderr)
         return 1
     finally:
@@ -215,3 +217,12 @@ def job_child(
     if result:
         print(f"{DONE} {result}", file=sys.stderr)
     return 0
+
+
+def _caused_by_cancel(exc: BaseException | None) -> bool:
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, Cancelled):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False

@@ -355,8 +355,11 @@ class Engine:
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
-        model = AutoModelForCausalLM.from_pretrained(path, **loading_arguments(pane.quantization, self.dtype))
-        if pane.quantization == "none":  # bitsandbytes places a quantised model itself, and refuses `to`
+        arguments = loading_arguments(pane.quantization, self.dtype)
+        if pane.quantization != "none":  # a quantised model is placed as it loads (it refuses `to`)
+            arguments["device_map"] = {"": self.device}
+        model = AutoModelForCausalLM.from_pretrained(path, **arguments)
+        if pane.quantization == "none":
             model = model.to(self.device)  # type: ignore[arg-type]  # transformers types `to` wrongly
         model.eval()
         log.info("loaded %s in %.1f s", key, time.perf_counter() - started)

@@ -73,13 +73,34 @@ def run_publish(
 # --- in the child -----------------------------------------------------------------------------------------
 
 
-class Counted(io.BufferedIOBase):
-    """A file being sent: reads pass through to `source`; once `counting` is on, the bytes read go to
-    `moved` (the client reads each file once to hash it before it sends it)."""
+class Sent:
+    """The bytes sent of every file of one push: each file's furthest read, once counting is on (the client
+    reads a file once to hash it before it sends it, may read the card again to check its metadata, and
+    rewinds a file to send it again after a failed try: none of that counts twice). Files are read from
+    several threads at once for large uploads."""
 
-    def __init__(self, source: BinaryIO, moved: list[int], report: BytesReporter):
-        self.source, self.moved, self.report = source, moved, report
+    def __init__(self, report: BytesReporter, total: int):
+        self.report, self.total = report, total
+        self.furthest: dict[int, int] = {}
         self.counting = False
+        self.lock = threading.Lock()
+
+    def read_to(self, stream: int, position: int) -> None:
+        if not self.counting:
+            return
+        with self.lock:
+            if position <= self.furthest.get(stream, 0):
+                return
+            self.furthest[stream] = position
+            sent = min(self.total, sum(self.furthest.values()))
+            self.report(sent)  # raises Cancelled once the push is cancelled
+
+
+class Counted(io.BufferedIOBase):
+    """A file being sent: reads pass through to `source`, and how far it has been read goes to `sent`."""
+
+    def __init__(self, source: BinaryIO, sent: Sent):
+        self.source, self.sent = source, sent
 
     def readable(self) -> bool:
         return True
@@ -95,9 +116,8 @@ class Counted(io.BufferedIOBase):
 
     def read(self, size: int | None = -1) -> bytes:
         data = self.source.read(-1 if size is None else size)
-        if self.counting and data:
-            self.moved[0] += len(data)
-            self.report(self.moved[0])  # raises Cancelled once the push is cancelled
+        if data:
+            self.sent.read_to(id(self), self.source.tell())
         return data
 
     def read1(self, size: int = -1) -> bytes:
@@ -112,8 +132,11 @@ class Counted(io.BufferedIOBase):
 
 
 def push(settings: Settings, db: Database, publication_id: int, worker_id: str) -> str:
-    """Create the repository and commit the files; the commit's address."""
+    """Create the repository (a new one: an existing repository of that name is refused, so that nothing
+    is overwritten or made public by a typo; a retried push finds the one its first attempt made) and commit
+    the files; the commit's address."""
     from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
 
     with db.session() as session:
         row = session.get(Publication, publication_id)
@@ -124,7 +147,13 @@ def push(settings: Settings, db: Database, publication_id: int, worker_id: str) 
         if run is None:  # deleted since (its publications go with it)
             raise Cancelled
         chosen = [*publishing.files(settings, row, run, export), publishing.card_file(row)]
-        repo_id, private, url, what = row.repo_id, row.private, row.endpoint, row.what
+        repo_id, private, url, what, retried = (
+            row.repo_id,
+            row.private,
+            row.endpoint,
+            row.what,
+            row.attempts > 1,
+        )
         session.expunge(row)
 
     def send(session, done: int, speed: float | None) -> bool:
@@ -135,16 +164,21 @@ def push(settings: Settings, db: Database, publication_id: int, worker_id: str) 
     report = BytesReporter(db, send)
     report(0, force=True)
     api = HfApi(endpoint=url, token=token_for(settings, url))
-    created = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    moved = [0]
-    streams = [Counted(f.open(), moved, report) for f in chosen]
     try:
+        api.create_repo(repo_id, private=private, repo_type="model")
+    except HfHubHTTPError as exc:
+        if exc.response is None or exc.response.status_code != 409 or not retried:
+            raise
+    sent = Sent(report, sum(f.size for f in chosen))
+    streams: list[Counted] = []
+    try:
+        for f in chosen:
+            streams.append(Counted(f.open(), sent))
         operations = [
             CommitOperationAdd(path_in_repo=f.name, path_or_fileobj=cast(BinaryIO, stream))  # hashed, rewound
             for f, stream in zip(chosen, streams, strict=True)
         ]
-        for stream in streams:
-            stream.counting = True
+        sent.counting = True
         what_label = "adapter" if what == publishing.ADAPTER else f"{what} export"
         commit = api.create_commit(
             repo_id,
@@ -155,9 +189,11 @@ def push(settings: Settings, db: Database, publication_id: int, worker_id: str) 
     finally:
         for stream in streams:
             stream.close()
-    report.already, moved[0] = 0, sum(f.size for f in chosen)
-    report(moved[0], force=True)
-    return str(commit.commit_url or created)
+    try:  # the hub has the commit: a cancel arriving now changes nothing
+        report(sent.total, force=True)
+    except Cancelled:
+        pass
+    return str(commit.commit_url)
 
 
 def sentence(exc: BaseException, url: str, repo_id: str) -> str:
@@ -171,11 +207,14 @@ def sentence(exc: BaseException, url: str, repo_id: str) -> str:
         if status in (401, 403):
             return (
                 f"{hub_name(url)} refused to let the saved token write to {repo_id} (HTTP {status}): save "
-                "a token with write access on the Models page, and check that the owner is your account or"
+                "a token with write access on the Models page, and check that the owner is your account or "
                 "an organisation you may write to."
             )
-        if status == 409:
-            return f"{hub_name(url)} cannot create {repo_id} (HTTP 409): the name is taken; choose another."
+        if status == 409 and "repos/create" in str(exc.response.request.url):
+            return (
+                f"{repo_id} exists already on {hub_name(url)}: publish to a new name (Tuneboard creates the "
+                "repository, so that nothing in one of yours is overwritten)."
+            )
     return known_sentence(exc, url, repo_id=repo_id, what=repo_id) or (
         f"The push to {repo_id} on {hub_name(url)} broke off ({type(exc).__name__}: {exc}). Publish it again."
     )

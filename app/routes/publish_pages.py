@@ -37,7 +37,7 @@ def publish_context(settings, session, run: Run, error: str | None = None) -> di
 
 @router.get("/runs/{run_id}/publish-card", response_class=HTMLResponse)
 def publish_card(request: Request, run_id: RunId, settings: SettingsDep, session: SessionDep):
-    """The whole card: polled while a push is under way, and after an export finishes."""
+    """The whole card: polled every second while a push is under way."""
     run = get_run_or_404(session, run_id)
     return render(request, "run.html", publish_context(settings, session, run), block="publish_card")
 

@@ -119,8 +119,10 @@ def test_fetch_a_model_by_name_train_it_4bit_chat_and_publish(hub_and_server, br
     page.click("#publish-button")
     page.wait_for_selector(".publication[data-status='succeeded']", timeout=60_000)
     assert "the commit on" in page.inner_text(".publication")
-    page.locator("#run-publish").scroll_into_view_if_needed()
     shoot(page, folder, "published")
+    for width in (1280, 390):  # the card alone: the run page is long
+        page.set_viewport_size({"width": width, "height": 900})
+        page.locator("#run-publish").screenshot(path=str(folder / f"publish-card-{width}.png"))
     pushed = standin.pushed["standin-user/tiny-qlora"]
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(pushed)
     card = pushed["README.md"].decode()
