@@ -3,6 +3,8 @@ by default) with a model card, follow the bytes sent, cancel."""
 
 from __future__ import annotations
 
+import re
+
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
@@ -31,6 +33,7 @@ def publish_context(settings, session, run: Run, error: str | None = None) -> di
         "publish_token": has_token(settings, url),
         "publications": publishing.listed(session=session, run_id=run.id),
         "publish_error": error,
+        "publish_name": re.sub(r"[^A-Za-z0-9._-]+", "-", run.name).strip("-.")[:60] or f"run-{run.id}",
         "formats": exports.FORMATS,
     }
 
