@@ -125,6 +125,7 @@ def download(client, settings, db, repo_id: str, **extra) -> dict:
     return client.get(f"/api/models/downloads/{queued.json()['id']}").json()
 
 
+@pytest.mark.trains
 def test_a_model_downloaded_by_name_becomes_a_base_model(
     client, settings, db, repo_folder, hub_cache, monkeypatch
 ):
@@ -163,6 +164,7 @@ def test_only_a_worker_with_the_web_servers_disk_takes_a_download(
     assert kind is jobs.DOWNLOAD and row.repo_id == "tiny/llama"
 
 
+@pytest.mark.trains
 def test_a_gated_model_needs_a_token_that_is_sent_to_its_hub_only(
     client, settings, db, repo_folder, hub_cache, monkeypatch
 ):
@@ -205,6 +207,7 @@ def large_repo(tmp_path, tiny_model_dir) -> Path:
     return folder
 
 
+@pytest.mark.trains
 def test_an_interrupted_transfer_resumes_where_it_broke_off(
     client, settings, db, large_repo, hub_cache, monkeypatch
 ):
@@ -222,6 +225,7 @@ def test_an_interrupted_transfer_resumes_where_it_broke_off(
     assert (snapshot / "model.safetensors").read_bytes() == (large_repo / "model.safetensors").read_bytes()
 
 
+@pytest.mark.trains
 def test_a_cancelled_download_stops_mid_file_and_downloads_again(
     client, settings, db, large_repo, hub_cache, monkeypatch
 ):

@@ -261,6 +261,7 @@ def test_a_cancel_stops_a_running_push_before_anything_is_committed(
         assert standin.pushed == {} and not any(r[1].endswith("/commit/main") for r in standin.requests)
 
 
+@pytest.mark.trains
 def test_an_adapter_of_a_local_base_model_names_no_path_of_this_server(
     client, settings, db, finished_run, monkeypatch
 ):
