@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, delete, func, select, update
+from sqlalchemy import ColumnElement, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.models import (
@@ -39,6 +39,7 @@ from app.models import (
     RunStatus,
     utcnow,
 )
+from app.workers import FETCHES
 
 QUEUED, RUNNING = "queued", "running"
 MAX_LOST = 3  # attempts whose worker went silent before the job fails
@@ -64,7 +65,8 @@ class Kind:
 def _run_serves(models: Sequence[str] | None, gpus: int | None) -> list[ColumnElement[bool]]:
     conditions: list[ColumnElement[bool]] = []
     if models is not None:
-        conditions.append(Run.base_model.in_(models))
+        have = Run.base_model.in_(models)
+        conditions.append(or_(have, Run.base_model.contains("/")) if FETCHES in models else have)
     if gpus is not None:
         conditions.append(Run.gpus <= gpus)
     return conditions

@@ -128,6 +128,14 @@ def measuring(*, session: Session, stale_after: float) -> bool:
 
 
 MEASURING = "measuring"  # a worker's status while its speed trial runs
+# In a worker's models: it fetches a model named owner/name from its hub itself when it lacks it (a worker
+# without the web server's disk, on a machine that reaches the hub).
+FETCHES = "owner/name from the hub"
+
+
+def can_load(models: list[str] | None, base_model: str) -> bool:
+    """Whether a worker announcing `models` (None: it did not say) can train a run of `base_model`."""
+    return models is None or base_model in models or (FETCHES in models and "/" in base_model)
 
 
 def waiting_reason(*, session: Session, run: Run, stale_after: float) -> str | None:
@@ -141,7 +149,7 @@ def waiting_reason(*, session: Session, run: Run, stale_after: float) -> str | N
     taking = [w for w in alive if not w.draining and not w.stop_requested]
     if not taking:
         return "Every worker that is running is draining: this run waits until one takes runs again."
-    loading = [w for w in taking if w.models is None or run.base_model in w.models]
+    loading = [w for w in taking if can_load(w.models, run.base_model)]
     if not loading:
         return f"No worker that is running can load {run.base_model}: this run waits for one that can."
     if run.gpus and not any(w.gpus >= run.gpus for w in loading):

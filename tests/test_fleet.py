@@ -1,7 +1,8 @@
 """A fleet: one web server and two workers that share the database but no disk (separate data folders and
 working folders, as on two machines). Both train; every adapter comes back to the web server and answers
 in the playground; a worker killed mid-run has its run resumed by the other from the last checkpoint the
-server received, with no metric step logged twice. On PostgreSQL and on SQLite (one machine)."""
+server received, with no metric step logged twice. On PostgreSQL and on SQLite (one machine). A worker
+elsewhere that lacks a model fetched by name fetches it from the hub itself."""
 
 from __future__ import annotations
 
@@ -174,3 +175,69 @@ def chat(api: httpx.Client, target: str) -> dict:
                 assert event == "end", payload
                 return payload
     raise AssertionError("the answer's stream ended without an end event")
+
+
+@pytest.mark.fleet
+def test_a_worker_elsewhere_fetches_the_model_a_run_needs_by_itself(tmp_path, tiny_model_dir):
+    """The web server's model came from the hub by name; a worker on another machine, which lacks it, fetches
+    the same commit from the hub it reaches into its own cache (the Workers page says it is downloading, the
+    run's page how far it got), trains the run, and sends the adapter back."""
+    from huggingface_hub import snapshot_download
+
+    from tests.hub_standin import Repo, running_hub
+
+    sha = "c" * 40
+    web_data, remote_cache, web_cache = (
+        tmp_path / "web" / "data",
+        tmp_path / "b" / "hf",
+        tmp_path / "web" / "hf",
+    )
+    repos = {"tiny/llama": Repo(folder=tiny_model_dir, sha=sha, bytes_per_second=150_000)}
+    with ExitStack() as stack:
+        standin = stack.enter_context(running_hub(repos))
+        # the web server's machine fetched it by name earlier
+        snapshot_download("tiny/llama", revision=sha, endpoint=standin.url, cache_dir=web_cache, token=False)
+        shared = {"TUNEBOARD_TOKEN": TOKEN, "TUNEBOARD_DATABASE_URL": sqlite_or(None, web_data)}
+        web_env = shared | {"HF_HUB_CACHE": str(web_cache), "HF_ENDPOINT": standin.url}
+        base, _ = stack.enter_context(running("web", web_data, log=tmp_path / "web.log", env_extra=web_env))
+        api = stack.enter_context(httpx.Client(base_url=base, headers=AUTH, timeout=60))
+        files = {"file": ("demo.json", DEMO_DATASET.read_bytes())}
+        dataset = api.post("/api/datasets", files=files).json()["id"]
+        body = {
+            "dataset_id": dataset,
+            "base_model": "tiny/llama",
+            "training": {"dtype": "float32", "max_steps": 8},
+        }
+        body["evaluation"] = {"scored_held_out_rows": 0, "scored_train_rows": 0}
+        run = api.post("/api/runs", json=body)
+        assert run.status_code == 201, run.text
+
+        (tmp_path / "b" / "work").mkdir(parents=True)
+        env = WORKER | shared | {"TUNEBOARD_SERVER_URL": base, "TUNEBOARD_GENERATION": "false"}
+        env |= {"HF_HUB_CACHE": str(remote_cache), "HF_ENDPOINT": standin.url}
+        log = tmp_path / "worker-b.log"
+        stack.enter_context(
+            running_worker(tmp_path / "b" / "data", env, log=log, cwd=tmp_path / "b" / "work")
+        )
+        seen: set[str] = set()
+
+        def finished() -> bool:
+            for worker in api.get("/api/workers").json():
+                seen.add(worker["status"])
+            current = api.get(f"/api/runs/{run.json()['id']}").json()
+            if (current.get("phase") or "").startswith("Fetching tiny/llama"):
+                seen.add(current["phase"])
+            return current["status"] in state.FINISHED
+
+        wait_until(finished, 120, "the run to finish on the worker that fetched its model", every=0.2)
+        done = api.get(f"/api/runs/{run.json()['id']}").json()
+        assert done["status"] == "succeeded", (done["error"], log.read_text()[-3000:])
+        assert "downloading" in seen and any(s.startswith("Fetching tiny/llama from") for s in seen), seen
+        snapshot = remote_cache / "models--tiny--llama" / "snapshots" / sha
+        assert (snapshot / "model.safetensors").read_bytes() == (
+            tiny_model_dir / "model.safetensors"
+        ).read_bytes()
+        assert (
+            done["history"][-1]["worker_id"].split(":")[0]
+            and api.get(f"/api/runs/{done['id']}/adapter.tar").status_code == 200
+        )

@@ -183,3 +183,21 @@ def test_the_runs_attempts_move_into_the_queue_and_back(settings, db):
         assert [tuple(r) for r in rows] == [(run_id, 1, "w1", "lost"), (run_id, 2, "w2", None)]
     command.upgrade(config, "head")
     engine.dispose()
+
+
+def test_a_worker_that_fetches_by_name_claims_runs_of_models_named_owner_name(db):
+    """A worker without the web server's disk that reaches a hub announces FETCHES: it takes runs of models
+    named owner/name it lacks (it fetches them), never runs of local models it lacks."""
+    from app.workers import FETCHES, can_load
+
+    local, by_name = (
+        add_job(db, jobs.TRAIN, base_model="local-3"),
+        add_job(db, jobs.TRAIN, base_model="org/m"),
+    )
+    with db.write_session() as session:
+        assert jobs.claim(session=session, kind=jobs.TRAIN, worker_id="w1", models=["other"]) is None
+        claimed = jobs.claim(session=session, kind=jobs.TRAIN, worker_id="w1", models=["other", FETCHES])
+        assert claimed is not None and claimed.id == by_name
+        assert jobs.claim(session=session, kind=jobs.TRAIN, worker_id="w1", models=["other", FETCHES]) is None
+    assert row(db, jobs.TRAIN, local).status == "queued"
+    assert can_load(["x", FETCHES], "org/m") and not can_load(["x", FETCHES], "local-3")

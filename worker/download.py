@@ -14,9 +14,10 @@ import sys
 import threading
 from pathlib import Path
 
+from sqlalchemy import select
 from tqdm.std import tqdm
 
-from app import downloads, jobs
+from app import downloads, jobs, workers
 from app.config import Settings
 from app.db import Database
 from app.hub import hub_name, known_sentence, repo_folder, token_for
@@ -170,6 +171,83 @@ def fetch(settings: Settings, db: Database, download_id: int, worker_id: str) ->
     report.already = 0
     report(sum((folder / name).stat().st_size for name in files), force=True)
     return folder
+
+
+# --- a worker without the web server's disk, fetching a run's base model for itself -------------------------
+
+
+def snapshot_commit(model_path: str) -> str | None:
+    """The commit of the web server's copy of a model fetched by name (its folder in the Hugging Face cache
+    is …/snapshots/<commit>), so that every worker trains the same weights; None for other folders."""
+    folder = Path(model_path)
+    return folder.name if folder.parent.name == "snapshots" else None
+
+
+def fetch_for_run(
+    settings: Settings,
+    db: Database,
+    run_id: int,
+    repo_id: str,
+    model_path: str,
+    *,
+    me: str,
+    stop: threading.Event,
+) -> tuple[str | None, Path | None]:
+    """Fetch a run's base model, named owner/name, from the hub this worker reaches (HF_ENDPOINT) into its
+    own Hugging Face cache, at the commit the web server holds; the run's page says how far it got and the
+    Workers page that this worker is downloading. Returns why it could not, or the model's folder. A cancel
+    of the run, or the worker stopping, ends the transfer (the files that arrived stay for the next try)."""
+    from huggingface_hub import snapshot_download
+
+    from app import hub
+    from app.models import Run
+    from app.runs import state
+
+    commit = snapshot_commit(model_path)
+    try:
+        found = hub.lookup(settings, repo_id, commit)
+    except hub.HubProblem as exc:
+        return f"This worker could not fetch {repo_id}: {exc}", None
+    if found.refusal:
+        return f"This worker could not fetch {repo_id}: {found.refusal}", None
+    where = hub.hub_name(found.endpoint)
+
+    def send(session, done: int, speed: float | None) -> bool:
+        from app.units import filesize
+
+        workers.beat(session=session, worker_id=me, status="downloading", run_id=run_id)
+        phase = f"Fetching {repo_id} from {where} to this worker: {filesize(done)} of {filesize(found.size)}"
+        state.record_phase(session=session, run_id=run_id, phase=phase)
+        cancelled = session.scalar(select(Run.cancel_requested).where(Run.id == run_id))
+        return not (cancelled or stop.is_set())
+
+    report = BytesReporter(db, send)
+    log.info("run %d: fetching %s at %s from %s", run_id, repo_id, found.commit, found.endpoint)
+    try:
+        report(0, force=True)
+        folder = Path(
+            snapshot_download(
+                repo_id,
+                revision=found.commit,
+                allow_patterns=list(found.files),
+                endpoint=found.endpoint,
+                # a worker's own token for its hub, else the one its operator set (HF_TOKEN)
+                token=token_for(settings, found.endpoint) or None,
+                tqdm_class=progress_class(report),
+            )
+        )
+    except Cancelled:
+        drop_partial_files(repo_id)
+        return f"The transfer of {repo_id} to this worker was stopped.", None
+    except Exception as exc:  # noqa: BLE001 - every failure becomes its sentence
+        drop_partial_files(repo_id)
+        return (
+            f"This worker could not fetch {repo_id}: {sentence(exc, found.endpoint, repo_id, found.commit)}",
+            None,
+        )
+    if not is_model_folder(folder):
+        return f"{where} sent {repo_id} to this worker without a complete model; launch the run again.", None
+    return None, folder
 
 
 def sentence(exc: BaseException, url: str, repo_id: str, revision: str) -> str:

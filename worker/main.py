@@ -126,11 +126,17 @@ def _say_stopped(db: Database, me: str) -> None:
         pass  # the row goes stale and the pages call the worker gone
 
 
-def capabilities(settings: Settings, db: Database) -> workers.Capabilities:
+def capabilities(settings: Settings, db: Database, *, remote: bool = False) -> workers.Capabilities:
     """What this worker announces: its machine (with its measured speeds, worker.probe), and the base
-    models it can load (ready here, or a GGUF file it can convert first)."""
+    models it can load (ready here, or a GGUF file it can convert first); a worker without the web server's
+    disk (`remote`) also fetches a model named owner/name from its hub when it lacks it, unless it is offline
+    (HF_HUB_OFFLINE)."""
+    from huggingface_hub import constants
+
     with db.session() as session:
         models = [m.id for m in list_models(settings, session=session) if m.status in ("ready", "preparing")]
+    if remote and not constants.HF_HUB_OFFLINE:
+        models.append(workers.FETCHES)
     hardware = machine_summary()
     hardware["speed"] = known_speeds(settings, hardware)  # by base model: New run's duration before any run
     return workers.Capabilities(hardware=hardware, models=models)
@@ -140,7 +146,7 @@ def work_once(
     settings: Settings, db: Database, *, me: str, stop: threading.Event, server: Server | None = None
 ) -> bool:
     """One pass of the loop. Returns whether it did something (then it looks again at once)."""
-    has = capabilities(settings, db)
+    has = capabilities(settings, db, remote=server is not None)
     with db.write_session() as session:
         orders = workers.beat(session=session, worker_id=me, status="idle", capabilities=has)
     if orders.stop:

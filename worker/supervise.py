@@ -197,7 +197,7 @@ def supervise(
     ServerError after handing the run back when the web server cannot be reached (the worker loop waits)."""
     with run_beating(settings, db, run.id, me):  # converting the model and fetching files may take minutes
         say_phase(db, run.id, "Preparing: the base model and the run's files")
-        problem, model_folder = ensure_model(settings, db, run, stop=stop)
+        problem, model_folder = ensure_model(settings, db, run, me=me, stop=stop, remote=server is not None)
         if problem:
             return fail(db, run, me, problem)
         try:
@@ -368,12 +368,20 @@ def start_training(
 
 
 def ensure_model(
-    settings: Settings, db: Database, run: Run, *, stop: threading.Event
+    settings: Settings, db: Database, run: Run, *, me: str = "", stop: threading.Event, remote: bool = False
 ) -> tuple[str | None, Path | None]:
-    """Convert the run's base model first if it still is a GGUF file. Returns why it cannot be used, or
-    the folder this machine loads it from."""
+    """Convert the run's base model first if it still is a GGUF file; a worker without the web server's
+    disk (`remote`) fetches a model named owner/name it lacks from its hub. Returns why it cannot be used,
+    or the folder this machine loads it from."""
     with db.session() as session:
         model = find_model(settings, run.base_model, session=session)
+    if model is None and remote and "/" in run.base_model:
+        from worker.download import fetch_for_run
+
+        say_phase(db, run.id, f"Fetching {run.base_model} to this worker")
+        return fetch_for_run(
+            settings, db, run.id, run.base_model, str(run.config.get("model_path", "")), me=me, stop=stop
+        )
     if model is None:
         return removed_model(run.base_model), None
     if model.status == "preparing":
