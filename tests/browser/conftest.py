@@ -84,3 +84,11 @@ def finished_runs(app, *epochs: int, scored: bool = False) -> list[int]:
     for run in runs:
         wait_until(lambda run=run: api_run(app, run)["status"] == "succeeded", 180, f"run {run} to finish")
     return runs
+
+
+def shoot(page, folder, name: str) -> None:
+    """Full-page screenshots at desktop (1280 px) and phone (390 px) width, into `folder`."""
+    for width in (1280, 390):
+        page.set_viewport_size({"width": width, "height": 900})
+        page.screenshot(path=str(folder / f"{name}-{width}.png"), full_page=True)
+    page.set_viewport_size({"width": 1280, "height": 900})

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from app.processes import free_port
-from tests.browser.conftest import WORKER
+from tests.browser.conftest import WORKER, shoot
 from tests.conftest import DEMO_DATASET
 from tests.hub_standin import Repo, running_hub
 from tests.servers import running
@@ -39,13 +39,6 @@ def hub_and_server(tmp_path_factory, tiny_model_dir):
             files = {"file": ("demo_alpaca.json", DEMO_DATASET.read_bytes())}
             httpx.post(f"{base}/api/datasets", files=files).raise_for_status()
             yield {"base": base, "folder": folder, "hub": standin}
-
-
-def shoot(page, folder, name: str) -> None:
-    for width in (1280, 390):
-        page.set_viewport_size({"width": width, "height": 900})
-        page.screenshot(path=str(folder / f"{name}-{width}.png"), full_page=True)
-    page.set_viewport_size({"width": 1280, "height": 900})
 
 
 def test_fetch_a_model_by_name_train_it_4bit_chat_and_publish(hub_and_server, browser):

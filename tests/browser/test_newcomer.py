@@ -13,7 +13,7 @@ import pytest
 
 from app.model_registry import BUNDLED_ID
 from app.processes import free_port
-from tests.browser.conftest import WORKER
+from tests.browser.conftest import WORKER, shoot
 from tests.conftest import DEMO_DATASET
 from tests.servers import running
 from tests.waiting import wait_until
@@ -38,13 +38,6 @@ def fresh(tmp_path_factory, tiny_model_dir):
     }
     with running("serve", folder / "data", log=folder / "serve.log", env_extra=env) as (base, _):
         yield {"base": base, "folder": folder, "rows": rows}
-
-
-def shoot(page, folder, name: str) -> None:
-    for width in (1280, 390):
-        page.set_viewport_size({"width": width, "height": 900})
-        page.screenshot(path=str(folder / f"{name}-{width}.png"), full_page=True)
-    page.set_viewport_size({"width": 1280, "height": 900})
 
 
 def test_a_newcomers_first_run(fresh, browser):
