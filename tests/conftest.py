@@ -27,7 +27,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # waiting idle on the conversion.
 LONGEST_FIRST = (
     "tests/test_end_to_end_dpo.py", "tests/browser/test_runs.py", "tests/browser/test_chat.py",
-    "tests/test_end_to_end.py", "tests/test_worker.py", "tests/test_fleet.py", "tests/test_distributed.py",
+    "tests/browser/test_models_by_name.py", "tests/browser/test_newcomer.py", "tests/test_end_to_end.py",
+    "tests/test_worker.py", "tests/test_fleet.py", "tests/test_distributed.py",
     "tests/test_faults.py", "tests/test_preference_runs.py", "tests/test_exports.py",
     "tests/test_bundled_model.py",
 )  # fmt: skip
