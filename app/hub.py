@@ -35,6 +35,7 @@ CONFIG_FILES = (
     "*.json", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.txt", "*.jinja", "spiece.model",
 )  # fmt: skip
 SAFETENSORS, PYTORCH = ("*.safetensors",), ("pytorch_model*.bin",)
+SAFETENSORS_INDEX = "model.safetensors.index.json"
 TIMEOUT = 20.0  # seconds for the Hub to answer a lookup
 
 
@@ -160,19 +161,22 @@ def check_id(repo_id: str, revision: str | None) -> tuple[str, str]:
     return repo_id, revision
 
 
-def needed_files(files: dict[str, int]) -> dict[str, int]:
+def needed_files(files: dict[str, int], shards: set[str] | None = None) -> dict[str, int]:
     """The files to download: configuration and tokenizer files and the weights in one format, from the
-    repository's top folder."""
+    repository's top folder; of a sharded model's weights, only the `shards` its index names (a repository
+    may also keep a consolidated copy of the same weights)."""
     top = {name: size for name, size in files.items() if "/" not in name}
 
     def matching(patterns: tuple[str, ...]) -> dict[str, int]:
         return {n: s for n, s in top.items() if any(fnmatch.fnmatch(n, p) for p in patterns)}
 
     safetensors = matching(SAFETENSORS)
+    if safetensors and shards and shards <= set(safetensors):
+        safetensors = {n: s for n, s in safetensors.items() if n in shards}
     weights = safetensors or matching(PYTORCH)
     config = matching(CONFIG_FILES)
     if not safetensors:  # a PyTorch index without safetensors: keep it, drop the other
-        config = {n: s for n, s in config.items() if n != "model.safetensors.index.json"}
+        config = {n: s for n, s in config.items() if n != SAFETENSORS_INDEX}
     else:
         config = {n: s for n, s in config.items() if n != "pytorch_model.bin.index.json"}
     return config | weights
@@ -226,14 +230,16 @@ def lookup(settings: Settings, repo_id: str, revision: str | None = None) -> Hub
     except Exception as exc:  # noqa: BLE001 - every failure becomes its sentence
         raise HubProblem(_sentence(exc, url, repo_id=repo_id, revision=revision)) from None
     every = {s.rfilename: int(s.size or 0) for s in (info.siblings or [])}
-    files = needed_files(every)
+    commit = str(info.sha or revision)
+    shards = _indexed_shards(url, repo_id, commit, token) if SAFETENSORS_INDEX in every else None
+    files = needed_files(every, shards)
     card = info.card_data
     license_ = getattr(card, "license", None) if card is not None else None
     architecture, refusal = _refusal(repo_id, files, info.config)
     model = HubModel(
         repo_id=repo_id,
         revision=revision,
-        commit=str(info.sha or revision),
+        commit=commit,
         endpoint=url,
         files=files,
         license=str(license_) if license_ else None,
@@ -253,6 +259,25 @@ def lookup(settings: Settings, repo_id: str, revision: str | None = None) -> Hub
             "at a larger disk."
         )
     return model
+
+
+def _indexed_shards(url: str, repo_id: str, commit: str, token: str | bool) -> set[str] | None:
+    """The weight files a sharded model's index names, read from the hub (a small JSON file); None when it
+    cannot be read (then every top-level safetensors file is fetched)."""
+    from urllib.parse import quote
+
+    from huggingface_hub.utils import build_hf_headers, get_session
+
+    address = f"{url}/{repo_id}/resolve/{quote(commit, safe='')}/{SAFETENSORS_INDEX}"
+    try:
+        answer = get_session().get(
+            address, headers=build_hf_headers(token=token), follow_redirects=True, timeout=TIMEOUT
+        )
+        answer.raise_for_status()
+        weight_map = answer.json()["weight_map"]
+        return {str(name) for name in weight_map.values()} or None
+    except Exception:  # noqa: BLE001 - a gated model, a missing or odd index: fetch every shard instead
+        return None
 
 
 def _gated_access(model: HubModel, token: str | bool) -> str | None:

@@ -293,3 +293,38 @@ def test_one_download_of_a_model_is_under_way_at_a_time(db):
         with pytest.raises(IntegrityError):
             session.commit()
         session.rollback()
+
+
+def test_a_sharded_model_is_fetched_by_its_index_not_with_a_consolidated_copy(
+    client, tiny_model_dir, hub_cache, monkeypatch, tmp_path
+):
+    """A repository that keeps its weights in shards named by model.safetensors.index.json and also a
+    consolidated copy of the same weights: only the index's shards are fetched."""
+    from safetensors import safe_open
+
+    folder = tmp_path / "sharded"
+    shutil.copytree(tiny_model_dir, folder)
+    shard = "model-00001-of-00001.safetensors"
+    (folder / "model.safetensors").rename(folder / shard)
+    shutil.copy(folder / shard, folder / "consolidated.safetensors")
+    with safe_open(str(folder / shard), "pt") as weights:
+        names = list(weights.keys())
+    index = {
+        "metadata": {"total_size": (folder / shard).stat().st_size},
+        "weight_map": dict.fromkeys(names, shard),
+    }
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with running_hub({"tiny/sharded": Repo(folder=folder, sha=SHA)}) as standin:
+        pointing_at(monkeypatch, standin.url)
+        found = client.post("/api/models/lookup", json={"repo_id": "tiny/sharded"})
+        assert found.status_code == 200, found.text
+        files = found.json()["files"]
+    assert (
+        shard in files and "model.safetensors.index.json" in files and "consolidated.safetensors" not in files
+    )
+    assert found.json()["size_bytes"] == sum((folder / name).stat().st_size for name in files)
+    # an index that names a file the repository lacks: every safetensors file, as before
+    assert set(hub.needed_files({shard: 1, "consolidated.safetensors": 1}, {"model-00009.safetensors"})) == {
+        shard,
+        "consolidated.safetensors",
+    }
