@@ -219,8 +219,15 @@ def claim_next(
     return None
 
 
-def waiting(*, session: Session, models: Sequence[str] | None = None, gpus: int | None = None) -> bool:
-    """Whether a queued job of any kind waits that a worker with `models` and `gpus` could claim."""
+def waiting(
+    *,
+    session: Session,
+    models: Sequence[str] | None = None,
+    gpus: int | None = None,
+    shared_disk: bool = True,
+) -> bool:
+    """Whether a queued job of any kind waits that a worker with `models` and `gpus` could claim (by
+    `claim_next`'s rules: without the web server's disk, no kind that needs it)."""
     return any(
         session.scalar(
             select(kind.table.id)  # type: ignore[attr-defined]
@@ -229,6 +236,7 @@ def waiting(*, session: Session, models: Sequence[str] | None = None, gpus: int 
         )
         is not None
         for kind in KINDS.values()
+        if shared_disk or not kind.web_disk
     )
 
 

@@ -201,3 +201,15 @@ def test_a_worker_that_fetches_by_name_claims_runs_of_models_named_owner_name(db
         assert jobs.claim(session=session, kind=jobs.TRAIN, worker_id="w1", models=["other", FETCHES]) is None
     assert row(db, jobs.TRAIN, local).status == "queued"
     assert can_load(["x", FETCHES], "org/m") and not can_load(["x", FETCHES], "local-3")
+
+
+def test_a_job_that_needs_the_web_servers_disk_waits_only_for_workers_that_share_it(db):
+    """What ends an idle worker's speed trial: a download waits for a worker on the web server's disk, not
+    for one elsewhere (which could not take it)."""
+    add_job(db, jobs.DOWNLOAD)
+    with db.session() as session:
+        assert jobs.waiting(session=session, models=["m"], gpus=0)
+        assert not jobs.waiting(session=session, models=["m"], gpus=0, shared_disk=False)
+    add_job(db, jobs.TRAIN)  # a run of a model it has: any worker
+    with db.session() as session:
+        assert jobs.waiting(session=session, models=["m"], gpus=0, shared_disk=False)

@@ -177,7 +177,13 @@ def work_once(
         )
     if claimed is None:  # idle: a good time to learn this machine's speed, once
         return settings.prepare_models and measure_when_idle(
-            settings, db, me=me, hardware=has.hardware, models=has.models, stop=stop
+            settings,
+            db,
+            me=me,
+            hardware=has.hardware,
+            models=has.models,
+            stop=stop,
+            shared_disk=server is None,
         )
     kind, row = claimed
     HANDLERS[kind.name](settings, db, row, me=me, stop=stop, server=server)

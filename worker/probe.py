@@ -98,10 +98,13 @@ def due(entry: dict | None) -> bool:
     return entry is None or ("speed" not in entry and time.time() - entry.get("failed_at", 0) > RETRY_SECONDS)
 
 
-def measure_when_idle(settings, db, *, me: str, hardware: dict, models: list[str], stop) -> bool:
+def measure_when_idle(
+    settings, db, *, me: str, hardware: dict, models: list[str], stop, shared_disk: bool = True
+) -> bool:
     """When this machine's speed on the default base model is unknown, measure it (a child process, the
-    worker's heartbeat and orders kept); a job that arrives meanwhile ends the trial, to be tried again
-    later. Returns whether one ran."""
+    worker's heartbeat and orders kept); a job this worker could take (`shared_disk`: whether it shares the
+    web server's disk) that arrives meanwhile ends the trial, to be tried again later. Returns whether one
+    ran."""
     from app import jobs, workers
     from app.db import PASSING_FAULTS
     from app.model_registry import default_model, list_models
@@ -139,7 +142,9 @@ def measure_when_idle(settings, db, *, me: str, hardware: dict, models: list[str
             try:
                 with db.session() as session:
                     gpus = len(hardware.get("gpus") or [])
-                    return not jobs.waiting(session=session, models=models, gpus=gpus)
+                    return not jobs.waiting(
+                        session=session, models=models, gpus=gpus, shared_disk=shared_disk
+                    )
             except PASSING_FAULTS:
                 return True
 
