@@ -7,7 +7,9 @@ too and from where the Models page lists it (app.model_registry).
 A token is kept per hub address in the data folder (readable by the server's user only), never shown or
 logged, and given only to calls to the address it was saved for: every call names its token, or `False`
 for none, so that the client's own token lookup (HF_TOKEN, the login file) never sends one anywhere else.
-(The client keeps it on a redirect to the Hub's own hosts: docs/architecture.md.)
+The client itself keeps a token on a redirect to the Hub's own hosts (huggingface.co, hf.co), so a mirror
+that redirected there would pass on the mirror's token: `guard_tokens` makes every request of the client
+to any other origin than the hub's leave without it.
 """
 
 from __future__ import annotations
@@ -92,6 +94,46 @@ def repo_folder(repo_id: str) -> Path:
 
 
 # --- tokens -----------------------------------------------------------------------------------------------
+
+_guarded: list[str | None] = []  # the hub the guard was installed for (None: this server's, as it is now)
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.scheme, (parts.hostname or "").lower(), port
+
+
+def guard_tokens(hub: str | None = None) -> None:
+    """Make the client's requests carry a token to `hub` only (None: the hub this server uses, read at each
+    request): on every request to another origin — a redirect to the Hub's own hosts included, where the
+    client would keep it — the Authorization header is dropped. The client's own request hooks stay; the
+    client's shared session is rebuilt with this one added. Installed once per process (the last hub
+    given wins)."""
+    import httpx2
+    from huggingface_hub import get_session, set_client_factory
+
+    if _guarded:
+        _guarded[0] = hub
+        return
+    hooks = get_session().event_hooks
+    _guarded.append(hub)
+
+    def only_to_the_hub(request: httpx2.Request) -> None:
+        allowed = (_guarded[0] if _guarded else None) or endpoint()
+        if "authorization" in request.headers and _origin(str(request.url)) != _origin(allowed):
+            del request.headers["authorization"]
+
+    def client() -> httpx2.Client:
+        return httpx2.Client(
+            event_hooks={"request": [*hooks["request"], only_to_the_hub], "response": [*hooks["response"]]},
+            follow_redirects=True,
+            timeout=None,
+        )
+
+    set_client_factory(client)
 
 
 def _tokens_file(settings: Settings) -> Path:

@@ -12,6 +12,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 
+from app import hub
 from app.config import PROJECT_ROOT, Settings, get_settings
 from app.datasets import jobs
 from app.db import Database
@@ -53,6 +54,7 @@ log = logging.getLogger("tuneboard.web")
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     settings.ensure_dirs()
+    hub.guard_tokens()  # a saved token goes to its hub, never elsewhere
     if swept := sweep_leftovers(settings.runs_dir):
         log.info("removed %d half-received or half-replaced folders left by a crash", swept)
 

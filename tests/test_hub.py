@@ -328,3 +328,20 @@ def test_a_sharded_model_is_fetched_by_its_index_not_with_a_consolidated_copy(
         shard,
         "consolidated.safetensors",
     }
+
+
+def test_a_token_is_sent_to_its_hub_and_to_no_other_origin(tiny_model_dir):
+    """The guard drops the Authorization header on every request of the client to an origin other than the
+    hub the token is for: a redirect from a mirror to the Hub's own hosts (where the client itself would keep
+    it) included."""
+    from huggingface_hub import get_session
+
+    with running_hub(repos(tiny_model_dir)) as standin, running_hub({}) as elsewhere:
+        hub.guard_tokens(standin.url)
+        try:
+            for url in (standin.url, elsewhere.url):
+                get_session().get(f"{url}/api/whoami-v2", headers={"authorization": f"Bearer {TOKEN}"})
+        finally:
+            hub.guard_tokens(None)
+        assert standin.requests[-1] == ("GET", "/api/whoami-v2", f"Bearer {TOKEN}")
+        assert elsewhere.requests[-1] == ("GET", "/api/whoami-v2", None)

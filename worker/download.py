@@ -20,7 +20,7 @@ from tqdm.std import tqdm
 from app import downloads, jobs, workers
 from app.config import Settings
 from app.db import Database
-from app.hub import hub_name, known_sentence, repo_folder, token_for
+from app.hub import guard_tokens, hub_name, known_sentence, repo_folder, token_for
 from app.model_registry import is_model_folder
 from app.models import ModelDownload
 from worker.child import CANCELLED, BytesReporter, Cancelled, job_child, job_tick, run_child
@@ -142,6 +142,7 @@ def fetch(settings: Settings, db: Database, download_id: int, worker_id: str) ->
             raise Cancelled
         repo_id, revision, commit = row.repo_id, row.revision, row.commit
         url, row_files = row.endpoint, dict(row.files)
+    guard_tokens(url)
     files = list(row_files)
     # files an earlier attempt brought whole: the client skips them, and its bars never count them
     snapshot = repo_folder(repo_id) / "snapshots" / commit

@@ -16,6 +16,7 @@ from datetime import timedelta
 from app import jobs, workers
 from app.config import Settings
 from app.db import PASSING_FAULTS, Database
+from app.hub import guard_tokens
 from app.migrate import schema_ready
 from app.model_registry import list_models
 from app.processes import Backoff, ChildKeeper
@@ -42,6 +43,7 @@ def run_worker(settings: Settings, *, stop: threading.Event | None = None) -> No
     if settings.generation:
         settings.check_exposure(settings.generation_listen[0], "the generation host")
     settings.ensure_dirs()
+    guard_tokens()  # a token a worker holds goes to its hub, never elsewhere
     db = Database(settings.sqlalchemy_url)
     me = workers.worker_id()
     server = Server(settings, me) if settings.server_url else None

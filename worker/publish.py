@@ -19,7 +19,7 @@ from typing import BinaryIO, cast
 from app import jobs, publishing
 from app.config import Settings
 from app.db import Database
-from app.hub import hub_name, known_sentence, token_for
+from app.hub import guard_tokens, hub_name, known_sentence, token_for
 from app.models import Export, Publication, Run
 from worker.child import CANCELLED, DONE, BytesReporter, Cancelled, job_child, job_tick, run_child
 from worker.supervise import write_with_retry
@@ -163,6 +163,7 @@ def push(settings: Settings, db: Database, publication_id: int, worker_id: str) 
 
     report = BytesReporter(db, send)
     report(0, force=True)
+    guard_tokens(url)
     api = HfApi(endpoint=url, token=token_for(settings, url))
     try:
         api.create_repo(repo_id, private=private, repo_type="model")
