@@ -216,7 +216,7 @@ def test_blind_votes_become_a_preference_dataset_a_leaderboard_and_a_dpo_run(app
     page.wait_for_function("!!(document.getElementById('start_from_run') || {})['htmx-internal-data']")
     page.select_option("#start_from_run", str(run_id))
     # the fields come back from the server with the starting run's note: only then is the form whole
-    page.wait_for_selector(f"#start-note:has-text('run #{run_id}')")
+    page.wait_for_selector(f"#start-note:has-text('run #{run_id}')", timeout=60_000)
     page.wait_for_function("(document.getElementById('est-steps') || {}).textContent?.startsWith('10 ')")
     page.screenshot(path=str(app["folder"] / "new-dpo-run.png"), full_page=True)
     page.click("#launch")
