@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, HTTPException, Path, Query, Request
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.models import MAX_ID, Dataset, Run
+
+T = TypeVar("T")
 
 
 def get_settings(request: Request) -> Settings:
@@ -45,11 +47,16 @@ IdQuery = Query(ge=1, le=MAX_ID, description="an id")
 AfterId = Annotated[int, Query(ge=0, le=MAX_ID, description="only rows after this id")]
 
 
+def get_or_404(session: Session, table: type[T], row_id: int, what: str) -> T:
+    """The row, or a 404 that says "There is no <what> <id>."."""
+    row = session.get(table, row_id)
+    if row is None:
+        raise HTTPException(404, f"There is no {what} {row_id}.")
+    return row
+
+
 def get_run_or_404(session: Session, run_id: int) -> Run:
-    run = session.get(Run, run_id)
-    if run is None:
-        raise HTTPException(404, f"There is no run {run_id}.")
-    return run
+    return get_or_404(session, Run, run_id, "run")
 
 
 def get_dataset_or_404(session: Session, dataset_id: int) -> Dataset:

@@ -131,25 +131,18 @@ def retry(*, session: Session, download: ModelDownload) -> None:
 
 
 def report(*, session: Session, download_id: int, worker_id: str, done: int, speed: float | None) -> bool:
-    """The worker's heartbeat with the bytes that have arrived. False: stop (the download was cancelled,
-    or is no longer this worker's)."""
-    ours, cancel_requested = jobs.beat(
+    """The worker's heartbeat with the bytes that have arrived. False: stop."""
+    return jobs.transfer_beat(
+        session=session, kind=jobs.DOWNLOAD, job_id=download_id, worker_id=worker_id, done=done, speed=speed
+    )
+
+
+def end(*, session: Session, download_id: int, worker_id: str, status: str, error: str | None = None) -> bool:
+    return jobs.transfer_end(
         session=session,
         kind=jobs.DOWNLOAD,
         job_id=download_id,
         worker_id=worker_id,
-        returning=ModelDownload.cancel_requested,
-        bytes_done=done,
-        speed=speed,
-    )
-    return ours and not cancel_requested
-
-
-def end(*, session: Session, download_id: int, worker_id: str, status: str, error: str | None = None) -> bool:
-    values: dict = {"speed": None, "error": error[:4000] if error else None}
-    if status == SUCCEEDED:
-        row = session.get(ModelDownload, download_id)
-        values["bytes_done"] = row.bytes_total if row is not None else 0
-    return jobs.end(
-        session=session, kind=jobs.DOWNLOAD, job_id=download_id, worker_id=worker_id, status=status, **values
+        status=status,
+        error=error,
     )

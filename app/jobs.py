@@ -284,6 +284,41 @@ def end(*, session: Session, kind: Kind, job_id: int, worker_id: str, status: st
     return bool(ended)
 
 
+def transfer_beat(
+    *, session: Session, kind: Kind, job_id: int, worker_id: str, done: int, speed: float | None
+) -> bool:
+    """A download's or a push's heartbeat with the bytes moved so far. False: stop (it was cancelled, or is no
+    longer this worker's)."""
+    ours, cancel_requested = beat(
+        session=session,
+        kind=kind,
+        job_id=job_id,
+        worker_id=worker_id,
+        returning=kind.table.cancel_requested,  # type: ignore[attr-defined]
+        bytes_done=done,
+        speed=speed,
+    )
+    return ours and not cancel_requested
+
+
+def transfer_end(
+    *,
+    session: Session,
+    kind: Kind,
+    job_id: int,
+    worker_id: str,
+    status: str,
+    error: str | None,
+    **values: Any,
+) -> bool:
+    """A download or a push ends: no speed any more, its error (kept short), every byte counted on success."""
+    values |= {"speed": None, "error": error[:4000] if error else None}
+    if status == "succeeded":
+        row = session.get(kind.table, job_id)
+        values["bytes_done"] = row.bytes_total if row is not None else 0  # type: ignore[attr-defined]
+    return end(session=session, kind=kind, job_id=job_id, worker_id=worker_id, status=status, **values)
+
+
 def hand_back(*, session: Session, kind: Kind, job_id: int, worker_id: str) -> bool:
     """The worker stops before the job is done: it goes back to the queue (a run resumes from its last
     checkpoint), and the attempt does not count against the job."""

@@ -215,17 +215,10 @@ def cancel(*, session: Session, publication: Publication) -> None:
 
 
 def report(*, session: Session, publication_id: int, worker_id: str, done: int, speed: float | None) -> bool:
-    """The worker's heartbeat with the bytes sent. False: stop (cancelled, or no longer this worker's)."""
-    ours, cancel_requested = jobs.beat(
-        session=session,
-        kind=jobs.PUBLISH,
-        job_id=publication_id,
-        worker_id=worker_id,
-        returning=Publication.cancel_requested,
-        bytes_done=done,
-        speed=speed,
+    """The worker's heartbeat with the bytes sent. False: stop."""
+    return jobs.transfer_beat(
+        session=session, kind=jobs.PUBLISH, job_id=publication_id, worker_id=worker_id, done=done, speed=speed
     )
-    return ours and not cancel_requested
 
 
 def end(
@@ -237,15 +230,12 @@ def end(
     error: str | None = None,
     url: str | None = None,
 ) -> bool:
-    values: dict = {"speed": None, "error": error[:4000] if error else None, "url": url}
-    if status == SUCCEEDED:
-        row = session.get(Publication, publication_id)
-        values["bytes_done"] = row.bytes_total if row is not None else 0
-    return jobs.end(
+    return jobs.transfer_end(
         session=session,
         kind=jobs.PUBLISH,
         job_id=publication_id,
         worker_id=worker_id,
         status=status,
-        **values,
+        error=error,
+        url=url,
     )

@@ -12,7 +12,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
 from app import exports
-from app.deps import RunId, SessionDep, SettingsDep, WriteSessionDep, get_run_or_404
+from app.deps import RunId, SessionDep, SettingsDep, WriteSessionDep, get_or_404, get_run_or_404
 from app.model_registry import ModelPathInvalid, registered_entry
 from app.models import MAX_ID, Export, ExportStatus
 from app.schemas import ModelOut
@@ -70,10 +70,7 @@ def export_out(export: Export) -> ExportOut:
 
 
 def get_export_or_404(session, export_id: int) -> Export:
-    export = session.get(Export, export_id)
-    if export is None:
-        raise HTTPException(404, f"There is no export {export_id}.")
-    return export
+    return get_or_404(session, Export, export_id, "export")
 
 
 @router.get("/api/runs/{run_id}/exports/estimate")

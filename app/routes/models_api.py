@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path, Response
 
 from app import downloads, hub
-from app.deps import SessionDep, SettingsDep, WriteSessionDep
+from app.deps import SessionDep, SettingsDep, WriteSessionDep, get_or_404
 from app.errors import problem
 from app.model_registry import (
     ModelPathInvalid,
@@ -119,10 +119,7 @@ def get_downloads(session: SessionDep) -> list[DownloadOut]:
 
 
 def get_download_or_404(session, download_id: int) -> ModelDownload:
-    row = session.get(ModelDownload, download_id)
-    if row is None:
-        raise HTTPException(404, f"There is no download {download_id}.")
-    return row
+    return get_or_404(session, ModelDownload, download_id, "download")
 
 
 @router.get("/downloads/{download_id}")

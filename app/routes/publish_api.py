@@ -11,7 +11,7 @@ from fastapi import APIRouter, HTTPException, Path
 from pydantic import BaseModel, Field
 
 from app import publishing
-from app.deps import RunId, SessionDep, SettingsDep, WriteSessionDep, get_run_or_404
+from app.deps import RunId, SessionDep, SettingsDep, WriteSessionDep, get_or_404, get_run_or_404
 from app.models import MAX_ID, WITH_ADAPTER, Publication, Run
 
 router = APIRouter(tags=["publishing"])
@@ -49,10 +49,7 @@ def publication_out(row: Publication) -> PublicationOut:
 
 
 def get_publication_or_404(session, publication_id: int) -> Publication:
-    row = session.get(Publication, publication_id)
-    if row is None:
-        raise HTTPException(404, f"There is no publication {publication_id}.")
-    return row
+    return get_or_404(session, Publication, publication_id, "publication")
 
 
 @router.post("/api/runs/{run_id}/publications", status_code=202)
