@@ -54,6 +54,7 @@ def request(*, session: Session, model: HubModel) -> tuple[ModelDownload, bool]:
         revision=model.revision,
         commit=model.commit,
         endpoint=model.endpoint,
+        source=model.source,
         files=model.files,
         bytes_total=model.size,
         bytes_done=0,
@@ -76,7 +77,7 @@ def listed(*, session: Session) -> list[ModelDownload]:
     rows = session.scalars(select(ModelDownload).order_by(ModelDownload.id.desc()).limit(50)).all()
     shown, seen = [], set()
     for row in rows:
-        key = (row.repo_id, row.revision)
+        key = (row.source, row.repo_id, row.revision)
         recent = row.finished_at is None or utcnow() - row.finished_at < SHOWN_FOR
         if key in seen or not (row.status in ACTIVE or row.status == FAILED or recent):
             continue
@@ -86,14 +87,20 @@ def listed(*, session: Session) -> list[ModelDownload]:
 
 
 def arriving(*, session: Session) -> dict[tuple[str, str], list[str]]:
-    """The snapshots being downloaded, (model id, commit): the files they will hold. The model list leaves
-    out such a snapshot until every one of them is there (an earlier, complete one stays listed)."""
+    """The snapshots being downloaded, (the model list's id for it, commit): the files they will hold. The
+    model list leaves out such a snapshot until every one of them is there (an earlier, complete one stays
+    listed)."""
+    from app.model_registry import fetched_model_id
+
     rows = session.execute(
-        select(ModelDownload.repo_id, ModelDownload.commit, ModelDownload.files).where(
+        select(ModelDownload.source, ModelDownload.repo_id, ModelDownload.commit, ModelDownload.files).where(
             ModelDownload.status.in_(ACTIVE)
         )
     ).all()
-    return {(repo_id, commit): list(files) for repo_id, commit, files in rows}
+    coming = {}
+    for source, repo_id, commit, files in rows:
+        coming[fetched_model_id(source, repo_id), commit] = list(files)
+    return coming
 
 
 def others_active(*, session: Session, download_id: int, repo_id: str) -> bool:

@@ -39,6 +39,10 @@ CONFIG_FILES = (
 SAFETENSORS, PYTORCH = ("*.safetensors",), ("pytorch_model*.bin",)
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TIMEOUT = 20.0  # seconds for the Hub to answer a lookup
+# Where a model may be fetched from by name: the Hugging Face Hub (or the mirror HF_ENDPOINT names), or
+# ModelScope (app.modelscope).
+HUGGINGFACE, MODELSCOPE = "huggingface", "modelscope"
+SOURCES = {HUGGINGFACE: "Hugging Face Hub", MODELSCOPE: "ModelScope"}
 
 
 class HubProblem(Exception):
@@ -59,6 +63,11 @@ class HubModel:
     disk_free: int | None
     others: int = 0  # files left out (other formats, duplicates)
     access: bool | None = None  # gated: whether the saved token may fetch its files (None: not known)
+    source: str = "huggingface"  # huggingface (the Hub or a mirror of it) | modelscope
+
+    @property
+    def where(self) -> str:
+        return site_name(self.source, self.endpoint)
 
     @property
     def size(self) -> int:
@@ -78,6 +87,29 @@ def endpoint() -> str:
 
 def hub_name(url: str) -> str:
     return "the Hugging Face Hub" if url == "https://huggingface.co" else url
+
+
+def capital(text: str) -> str:
+    """A name opening a sentence ("the Hugging Face Hub …")."""
+    return text[:1].upper() + text[1:]
+
+
+def source_endpoint(source: str) -> str:
+    """The address this server fetches from for a source (SOURCES)."""
+    if source == MODELSCOPE:
+        from app import modelscope
+
+        return modelscope.endpoint()
+    return endpoint()
+
+
+def site_name(source: str, url: str) -> str:
+    """A source's site, named for a sentence."""
+    if source == MODELSCOPE:
+        from app import modelscope
+
+        return modelscope.site_name(url)
+    return hub_name(url)
 
 
 def cache_dir() -> Path:
@@ -167,19 +199,25 @@ def _write_tokens(settings: Settings, tokens: dict[str, str]) -> None:
     os.replace(temporary, path)
 
 
-def save_token(settings: Settings, url: str, token: str) -> str:
+def save_token(settings: Settings, url: str, token: str, source: str = HUGGINGFACE) -> str:
     """Check `token` with the hub at `url` and keep it for that hub; returns the account's name."""
     token = token.strip()
     if not re.fullmatch(r"[A-Za-z0-9_-]{8,200}", token):
-        raise HubProblem("That does not look like a Hugging Face token (hf_… letters and digits).")
-    from huggingface_hub import HfApi
+        example = "ms-… letters, digits and dashes" if source == MODELSCOPE else "hf_… letters and digits"
+        raise HubProblem(f"That does not look like a {SOURCES.get(source, 'hub')} token ({example}).")
+    if source == MODELSCOPE:
+        from app import modelscope
 
-    try:
-        account = HfApi(endpoint=url).whoami(token=token)
-    except Exception as exc:  # noqa: BLE001 - every failure becomes its sentence
-        raise HubProblem(_sentence(exc, url, what="the token")) from None
+        name = modelscope.whoami(url, token)
+    else:
+        from huggingface_hub import HfApi
+
+        try:
+            name = str(HfApi(endpoint=url).whoami(token=token).get("name") or "your account")
+        except Exception as exc:  # noqa: BLE001 - every failure becomes its sentence
+            raise HubProblem(_sentence(exc, url, what="the token")) from None
     _write_tokens(settings, _read_tokens(settings) | {url.rstrip("/"): token})
-    return str(account.get("name") or "your account")
+    return name
 
 
 def forget_token(settings: Settings, url: str) -> None:
@@ -191,8 +229,8 @@ def forget_token(settings: Settings, url: str) -> None:
 # --- looking a model up -----------------------------------------------------------------------------------
 
 
-def check_id(repo_id: str, revision: str | None) -> tuple[str, str]:
-    repo_id, revision = repo_id.strip(), (revision or "").strip() or "main"
+def check_id(repo_id: str, revision: str | None, default: str = "main") -> tuple[str, str]:
+    repo_id, revision = repo_id.strip(), (revision or "").strip() or default
     if not REPO_ID.fullmatch(repo_id) or ".." in repo_id:
         raise HubProblem(
             f"{repo_id[:100]!r} is not a model id: write it as the Hub shows it, such as "
@@ -224,7 +262,7 @@ def needed_files(files: dict[str, int], shards: set[str] | None = None) -> dict[
     return config | weights
 
 
-def _refusal(repo_id: str, files: dict[str, int], config: dict | None) -> tuple[str | None, str | None]:
+def refusal_of(repo_id: str, files: dict[str, int], config: dict | None) -> tuple[str | None, str | None]:
     """(the architecture, why Tuneboard cannot train the model or None)."""
     architectures = list((config or {}).get("architectures") or [])
     architecture = architectures[0] if architectures else None
@@ -259,9 +297,18 @@ def disk_free(folder: Path) -> int | None:
     return None
 
 
-def lookup(settings: Settings, repo_id: str, revision: str | None = None) -> HubModel:
-    """What downloading `repo_id` at `revision` would bring, asked of the hub; HubProblem with a sentence
-    for an unknown id or revision, a gated model without access, a hub that does not answer."""
+def lookup(
+    settings: Settings, repo_id: str, revision: str | None = None, source: str = HUGGINGFACE
+) -> HubModel:
+    """What downloading `repo_id` at `revision` would bring, asked of the hub (or of ModelScope);
+    HubProblem with a sentence for an unknown id or revision, a gated model without access, a hub that
+    does not answer."""
+    if source == MODELSCOPE:
+        from app import modelscope
+
+        return modelscope.lookup(settings, repo_id, revision)
+    if source != HUGGINGFACE:
+        raise HubProblem(f"Models are fetched from {' or '.join(SOURCES.values())}, not {source[:40]!r}.")
     repo_id, revision = check_id(repo_id, revision)
     from huggingface_hub import HfApi
 
@@ -277,7 +324,7 @@ def lookup(settings: Settings, repo_id: str, revision: str | None = None) -> Hub
     files = needed_files(every, shards)
     card = info.card_data
     license_ = getattr(card, "license", None) if card is not None else None
-    architecture, refusal = _refusal(repo_id, files, info.config)
+    architecture, refusal = refusal_of(repo_id, files, info.config)
     model = HubModel(
         repo_id=repo_id,
         revision=revision,
@@ -339,8 +386,8 @@ def _gated_access(model: HubModel, token: str | bool) -> str | None:
 
 def offline_sentence(url: str) -> str:
     return (
-        f"{hub_name(url)} cannot be reached from this server, so models cannot be fetched by name here. "
-        "Without a network: copy a model's folder from another machine's Hugging Face cache "
+        f"{capital(hub_name(url))} cannot be reached from this server, so models cannot be fetched by name "
+        "here. Without a network: copy a model's folder from another machine's Hugging Face cache "
         "(~/.cache/huggingface/hub) into this one's, or register a local folder below."
     )
 
@@ -350,7 +397,7 @@ def _sentence(
 ) -> str:
     """The user's sentence for a failure of the Hub client."""
     return known_sentence(exc, url, repo_id=repo_id, revision=revision, what=what) or (
-        f"{hub_name(url)} could not be asked about {what}: {exc}"
+        f"{capital(hub_name(url))} could not be asked about {what}: {exc}"
     )
 
 
@@ -386,6 +433,7 @@ def known_sentence(
     if isinstance(exc, HfHubHTTPError):
         status = exc.response.status_code if exc.response is not None else None
         if status == 401 and what == "the token":
-            return f"{where} refused that token: copy it again from your account's settings (Access Tokens)."
-        return f"{where} answered with an error about {what} (HTTP {status}); try again later."
+            account = "copy it again from your account's settings (Access Tokens)"
+            return f"{capital(where)} refused that token: {account}."
+        return f"{capital(where)} answered with an error about {what} (HTTP {status}); try again later."
     return None

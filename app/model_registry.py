@@ -1,6 +1,6 @@
 """The base models Tuneboard can train: the bundled SmolLM2, models already in the local Hugging Face
-cache, and local folders or GGUF files the user registered. No torch here: the web process lists and
-checks models by their files; the worker converts GGUF files and loads weights.
+cache or ModelScope's, and local folders or GGUF files the user registered. No torch here: the web
+process lists and checks models by their files; the worker converts GGUF files and loads weights.
 """
 
 from __future__ import annotations
@@ -26,13 +26,14 @@ BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # where the bundled model's weights come from
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 WEIGHT_SUFFIX = ".weight"
+MODELSCOPE_PREFIX = "modelscope:"  # the id of a model from ModelScope's cache: modelscope:owner/name
 
 
 @dataclass(frozen=True)
 class ModelEntry:
     id: str
     name: str
-    source: str  # bundled | hf-cache | folder | gguf
+    source: str  # bundled | hf-cache | modelscope-cache | folder | gguf
     folder: Path  # the transformers folder to load from (a conversion target for GGUF)
     gguf: Path | None = None  # the GGUF file to convert, when the source is one
     error: str | None = None
@@ -201,6 +202,39 @@ def _scan_hf_cache(folder: str, _stamp: tuple[int, ...]) -> tuple[ModelEntry, ..
     return tuple(entries)
 
 
+def fetched_model_id(source: str, repo_id: str) -> str:
+    """The model list's id for a model fetched by name: owner/name from the Hugging Face Hub (or a mirror),
+    modelscope:owner/name from ModelScope."""
+    return f"{MODELSCOPE_PREFIX}{repo_id}" if source == "modelscope" else repo_id
+
+
+def modelscope_cache_entries() -> list[ModelEntry]:
+    """Causal-LM checkpoints already downloaded into ModelScope's cache (never fetches): its
+    models/<owner>--<name>/snapshots/<revision> folders, the newest revision of each model, none with a
+    file still arriving."""
+    from app.modelscope import cache_dir
+
+    entries = []
+    for model in sorted((cache_dir() / "models").glob("*--*"), key=lambda p: p.name.lower()):
+        snapshots = [p for p in (model / "snapshots").glob("*") if p.is_dir()]
+        if not snapshots:
+            continue
+        snapshot = max(snapshots, key=lambda p: p.stat().st_mtime_ns)
+        arriving = next(snapshot.rglob("*.incomplete"), None) is not None
+        if arriving or not (is_model_folder(snapshot) and _is_causal_lm(snapshot)) or links_out(snapshot):
+            continue
+        repo_id = model.name.replace("--", "/", 1)
+        entries.append(
+            ModelEntry(
+                fetched_model_id("modelscope", repo_id),
+                f"{repo_id} (ModelScope)",
+                "modelscope-cache",
+                snapshot,
+            )
+        )
+    return entries
+
+
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # the architectures Tuneboard trains
 
 
@@ -238,8 +272,8 @@ def registered_entry(settings: Settings, model: RegisteredModel) -> ModelEntry:
 
 
 def list_models(settings: Settings, *, session: Session) -> list[ModelEntry]:
-    """Every base model: the bundled one, the Hugging Face cache's (a snapshot being downloaded once all
-    its files are there), the registered ones."""
+    """Every base model: the bundled one, the Hugging Face cache's and ModelScope's (a snapshot being
+    downloaded once all its files are there), the registered ones."""
     from app.downloads import arriving
 
     registered = session.scalars(select(RegisteredModel).order_by(RegisteredModel.id)).all()
@@ -252,6 +286,7 @@ def list_models(settings: Settings, *, session: Session) -> list[ModelEntry]:
     return [
         bundled_entry(settings),
         *(m for m in hf_cache_entries() if whole(m)),
+        *(m for m in modelscope_cache_entries() if whole(m)),
         *(registered_entry(settings, m) for m in registered),
     ]
 
@@ -264,9 +299,11 @@ def default_model(models: list[ModelEntry]) -> ModelEntry | None:
 
 def hub_id(model_id: str) -> str | None:
     """The Hub's name for a base model, where it has one: the bundled model's origin, or the id of a model
-    from the Hugging Face cache (owner/name); None for local folders and files."""
+    from the Hugging Face cache (owner/name); None for local folders and files, and for ModelScope's."""
     if model_id == BUNDLED_ID:
         return BUNDLED_HUB_ID
+    if model_id.startswith(MODELSCOPE_PREFIX):
+        return None
     return model_id if "/" in model_id and not model_id.startswith(("/", ".")) else None
 
 

@@ -281,8 +281,9 @@ class Export(Leased, Base):
 
 
 class ModelDownload(Leased, Base):
-    """A base model fetched by name from a hub into the Hugging Face cache, by a worker (app.downloads owns
-    every change). `files` are the files it fetches, with their sizes; `bytes_done` counts what has arrived
+    """A base model fetched by name, by a worker, from a hub into the Hugging Face cache or from ModelScope
+    into its cache (app.downloads owns every change). `files` are the files it fetches, with their sizes;
+    `bytes_done` counts what has arrived
     so far, including what an interrupted attempt left (the client resumes it)."""
 
     __tablename__ = "model_downloads"
@@ -305,6 +306,7 @@ class ModelDownload(Leased, Base):
     revision: Mapped[str] = mapped_column(String(100))
     commit: Mapped[str] = mapped_column(String(100))  # the commit the revision named when it was looked up
     endpoint: Mapped[str] = mapped_column(String(300))  # the hub it comes from
+    source: Mapped[str] = mapped_column(String(20), default="huggingface", server_default="huggingface")
     files: Mapped[dict] = mapped_column(JSON)  # {name: bytes}
     bytes_total: Mapped[int] = mapped_column(BigInteger)
     bytes_done: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -48,11 +49,17 @@ class ModelRegistration(BaseModel):
     name: str | None = None
 
 
+# Where a model is fetched from by name (app.hub.SOURCES).
+Source = Literal["huggingface", "modelscope"]
+
+
 class HubModelAsk(BaseModel):
-    """A model to look up or download by name: an id as the Hub spells it, and a revision (default main)."""
+    """A model to look up or download by name: an id as its hub spells it, a revision (default main, or
+    master on ModelScope) and the hub (default the Hugging Face Hub, or the mirror HF_ENDPOINT names)."""
 
     repo_id: str = Field(max_length=300)
     revision: str | None = Field(default=None, max_length=200)
+    source: Source = "huggingface"
 
 
 class HubModelOut(BaseModel):
@@ -60,6 +67,7 @@ class HubModelOut(BaseModel):
     revision: str
     commit: str
     endpoint: str
+    source: Source
     files: dict[str, int]
     size_bytes: int
     license: str | None
@@ -75,6 +83,7 @@ class DownloadOut(BaseModel):
     repo_id: str
     revision: str
     endpoint: str
+    source: Source
     status: str
     bytes_done: int
     bytes_total: int
@@ -87,3 +96,4 @@ class DownloadOut(BaseModel):
 
 class HubToken(BaseModel):
     token: str = Field(max_length=300)
+    source: Source = "huggingface"

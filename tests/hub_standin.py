@@ -26,6 +26,21 @@ Refusals carry the Hub's X-Error-Code, which the client maps to its exceptions: 
 a token, 404 with one), RevisionNotFound and EntryNotFound (404), GatedRepo (401 without a token, 403 with
 a token other than the repo's). As on the Hub, a gated repo's model info and tree are public: only its
 files are refused.
+
+A third origin (`hub.modelscope_url`) stands in for ModelScope, serving the same repositories to its
+client (`modelscope_hub`) at the revision "master" (or the repo's sha), in the JSON envelopes it parses:
+
+- GET /openapi/v1/models/{owner}/{name}: a model's metadata (`HubApi.get_repo`; 404 for an unknown one,
+  which the client then asks the legacy API for: GET /api/v1/models/{owner}/{name}, 404 too).
+- GET /api/v1/models/{owner}/{name}/repo/files?Revision=&Recursive=: the file listing with sizes and
+  SHA-256 (`HubApi.list_repo_files`, `download_repo`); 404 for an unknown revision.
+- GET /api/v1/models/{owner}/{name}/repo?Revision=&FilePath=: a file; weights answer 302 to the CDN origin
+  by another host name (localhost), as ModelScope's storage is on another host (a cookie is kept per host
+  name, whatever the port); Range requests are answered 206. A gated repo's files need its token (as
+  `Authorization: Bearer`, or the `m_session_id` cookie the client also sends): 401 without, 403 with
+  another.
+- GET /openapi/v1/users/me: the account of a known token, else 401 (`HubApi.whoami`).
+- GET /api/v1/repos/internalAccelerationInfo: 404 (the client's probe for a cloud-internal route).
 """
 
 import base64
@@ -51,6 +66,9 @@ _RESOLVE = re.compile(rf"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<file>.+)")
 _CDN = re.compile(rf"/repos/{_REPO}/(?P<sha256>[0-9a-f]{{64}})")
 _PREUPLOAD = re.compile(rf"/api/models/{_REPO}/preupload/(?P<rev>[^/]+)")
 _COMMIT = re.compile(rf"/api/models/{_REPO}/commit/(?P<rev>[^/]+)")
+_MS_INFO = re.compile(r"/(?:openapi/v1|api/v1)/models/(?P<repo>[^/]+/[^/]+)")
+_MS_FILES = re.compile(r"/api/v1/models/(?P<repo>[^/]+/[^/]+)/repo/files")
+_MS_FILE = re.compile(r"/api/v1/models/(?P<repo>[^/]+/[^/]+)/repo")
 
 
 @dataclass
@@ -121,8 +139,9 @@ class Hub:
         self.created: dict[str, bool] = {}  # repositories made by a push: repo id -> private
         self.pushed: dict[str, dict[str, bytes]] = {}
         self.files = {repo_id: _scan(repo.folder) for repo_id, repo in self.repos.items()}
-        self.servers = [_Server(self, cdn=False), _Server(self, cdn=True)]
-        self.url, self.cdn_url = (f"http://127.0.0.1:{server.server_port}" for server in self.servers)
+        self.servers = [_Server(self, "hub"), _Server(self, "cdn"), _Server(self, "modelscope")]
+        urls = [f"http://127.0.0.1:{server.server_port}" for server in self.servers]
+        self.url, self.cdn_url, self.modelscope_url = urls
         self.requests: list[tuple[str, str, str | None]] = []
         self.ranges: list[tuple[str, str]] = []
         self._lock = threading.Lock()
@@ -163,9 +182,9 @@ class _Refusal(Exception):
 
 
 class _Server(ThreadingHTTPServer):
-    def __init__(self, hub: Hub, cdn: bool) -> None:
+    def __init__(self, hub: Hub, kind: str) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
-        self.hub, self.cdn = hub, cdn
+        self.hub, self.cdn, self.modelscope = hub, kind == "cdn", kind == "modelscope"
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -177,11 +196,13 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         hub, url, head = self.server.hub, urlsplit(self.path), self.command == "HEAD"
         with hub._lock:
-            hub.requests.append((self.command, unquote(url.path), self.headers.get("Authorization")))
+            hub.requests.append((self.command, unquote(url.path), self._credentials()))
             if "Range" in self.headers:
                 hub.ranges.append((unquote(url.path), self.headers["Range"]))
         try:
-            if self.server.cdn:
+            if self.server.modelscope:
+                self._modelscope(url.path, parse_qs(url.query), head)
+            elif self.server.cdn:
                 m = _CDN.fullmatch(url.path)
                 repo_id = unquote(m["repo"]) if m else ""
                 found = [f for f in hub.files.get(repo_id, {}).values() if m and f.sha256 == m["sha256"]]
@@ -212,6 +233,67 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
     do_HEAD = do_GET
+
+    def _credentials(self) -> str | None:
+        """What a request carries that could be a token: its Authorization header, or a session cookie."""
+        cookie = self.headers.get("Cookie") or ""
+        session = f"Cookie: {cookie}" if "m_session_id" in cookie else None
+        return self.headers.get("Authorization") or session
+
+    def _modelscope(self, path: str, query: dict[str, list[str]], head: bool) -> None:
+        hub = self.server.hub
+
+        def envelope(data: Any, status: int = 200) -> None:
+            ok, openapi = status < 400, path.startswith("/openapi/")
+            body = {"success": ok, "data": data} if openapi else {"Code": status, "Data": data}
+            self._json(status, body if ok else body | {"message": data, "Message": data}, {}, head)
+
+        def repo_at(repo_id: str) -> Repo:
+            repo = hub.repos.get(repo_id)
+            if repo is None:
+                raise _Refusal(404, "NotExist", f"model {repo_id} does not exist")
+            revision = query.get("Revision", ["master"])[0]
+            if revision not in ("master", repo.sha):
+                raise _Refusal(404, "NotExist", f"revision {revision} does not exist")
+            return repo
+
+        try:
+            if path == "/openapi/v1/users/me":
+                known = {r.token for r in hub.repos.values() if r.token} | hub.write_tokens
+                if not any(self._credentials() == f"Bearer {token}" for token in known):
+                    raise _Refusal(401, "Unauthorized", "invalid token")
+                envelope({"username": "standin-user", "id": 7})
+            elif m := _MS_FILES.fullmatch(path):
+                repo_at(unquote(m["repo"]))
+                files = hub.files[unquote(m["repo"])].values()
+                listing = [
+                    {"Path": f.path, "Name": f.path.rsplit("/", 1)[-1], "Size": f.size, "Sha256": f.sha256,
+                     "Type": "blob"}
+                    for f in files
+                ]  # fmt: skip
+                envelope({"Files": listing})
+            elif m := _MS_FILE.fullmatch(path):
+                repo_id = unquote(m["repo"])
+                repo = repo_at(repo_id)
+                file = hub.files[repo_id].get(query.get("FilePath", [""])[0])
+                if file is None:
+                    raise _Refusal(404, "NotExist", "file does not exist")
+                if repo.gated and not (repo.token and repo.token in (self._credentials() or "")):
+                    raise _Refusal(403 if self._credentials() else 401, "Forbidden", "access denied")
+                if file.lfs:
+                    storage = hub.cdn_url.replace("127.0.0.1", "localhost")
+                    location = f"{storage}/repos/{repo_id}/{file.sha256}"
+                    self._start(302, {"Location": location, "Content-Length": "0"})
+                else:
+                    self._file(repo_id, file, {}, head)
+            elif m := _MS_INFO.fullmatch(path):
+                repo_id = unquote(m["repo"])
+                repo = repo_at(repo_id)
+                envelope({"id": repo_id, "license": repo.license, "gated": repo.gated, "private": False})
+            else:
+                raise _Refusal(404, "NotFound", "not found")
+        except _Refusal as refusal:
+            envelope(refusal.message, refusal.status)
 
     def do_POST(self) -> None:
         hub, url = self.server.hub, urlsplit(self.path)

@@ -1,8 +1,8 @@
 """Model downloads, made by a worker: `run_download` (in the worker loop) starts `python -m worker.download
 ID`, keeps the worker's heartbeat, and records how the download ended; the child fetches the model's files
-with the `huggingface_hub` client into the ordinary Hugging Face cache (the client's own resumable
-transfers, only the files the lookup chose), reporting the bytes that have arrived, and stops when the
-download is cancelled.
+with the `huggingface_hub` client into the ordinary Hugging Face cache, or with ModelScope's client into
+its cache (each client's own resumable transfers, only the files the lookup chose), reporting the bytes
+that have arrived, and stops when the download is cancelled.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from pathlib import Path
 from sqlalchemy import select
 from tqdm.std import tqdm
 
-from app import downloads, jobs, workers
+from app import downloads, jobs, modelscope, workers
 from app.config import Settings
 from app.db import Database
-from app.hub import guard_tokens, hub_name, known_sentence, repo_folder, token_for
-from app.model_registry import is_model_folder
+from app.hub import MODELSCOPE, capital, guard_tokens, known_sentence, repo_folder, site_name, token_for
+from app.model_registry import MODELSCOPE_PREFIX, is_model_folder
 from app.models import ModelDownload
 from worker.child import CANCELLED, BytesReporter, Cancelled, job_child, job_tick, run_child
 from worker.supervise import write_with_retry
@@ -70,7 +70,7 @@ def run_download(
             alone = not downloads.others_active(
                 session=session, download_id=download.id, repo_id=download.repo_id
             )
-        if alone:
+        if alone and download.source != MODELSCOPE:  # ModelScope's client resumes its partial files
             drop_partial_files(download.repo_id)
     if ended.code == 0:
         status, error = downloads.SUCCEEDED, None
@@ -131,31 +131,53 @@ def progress_class(report: BytesReporter) -> type[tqdm]:
 
 
 def fetch(settings: Settings, db: Database, download_id: int, worker_id: str) -> Path:
-    """Download the model's chosen files into the Hugging Face cache; the snapshot folder."""
-    from huggingface_hub import constants, snapshot_download
-
-    constants.DOWNLOAD_CHUNK_SIZE = CHUNK  # progress and a cancel every MiB, not every 10 MiB
-
+    """Download the model's chosen files into the Hugging Face cache or ModelScope's; the snapshot
+    folder."""
     with db.session() as session:
         row = session.get(ModelDownload, download_id)
         if row is None:
             raise Cancelled
         repo_id, revision, commit = row.repo_id, row.revision, row.commit
-        url, row_files = row.endpoint, dict(row.files)
-    guard_tokens(url)
+        url, row_files, source = row.endpoint, dict(row.files), row.source
     files = list(row_files)
     # files an earlier attempt brought whole: the client skips them, and its bars never count them
-    snapshot = repo_folder(repo_id) / "snapshots" / commit
+    if source == MODELSCOPE:
+        snapshot = modelscope.snapshot_folder(repo_id, commit)
+    else:
+        snapshot = repo_folder(repo_id) / "snapshots" / commit
     here = sum(size for name, size in row_files.items() if (snapshot / name).is_file())
     report = reporter(db, download_id, worker_id, already=here)
     report(0, force=True)
+    if source == MODELSCOPE:
+        folder = from_modelscope(url, repo_id, commit, files, token_for(settings, url), report)
+    else:
+        folder = from_hub(url, repo_id, revision, commit, files, token_for(settings, url), report)
+    missing = [name for name in files if not (folder / name).is_file()]
+    if missing or not is_model_folder(folder):
+        raise FileUnusable(
+            f"{capital(site_name(source, url))} sent {repo_id} without "
+            f"{', '.join(missing[:5]) or 'a complete model'}; download it again."
+        )
+    report.already = 0
+    report(sum((folder / name).stat().st_size for name in files), force=True)
+    return folder
+
+
+def from_hub(
+    url: str, repo_id: str, revision: str, commit: str, files: list[str], token: str | bool | None, report
+) -> Path:
+    """The files from the Hugging Face Hub (or a mirror) into its cache, at `commit`; the snapshot folder."""
+    from huggingface_hub import constants, snapshot_download
+
+    constants.DOWNLOAD_CHUNK_SIZE = CHUNK  # progress and a cancel every MiB, not every 10 MiB
+    guard_tokens(url)
     folder = Path(
         snapshot_download(
             repo_id,
             revision=commit,  # the commit the lookup described, though the branch may have moved since
             allow_patterns=files,
             endpoint=url,
-            token=token_for(settings, url),
+            token=token,
             tqdm_class=progress_class(report),
         )
     )
@@ -163,15 +185,39 @@ def fetch(settings: Settings, db: Database, download_id: int, worker_id: str) ->
         refs = folder.parent.parent / "refs" / revision
         refs.parent.mkdir(parents=True, exist_ok=True)
         refs.write_text(commit, encoding="utf-8")
-    missing = [name for name in files if not (folder / name).is_file()]
-    if missing or not is_model_folder(folder):
-        raise FileUnusable(
-            f"{hub_name(url)} sent {repo_id} without {', '.join(missing[:5]) or 'a complete model'}; "
-            "download it again."
-        )
-    report.already = 0
-    report(sum((folder / name).stat().st_size for name in files), force=True)
     return folder
+
+
+class _Stop(BaseException):
+    """A cancel, raised through ModelScope's client: it retries a file after any Exception, so the cancel
+    is not one."""
+
+
+def from_modelscope(
+    url: str, repo_id: str, revision: str, files: list[str], token: str | bool | None, report
+) -> Path:
+    """The files from ModelScope into its cache, at `revision`; the snapshot folder. The client keeps a
+    file it did not finish (name.incomplete) and resumes it with a range request in a later call."""
+    from modelscope_hub import ProgressCallback
+
+    lock, moved = threading.Lock(), [0]
+
+    class Progress(ProgressCallback):  # one per file, called from the client's download threads
+        def update(self, size: int) -> None:
+            with lock:
+                moved[0] += size
+                try:
+                    report(moved[0])
+                except Cancelled:
+                    raise _Stop from None
+
+    try:
+        folder = modelscope.api(url, token).download_repo(
+            repo_id, "model", revision=revision, allow_patterns=files, progress_callbacks=[Progress]
+        )
+    except _Stop:
+        raise Cancelled from None
+    return Path(folder)
 
 
 # --- a worker without the web server's disk, fetching a run's base model for itself -------------------------
@@ -188,84 +234,93 @@ def fetch_for_run(
     settings: Settings,
     db: Database,
     run_id: int,
-    repo_id: str,
+    model_id: str,
     model_path: str,
     *,
     me: str,
     stop: threading.Event,
 ) -> tuple[str | None, Path | None]:
-    """Fetch a run's base model, named owner/name, from the hub this worker reaches (HF_ENDPOINT) into its
-    own Hugging Face cache, at the commit the web server holds; the run's page says how far it got and the
-    Workers page that this worker is downloading. Returns why it could not, or the model's folder. A cancel
-    of the run, or the worker stopping, ends the transfer (the files that arrived stay for the next try)."""
-    from huggingface_hub import snapshot_download
-
+    """Fetch a run's base model, named owner/name (or modelscope:owner/name), from the hub this worker
+    reaches (HF_ENDPOINT, MODELSCOPE_ENDPOINT) into its own cache, at the commit (or revision) the web
+    server holds; the run's page says how far it got and the Workers page that this worker is downloading.
+    Returns why it could not, or the model's folder. A cancel of the run, or the worker stopping, ends the
+    transfer (the files that arrived stay for the next try)."""
     from app import hub
     from app.models import Run
     from app.runs import state
 
-    commit = snapshot_commit(model_path)
+    source = MODELSCOPE if model_id.startswith(MODELSCOPE_PREFIX) else hub.HUGGINGFACE
+    repo_id = model_id.removeprefix(MODELSCOPE_PREFIX)
     try:
-        found = hub.lookup(settings, repo_id, commit)
+        found = hub.lookup(settings, repo_id, snapshot_commit(model_path), source)
     except hub.HubProblem as exc:
         return f"This worker could not fetch {repo_id}: {exc}", None
     if found.refusal:
         return f"This worker could not fetch {repo_id}: {found.refusal}", None
-    where = hub.hub_name(found.endpoint)
 
     def send(session, done: int, speed: float | None) -> bool:
         from app.units import filesize
 
         workers.beat(session=session, worker_id=me, status="downloading", run_id=run_id)
-        phase = f"Fetching {repo_id} from {where} to this worker: {filesize(done)} of {filesize(found.size)}"
+        sizes = f"{filesize(done)} of {filesize(found.size)}"
+        phase = f"Fetching {repo_id} from {found.where} to this worker: {sizes}"
         state.record_phase(session=session, run_id=run_id, phase=phase)
         cancelled = session.scalar(select(Run.cancel_requested).where(Run.id == run_id))
         return not (cancelled or stop.is_set())
 
     report = BytesReporter(db, send)
     log.info("run %d: fetching %s at %s from %s", run_id, repo_id, found.commit, found.endpoint)
+    # a worker's own token for its hub, else the one its operator set (HF_TOKEN, MODELSCOPE_API_TOKEN)
+    token = token_for(settings, found.endpoint) or None
     try:
         report(0, force=True)
-        folder = Path(
-            snapshot_download(
-                repo_id,
-                revision=found.commit,
-                allow_patterns=list(found.files),
-                endpoint=found.endpoint,
-                # a worker's own token for its hub, else the one its operator set (HF_TOKEN)
-                token=token_for(settings, found.endpoint) or None,
-                tqdm_class=progress_class(report),
+        if source == MODELSCOPE:
+            folder = from_modelscope(found.endpoint, repo_id, found.commit, list(found.files), token, report)
+        else:
+            folder = from_hub(
+                found.endpoint, repo_id, found.commit, found.commit, list(found.files), token, report
             )
-        )
     except Cancelled:
-        drop_partial_files(repo_id)
+        if source != MODELSCOPE:
+            drop_partial_files(repo_id)
         return f"The transfer of {repo_id} to this worker was stopped.", None
     except Exception as exc:  # noqa: BLE001 - every failure becomes its sentence
-        drop_partial_files(repo_id)
-        return (
-            f"This worker could not fetch {repo_id}: {sentence(exc, found.endpoint, repo_id, found.commit)}",
-            None,
-        )
+        if source != MODELSCOPE:
+            drop_partial_files(repo_id)
+        why = sentence(exc, found.endpoint, repo_id, found.commit, source)
+        return f"This worker could not fetch {repo_id}: {why}", None
     if not is_model_folder(folder):
-        return f"{where} sent {repo_id} to this worker without a complete model; launch the run again.", None
+        incomplete = f"{capital(found.where)} sent {repo_id} to this worker without a complete model"
+        return f"{incomplete}; launch the run again.", None
     return None, folder
 
 
-def sentence(exc: BaseException, url: str, repo_id: str, revision: str) -> str:
+def sentence(exc: BaseException, url: str, repo_id: str, revision: str, source: str = "huggingface") -> str:
     """The sentence for a failed download: the lookup's sentences, a full disk, or a broken transfer."""
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return "The disk holding the Hugging Face cache is full. Free some space, then download it again."
+        cache = "ModelScope's cache" if source == MODELSCOPE else "the Hugging Face cache"
+        return f"The disk holding {cache} is full. Free some space, then download it again."
     if isinstance(exc, FileUnusable):
         return str(exc)
-    return known_sentence(exc, url, repo_id=repo_id, revision=revision) or (
-        f"The transfer of {repo_id} from {hub_name(url)} broke off ({type(exc).__name__}: {exc}). Download "
-        "it again: it resumes from the files that arrived."
+    if source == MODELSCOPE:
+        from modelscope_hub import FileDownloadError
+
+        failures = list(exc.failed_files.values()) if isinstance(exc, FileDownloadError) else [exc]
+        first = failures[0] if failures else exc
+        if isinstance(first, OSError) and first.errno == errno.ENOSPC:
+            return sentence(first, url, repo_id, revision, source)
+        said = modelscope.known_sentence(first, url, repo_id=repo_id, revision=revision)
+    else:
+        said = known_sentence(exc, url, repo_id=repo_id, revision=revision)
+    return said or (
+        f"The transfer of {repo_id} from {site_name(source, url)} broke off ({type(exc).__name__}: {exc}). "
+        "Download it again: it resumes from the files that arrived."
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     def failed(exc: BaseException, row: ModelDownload | None) -> str:
-        return sentence(exc, row.endpoint, row.repo_id, row.revision) if row else str(exc)
+        return sentence(exc, row.endpoint, row.repo_id, row.revision, row.source) if row else str(exc)
 
     def work(settings: Settings, db: Database, download_id: int, worker_id: str) -> None:
         fetch(settings, db, download_id, worker_id)

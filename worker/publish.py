@@ -19,7 +19,7 @@ from typing import BinaryIO, cast
 from app import jobs, publishing
 from app.config import Settings
 from app.db import Database
-from app.hub import guard_tokens, hub_name, known_sentence, token_for
+from app.hub import capital, guard_tokens, hub_name, known_sentence, token_for
 from app.models import Export, Publication, Run
 from worker.child import CANCELLED, DONE, BytesReporter, Cancelled, job_child, job_tick, run_child
 from worker.supervise import write_with_retry
@@ -207,9 +207,9 @@ def sentence(exc: BaseException, url: str, repo_id: str) -> str:
         status = exc.response.status_code
         if status in (401, 403):
             return (
-                f"{hub_name(url)} refused to let the saved token write to {repo_id} (HTTP {status}): save "
-                "a token with write access on the Models page, and check that the owner is your account or "
-                "an organisation you may write to."
+                f"{capital(hub_name(url))} refused to let the saved token write to {repo_id} "
+                f"(HTTP {status}): save a token with write access on the Models page, and check that the "
+                "owner is your account or an organisation you may write to."
             )
         if status == 409 and "repos/create" in str(exc.response.request.url):
             return (

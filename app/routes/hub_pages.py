@@ -1,5 +1,6 @@
-"""The Models page's fetching by name: look a model up on the Hub (or its mirror), queue its download,
-follow, cancel or retry it, and keep the Hub token. HTML fragments for htmx; the JSON API is models_api."""
+"""The Models page's fetching by name: look a model up on the Hub (or its mirror) or on ModelScope, queue
+its download, follow, cancel or retry it, and keep a token for each site. HTML fragments for htmx; the
+JSON API is models_api."""
 
 from __future__ import annotations
 
@@ -21,10 +22,14 @@ def hub_context(settings, session) -> dict:
     """What the Models page's fetching part shows: the hub, whether a token is kept for it, the downloads."""
     url = hub.endpoint()
     listed = downloads.listed(session=session)
+    sites = {source: hub.source_endpoint(source) for source in hub.SOURCES}
     return {
         "hub_url": url,
         "hub_name": hub.hub_name(url),
-        "hub_token": hub.has_token(settings, url),
+        "modelscope_name": hub.site_name(hub.MODELSCOPE, sites[hub.MODELSCOPE]),
+        "sources": hub.SOURCES,
+        "token_sites": {source: hub.site_name(source, site) for source, site in sites.items()},
+        "tokens": {source: hub.has_token(settings, site) for source, site in sites.items()},
         "downloads": listed,
         "downloading": any(d.status in downloads.ACTIVE for d in listed),
     }
@@ -36,9 +41,10 @@ def lookup_from_page(
     settings: SettingsDep,
     repo_id: Annotated[str, Form(max_length=300)] = "",
     revision: Annotated[str, Form(max_length=200)] = "",
+    source: Annotated[str, Form(max_length=40)] = hub.HUGGINGFACE,
 ):
     try:
-        context: dict = {"found": hub.lookup(settings, repo_id, revision or None), "problem": None}
+        context: dict = {"found": hub.lookup(settings, repo_id, revision or None, source), "problem": None}
     except hub.HubProblem as exc:
         context = {"found": None, "problem": str(exc)}
     return render(
@@ -53,10 +59,11 @@ def download_from_page(
     session: WriteSessionDep,
     repo_id: Annotated[str, Form(max_length=300)] = "",
     revision: Annotated[str, Form(max_length=200)] = "",
+    source: Annotated[str, Form(max_length=40)] = hub.HUGGINGFACE,
 ):
     problem = None
     try:
-        downloads.request(session=session, model=hub.lookup(settings, repo_id, revision or None))
+        downloads.request(session=session, model=hub.lookup(settings, repo_id, revision or None, source))
     except (hub.HubProblem, downloads.DownloadRefused) as exc:
         problem = str(exc)
     context = hub_context(settings, session) | {"download_problem": problem}
@@ -101,16 +108,22 @@ def token_from_page(
     settings: SettingsDep,
     session: SessionDep,
     token: Annotated[str, Form(max_length=300)] = "",
-    forget: Annotated[str, Form()] = "",
+    source: Annotated[str, Form(max_length=40)] = hub.HUGGINGFACE,
+    forget: Annotated[str, Form(max_length=40)] = "",
 ):
-    url, said, problem = hub.endpoint(), None, None
+    said, problem = None, None
+    source = forget or source
+    if source not in hub.SOURCES:
+        source = hub.HUGGINGFACE
+    url = hub.source_endpoint(source)
+    where = hub.site_name(source, url)
     if forget:
         hub.forget_token(settings, url)
-        said = f"The token for {hub.hub_name(url)} is forgotten."
+        said = f"The token for {where} is forgotten."
     else:
         try:
-            account = hub.save_token(settings, url, token)
-            said = f"Token saved for {hub.hub_name(url)} ({account}). It is sent there only, and never shown."
+            account = hub.save_token(settings, url, token, source)
+            said = f"Token saved for {where} ({account}). It is sent there only, and never shown."
         except hub.HubProblem as exc:
             problem = str(exc)
     context = hub_context(settings, session) | {"token_said": said, "token_problem": problem}

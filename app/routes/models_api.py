@@ -19,7 +19,15 @@ from app.model_registry import (
     unregister_model,
 )
 from app.models import MAX_ID, ModelDownload
-from app.schemas import DownloadOut, HubModelAsk, HubModelOut, HubToken, ModelOut, ModelRegistration
+from app.schemas import (
+    DownloadOut,
+    HubModelAsk,
+    HubModelOut,
+    HubToken,
+    ModelOut,
+    ModelRegistration,
+    Source,
+)
 
 router = APIRouter(prefix="/api/models", tags=["models"])
 DownloadId = Annotated[int, Path(ge=1, le=MAX_ID, description="a download's id")]
@@ -43,14 +51,6 @@ def post_model(
     return ModelOut(**registered_entry(settings, model).as_dict())
 
 
-@router.delete("/{model_id}", status_code=204)
-def delete_model(model_id: str, settings: SettingsDep, session: WriteSessionDep) -> None:
-    try:
-        unregister_model(settings, model_id, session=session)
-    except UnknownModel as exc:
-        raise HTTPException(404, str(exc)) from None
-
-
 # --- fetched by name --------------------------------------------------------------------------------------
 
 
@@ -60,6 +60,7 @@ def hub_model_out(model: hub.HubModel) -> HubModelOut:
         revision=model.revision,
         commit=model.commit,
         endpoint=model.endpoint,
+        source=model.source,
         files=model.files,
         size_bytes=model.size,
         license=model.license,
@@ -77,6 +78,7 @@ def download_out(row: ModelDownload) -> DownloadOut:
         repo_id=row.repo_id,
         revision=row.revision,
         endpoint=row.endpoint,
+        source=row.source,
         status=row.status,
         bytes_done=row.bytes_done,
         bytes_total=row.bytes_total,
@@ -93,7 +95,7 @@ def lookup_model(body: HubModelAsk, settings: SettingsDep) -> HubModelOut:
     """What downloading a model by name would bring: its files and size, licence, whether it is gated,
     whether Tuneboard can train it and whether the disk has room. Nothing is downloaded."""
     try:
-        return hub_model_out(hub.lookup(settings, body.repo_id, body.revision))
+        return hub_model_out(hub.lookup(settings, body.repo_id, body.revision, body.source))
     except hub.HubProblem as exc:
         raise HTTPException(422, [problem(str(exc), "repo_id")]) from None
 
@@ -104,7 +106,7 @@ def post_download(
 ) -> DownloadOut:
     """Look the model up and queue its download (201), or give the download already under way (200)."""
     try:
-        model = hub.lookup(settings, body.repo_id, body.revision)
+        model = hub.lookup(settings, body.repo_id, body.revision, body.source)
         row, queued = downloads.request(session=session, model=model)
     except (hub.HubProblem, downloads.DownloadRefused) as exc:
         raise HTTPException(422, [problem(str(exc), "repo_id")]) from None
@@ -144,13 +146,23 @@ def retry_download(download_id: DownloadId, session: WriteSessionDep) -> Downloa
 
 @router.put("/hub-token", status_code=204)
 def put_token(body: HubToken, settings: SettingsDep) -> None:
-    """Check a Hugging Face token with the hub this server downloads from and keep it for that hub only."""
+    """Check a token with the hub this server downloads from (of the Hugging Face Hub, or ModelScope) and
+    keep it for that hub only."""
     try:
-        hub.save_token(settings, hub.endpoint(), body.token)
+        hub.save_token(settings, hub.source_endpoint(body.source), body.token, body.source)
     except hub.HubProblem as exc:
         raise HTTPException(422, [problem(str(exc), "token")]) from None
 
 
 @router.delete("/hub-token", status_code=204)
-def delete_token(settings: SettingsDep) -> None:
-    hub.forget_token(settings, hub.endpoint())
+def delete_token(settings: SettingsDep, source: Source = "huggingface") -> None:
+    hub.forget_token(settings, hub.source_endpoint(source))
+
+
+# last: its path would take /api/models/hub-token and /api/models/downloads for model ids
+@router.delete("/{model_id}", status_code=204)
+def delete_model(model_id: str, settings: SettingsDep, session: WriteSessionDep) -> None:
+    try:
+        unregister_model(settings, model_id, session=session)
+    except UnknownModel as exc:
+        raise HTTPException(404, str(exc)) from None

@@ -141,9 +141,14 @@ def delete_from_page(dataset_id: DatasetId, settings: SettingsDep, session: Writ
     return hx_redirect("/datasets")
 
 
+def models_context(settings, session, **extra) -> dict:
+    """The Models page's body: the model list and the fetching card (its downloads and tokens)."""
+    return {"models": list_models(settings, session=session)} | hub_context(settings, session) | extra
+
+
 @router.get("/models", response_class=HTMLResponse)
 def models_page(request: Request, settings: SettingsDep, session: SessionDep):
-    context = {"models": list_models(settings, session=session)} | hub_context(settings, session)
+    context = models_context(settings, session)
     target = request.headers.get("HX-Target") if request.headers.get("HX-Request") else None
     return render(request, "models.html", context, block="models_body" if target == "models-body" else None)
 
@@ -159,16 +164,9 @@ def register_from_page(
     try:
         register_model(settings, path, name or None, session=session)
     except ModelPathInvalid as exc:
-        context = {
-            "models": list_models(settings, session=session),
-            "register_error": str(exc),
-            "path": path,
-            "name": name,
-        }
+        context = models_context(settings, session, register_error=str(exc), path=path, name=name)
         return render(request, "models.html", context, block="models_body", status=422)
-    return render(
-        request, "models.html", {"models": list_models(settings, session=session)}, block="models_body"
-    )
+    return render(request, "models.html", models_context(settings, session), block="models_body")
 
 
 @router.delete("/models/{model_id}", response_class=HTMLResponse)
@@ -181,11 +179,9 @@ def unregister_from_page(
     try:
         unregister_model(settings, model_id, session=session)
     except UnknownModel as exc:
-        context = {"models": list_models(settings, session=session), "register_error": str(exc)}
+        context = models_context(settings, session, register_error=str(exc))
         return render(request, "models.html", context, block="models_body", status=404)
-    return render(
-        request, "models.html", {"models": list_models(settings, session=session)}, block="models_body"
-    )
+    return render(request, "models.html", models_context(settings, session), block="models_body")
 
 
 @router.get("/workers", response_class=HTMLResponse)

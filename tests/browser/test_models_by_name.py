@@ -1,8 +1,9 @@
 """A real model's path, in the browser, against a stand-in for the Hugging Face Hub (tests/hub_standin.py,
 reached through HF_ENDPOINT as a mirror would be): look a model up by name on the Models page, download it
 with its progress bar, launch a QLoRA (4-bit) run of it from New run, chat with it beside its base model,
-and publish its adapter to a private repository with a model card. Screenshots of each page at 1280 and
-390 px go to the test's folder."""
+and publish its adapter to a private repository with a model card; then fetch another from the stand-in's
+ModelScope origin (MODELSCOPE_ENDPOINT) into ModelScope's cache. Screenshots of each page at 1280 and 390 px
+go to the test's folder."""
 
 from __future__ import annotations
 
@@ -28,13 +29,18 @@ def hub_and_server(tmp_path_factory, tiny_model_dir):
     """The stand-in serving the tiny model as tiny/llama, slowly enough (60 kB/s) to watch its bar, and a
     server whose hub it is."""
     folder = tmp_path_factory.mktemp("models-by-name")
-    repos = {"tiny/llama": Repo(folder=tiny_model_dir, sha=SHA, bytes_per_second=60_000)}
+    repos = {
+        "tiny/llama": Repo(folder=tiny_model_dir, sha=SHA, bytes_per_second=60_000),
+        "tiny/fast": Repo(folder=tiny_model_dir, sha=SHA),
+    }
     with running_hub(repos, write_tokens={WRITE}) as standin:
         generation = f"http://127.0.0.1:{free_port()}"
         env = WORKER | {
             "TUNEBOARD_GENERATION_URL": generation,
             "HF_ENDPOINT": standin.url,
             "HF_HUB_CACHE": str(folder / "hf-cache"),
+            "MODELSCOPE_ENDPOINT": standin.modelscope_url,
+            "MODELSCOPE_CACHE": str(folder / "modelscope"),
         }
         with running("serve", folder / "data", log=folder / "serve.log", env_extra=env) as (base, _):
             files = {"file": ("demo_alpaca.json", DEMO_DATASET.read_bytes())}
@@ -135,4 +141,17 @@ def test_fetch_a_model_by_name_train_it_4bit_chat_and_publish(hub_and_server, br
     )
     html = page.content() + httpx.get(f"{base}/api/runs/{run_id}/publications").text
     assert WRITE not in html and WRITE not in (folder / "serve.log").read_text(errors="replace")
+
+    # ModelScope: the same card, the other source; the model goes to ModelScope's cache and is listed
+    page.goto(f"{base}/models")
+    page.select_option("#source", "modelscope")
+    page.fill("#repo_id", "tiny/fast")
+    page.click("#lookup-button")
+    page.wait_for_selector("#download-button")
+    assert "on the ModelScope site at" in page.inner_text("#lookup-result")
+    page.click("#download-button")
+    page.wait_for_selector(".download[data-status='succeeded']:has-text('from ModelScope')", timeout=60_000)
+    page.wait_for_selector("#models-table :text('tiny/fast (ModelScope)')", timeout=30_000)
+    assert "ModelScope cache" in page.inner_text("#models-table")
+    shoot(page, folder, "modelscope")
     assert errors == []
