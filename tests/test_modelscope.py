@@ -212,6 +212,7 @@ def test_a_cancelled_modelscope_download_resumes_from_its_partial_file(
     assert "modelscope:tiny/large" in {m["id"] for m in client.get("/api/models").json()}
 
 
+@pytest.mark.trains
 def test_a_worker_elsewhere_fetches_a_modelscope_model_for_its_run(
     client, settings, db, repo_folder, tmp_path, monkeypatch
 ):
