@@ -41,6 +41,8 @@ $(TEST_STAMP): $(STAMP)
 	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core)
 	# PostgreSQL's server programs: the tests start a throwaway cluster of their own (tests/postgres.py)
 	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql)
+	# Slurm's daemons and commands, and munge: the tests start a throwaway single-node cluster (tests/slurm.py)
+	command -v slurmctld >/dev/null && command -v munged >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge)
 	touch $@
 
 run: install

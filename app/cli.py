@@ -47,10 +47,11 @@ def cmd_web(settings: Settings) -> None:
     )
 
 
-def cmd_worker(settings: Settings) -> None:
+def cmd_worker(settings: Settings, only_run: int | None = None) -> None:
     from worker.main import run_worker
 
-    run_worker(settings)  # ends with exit code 0, also when the Workers page stopped it: it stays down
+    # exit code 0, also when the Workers page stopped it: it stays down
+    run_worker(settings, only_run=only_run)
 
 
 def cmd_train(config: Path) -> int:
@@ -117,7 +118,10 @@ def main(argv: list[str] | None = None) -> None:
         "serve", parents=[common], help="web server and a worker together (what `make run` starts)"
     )
     commands.add_parser("web", parents=[common], help="the web server alone")
-    commands.add_parser("worker", parents=[common], help="a worker alone")
+    worker = commands.add_parser("worker", parents=[common], help="a worker alone")
+    worker.add_argument(
+        "--run", type=int, metavar="N", help="train run N only, then exit (a cluster's scheduler job)"
+    )
     commands.add_parser("migrate", parents=[common], help="apply database migrations and exit")
     train = commands.add_parser("train", help="run one fine-tuning from a run.yaml, without the web app")
     train.add_argument("config", type=Path, help="a run.yaml (every run folder has one)")
@@ -137,7 +141,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per call to the generation host
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # a line per plugin at start
     settings = _settings(args)
-    {"serve": cmd_serve, "web": cmd_web, "worker": cmd_worker, "migrate": cmd_migrate}[args.command](settings)
+    if args.command == "worker":
+        cmd_worker(settings, args.run)
+        return
+    {"serve": cmd_serve, "web": cmd_web, "migrate": cmd_migrate}[args.command](settings)
 
 
 if __name__ == "__main__":

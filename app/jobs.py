@@ -63,7 +63,8 @@ class Kind:
 
 
 def _run_serves(models: Sequence[str] | None, gpus: int | None) -> list[ColumnElement[bool]]:
-    conditions: list[ColumnElement[bool]] = []
+    # a run sent to a compute provider is its scheduler job's worker's alone (claimed with `only`)
+    conditions: list[ColumnElement[bool]] = [Run.provider.is_(None)]
     if models is not None:
         have = Run.base_model.in_(models)
         conditions.append(or_(have, Run.base_model.contains("/")) if FETCHES in models else have)
@@ -163,13 +164,16 @@ def claim(
     worker_id: str,
     models: Sequence[str] | None = None,
     gpus: int | None = None,
+    only: int | None = None,
 ) -> Any | None:
-    """Atomically take the oldest queued job of `kind` that a worker with `models` and `gpus` can serve,
-    and open its attempt. Returns the row, or None when there is none."""
+    """Atomically take the oldest queued job of `kind` that a worker with `models` and `gpus` can serve (or
+    exactly the job `only`, for a scheduler job's one-shot worker), and open its attempt. Returns the row,
+    or None when there is none."""
     table, now = kind.table, utcnow()
+    serves = [table.id == only] if only is not None else kind.serves(models, gpus)  # type: ignore[attr-defined]
     oldest = (
         select(table.id)  # type: ignore[attr-defined]
-        .where(table.status == QUEUED, *kind.serves(models, gpus))
+        .where(table.status == QUEUED, *serves)
         .order_by(table.id)  # type: ignore[attr-defined]
         .limit(1)
         .with_for_update(skip_locked=True)
@@ -356,24 +360,46 @@ def requeue_stale(
             select(table).where(table.status == RUNNING, table.heartbeat_at < cutoff).with_for_update()
         ).all()
         for row in rows:
-            lost = 1 + lost_attempts(session, kind, row.id)  # type: ignore[attr-defined]
-            final = kind.silent_end(row, lost)
-            if final is None:
-                values: dict[str, Any] = {
-                    "status": QUEUED,
-                    "worker_id": None,
-                    "heartbeat_at": None,
-                    **kind.handed_back,
-                }
-            else:
-                values = {"worker_id": None, "finished_at": utcnow(), **final}
-            for name, value in values.items():
-                setattr(row, name, value)
-            _close_attempt(session, kind, row.id, LOST if final is None else final["status"])  # type: ignore[attr-defined]
+            _lose(session, kind, row)
         if rows:
             stale[kind.name] = [row.id for row in rows]  # type: ignore[attr-defined]
     session.commit()
     return stale
+
+
+def _lose(session: Session, kind: Kind, row: Any) -> None:
+    """A running job whose worker is gone: back to the queue, or the kind's end after MAX_LOST such
+    attempts (the caller commits)."""
+    lost = 1 + lost_attempts(session, kind, row.id)
+    final = kind.silent_end(row, lost)
+    if final is None:
+        values: dict[str, Any] = {
+            "status": QUEUED,
+            "worker_id": None,
+            "heartbeat_at": None,
+            **kind.handed_back,
+        }
+    else:
+        values = {"worker_id": None, "finished_at": utcnow(), **final}
+    for name, value in values.items():
+        setattr(row, name, value)
+    _close_attempt(session, kind, row.id, LOST if final is None else final["status"])
+
+
+def lose(*, session: Session, kind: Kind, job_id: int, worker_id: str) -> bool:
+    """The worker holding a job is known to be gone (its scheduler job ended): the job is treated as that
+    worker's silence would be, at once. False: that worker no longer held it."""
+    table: Any = kind.table
+    row = session.scalar(
+        select(table)
+        .where(table.id == job_id, table.status == RUNNING, table.worker_id == worker_id)
+        .with_for_update()
+    )
+    if row is None:
+        return False
+    _lose(session, kind, row)
+    session.commit()
+    return True
 
 
 def attempts_of(*, session: Session, kind: Kind, job_id: int) -> list[JobAttempt]:

@@ -17,9 +17,12 @@ from app.config import PROJECT_ROOT, Settings, get_settings
 from app.datasets import jobs
 from app.db import Database
 from app.errors import alert_fragment, error_kind, openai_error, problem
+from app.providers.config import providers_file
+from app.providers.dispatch import Dispatcher
 from app.routes import (
     artifacts_api,
     auth,
+    cluster_pages,
     datasets_api,
     export_pages,
     exports_api,
@@ -60,7 +63,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        dispatcher = None
+        if providers_file(settings).exists():  # runs go to the clusters it names (app.providers)
+            dispatcher = Dispatcher(settings, app.state.db).start()
         yield
+        if dispatcher is not None:
+            dispatcher.close()
         jobs.stop_all()
         await app.state.feeds.close()
         app.state.db.dispose()
@@ -87,6 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         export_pages,
         hub_pages,
         publish_pages,
+        cluster_pages,
         pages,
         playground,
         artifacts_api,

@@ -157,6 +157,8 @@ class Run(Leased, Base):
     resumed_from_step: Mapped[int | None] = mapped_column(Integer)
     # GPUs the run needs; 0: any worker
     gpus: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # the compute provider (providers.yaml) whose scheduler runs it, one job at a time; None: any worker
+    provider: Mapped[str | None] = mapped_column(String(40))
     # every attempt, oldest first: which worker trained it and how it ended (loaded when asked for, so that
     # the feeds' polls of every run do not read the attempts too)
     history: Mapped[list[JobAttempt]] = relationship(
@@ -164,6 +166,31 @@ class Run(Leased, Base):
         order_by=lambda: JobAttempt.attempt,
         viewonly=True,
     )
+    # the scheduler jobs of a run sent to a provider, oldest first
+    cluster_jobs: Mapped[list[ClusterJob]] = relationship(
+        order_by=lambda: ClusterJob.id, viewonly=True, lazy="selectin"
+    )
+
+
+class ClusterJob(Base):
+    """One scheduler job of a run sent to a compute provider (app.providers.dispatch owns every change):
+    its id in the scheduler, what the scheduler last said of it, when it was submitted, started and ended,
+    and where its log is."""
+
+    __tablename__ = "cluster_jobs"
+    __table_args__ = (Index("ix_cluster_jobs_run_id", "run_id"), {"sqlite_autoincrement": True})
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    provider: Mapped[str] = mapped_column(String(40))
+    job_id: Mapped[str] = mapped_column(String(100))
+    state: Mapped[str] = mapped_column(String(30))  # the scheduler's: PENDING, RUNNING, PREEMPTED…
+    reason: Mapped[str | None] = mapped_column(String(300))  # why it waits or ended, in its words
+    node: Mapped[str | None] = mapped_column(String(300))
+    log: Mapped[str | None] = mapped_column(String(1000))
+    submitted_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class RunMetric(Base):

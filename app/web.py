@@ -57,6 +57,12 @@ def make_templates() -> Jinja2Blocks:
     return templates
 
 
+def providers_file(settings):
+    from app.providers.config import providers_file as path
+
+    return path(settings)
+
+
 def render(request: Request, template: str, context: dict, *, block: str | None = None, status: int = 200):
     """A page, or just one named block of it for an htmx swap."""
     templates = request.app.state.templates
@@ -67,6 +73,7 @@ def render(request: Request, template: str, context: dict, *, block: str | None 
             context["workers_alive"] = workers.any_alive(
                 session=session, stale_after=settings.stale_after_seconds
             )
+        context["clusters"] = providers_file(settings).exists()  # runs may go to a cluster instead
     response = templates.TemplateResponse(request, template, context, status_code=status, block_name=block)
     response.headers["Vary"] = "HX-Request"
     return response

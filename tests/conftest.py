@@ -30,7 +30,7 @@ LONGEST_FIRST = (
     "tests/browser/test_models_by_name.py", "tests/browser/test_newcomer.py", "tests/test_end_to_end.py",
     "tests/test_worker.py", "tests/test_fleet.py", "tests/test_distributed.py",
     "tests/test_faults.py", "tests/test_preference_runs.py", "tests/test_exports.py",
-    "tests/test_bundled_model.py",
+    "tests/test_bundled_model.py", "tests/test_slurm.py",
 )  # fmt: skip
 
 

@@ -10,8 +10,11 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from datetime import timedelta
+
+from sqlalchemy import select
 
 from app import jobs, workers
 from app.config import Settings
@@ -19,6 +22,7 @@ from app.db import PASSING_FAULTS, Database
 from app.hub import guard_tokens
 from app.migrate import schema_ready
 from app.model_registry import list_models
+from app.models import Run, RunStatus
 from app.processes import Backoff, ChildKeeper
 from worker.child import beating
 from worker.download import run_download
@@ -33,8 +37,11 @@ from worker.supervise import supervise
 log = logging.getLogger("tuneboard.worker")
 
 
-def run_worker(settings: Settings, *, stop: threading.Event | None = None) -> None:
-    """The worker until it is told to stop (a signal, or the Workers page)."""
+def run_worker(
+    settings: Settings, *, stop: threading.Event | None = None, only_run: int | None = None
+) -> None:
+    """The worker until it is told to stop (a signal, or the Workers page). `only_run`: a scheduler job's
+    one-shot worker (app.providers), which trains exactly that run, then exits."""
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -59,6 +66,9 @@ def run_worker(settings: Settings, *, stop: threading.Event | None = None) -> No
             return
         with db.write_session() as session:  # a new process under an old name (a container's pid 1)
             workers.started(session=session, worker_id=me)
+        if only_run is not None:
+            one_run(settings, db, only_run, me=me, stop=stop, server=server)
+            return
         if settings.generation:
             log.info("generation host starting on %s", settings.generation_base_url)
             host = ChildKeeper(
@@ -85,6 +95,37 @@ def run_worker(settings: Settings, *, stop: threading.Event | None = None) -> No
         if server is not None:
             server.close()
         log.info("worker stopped")
+
+
+ONE_RUN_WAIT = 60.0  # seconds a one-shot worker waits for its run to be free (its last job's worker gone)
+
+
+def one_run(
+    settings: Settings, db: Database, run_id: int, *, me: str, stop: threading.Event, server: Server | None
+) -> None:
+    """A scheduler job's worker: claim run `run_id` (queued for it by the dispatcher), train it as any
+    worker does, and return. A run that is no longer queued (cancelled meanwhile) is left alone."""
+    from app.runs.state import TransitionError
+
+    deadline = time.monotonic() + ONE_RUN_WAIT
+    while not stop.is_set():
+        with db.write_session() as session:
+            run = jobs.claim(session=session, kind=jobs.TRAIN, worker_id=me, only=run_id)
+            status = session.scalar(select(Run.status).where(Run.id == run_id)) if run is None else None
+        if run is not None:
+            break
+        if status != RunStatus.QUEUED and status != RunStatus.RUNNING or time.monotonic() > deadline:
+            log.info("run %d is %s: nothing for this job to do", run_id, status or "gone")
+            return
+        stop.wait(settings.heartbeat_seconds)
+    else:
+        return
+    try:
+        outcome = supervise(settings, db, run, me=me, stop=stop, server=server)
+    except TransitionError as exc:
+        log.warning("run %d: %s", run_id, exc)
+        return
+    log.info("run %d: %s; this job's worker exits", run_id, outcome)
 
 
 def wait_for_schema(settings: Settings, db: Database, stop: threading.Event) -> bool:

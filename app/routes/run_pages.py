@@ -23,6 +23,7 @@ from app.models import MAX_ID, WITH_ADAPTER, Dataset, Run, RunMetric
 from app.peft_methods import CHOICES, DEFAULT_METHOD, LABELS, METHODS
 from app.playground import list_targets
 from app.prompts import PROMPT_FORMATS
+from app.routes.cluster_pages import cluster_context
 from app.routes.export_pages import export_context
 from app.routes.publish_pages import publish_context
 from app.runs import evaluation, state
@@ -129,7 +130,18 @@ def _form_context(settings, session, values: dict, *, problems=None) -> dict:
         "judge_fields": judge_fields(),
         "problems": problems or [],
         "bundled": BUNDLED_ID,
+        "providers": configured_providers(settings),
     }
+
+
+def configured_providers(settings) -> list:
+    """The compute providers New run offers (none when the operator's file is missing or unusable)."""
+    from app.providers.config import ProviderProblem, load
+
+    try:
+        return list(load(settings).values())
+    except ProviderProblem:
+        return []
 
 
 def _preset_values(preset: str | None) -> dict:
@@ -255,6 +267,7 @@ def run_page(request: Request, run_id: RunId, settings: SettingsDep, session: Se
         }
         | export_context(settings, session, run)
         | publish_context(settings, session, run)
+        | cluster_context(settings, run)
     )
     return render(request, "run.html", context, block=block)
 
@@ -269,7 +282,9 @@ def summary_context(settings, session, run: Run) -> dict:
         "objectives": OBJECTIVE_LABELS,
         "has_adapter": folder.has_adapter,
         "adapter_source": folder.adapter_source(),
-        "waiting": workers.waiting_reason(session=session, run=run, stale_after=settings.stale_after_seconds),
+        "waiting": None
+        if run.provider  # its scheduler job's worker takes it
+        else workers.waiting_reason(session=session, run=run, stale_after=settings.stale_after_seconds),
     }
 
 

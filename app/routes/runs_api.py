@@ -37,6 +37,20 @@ class AttemptOut(BaseModel):
     outcome: str | None  # succeeded | failed | cancelled | requeued (its worker stopped) | lost (went silent)
 
 
+class ClusterJobOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    provider: str
+    job_id: str  # the scheduler's
+    state: str  # the scheduler's word: PENDING, RUNNING, COMPLETED, PREEMPTED, CANCELLED…
+    reason: str | None  # why it waits or ended (Resources, Priority, TimeLimit…)
+    node: str | None
+    log: str | None  # the job's output file, on the cluster
+    submitted_at: datetime
+    started_at: datetime | None
+    ended_at: datetime | None
+
+
 class RunOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -61,6 +75,8 @@ class RunOut(BaseModel):
     total_params: int | None
     resumed_from_step: int | None
     gpus: int
+    provider: str | None  # the compute provider (providers.yaml) whose scheduler runs it
+    cluster_jobs: list[ClusterJobOut]  # its scheduler jobs, oldest first (none for a worker's run)
     history: list[AttemptOut]  # each attempt: the worker that trained it, and how it ended
     config: dict[str, Any]
 

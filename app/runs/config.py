@@ -183,6 +183,8 @@ class RunRequest(Strict):
     # trains there with N processes (data parallel, or FSDP's sharded weights for a model one GPU cannot hold)
     gpus: int = Field(0, ge=0, le=64)
     distributed: Distributed = "ddp"
+    # a compute provider of providers.yaml (a Slurm cluster) whose scheduler runs it; None: any worker
+    provider: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")
 
 
 # The tutorial's recipe, with its labels bug fixed (docs/recipe.md): LoRA r8/α32 on q_proj, v_proj.
@@ -225,6 +227,7 @@ class RunConfig(Strict):
     database_url: str | None = None
     gpus: int = 0
     distributed: Distributed = "ddp"
+    provider: str | None = None
 
     @property
     def held_out_path(self) -> str:

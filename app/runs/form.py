@@ -199,6 +199,8 @@ def request_from_form(form: dict[str, str]) -> dict[str, Any]:
             body[key] = int(value) if value.isdigit() and len(value) < 4 else value
         elif key == "distributed":
             body[key] = value
+        elif key == "provider" and value:  # empty: any worker
+            body[key] = value
     evaluation = body.get("evaluation", {})
     if "dataset_id" in evaluation:
         evaluation["dataset_id"] = _id(evaluation["dataset_id"])
@@ -226,6 +228,7 @@ def form_values(config: RunConfig) -> dict[str, Any]:
         "gpus": config.gpus,
         "distributed": config.distributed,
         "objective": config.objective,
+        "provider": config.provider,
     }
     if config.start_run_id is not None:
         values["start_from_run"] = config.start_run_id

@@ -101,8 +101,9 @@ def build_run_config(settings: Settings, request: RunRequest, *, session: Sessio
         total_steps=total_steps,
         gpus=request.gpus,
         distributed=request.distributed,
+        provider=check_provider(settings, request.provider),
     )
-    # a run for GPU workers is checked by the worker that claims it, against its own memory
+    # a run for GPU workers, or a cluster's, is checked by the worker that claims it, against its own memory
     if config.training.quantization != "none" and config.gpus > 1:
         raise InvalidRun(
             "training.quantization",
@@ -110,7 +111,7 @@ def build_run_config(settings: Settings, request: RunRequest, *, session: Sessio
             "none to train on several.",
         )
     memory = meminfo_bytes("MemTotal")
-    if not config.gpus and (reason := refusal(config, lengths, memory)):
+    if not config.gpus and not config.provider and (reason := refusal(config, lengths, memory)):
         fix = None
         if quantized_fit(config, lengths, memory) is not None:  # the sentence offers it; the page, a button
             fix = ("training.quantization", "4bit", "Train it 4-bit (QLoRA)")
@@ -259,6 +260,22 @@ def check_modules(model: ModelEntry, peft: dict) -> None:
             )
 
 
+def check_provider(settings: Settings, name: str | None) -> str | None:
+    """The compute provider a run names, if providers.yaml has it (InvalidRun with a sentence if not)."""
+    if name is None:
+        return None
+    from app.providers.config import ProviderProblem, load
+
+    try:
+        providers = load(settings)
+    except ProviderProblem as exc:
+        raise InvalidRun("provider", f"The compute providers cannot be used: {exc}") from None
+    if name not in providers:
+        known = ", ".join(sorted(providers)) or "none is configured"
+        raise InvalidRun("provider", f"There is no compute provider {name!r} (providers.yaml has: {known}).")
+    return name
+
+
 def enqueue_run(config: RunConfig, *, session: Session) -> Run:
     return state.enqueue(
         session=session,
@@ -268,4 +285,5 @@ def enqueue_run(config: RunConfig, *, session: Session) -> Run:
         method=config.method,
         config=config.model_dump(mode="json"),
         gpus=config.gpus,
+        provider=config.provider,
     )

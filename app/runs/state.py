@@ -28,10 +28,19 @@ class TransitionError(Exception):
 
 
 def enqueue(
-    *, session: Session, name: str, dataset_id: int, base_model: str, method: str, config: dict, gpus: int = 0
+    *,
+    session: Session,
+    name: str,
+    dataset_id: int,
+    base_model: str,
+    method: str,
+    config: dict,
+    gpus: int = 0,
+    provider: str | None = None,
 ) -> Run:
     run = Run(
         gpus=gpus,
+        provider=provider,
         name=name,
         dataset_id=dataset_id,
         base_model=base_model,
