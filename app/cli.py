@@ -51,7 +51,7 @@ def cmd_worker(settings: Settings, only_run: int | None = None) -> None:
     from worker.main import run_worker
 
     # exit code 0, also when the Workers page stopped it: it stays down
-    run_worker(settings, only_run=only_run)
+    sys.exit(run_worker(settings, only_run=only_run))
 
 
 def cmd_train(config: Path) -> int:

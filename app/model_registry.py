@@ -210,28 +210,27 @@ def fetched_model_id(source: str, repo_id: str) -> str:
 
 def modelscope_cache_entries() -> list[ModelEntry]:
     """Causal-LM checkpoints already downloaded into ModelScope's cache (never fetches): its
-    models/<owner>--<name>/snapshots/<revision> folders, the newest revision of each model, none with a
+    models/<owner>--<name>/snapshots/<revision> folders (the newest revision of each model), and the
+    folders of older clients' layout (models/<owner>/<name>, under hub/ in the default cache), none with a
     file still arriving."""
     from app.modelscope import cache_dir
 
-    entries = []
-    for model in sorted((cache_dir() / "models").glob("*--*"), key=lambda p: p.name.lower()):
+    found: dict[str, Path] = {}
+    for model in (cache_dir() / "models").glob("*--*"):
         snapshots = [p for p in (model / "snapshots").glob("*") if p.is_dir()]
-        if not snapshots:
-            continue
-        snapshot = max(snapshots, key=lambda p: p.stat().st_mtime_ns)
+        if snapshots:
+            found[model.name.replace("--", "/", 1)] = max(snapshots, key=lambda p: p.stat().st_mtime_ns)
+    for base in (cache_dir() / "models", cache_dir() / "hub" / "models"):
+        for folder in base.glob("*/*"):
+            if "--" not in folder.parent.name and folder.is_dir():
+                found.setdefault(f"{folder.parent.name}/{folder.name.replace('___', '.')}", folder)
+    entries = []
+    for repo_id, snapshot in sorted(found.items(), key=lambda item: item[0].lower()):
         arriving = next(snapshot.rglob("*.incomplete"), None) is not None
         if arriving or not (is_model_folder(snapshot) and _is_causal_lm(snapshot)) or links_out(snapshot):
             continue
-        repo_id = model.name.replace("--", "/", 1)
-        entries.append(
-            ModelEntry(
-                fetched_model_id("modelscope", repo_id),
-                f"{repo_id} (ModelScope)",
-                "modelscope-cache",
-                snapshot,
-            )
-        )
+        model_id = fetched_model_id("modelscope", repo_id)
+        entries.append(ModelEntry(model_id, f"{repo_id} (ModelScope)", "modelscope-cache", snapshot))
     return entries
 
 

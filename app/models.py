@@ -167,9 +167,7 @@ class Run(Leased, Base):
         viewonly=True,
     )
     # the scheduler jobs of a run sent to a provider, oldest first
-    cluster_jobs: Mapped[list[ClusterJob]] = relationship(
-        order_by=lambda: ClusterJob.id, viewonly=True, lazy="selectin"
-    )
+    cluster_jobs: Mapped[list[ClusterJob]] = relationship(order_by=lambda: ClusterJob.id, viewonly=True)
 
 
 class ClusterJob(Base):

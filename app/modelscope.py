@@ -40,9 +40,13 @@ for _name, _value in (("MODELSCOPE_API_MAX_RETRIES", "2"), ("MODELSCOPE_REPO_TRE
 
 
 def _config(url: str | None = None, token: str | bool | None = None):
+    """The client's settings for `url` with `token`: a token, False for none at all ("" to the client, so
+    that it never falls back to its own login file or MODELSCOPE_API_TOKEN), or None for the client's own
+    (a worker's operator may set MODELSCOPE_API_TOKEN)."""
     from modelscope_hub import HubConfig
 
-    return HubConfig(endpoint=url, token=token if isinstance(token, str) and token else None)
+    chosen = token if isinstance(token, str) else ("" if token is False else None)
+    return HubConfig(endpoint=url, token=chosen)
 
 
 def endpoint() -> str:
@@ -61,8 +65,25 @@ def cache_dir() -> Path:
 
 
 def snapshot_folder(repo_id: str, revision: str) -> Path:
-    """Where the client keeps a model's files at a revision: models/<owner>--<name>/snapshots/<revision>."""
-    return cache_dir() / "models" / repo_id.replace("/", "--") / "snapshots" / revision
+    """Where the client keeps a model's files at a revision: models/<owner>--<name>/snapshots/<revision>,
+    or, as the client does, the folder of an older client's cache when one holds that model."""
+    return (
+        legacy_folder(repo_id) or cache_dir() / "models" / repo_id.replace("/", "--") / "snapshots" / revision
+    )
+
+
+def legacy_folder(repo_id: str) -> Path | None:
+    """A model's folder in the layout of ModelScope's older clients (models/<owner>/<name with . as ___>,
+    under hub/ in the default cache), which the client keeps downloading into when it is not empty."""
+    owner, _, name = repo_id.partition("/")
+    base = cache_dir()
+    for folder in (
+        base / "models" / owner / name.replace(".", "___"),
+        base / "hub" / "models" / owner / name.replace(".", "___"),
+    ):
+        if folder.is_dir() and any(folder.iterdir()):
+            return folder
+    return None
 
 
 def api(url: str, token: str | bool | None):
@@ -179,11 +200,14 @@ def known_sentence(
         NetworkError,
         NotExistError,
         PermissionDeniedError,
+        RequestTimeoutError,
         ServerError,
     )
 
     where = site_name(url)
-    if isinstance(exc, (NetworkError, requests.ConnectionError, requests.Timeout)):  # no answer (in time)
+    if isinstance(exc, (RequestTimeoutError, requests.Timeout)) or "deadline" in type(exc).__name__.lower():
+        return f"{capital(where)} did not answer in time about {what}; try again (a download resumes)."
+    if isinstance(exc, (NetworkError, requests.ConnectionError)):  # no answer at all
         return offline_sentence(url)
     if isinstance(exc, (AuthenticationError, PermissionDeniedError)):
         if what == "the token":

@@ -40,9 +40,10 @@ class Orders:
     stop: bool = False
 
 
-def worker_id() -> str:
-    """This process's name in the workers table: host and process id."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+def worker_id(job: str | None = None) -> str:
+    """This process's name in the workers table: host and process id, with the scheduler job that started
+    it, if one did (app.providers.dispatch knows its jobs' workers by it)."""
+    return f"{socket.gethostname()}:{f'job-{job}:' if job else ''}{os.getpid()}"
 
 
 def beat(

@@ -64,6 +64,8 @@ def refused(client, repo_id: str, **extra) -> str:
 def test_a_model_is_looked_up_on_modelscope_before_anything_is_downloaded(
     client, repo_folder, ms_cache, monkeypatch, tmp_path
 ):
+    # the client's own token (its login, MODELSCOPE_API_TOKEN) is never sent: only one saved here is
+    monkeypatch.setenv("MODELSCOPE_API_TOKEN", "ms-fromtheenvironment")
     with running_hub({"tiny/llama": Repo(folder=repo_folder, sha=SHA)}) as standin:
         monkeypatch.setenv("MODELSCOPE_ENDPOINT", standin.modelscope_url)
         status, info = lookup(client, "tiny/llama")
@@ -87,8 +89,9 @@ def test_a_model_is_looked_up_on_modelscope_before_anything_is_downloaded(
         )
         assert "has no revision 'v9'" in refused(client, "tiny/llama", revision="v9")
         assert "names every model owner/name" in refused(client, "llama")
-        # nothing was asked of the Hugging Face origin, and nothing reached the cache
+        # nothing was asked of the Hugging Face origin, no token went anywhere, and nothing reached the cache
         assert all(path.startswith(("/openapi/", "/api/v1/")) for _, path, _ in standin.requests)
+        assert all(credentials is None for _, _, credentials in standin.requests)
         assert not ms_cache.exists() or not list(ms_cache.rglob("*.safetensors"))
         page = client.post("/models/lookup", data={"repo_id": "tiny/llama", "source": "modelscope"})
         assert 'id="download-button"' in page.text and "on the ModelScope site at" in page.text
@@ -267,4 +270,17 @@ def test_a_worker_elsewhere_fetches_a_modelscope_model_for_its_run(
     assert (folder / "model.safetensors").read_bytes() == (repo_folder / "model.safetensors").read_bytes()
     assert any(
         p.startswith("Fetching tiny/llama from the ModelScope site at") and " of " in p for p in phases
+    )
+
+
+def test_a_model_in_an_older_clients_cache_layout_is_listed(client, ms_cache, tiny_model_dir):
+    """ModelScope's older clients kept models under hub/models/<owner>/<name, . as ___>; the client still
+    downloads into such a folder when it holds the model, so Tuneboard lists it too."""
+    shutil.copytree(tiny_model_dir, ms_cache / "hub" / "models" / "tiny" / "llama___v2")
+    models = {m["id"]: m for m in client.get("/api/models").json()}
+    entry = models["modelscope:tiny/llama.v2"]
+    assert (entry["status"], entry["source"]) == ("ready", "modelscope-cache")
+    assert (
+        modelscope.snapshot_folder("tiny/llama.v2", "master")
+        == ms_cache / "hub" / "models" / "tiny" / "llama___v2"
     )

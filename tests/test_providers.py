@@ -12,7 +12,7 @@ from pydantic import SecretStr
 from app import jobs
 from app.providers import slurm
 from app.providers.config import ProviderProblem, load
-from app.providers.dispatch import worker_environment
+from app.providers.dispatch import job_name, tick, worker_environment
 from tests.conftest import DEMO_DATASET, upload
 
 SECRET = "a-secret-token-0123456789"
@@ -64,11 +64,13 @@ def test_the_batch_script_carries_the_settings_and_no_secret(settings, tmp_path)
         },
     )
     provider = load(settings)["lab"]
-    text = slurm.script(provider, 7, tmp_path / "logs")
+    text = slurm.script(provider, 7, tmp_path / "logs", job_name(settings, 7))
     lines = text.splitlines()
     assert lines[0] == "#!/bin/bash"
+    assert job_name(settings, 7).startswith("tuneboard-") and job_name(settings, 7).endswith("-run-7")
+    assert "umask 077" in lines  # the worker's files (its settings hold the database's address) are its own
     for option in (
-        "--job-name=tuneboard-run-7",
+        f"--job-name={job_name(settings, 7)}",
         "--partition=gpu",
         "--time=04:00:00",
         "--gpus=1",
@@ -104,3 +106,74 @@ def test_a_run_for_a_provider_is_its_jobs_worker_alone(client, settings, db):
         assert claimed is not None and claimed.worker_id == "job-7"
     page = client.get("/runs/new").text
     assert 'id="provider"' in page and "lab (Slurm, partition gpu)" in page
+
+
+def test_a_provider_caps_the_gpus_a_run_may_ask_for(client, settings):
+    write(settings, LAB)
+    dataset = upload(client, "demo.json", DEMO_DATASET.read_bytes()).json()["id"]
+    refused = client.post("/api/runs", json={"dataset_id": dataset, "provider": "lab", "gpus": 2})
+    assert refused.status_code == 422
+    assert "a job on lab gets 1" in refused.json()["detail"][0]["message"]
+
+
+class FakeSlurm:
+    """Slurm's three calls, as the dispatcher makes them, answered from a table the test sets."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.states: dict[str, str] = {}
+        self.cancelled: list[str] = []
+        monkeypatch.setattr(slurm, "find", lambda name, env=None: None)
+        monkeypatch.setattr(slurm, "submit", self.submit)
+        monkeypatch.setattr(slurm, "poll", self.poll)
+        monkeypatch.setattr(slurm, "cancel", lambda job_id, env=None: self.cancelled.append(job_id))
+
+    def submit(self, text, folder, env, chdir) -> str:
+        job_id = str(100 + len(self.states))
+        self.states[job_id] = "PENDING"
+        return job_id
+
+    def poll(self, job_ids, env=None) -> dict:
+        return {i: slurm.JobState(self.states.get(i, "GONE"), None, "node1") for i in job_ids}
+
+
+def test_the_dispatcher_resubmits_interruptions_and_gives_up_on_failures(client, settings, db, monkeypatch):
+    """A job that ends while its worker trains sends the run to a new job; a job that ends before a worker
+    of its own took the run counts as failed, and the third such failure fails the run with its log; a
+    provider missing from the file leaves its jobs watched and its runs queued, never failed."""
+    from app.models import ClusterJob, Run, RunStatus
+
+    write(settings, LAB)
+    fake = FakeSlurm(monkeypatch)
+    dataset = upload(client, "demo.json", DEMO_DATASET.read_bytes()).json()["id"]
+    run_id = client.post("/api/runs", json={"dataset_id": dataset, "provider": "lab"}).json()["id"]
+    providers = load(settings)
+
+    def jobs_of() -> list[ClusterJob]:
+        with db.session() as session:
+            return list(session.get(Run, run_id).cluster_jobs)
+
+    tick(settings, db, providers)
+    assert [(j.job_id, j.state) for j in jobs_of()] == [("100", "PENDING")]
+    # its worker (named after the job) takes the run; the job is preempted: the run waits for a new job
+    with db.write_session() as session:
+        jobs.claim(session=session, kind=jobs.TRAIN, worker_id="node1:job-100:42", only=run_id)
+    fake.states["100"] = "RUNNING"
+    tick(settings, db, providers)
+    fake.states["100"] = "PREEMPTED"
+    tick(settings, db, providers)  # the run back to the queue (its worker is gone), and a new job
+    assert [(j.job_id, j.state) for j in jobs_of()] == [("100", "PREEMPTED"), ("101", "PENDING")]
+    # a provider that left the file: its job is still followed, the run is not given up
+    tick(settings, db, {})
+    with db.session() as session:
+        assert session.get(Run, run_id).status == RunStatus.QUEUED
+    # jobs whose worker never takes the run (it cannot reach this server): the third fails it
+    for job_id in ("101", "102", "103"):
+        fake.states[job_id] = "COMPLETED"
+        tick(settings, db, providers)
+    with db.session() as session:
+        run = session.get(Run, run_id)
+        assert (
+            run.status == RunStatus.FAILED and "3 jobs on lab failed without finishing this run" in run.error
+        )
+    assert [j.job_id for j in jobs_of()] == ["100", "101", "102", "103"]
+    assert fake.cancelled == []

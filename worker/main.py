@@ -7,6 +7,7 @@ loop, the generation host (worker.gen_server) runs as a child process, restarted
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -39,9 +40,10 @@ log = logging.getLogger("tuneboard.worker")
 
 def run_worker(
     settings: Settings, *, stop: threading.Event | None = None, only_run: int | None = None
-) -> None:
-    """The worker until it is told to stop (a signal, or the Workers page). `only_run`: a scheduler job's
-    one-shot worker (app.providers), which trains exactly that run, then exits."""
+) -> int:
+    """The worker until it is told to stop (a signal, or the Workers page); its exit code. `only_run`: a
+    scheduler job's one-shot worker (app.providers), which trains exactly that run, then exits (1 when it
+    could not: its job then ends as failed, which the dispatcher counts)."""
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -52,7 +54,7 @@ def run_worker(
     settings.ensure_dirs()
     guard_tokens()  # a token a worker holds goes to its hub, never elsewhere
     db = Database(settings.sqlalchemy_url)
-    me = workers.worker_id()
+    me = workers.worker_id(job=os.environ.get("SLURM_JOB_ID") if only_run is not None else None)
     server = Server(settings, me) if settings.server_url else None
     log.info(
         "worker %s started; data in %s%s",
@@ -62,13 +64,13 @@ def run_worker(
     )
     host = None
     try:
-        if not wait_for_schema(settings, db, stop):
-            return
+        # a scheduler job's worker does not hold its allocation forever for a database it cannot open
+        if not wait_for_schema(settings, db, stop, within=SCHEMA_WAIT if only_run is not None else None):
+            return 0 if stop.is_set() else 1
         with db.write_session() as session:  # a new process under an old name (a container's pid 1)
             workers.started(session=session, worker_id=me)
         if only_run is not None:
-            one_run(settings, db, only_run, me=me, stop=stop, server=server)
-            return
+            return one_run(settings, db, only_run, me=me, stop=stop, server=server)
         if settings.generation:
             log.info("generation host starting on %s", settings.generation_base_url)
             host = ChildKeeper(
@@ -95,17 +97,21 @@ def run_worker(
         if server is not None:
             server.close()
         log.info("worker stopped")
+    return 0
 
 
 ONE_RUN_WAIT = 60.0  # seconds a one-shot worker waits for its run to be free (its last job's worker gone)
+SCHEMA_WAIT = 300.0  # seconds it waits for the database and its schema
 
 
 def one_run(
     settings: Settings, db: Database, run_id: int, *, me: str, stop: threading.Event, server: Server | None
-) -> None:
+) -> int:
     """A scheduler job's worker: claim run `run_id` (queued for it by the dispatcher), train it as any
-    worker does, and return. A run that is no longer queued (cancelled meanwhile) is left alone."""
+    worker does; the exit code: 0 when it finished or was handed back (told to stop), 1 when it failed or
+    could not be trained here. A run that is no longer queued (cancelled meanwhile) is left alone."""
     from app.runs.state import TransitionError
+    from worker.remote import ServerError
 
     deadline = time.monotonic() + ONE_RUN_WAIT
     while not stop.is_set():
@@ -114,25 +120,34 @@ def one_run(
             status = session.scalar(select(Run.status).where(Run.id == run_id)) if run is None else None
         if run is not None:
             break
-        if status != RunStatus.QUEUED and status != RunStatus.RUNNING or time.monotonic() > deadline:
+        if status not in (RunStatus.QUEUED, RunStatus.RUNNING):
             log.info("run %d is %s: nothing for this job to do", run_id, status or "gone")
-            return
+            return 0
+        if time.monotonic() > deadline:
+            log.error("run %d is still held by another worker: this job cannot take it", run_id)
+            return 1
         stop.wait(settings.heartbeat_seconds)
     else:
-        return
+        return 0
     try:
         outcome = supervise(settings, db, run, me=me, stop=stop, server=server)
-    except TransitionError as exc:
-        log.warning("run %d: %s", run_id, exc)
-        return
+    except (TransitionError, ServerError) as exc:  # taken from it, or the web server out of reach
+        log.error("run %d: %s; this job's worker exits", run_id, exc)
+        return 1
     log.info("run %d: %s; this job's worker exits", run_id, outcome)
+    return 0 if outcome in (RunStatus.SUCCEEDED, RunStatus.CANCELLED, "requeued") else 1
 
 
-def wait_for_schema(settings: Settings, db: Database, stop: threading.Event) -> bool:
+def wait_for_schema(
+    settings: Settings, db: Database, stop: threading.Event, within: float | None = None
+) -> bool:
     """Wait until the database has Tuneboard's newest schema (a worker may start before the web server
-    that migrates it). Says so once. Returns False when told to stop first."""
-    said = False
+    that migrates it). Says so once. Returns False when told to stop first, or after `within` seconds."""
+    said, deadline = False, time.monotonic() + within if within is not None else None
     while not stop.is_set():
+        if deadline is not None and time.monotonic() > deadline:
+            log.error("the database (or its newest schema) was not there within %.0f s", within)
+            return False
         try:
             if schema_ready(db.engine, settings):
                 return True

@@ -198,6 +198,10 @@ def supervise(
     with run_beating(settings, db, run.id, me):  # converting the model and fetching files may take minutes
         say_phase(db, run.id, "Preparing: the base model and the run's files")
         problem, model_folder = ensure_model(settings, db, run, me=me, stop=stop, remote=server is not None)
+        if problem and stop.is_set():  # the worker is stopping (a scheduler's warning): not the run's fault
+            write_with_retry(db, lambda session: state.requeue(session=session, run_id=run.id, worker_id=me))
+            log.info("run %d handed back to the queue while its model was being prepared", run.id)
+            return "requeued"
         if problem:
             return fail(db, run, me, problem)
         try:

@@ -90,6 +90,9 @@ class SlurmProvider(BaseModel):
     # shell lines the job runs before its worker: load modules, activate an environment, enter a container
     setup: list[Line] = Field(default_factory=list, max_length=50)
     python: Line | None = None  # the interpreter on the nodes (default: the one running this server)
+    # where the jobs start and write their logs, a folder the nodes have (default: the run's folder under
+    # <data dir>/clusters, which the nodes must then share with this server)
+    job_folder: Line | None = None
     # how long before the time limit Slurm warns the job (SIGTERM), so its worker hands the run back
     warning_seconds: int = Field(120, ge=10, le=3600)
     environment: dict[Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]{0,63}$")], Line] = Field(

@@ -11,13 +11,16 @@ does; what the scheduler says of each job (pending and why, running on which nod
                                               it back, or it counts as lost) and a new job resumes it from
                                               the last checkpoint the web server received
 
-A job that ends before its worker took the run (the node could not reach this server, say) is retried;
-after MAX_IDLE_JOBS such jobs the run fails with the job's log. A scheduler that does not answer leaves
-the runs queued, with a sentence on their page, and is asked again at the next heartbeat.
+A job that fails the run (its worker never took it: the node could not reach this server, say; or Slurm
+says it failed: a crash, a lost node) is followed by another; after MAX_FAILED_JOBS such jobs the run fails
+with the last job's log. Time limits, preemptions and cancels are interruptions, not failures. A scheduler
+that does not answer leaves the runs queued, with a sentence on their page, and is asked again at the next
+heartbeat.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import socket
 import threading
@@ -31,10 +34,10 @@ from app.config import WILDCARD_HOSTS, Settings
 from app.db import PASSING_FAULTS, Database
 from app.models import FINISHED, ClusterJob, JobAttempt, Run, RunStatus, utcnow
 from app.providers import slurm
-from app.providers.config import Provider, ProviderProblem, load
+from app.providers.config import Provider, ProviderProblem, load, providers_file
 
 log = logging.getLogger("tuneboard.providers")
-MAX_IDLE_JOBS = 3  # jobs that ended before their worker took the run, before the run fails
+MAX_FAILED_JOBS = 3  # jobs that failed the run (failed, or ended before their worker took it): it fails
 EXIT_GRACE = timedelta(minutes=2)  # a finished run's worker exits by itself; after this its job is cancelled
 
 
@@ -56,37 +59,55 @@ def worker_environment(settings: Settings, provider: Provider) -> dict[str, str]
     return env
 
 
+def job_name(settings: Settings, run_id: int) -> str:
+    """A run's jobs' name in the scheduler: the run and this installation (its database), so that two
+    servers sharing a cluster never take each other's jobs for their own."""
+    install = hashlib.sha256(settings.sqlalchemy_url.encode()).hexdigest()[:8]
+    return f"tuneboard-{install}-run-{run_id}"
+
+
 def tick(settings: Settings, db: Database, providers: dict[str, Provider]) -> None:
-    """One look at every job under way, then the queued runs that need one."""
+    """One look at every job under way, then the queued runs that need one. Runs whose worker went silent
+    go back to the queue here too (a cluster may be the only place runs train)."""
+    with db.write_session() as session:
+        jobs.requeue_stale(session=session, stale_after=timedelta(seconds=settings.stale_after_seconds))
     with db.session() as session:
         active = session.scalars(select(ClusterJob).where(ClusterJob.ended_at.is_(None))).all()
         by_provider: dict[str, list[ClusterJob]] = {}
         for row in active:
             by_provider.setdefault(row.provider, []).append(row)
     for name, rows in by_provider.items():
-        provider = providers.get(name)
-        ids = [row.job_id for row in rows]
+        # a provider no longer in the file (an edit under way, a mistake): its jobs are still watched
+        # and cancelled with this server's own Slurm settings, never given up for lost
+        env = _env(providers.get(name))
         try:
-            states = slurm.poll(ids, env=_env(provider)) if provider else {i: _unknown() for i in ids}
+            states = slurm.poll([row.job_id for row in rows], env=env)
         except slurm.SlurmError as exc:
             log.warning("provider %s: %s", name, exc)
             continue
         for row in rows:
-            _follow(settings, db, provider, row.id, states[row.job_id])
+            _follow(db, env, row.id, states[row.job_id])
     _submit_queued(settings, db, providers)
 
 
-def _unknown() -> slurm.JobState:
-    return slurm.JobState("GONE", "its provider is no longer configured", None)
-
-
 def _env(provider: Provider | None) -> dict[str, str]:
-    return slurm.job_environment(provider, {}) if provider else {}
+    """The environment Slurm's commands run with for a provider (without one: this server's own)."""
+    return slurm.job_environment(provider, {}) if provider else slurm.job_environment(None, {})
 
 
-def _follow(
-    settings: Settings, db: Database, provider: Provider | None, row_id: int, now_state: slurm.JobState
-) -> None:
+def anything_to_watch(db: Database) -> bool:
+    """Whether a job is under way or a run waits for one (the dispatcher looks, even without a file)."""
+    with db.session() as session:
+        waiting = select(Run.id).where(
+            Run.status.in_((RunStatus.QUEUED, RunStatus.RUNNING)), Run.provider.is_not(None)
+        )
+        return (
+            session.scalar(waiting.limit(1)) is not None
+            or session.scalar(select(ClusterJob.id).where(ClusterJob.ended_at.is_(None)).limit(1)) is not None
+        )
+
+
+def _follow(db: Database, env: dict[str, str], row_id: int, now_state: slurm.JobState) -> None:
     """One job's news: record it; cancel a job its run no longer needs; send a run whose job ended
     before it finished back to the queue."""
     cancel = False
@@ -102,7 +123,7 @@ def _follow(
         if now_state.ended:
             row.ended_at = utcnow()
             if run is not None and run.status == RunStatus.RUNNING and run.worker_id:
-                if _worker_of(session, row, run.worker_id):
+                if is_jobs_worker(row.job_id, run.worker_id):
                     jobs.lose(session=session, kind=jobs.TRAIN, job_id=run.id, worker_id=run.worker_id)
                     log.info("run %d: job %s ended (%s); back to the queue", run.id, row.job_id, row.state)
         elif run is None or run.status in FINISHED:
@@ -113,22 +134,16 @@ def _follow(
             cancel = True
         session.commit()
         job_id = row.job_id
-    if cancel and provider is not None:
+    if cancel:
         try:
-            slurm.cancel(job_id, env=_env(provider))
+            slurm.cancel(job_id, env=env)
         except slurm.SlurmError as exc:
             log.warning("job %s could not be cancelled: %s", job_id, exc)
 
 
-def _worker_of(session, row: ClusterJob, worker_id: str) -> bool:
-    """Whether the run's worker is this job's: it took the run after the job was submitted."""
-    attempt = session.scalar(
-        select(JobAttempt)
-        .where(JobAttempt.kind == jobs.TRAIN.name, JobAttempt.job_id == row.run_id)
-        .order_by(JobAttempt.attempt.desc())
-        .limit(1)
-    )
-    return attempt is not None and attempt.worker_id == worker_id and attempt.started_at >= row.submitted_at
+def is_jobs_worker(job_id: str, worker_id: str) -> bool:
+    """Whether a worker is the one a scheduler job started (its name carries the job's id)."""
+    return f":job-{job_id}:" in worker_id
 
 
 _active_job = select(ClusterJob.id).where(ClusterJob.run_id == Run.id, ClusterJob.ended_at.is_(None))
@@ -159,25 +174,30 @@ def _submit(settings: Settings, db: Database, providers: dict[str, Provider], ru
         if run is None or run.status != RunStatus.QUEUED or run.provider is None:
             return
         provider = providers.get(run.provider)
-        if provider is None:
+        if provider is None:  # kept queued: the file may be being edited; the page says what to do
             where = settings.data_dir / "providers.yaml"
-            _fail(session, run, f"The provider {run.provider} is no longer configured ({where}).")
+            said = f"Waiting: the provider {run.provider} is not in {where}; put it back, or cancel this run"
+            record_phase(session=session, run_id=run_id, phase=said)
             return
-        idle = _idle_jobs(session, run.id)
-        if len(idle) >= MAX_IDLE_JOBS:
-            last = idle[-1]
+        failed = failed_jobs(session, run.id)
+        if len(failed) >= MAX_FAILED_JOBS:
+            last = failed[-1]
             _fail(
                 session,
                 run,
-                f"{len(idle)} jobs on {provider.name} ended before their worker took the run (the last: "
-                f"job {last.job_id}, {last.state}). Its log says why: {last.log}" + _log_tail(last.log),
+                f"{len(failed)} jobs on {provider.name} failed without finishing this run (the last: job "
+                f"{last.job_id}, {last.state}{f', {last.reason}' if last.reason else ''}). Its log says why: "
+                f"{last.log}{_log_tail(last.log)}",
             )
             return
     folder = run_folder(settings, provider, run_id)
-    text = slurm.script(provider, run_id, folder)
+    where = slurm.job_folder(provider, folder)
+    name, submitted_at = job_name(settings, run_id), utcnow()
     env = slurm.job_environment(provider, worker_environment(settings, provider))
     try:
-        job_id = slurm.submit(text, folder, env)
+        # a job an earlier submission left (an sbatch that timed out after Slurm took it) is taken over
+        text = slurm.script(provider, run_id, where, name)
+        job_id = slurm.find(name, env=env) or slurm.submit(text, folder, env, chdir=where)
     except slurm.SlurmError as exc:
         with db.write_session() as session:
             run = session.get(Run, run_id)
@@ -199,8 +219,8 @@ def _submit(settings: Settings, db: Database, providers: dict[str, Provider], ru
                 provider=provider.name,
                 job_id=job_id,
                 state="PENDING",
-                log=str(folder / f"run-{run_id}-{job_id}.out"),
-                submitted_at=utcnow(),
+                log=str(slurm.log_file(where, run_id, job_id)),
+                submitted_at=submitted_at,
             )
         )
         session.commit()
@@ -208,20 +228,22 @@ def _submit(settings: Settings, db: Database, providers: dict[str, Provider], ru
     log.info("run %d: submitted to %s as job %s", run_id, provider.name, job_id)
 
 
-def _idle_jobs(session, run_id: int) -> list[ClusterJob]:
-    """The run's ended jobs whose worker never took it."""
+def failed_jobs(session, run_id: int) -> list[ClusterJob]:
+    """The run's ended jobs that failed it: those whose worker never took the run (a node that cannot
+    reach this server or its database, a broken environment), and those Slurm says failed (the worker
+    crashed, a node failed, out of memory). Ends by time limit, preemption or cancel do not count."""
     ended = session.scalars(
         select(ClusterJob)
         .where(ClusterJob.run_id == run_id, ClusterJob.ended_at.is_not(None))
         .order_by(ClusterJob.id)
     ).all()
-    starts = session.scalars(
-        select(JobAttempt.started_at).where(JobAttempt.kind == jobs.TRAIN.name, JobAttempt.job_id == run_id)
+    workers = session.scalars(
+        select(JobAttempt.worker_id).where(JobAttempt.kind == jobs.TRAIN.name, JobAttempt.job_id == run_id)
     ).all()
     return [
         job
         for job in ended
-        if not any(job.submitted_at <= start <= (job.ended_at or start) for start in starts)
+        if job.state in slurm.FAILURES or not any(is_jobs_worker(job.job_id, worker) for worker in workers)
     ]
 
 
@@ -254,7 +276,8 @@ class Dispatcher:
     def _loop(self) -> None:
         while not self.stop.wait(self.settings.heartbeat_seconds):
             try:
-                tick(self.settings, self.db, load(self.settings))
+                if providers_file(self.settings).exists() or anything_to_watch(self.db):
+                    tick(self.settings, self.db, load(self.settings))
             except ProviderProblem as exc:
                 log.error("%s", exc)
             except PASSING_FAULTS as exc:

@@ -35,6 +35,8 @@ ENDED = {
     "TIMEOUT",
     "GONE",  # no longer known to the controller at all
 }
+# the ends that are failures of the job itself, not interruptions (a time limit, a preemption, a cancel)
+FAILURES = {"BOOT_FAIL", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY"}
 # variables of the web server's environment a job's worker gets too (no secrets: those are named)
 PASSED_ON = (
     *("PATH", "LANG", "LC_ALL", "HOME", "SLURM_CONF"),
@@ -62,11 +64,15 @@ class JobState:
         return self.state in ENDED
 
 
-def script(provider: SlurmProvider, run_id: int, log_folder: Path, python: str | None = None) -> str:
+def log_file(log_folder: Path, run_id: int, job_id: str) -> Path:
+    return log_folder / f"run-{run_id}-{job_id}.out"
+
+
+def script(provider: SlurmProvider, run_id: int, log_folder: Path, name: str) -> str:
     """The batch script for one run: its #SBATCH options, the provider's setup lines, then the worker."""
     options = [
-        f"--job-name=tuneboard-run-{run_id}",
-        f"--output={log_folder}/run-{run_id}-%j.out",
+        f"--job-name={name}",
+        f"--output={log_file(log_folder, run_id, '%j')}",
         f"--signal=B:TERM@{provider.warning_seconds}",
         "--no-requeue",  # Tuneboard sends a run that lost its job to a new one itself
     ]
@@ -84,12 +90,13 @@ def script(provider: SlurmProvider, run_id: int, log_folder: Path, python: str |
     if provider.cpus_per_task is not None:
         options.append(f"--cpus-per-task={provider.cpus_per_task}")
     options += provider.sbatch_options
-    worker = [provider.python or python or sys.executable, "-m", "app.cli", "worker", "--run", str(run_id)]
+    worker = [provider.python or sys.executable, "-m", "app.cli", "worker", "--run", str(run_id)]
     lines = [
         "#!/bin/bash",
         *(f"#SBATCH {option}" for option in options),
         "# Written by Tuneboard for one run: its worker takes this run only, then exits.",
         "set -e",
+        "umask 077",  # what the worker writes (the run's settings hold the database's address) is its own
         *provider.setup,
         'export TUNEBOARD_DATA_DIR="${TMPDIR:-/tmp}/tuneboard-slurm-${SLURM_JOB_ID}"',
         f"exec {shlex.join(worker)}",
@@ -97,11 +104,11 @@ def script(provider: SlurmProvider, run_id: int, log_folder: Path, python: str |
     return "\n".join(lines) + "\n"
 
 
-def job_environment(provider: SlurmProvider, worker_env: dict[str, str]) -> dict[str, str]:
+def job_environment(provider: SlurmProvider | None, worker_env: dict[str, str]) -> dict[str, str]:
     """The environment sbatch runs with, and passes on to the job: a few of the server's own variables,
     the worker's settings (its web server, database and token) and the provider's extra variables."""
     passed = {name: os.environ[name] for name in PASSED_ON if name in os.environ}
-    return passed | worker_env | provider.environment
+    return passed | worker_env | (provider.environment if provider else {})
 
 
 def _run(command: list[str], env: dict[str, str] | None = None) -> str:
@@ -133,13 +140,18 @@ def _said(output: str) -> str:
     return last.split("error:", 1)[-1].strip()[:300]
 
 
-def submit(script_text: str, folder: Path, env: dict[str, str]) -> str:
-    """Submit a batch script (written to `folder`); the job's id. SlurmError when Slurm refuses it or does
-    not answer."""
+def job_folder(provider: SlurmProvider, folder: Path) -> Path:
+    """Where a run's jobs start and write their logs: the provider's job folder, else the run's folder."""
+    return Path(provider.job_folder) if provider.job_folder else folder
+
+
+def submit(script_text: str, folder: Path, env: dict[str, str], chdir: Path) -> str:
+    """Submit a batch script (written to `folder`) to start in `chdir`; the job's id. SlurmError when
+    Slurm refuses it or does not answer."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "job.sh"
     path.write_text(script_text, encoding="utf-8")
-    answer = _run(["sbatch", "--parsable", f"--chdir={folder}", "--export=ALL", str(path)], env=env)
+    answer = _run(["sbatch", "--parsable", f"--chdir={chdir}", "--export=ALL", str(path)], env=env)
     job_id = answer.strip().split(";")[0]
     if not job_id.isdigit():
         raise SlurmError(f"sbatch answered {answer.strip()[:200]!r} instead of a job id", unreachable=False)
@@ -172,6 +184,22 @@ def poll(job_ids: list[str], env: dict[str, str] | None = None) -> dict[str, Job
             node=node or None if node not in ("(null)", "n/a") else None,
         )
     return {job_id: found.get(job_id, JobState("GONE", None, None)) for job_id in job_ids}
+
+
+def find(name: str, env: dict[str, str] | None = None) -> str | None:
+    """The id of a job of this name still waiting or running, if the controller has one."""
+    answer = _run(
+        [
+            "squeue",
+            "--noheader",
+            "--format=%i",
+            f"--name={name}",
+            "--states=PENDING,RUNNING,CONFIGURING,SUSPENDED",
+        ],
+        env=env,
+    )
+    ids = [line.strip() for line in answer.splitlines() if line.strip().isdigit()]
+    return ids[0] if ids else None
 
 
 def cancel(job_id: str, env: dict[str, str] | None = None) -> None:

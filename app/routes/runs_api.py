@@ -115,7 +115,8 @@ def estimate_run(request: RunRequest, settings: SettingsDep, session: SessionDep
 
 @router.get("")
 def list_runs(session: SessionDep) -> list[RunOut]:
-    runs = session.scalars(select(Run).options(selectinload(Run.history)).order_by(Run.id.desc()))
+    loaded = (selectinload(Run.history), selectinload(Run.cluster_jobs))
+    runs = session.scalars(select(Run).options(*loaded).order_by(Run.id.desc()))
     return [RunOut.model_validate(r) for r in runs]
 
 

@@ -228,8 +228,9 @@ def form_values(config: RunConfig) -> dict[str, Any]:
         "gpus": config.gpus,
         "distributed": config.distributed,
         "objective": config.objective,
-        "provider": config.provider,
     }
+    if config.provider is not None:
+        values["provider"] = config.provider
     if config.start_run_id is not None:
         values["start_from_run"] = config.start_run_id
     groups = {

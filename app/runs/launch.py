@@ -101,7 +101,7 @@ def build_run_config(settings: Settings, request: RunRequest, *, session: Sessio
         total_steps=total_steps,
         gpus=request.gpus,
         distributed=request.distributed,
-        provider=check_provider(settings, request.provider),
+        provider=check_provider(settings, request.provider, request.gpus),
     )
     # a run for GPU workers, or a cluster's, is checked by the worker that claims it, against its own memory
     if config.training.quantization != "none" and config.gpus > 1:
@@ -260,8 +260,9 @@ def check_modules(model: ModelEntry, peft: dict) -> None:
             )
 
 
-def check_provider(settings: Settings, name: str | None) -> str | None:
-    """The compute provider a run names, if providers.yaml has it (InvalidRun with a sentence if not)."""
+def check_provider(settings: Settings, name: str | None, gpus: int = 0) -> str | None:
+    """The compute provider a run names, if providers.yaml has it and its jobs get the GPUs the run asks
+    for (InvalidRun with a sentence if not)."""
     if name is None:
         return None
     from app.providers.config import ProviderProblem, load
@@ -273,6 +274,13 @@ def check_provider(settings: Settings, name: str | None) -> str | None:
     if name not in providers:
         known = ", ".join(sorted(providers)) or "none is configured"
         raise InvalidRun("provider", f"There is no compute provider {name!r} (providers.yaml has: {known}).")
+    given = providers[name].gpus
+    if gpus and providers[name].gres is None and (given or 0) < gpus:
+        raise InvalidRun(
+            "gpus",
+            f"This run asks for {gpus} GPU{'s' if gpus > 1 else ''}; a job on {name} gets {given or 'none'}. "
+            "Ask for fewer, or choose another provider.",
+        )
     return name
 
 

@@ -7,6 +7,7 @@ import re
 
 import httpx
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from tests.browser.conftest import api_run, launch, points
 from tests.waiting import wait_until
@@ -34,7 +35,11 @@ def test_launch_from_the_page_and_watch_the_curve_draw(app, context):
     page.locator("details", has=scored).last.evaluate("d => d.open = true")
     page.fill("[name='evaluation.scored_train_rows']", "8")
     page.click("#launch")
-    page.wait_for_url(re.compile(r"/runs/\d+$"))
+    try:
+        page.wait_for_url(re.compile(r"/runs/\d+$"), timeout=60_000)
+    except PlaywrightTimeout:  # say what the page said instead of going to the run
+        shown = page.inner_text("#estimate")
+        raise AssertionError(f"no run page after Launch; the form shows: {shown}") from None
     run_id = int(page.url.rsplit("/", 1)[1])
     seen = set()
 
