@@ -181,6 +181,7 @@ class ClusterJob(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     provider: Mapped[str] = mapped_column(String(40))
+    kind: Mapped[str] = mapped_column(String(20), default="slurm")  # the provider's: slurm | kubernetes
     job_id: Mapped[str] = mapped_column(String(100))
     state: Mapped[str] = mapped_column(String(30))  # the scheduler's: PENDING, RUNNING, PREEMPTED…
     reason: Mapped[str | None] = mapped_column(String(300))  # why it waits or ended, in its words

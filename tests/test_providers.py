@@ -67,7 +67,7 @@ def test_the_batch_script_carries_the_settings_and_no_secret(settings, tmp_path)
     text = slurm.script(provider, 7, tmp_path / "logs", job_name(settings, 7))
     lines = text.splitlines()
     assert lines[0] == "#!/bin/bash"
-    assert job_name(settings, 7).startswith("tuneboard-") and job_name(settings, 7).endswith("-run-7")
+    assert job_name(settings, 7).startswith("tuneboard-") and job_name(settings, 7, 2).endswith("-run-7-2")
     assert "umask 077" in lines  # the worker's files (its settings hold the database's address) are its own
     for option in (
         f"--job-name={job_name(settings, 7)}",
@@ -152,6 +152,17 @@ def test_the_dispatcher_resubmits_interruptions_and_gives_up_on_failures(client,
         with db.session() as session:
             return list(session.get(Run, run_id).cluster_jobs)
 
+    # a controller that does not answer: the run waits, with a sentence, and nothing is submitted twice
+    def unreachable(*args, **kwargs):
+        raise slurm.SlurmError("Unable to contact slurm controller (connect failure)", unreachable=True)
+
+    monkeypatch.setattr(slurm, "submit", unreachable)
+    tick(settings, db, providers)
+    with db.session() as session:
+        waiting = session.get(Run, run_id)
+        assert waiting.status == RunStatus.QUEUED and not waiting.cluster_jobs
+        assert "Slurm did not answer (Unable to contact slurm controller" in (waiting.phase or "")
+    monkeypatch.setattr(slurm, "submit", fake.submit)
     tick(settings, db, providers)
     assert [(j.job_id, j.state) for j in jobs_of()] == [("100", "PENDING")]
     # its worker (named after the job) takes the run; the job is preempted: the run waits for a new job

@@ -54,7 +54,10 @@ def run_worker(
     settings.ensure_dirs()
     guard_tokens()  # a token a worker holds goes to its hub, never elsewhere
     db = Database(settings.sqlalchemy_url)
-    me = workers.worker_id(job=os.environ.get("SLURM_JOB_ID") if only_run is not None else None)
+    # a scheduler job's worker is named after its job: a Kubernetes Job's name (TUNEBOARD_JOB, set in its
+    # manifest), or Slurm's job id
+    job = os.environ.get("TUNEBOARD_JOB") or os.environ.get("SLURM_JOB_ID")
+    me = workers.worker_id(job=job if only_run is not None else None)
     server = Server(settings, me) if settings.server_url else None
     log.info(
         "worker %s started; data in %s%s",

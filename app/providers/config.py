@@ -1,6 +1,6 @@
-"""Compute providers: the clusters a team already has, configured by an operator in one file that they
-review, `<data dir>/providers.yaml`, never from a page. A run sent to a provider becomes one scheduler job
-that starts a one-shot worker for exactly that run (app.providers.dispatch).
+"""Compute providers: the clusters a team already has (Slurm, Kubernetes), configured by an operator in one
+file that they review, `<data dir>/providers.yaml`, never from a page. A run sent to a provider becomes one
+scheduler job that starts a one-shot worker for exactly that run (app.providers.dispatch).
 
     providers:
       - name: lab                  # what New run offers, and what a run's "provider" names
@@ -16,17 +16,29 @@ that starts a one-shot worker for exactly that run (app.providers.dispatch).
         sbatch_options: ["--constraint=a100"]
         setup: ["module load cuda/12.4", "source /opt/tuneboard/.venv/bin/activate"]
 
+      - name: cloud
+        kind: kubernetes
+        namespace: ml
+        image: registry.lab/tuneboard:0.1.0
+        secret: tuneboard-worker           # a Secret with TUNEBOARD_TOKEN and TUNEBOARD_DATABASE_URL
+        gpus: 1                            # of gpu_resource (default nvidia.com/gpu)
+        node_selector: {cloud.google.com/gke-accelerator: nvidia-l4}
+        tolerations: [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]
+        pod_template: {priorityClassName: batch-low}   # merged over the pod's spec
+
 Every value is checked here: one line each, options of the form --name[=value], times and sizes in
-Slurm's forms. A page only ever chooses a provider by its name.
+Slurm's forms; a Kubernetes provider's Job is built and checked against the API's schema when the file is
+read. A page only ever chooses a provider by its name.
 """
 
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from app.config import Settings
 
@@ -104,7 +116,68 @@ class SlurmProvider(BaseModel):
         return f"{self.name} (Slurm{f', partition {self.partition}' if self.partition else ''})"
 
 
-Provider = SlurmProvider
+def seconds(limit: str) -> int:
+    """A time limit in Slurm's forms (minutes, [days-]hours[:minutes[:seconds]]) in seconds."""
+    days, _, clock = limit.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    if not days and len(parts) == 1:
+        return parts[0] * 60
+    hours, minutes, secs = (parts + [0, 0])[:3]
+    return int(days or 0) * 86400 + hours * 3600 + minutes * 60 + secs
+
+
+DNS_NAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|Ki|Mi|Gi|Ti|Pi)?$"
+
+
+class KubernetesProvider(BaseModel):
+    """A Kubernetes cluster: each run becomes one `batch/v1` Job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME)
+    kind: Literal["kubernetes"]
+    server_url: Line | None = None
+    namespace: str = Field(pattern=DNS_NAME)
+    image: Line  # Tuneboard's image, with torch for the nodes' GPUs
+    # a Secret of the operator's with the worker's TUNEBOARD_TOKEN and TUNEBOARD_DATABASE_URL (envFrom)
+    secret: str | None = Field(None, pattern=DNS_NAME)
+    gpu_resource: str = Field("nvidia.com/gpu", pattern=r"^[a-z0-9.-]+/[a-z0-9.-]+$")
+    gpus: int | None = Field(None, ge=0, le=64)
+    cpu: str | None = Field(None, pattern=QUANTITY)
+    memory: str | None = Field(None, pattern=QUANTITY)
+    node_selector: dict[Annotated[str, Field(max_length=253)], Line] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, max_length=50)
+    service_account: str | None = Field(None, pattern=DNS_NAME)
+    pod_template: dict[str, Any] = Field(default_factory=dict)  # merged over the pod's spec
+    time_limit: Annotated[str, AfterValidator(_time)] | None = None
+    python: Line | None = None  # the interpreter in the image (default: python)
+    warning_seconds: int = Field(120, ge=10, le=3600)  # the pod's grace period when its Job is deleted
+    environment: dict[Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]{0,63}$")], Line] = Field(
+        default_factory=dict
+    )
+    context: Line | None = None  # the kubeconfig's context (default: its current one)
+    in_cluster: bool = False  # this web server runs in the cluster: its pod's service account
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} (Kubernetes, namespace {self.namespace})"
+
+    @property
+    def time_limit_seconds(self) -> int | None:
+        return seconds(self.time_limit) if self.time_limit else None
+
+    @model_validator(mode="after")
+    def _job_is_valid(self) -> KubernetesProvider:
+        """The Job this provider would submit, checked against the Kubernetes API's schema now, not at the
+        first run."""
+        from app.providers.kubernetes import manifest, validate
+
+        validate(manifest(self, 1, "tuneboard-check-run-1-1", "check", {"TUNEBOARD_GENERATION": "false"}))
+        return self
+
+
+Provider = Annotated[SlurmProvider | KubernetesProvider, Field(discriminator="kind")]
 
 
 class ProvidersFile(BaseModel):
@@ -119,14 +192,24 @@ def providers_file(settings: Settings) -> Path:
 
 def load(settings: Settings) -> dict[str, Provider]:
     """The configured providers by name; none when the file does not exist. ProviderProblem with a
-    sentence for a file that cannot be used."""
-    import yaml
-
+    sentence for a file that cannot be used. Read again only when the file changes."""
     path = providers_file(settings)
     try:
-        text = path.read_text(encoding="utf-8")
+        stat = path.stat()
     except FileNotFoundError:
         return {}
+    except OSError as exc:
+        raise ProviderProblem(f"{path} cannot be read: {exc.strerror}.") from None
+    return dict(_load(str(path), stat.st_mtime_ns, stat.st_size))
+
+
+@lru_cache(maxsize=8)
+def _load(name: str, _mtime: int, _size: int) -> tuple[tuple[str, Provider], ...]:
+    import yaml
+
+    path = Path(name)
+    try:
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ProviderProblem(f"{path} cannot be read: {exc.strerror}.") from None
     try:
@@ -140,4 +223,4 @@ def load(settings: Settings) -> dict[str, Provider]:
     names = [p.name for p in parsed.providers]
     if len(set(names)) != len(names):
         raise ProviderProblem(f"{path} names a provider twice: each name must be its own.")
-    return {p.name: p for p in parsed.providers}
+    return tuple((p.name, p) for p in parsed.providers)

@@ -34,6 +34,7 @@ from app.config import WILDCARD_HOSTS, Settings
 from app.db import PASSING_FAULTS, Database
 from app.models import FINISHED, ClusterJob, JobAttempt, Run, RunStatus, utcnow
 from app.providers import slurm
+from app.providers.backends import Backend, backend
 from app.providers.config import Provider, ProviderProblem, load, providers_file
 
 log = logging.getLogger("tuneboard.providers")
@@ -59,11 +60,15 @@ def worker_environment(settings: Settings, provider: Provider) -> dict[str, str]
     return env
 
 
-def job_name(settings: Settings, run_id: int) -> str:
-    """A run's jobs' name in the scheduler: the run and this installation (its database), so that two
-    servers sharing a cluster never take each other's jobs for their own."""
-    install = hashlib.sha256(settings.sqlalchemy_url.encode()).hexdigest()[:8]
-    return f"tuneboard-{install}-run-{run_id}"
+def installation(settings: Settings) -> str:
+    """This installation's mark on its jobs (from its database's address), so that two servers sharing a
+    cluster never take each other's jobs for their own."""
+    return hashlib.sha256(settings.sqlalchemy_url.encode()).hexdigest()[:8]
+
+
+def job_name(settings: Settings, run_id: int, attempt: int = 1) -> str:
+    """The name of a run's `attempt`th job in the scheduler."""
+    return f"tuneboard-{installation(settings)}-run-{run_id}-{attempt}"
 
 
 def tick(settings: Settings, db: Database, providers: dict[str, Provider]) -> None:
@@ -73,26 +78,24 @@ def tick(settings: Settings, db: Database, providers: dict[str, Provider]) -> No
         jobs.requeue_stale(session=session, stale_after=timedelta(seconds=settings.stale_after_seconds))
     with db.session() as session:
         active = session.scalars(select(ClusterJob).where(ClusterJob.ended_at.is_(None))).all()
-        by_provider: dict[str, list[ClusterJob]] = {}
+        by_provider: dict[tuple[str, str], list[ClusterJob]] = {}
         for row in active:
-            by_provider.setdefault(row.provider, []).append(row)
-    for name, rows in by_provider.items():
+            by_provider.setdefault((row.provider, row.kind), []).append(row)
+    for (name, kind), rows in by_provider.items():
         # a provider no longer in the file (an edit under way, a mistake): its jobs are still watched
-        # and cancelled with this server's own Slurm settings, never given up for lost
-        env = _env(providers.get(name))
+        # (a Slurm cluster's, with this server's own settings), never given up for lost
+        asked = backend(kind, providers.get(name), installation(settings))
+        if asked is None:
+            log.warning("provider %s is not in the file: its jobs cannot be watched", name)
+            continue
         try:
-            states = slurm.poll([row.job_id for row in rows], env=env)
+            states = asked.poll([row.job_id for row in rows])
         except slurm.SlurmError as exc:
             log.warning("provider %s: %s", name, exc)
             continue
         for row in rows:
-            _follow(db, env, row.id, states[row.job_id])
+            _follow(db, asked, row.id, states[row.job_id])
     _submit_queued(settings, db, providers)
-
-
-def _env(provider: Provider | None) -> dict[str, str]:
-    """The environment Slurm's commands run with for a provider (without one: this server's own)."""
-    return slurm.job_environment(provider, {}) if provider else slurm.job_environment(None, {})
 
 
 def anything_to_watch(db: Database) -> bool:
@@ -107,7 +110,7 @@ def anything_to_watch(db: Database) -> bool:
         )
 
 
-def _follow(db: Database, env: dict[str, str], row_id: int, now_state: slurm.JobState) -> None:
+def _follow(db: Database, asked: Backend, row_id: int, now_state: slurm.JobState) -> None:
     """One job's news: record it; cancel a job its run no longer needs; send a run whose job ended
     before it finished back to the queue."""
     cancel = False
@@ -136,7 +139,7 @@ def _follow(db: Database, env: dict[str, str], row_id: int, now_state: slurm.Job
         job_id = row.job_id
     if cancel:
         try:
-            slurm.cancel(job_id, env=env)
+            asked.cancel(job_id)
         except slurm.SlurmError as exc:
             log.warning("job %s could not be cancelled: %s", job_id, exc)
 
@@ -190,36 +193,40 @@ def _submit(settings: Settings, db: Database, providers: dict[str, Provider], ru
                 f"{last.log}{_log_tail(last.log)}",
             )
             return
+        attempt = 1 + len(run.cluster_jobs)
     folder = run_folder(settings, provider, run_id)
-    where = slurm.job_folder(provider, folder)
-    name, submitted_at = job_name(settings, run_id), utcnow()
-    env = slurm.job_environment(provider, worker_environment(settings, provider))
+    name, submitted_at = job_name(settings, run_id, attempt), utcnow()
+    asked = backend(provider.kind, provider, installation(settings))
+    assert asked is not None
     try:
-        # a job an earlier submission left (an sbatch that timed out after Slurm took it) is taken over
-        text = slurm.script(provider, run_id, where, name)
-        job_id = slurm.find(name, env=env) or slurm.submit(text, folder, env, chdir=where)
-    except slurm.SlurmError as exc:
+        # a job an earlier submission left (a call that timed out after the scheduler took it) is adopted
+        found = asked.find(name)
+        if found:
+            job_id, log_at = found, None
+        else:
+            job_id, log_at = asked.submit(run_id, name, folder, worker_environment(settings, provider))
+    except (slurm.SlurmError, ValueError) as exc:
         with db.write_session() as session:
             run = session.get(Run, run_id)
             if run is None or run.status != RunStatus.QUEUED:
                 return
-            if exc.unreachable:
-                record_phase(
-                    session=session,
-                    run_id=run_id,
-                    phase=f"Waiting to submit to {provider.name}: Slurm did not answer ({exc}); trying again",
+            if isinstance(exc, slurm.SlurmError) and exc.unreachable:
+                said = (
+                    f"Waiting to submit to {provider.name}: {asked.kind} did not answer ({exc}); trying again"
                 )
+                record_phase(session=session, run_id=run_id, phase=said)
             else:
-                _fail(session, run, f"The Slurm cluster {provider.name} refused the job: {exc}.")
+                _fail(session, run, f"The {asked.kind} cluster {provider.name} refused the job: {exc}.")
         return
     with db.write_session() as session:
         session.add(
             ClusterJob(
                 run_id=run_id,
                 provider=provider.name,
+                kind=provider.kind,
                 job_id=job_id,
                 state="PENDING",
-                log=str(slurm.log_file(where, run_id, job_id)),
+                log=log_at,
                 submitted_at=submitted_at,
             )
         )

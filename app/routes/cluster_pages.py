@@ -1,5 +1,6 @@
-"""The run page's card for a run sent to a compute provider: its scheduler jobs (the newest first), what
-the scheduler says of each, how long it waited, and its log when this server can read it."""
+"""The run page's card for a run sent to a compute provider (Slurm, Kubernetes): its scheduler jobs (the
+newest first), what the scheduler says of each, how long it waited, and its log when this server can read
+it (else where it is)."""
 
 from __future__ import annotations
 
@@ -30,11 +31,17 @@ REASONS = {
     "BeginTime": "it may not start yet",
     "JobHeldUser": "it is held (scontrol release lets it run)",
     "JobHeldAdmin": "an administrator holds it",
+    # Kubernetes'
+    "Unschedulable": "no node has what it asks for (GPUs, memory) free, or none it may run on",
+    "ImagePullBackOff": "the image cannot be pulled",
+    "ErrImagePull": "the image cannot be pulled",
+    "ContainerCreating": "its container is being created",
 }
 
 
 @dataclass
 class JobView:
+    kind: str  # Slurm job | Kubernetes Job
     job_id: str
     state: str
     reason: str | None
@@ -64,6 +71,7 @@ def job_view(settings, run: Run, job: ClusterJob) -> JobView:
     waited = _seconds(job.submitted_at, began or now) or 0.0
     readable = job.log is not None and _readable_log(settings, job.log) is not None
     return JobView(
+        kind="Kubernetes Job" if job.kind == "kubernetes" else "Slurm job",
         job_id=job.job_id,
         state=job.state,
         reason=job.reason,

@@ -274,8 +274,8 @@ def check_provider(settings: Settings, name: str | None, gpus: int = 0) -> str |
     if name not in providers:
         known = ", ".join(sorted(providers)) or "none is configured"
         raise InvalidRun("provider", f"There is no compute provider {name!r} (providers.yaml has: {known}).")
-    given = providers[name].gpus
-    if gpus and providers[name].gres is None and (given or 0) < gpus:
+    given, gres = providers[name].gpus, getattr(providers[name], "gres", None)
+    if gpus and gres is None and (given or 0) < gpus:
         raise InvalidRun(
             "gpus",
             f"This run asks for {gpus} GPU{'s' if gpus > 1 else ''}; a job on {name} gets {given or 'none'}. "

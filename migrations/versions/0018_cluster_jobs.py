@@ -1,5 +1,5 @@
-"""Runs sent to a compute provider (a Slurm cluster): the run names its provider, and each scheduler job
-it became is a row of cluster_jobs (app.providers.dispatch).
+"""Runs sent to a compute provider (a Slurm or Kubernetes cluster): the run names its provider, and each
+scheduler job it became is a row of cluster_jobs (app.providers.dispatch).
 
 Revision ID: 0018
 Revises: 0017
@@ -27,6 +27,7 @@ def upgrade() -> None:
         sa.Column("id", sa.Integer(), primary_key=True),
         sa.Column("run_id", sa.Integer(), sa.ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
         sa.Column("provider", sa.String(40), nullable=False),
+        sa.Column("kind", sa.String(20), nullable=False),
         sa.Column("job_id", sa.String(100), nullable=False),
         sa.Column("state", sa.String(30), nullable=False),
         sa.Column("reason", sa.String(300), nullable=True),
