@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -204,6 +205,21 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     build_tiny_tokenizer(folder)
     torch.manual_seed(0)
     LlamaForCausalLM(tiny_config(folder, tie_word_embeddings=True)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def large_repo(tmp_path, tiny_model_dir) -> Path:
+    """A repository of the tiny model's configuration and tokenizer with weights of 3 MiB: transfers long
+    enough to break off, or to cancel, mid-file (tests/hub_standin.py serves it)."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "large"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, folder / name)
+    save_file({"weight": torch.arange(768 * 1024, dtype=torch.float32)}, str(folder / "model.safetensors"))
     return folder
 
 

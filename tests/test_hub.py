@@ -193,20 +193,6 @@ def test_a_gated_model_needs_a_token_that_is_sent_to_its_hub_only(
     assert stored.stat().st_mode & 0o077 == 0  # readable by the server's user only
 
 
-@pytest.fixture
-def large_repo(tmp_path, tiny_model_dir) -> Path:
-    """A repository whose weights are 3 MiB: transfers long enough to break off, or to cancel, mid-file."""
-    import torch
-    from safetensors.torch import save_file
-
-    folder = tmp_path / "large"
-    folder.mkdir()
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tiny_model_dir / name, folder / name)
-    save_file({"weight": torch.arange(768 * 1024, dtype=torch.float32)}, str(folder / "model.safetensors"))
-    return folder
-
-
 @pytest.mark.trains
 def test_an_interrupted_transfer_resumes_where_it_broke_off(
     client, settings, db, large_repo, hub_cache, monkeypatch

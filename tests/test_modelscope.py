@@ -159,20 +159,6 @@ def test_a_model_from_modelscope_with_a_token_becomes_a_base_model(
     assert forgot.status_code == 204 and "A token is kept" not in client.get("/models").text
 
 
-@pytest.fixture
-def large_repo(tmp_path, tiny_model_dir) -> Path:
-    """Weights of 3 MiB: a transfer long enough to cancel mid-file."""
-    import torch
-    from safetensors.torch import save_file
-
-    folder = tmp_path / "large"
-    folder.mkdir()
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tiny_model_dir / name, folder / name)
-    save_file({"weight": torch.arange(768 * 1024, dtype=torch.float32)}, str(folder / "model.safetensors"))
-    return folder
-
-
 @pytest.mark.trains
 def test_a_cancelled_modelscope_download_resumes_from_its_partial_file(
     client, settings, db, large_repo, ms_cache, monkeypatch
