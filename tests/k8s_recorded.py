@@ -1,6 +1,7 @@
-"""Recorded answers of a Kubernetes API server (v1.33, a GKE cluster's, trimmed to the fields the client
-reads and names changed), and a stand-in for the official client's connection pool that replays them: the
-client's own request building, serialisation and deserialisation run; only the network is replaced.
+"""Answers of a Kubernetes API server, written by hand in the shapes its reference gives for batch/v1 Jobs,
+v1 Pods, lists and Status errors (no cluster could run where they were written), and a stand-in for the
+official client's connection pool that replays them: the client's own request building, serialisation and
+deserialisation run; only the network is replaced.
 
 `RecordedApiServer.answers` maps (method, path) to a list of (status, body) replayed in order (the last one
 repeats); `requests` records (method, path, query, body) of every call."""

@@ -1,8 +1,8 @@
 """Kubernetes as a compute provider, without a cluster (none can run here): the Job manifests Tuneboard
-would submit are valid against the Kubernetes API's schema (kubernetes-validate) for every provider
-option, a provider whose pod template would break the Job is refused when the file is read, and the
-submit, watch and cancel code drives the official client against recorded API server answers
-(tests/k8s_recorded.py), through the dispatcher as for Slurm."""
+would submit are valid against the Kubernetes API's schema (kubernetes-validate) and read by the official
+client's models for every provider option, a provider whose templates would break the Job is refused when
+the file is read, and the submit, watch and cancel code drives the official client against API server
+answers written in the API's shapes (tests/k8s_recorded.py), through the dispatcher as for Slurm."""
 
 from __future__ import annotations
 
@@ -16,9 +16,11 @@ from app.providers import kubernetes as k8s
 from app.providers.config import ProviderProblem, load
 from tests.k8s_recorded import INSTALL, NAMESPACE, UNSCHEDULABLE, RecordedApiServer, job, listing, pod, status
 
+IMAGE = "registry.lab/tuneboard:0.1.0"
 BASE = {
     "name": "cloud",
     "kind": "kubernetes",
+    "secret": "tuneboard-worker",
     "namespace": NAMESPACE,
     "image": "registry.lab/tuneboard:0.1.0",
 }
@@ -38,9 +40,8 @@ OPTIONS = {
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
         "service_account": "tuneboard-jobs",
     },
-    "secret and settings": {
-        "secret": "tuneboard-worker",
-        "environment": {"HF_HOME": "/cache/hf"},
+    "settings": {
+        "environment": {"HF_HOME": "/cache/hf", "TUNEBOARD_DATA_DIR": "/cache/tuneboard"},
         "time_limit": "04:00:00",
         "server_url": "http://tuneboard.ml.svc:8000",
         "python": "/opt/venv/bin/python",
@@ -52,7 +53,11 @@ OPTIONS = {
             "imagePullSecrets": [{"name": "registry"}],
             "volumes": [{"name": "cache", "persistentVolumeClaim": {"claimName": "hf-cache"}}],
             "securityContext": {"runAsNonRoot": True, "runAsUser": 1000},
-        }
+        },
+        "container_template": {
+            "volumeMounts": [{"name": "cache", "mountPath": "/cache"}],
+            "resources": {"limits": {"ephemeral-storage": "50Gi"}},
+        },
     },
 }
 
@@ -61,7 +66,8 @@ OPTIONS = {
 def test_every_providers_job_is_valid_against_the_kubernetes_schema(settings, option):
     write(settings, BASE | OPTIONS[option])
     provider = load(settings)["cloud"]  # reading the file validates a Job of the provider too
-    manifest = k8s.manifest(provider, 12, "tuneboard-x-run-12-1", INSTALL, {"TUNEBOARD_GENERATION": "false"})
+    plain = {"TUNEBOARD_GENERATION": "false"} | provider.environment  # as the dispatcher's backend passes it
+    manifest = k8s.manifest(provider, 12, "tuneboard-x-run-12-1", INSTALL, plain)
     k8s.validate(manifest)
     pod_spec = manifest["spec"]["template"]["spec"]
     container = pod_spec["containers"][0]
@@ -71,18 +77,25 @@ def test_every_providers_job_is_valid_against_the_kubernetes_schema(settings, op
         assert container["resources"]["limits"] == {"amd.com/gpu": "2", "cpu": "8", "memory": "64Gi"}
     if option == "placement":
         assert pod_spec["serviceAccountName"] == "tuneboard-jobs" and pod_spec["tolerations"][0]["key"]
-    if option == "secret and settings":
-        assert container["envFrom"] == [{"secretRef": {"name": "tuneboard-worker"}}]
-        assert manifest["spec"]["activeDeadlineSeconds"] == 4 * 3600
+    assert container["envFrom"] == [{"secretRef": {"name": "tuneboard-worker"}}]
+    if option == "settings":
+        assert pod_spec["activeDeadlineSeconds"] == 4 * 3600  # counted once the pod is on a node
+        assert "activeDeadlineSeconds" not in manifest["spec"]  # not while it waits for one
         assert pod_spec["terminationGracePeriodSeconds"] == 300
+        env = {item["name"]: item["value"] for item in container["env"]}
+        assert env["TUNEBOARD_DATA_DIR"] == "/cache/tuneboard"  # the operator's, not the default
     if option == "pod template":
-        assert pod_spec["priorityClassName"] == "batch-low" and pod_spec["containers"] == [container]
+        assert pod_spec["priorityClassName"] == "batch-low" and len(pod_spec["containers"]) == 1
+        assert (container["image"], container["volumeMounts"][0]["mountPath"]) == (IMAGE, "/cache")
+        assert container["resources"]["limits"]["ephemeral-storage"] == "50Gi"
 
 
 @pytest.mark.parametrize(
     ("bad", "said"),
     [
-        ({"pod_template": {"containers": "worker"}}, "containers"),
+        ({"pod_template": {"containers": [{"name": "worker"}]}}, "put the worker container's additions"),
+        ({"pod_template": {"overhead": {"cpu": 1}}}, "the Kubernetes client reads it so"),
+        ({"secret": None}, "secret"),
         ({"pod_template": {"restartPolicy": 3}}, "restartPolicy"),
         ({"tolerations": [{"operator": "Sometimes", "effect": 5}]}, "tolerations"),
         ({"namespace": "ML Team"}, "namespace"),
@@ -125,18 +138,30 @@ def test_submit_watch_and_cancel_through_the_official_client(settings, server):
     assert query["labelSelector"] == [f"tuneboard.dev/installation={INSTALL}"]
     running = states([job(name, 7, active=1)], [pod(name, 7, "Running", node="gke-l4-pool-2b")], [name])
     assert running[name] == k8s.JobState("RUNNING", None, "gke-l4-pool-2b")
-    timed_out = [{"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}]
-    assert states([job(name, 7, conditions=timed_out)], [], [name])[name].state == "TIMEOUT"
-    evicted = pod(name, 7, "Failed", reason="Evicted", node="gke-l4-pool-2b")
-    failed = [{"type": "Failed", "status": "True", "reason": "PodFailurePolicy"}]
-    assert states([job(name, 7, conditions=failed)], [evicted], [name])[name].state == "PREEMPTED"
+    # the time limit: the Job's verdict while its pod stops (its worker hands the run back), then its end
+    target = [{"type": "FailureTarget", "status": "True", "reason": "DeadlineExceeded"}]
+    stopping = pod(name, 7, "Running", node="gke-l4-pool-2b")
+    assert states([job(name, 7, active=1, conditions=target)], [stopping], [name])[name].state == "STOPPING"
+    timed_out = [*target, {"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}]
+    ended = pod(name, 7, "Failed", reason="DeadlineExceeded", node="gke-l4-pool-2b")
+    assert states([job(name, 7, conditions=timed_out)], [ended], [name])[name].state == "TIMEOUT"
+    # a drain or the scheduler's preemption: a disruption, not a failure of the run's
+    disruption = {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}
+    preempted = pod(name, 7, "Failed", conditions=[disruption], node="gke-l4-pool-2b")
+    failed = [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]
+    assert states([job(name, 7, conditions=failed)], [preempted], [name])[name].state == "PREEMPTED"
+    crashed = pod(name, 7, "Failed", node="gke-l4-pool-2b")
+    assert states([job(name, 7, conditions=failed)], [crashed], [name])[name] == k8s.JobState(
+        "FAILED", "BackoffLimitExceeded", "gke-l4-pool-2b"
+    )
     done = [{"type": "Complete", "status": "True"}]
     assert states([job(name, 7, conditions=done)], [], [name])[name].state == "COMPLETED"
     waiting_image = {"waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling image"}}
     container = {"name": "worker", "ready": False, "restartCount": 0, "image": "registry.lab/tuneboard:0.1.0"}
     pulling = pod(name, 7, "Pending", containerStatuses=[container | {"imageID": "", "state": waiting_image}])
+    # the kubelet keeps trying (a registry's limit, a Secret made late): shown, not ended
     assert states([job(name, 7, active=1)], [pulling], [name])[name] == k8s.JobState(
-        "FAILED", "ImagePullBackOff", None
+        "PENDING", "ImagePullBackOff", None
     )
 
     server.answer("DELETE", f"{JOBS}/{name}", (200, status(200, "", "deleted")))
@@ -165,9 +190,19 @@ def test_the_api_servers_refusals_and_silence_are_sentences(settings, server):
     server.answer("POST", JOBS, (403, status(403, "Forbidden", forbidden)))
     with pytest.raises(k8s.KubernetesError) as refused:
         k8s.submit(client, manifest)
-    assert (
-        forbidden in str(refused.value) and "HTTP 403" in str(refused.value) and not refused.value.unreachable
+    assert forbidden in str(refused.value) and "HTTP 403" in str(refused.value)
+    assert not refused.value.unreachable
+    # too many requests: asked again later, not a refusal
+    server.answer(
+        "POST", JOBS, (429, status(429, "TooManyRequests", "the server has received too many requests"))
     )
+    with pytest.raises(k8s.KubernetesError) as busy:
+        k8s.submit(client, manifest)
+    assert busy.value.unreachable
+    # a create whose answer was lost created the Job: a second one finds it there, and it is ours
+    exists = f'jobs.batch "{manifest["metadata"]["name"]}" already exists'
+    server.answer("POST", JOBS, (409, status(409, "AlreadyExists", exists)))
+    assert k8s.submit(client, manifest) == manifest["metadata"]["name"]
 
     def silent(*args, **kwargs):
         raise urllib3.exceptions.MaxRetryError(None, "/apis", reason="Connection refused")

@@ -87,8 +87,10 @@ class KubernetesBackend:
 def backend(kind: str, provider: Provider | None, install: str) -> Backend | None:
     """The backend for a provider of `kind`; for a provider gone from the file, a Slurm one with this
     server's own settings, or None for a Kubernetes one (nothing says where its cluster is)."""
+    if provider is not None and provider.kind != kind:  # the name now stands for another kind of cluster
+        provider = None
     if isinstance(provider, KubernetesProvider):
         return KubernetesBackend(provider, install)
-    if isinstance(provider, SlurmProvider) or kind == "slurm":
+    if kind == "slurm":
         return SlurmBackend(provider if isinstance(provider, SlurmProvider) else None)
     return None

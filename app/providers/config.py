@@ -140,8 +140,8 @@ class KubernetesProvider(BaseModel):
     server_url: Line | None = None
     namespace: str = Field(pattern=DNS_NAME)
     image: Line  # Tuneboard's image, with torch for the nodes' GPUs
-    # a Secret of the operator's with the worker's TUNEBOARD_TOKEN and TUNEBOARD_DATABASE_URL (envFrom)
-    secret: str | None = Field(None, pattern=DNS_NAME)
+    # a Secret of the operator's with the worker's TUNEBOARD_DATABASE_URL (and TUNEBOARD_TOKEN), by envFrom
+    secret: str = Field(pattern=DNS_NAME)
     gpu_resource: str = Field("nvidia.com/gpu", pattern=r"^[a-z0-9.-]+/[a-z0-9.-]+$")
     gpus: int | None = Field(None, ge=0, le=64)
     cpu: str | None = Field(None, pattern=QUANTITY)
@@ -150,6 +150,7 @@ class KubernetesProvider(BaseModel):
     tolerations: list[dict[str, Any]] = Field(default_factory=list, max_length=50)
     service_account: str | None = Field(None, pattern=DNS_NAME)
     pod_template: dict[str, Any] = Field(default_factory=dict)  # merged over the pod's spec
+    container_template: dict[str, Any] = Field(default_factory=dict)  # merged over the worker's container
     time_limit: Annotated[str, AfterValidator(_time)] | None = None
     python: Line | None = None  # the interpreter in the image (default: python)
     warning_seconds: int = Field(120, ge=10, le=3600)  # the pod's grace period when its Job is deleted
@@ -173,6 +174,11 @@ class KubernetesProvider(BaseModel):
         first run."""
         from app.providers.kubernetes import manifest, validate
 
+        if "containers" in self.pod_template:
+            raise ValueError(
+                "pod_template cannot set containers (it would replace the worker's): put the worker "
+                "container's additions (volumeMounts, securityContext…) in container_template"
+            )
         validate(manifest(self, 1, "tuneboard-check-run-1-1", "check", {"TUNEBOARD_GENERATION": "false"}))
         return self
 

@@ -63,7 +63,10 @@ def worker_environment(settings: Settings, provider: Provider) -> dict[str, str]
 def installation(settings: Settings) -> str:
     """This installation's mark on its jobs (from its database's address), so that two servers sharing a
     cluster never take each other's jobs for their own."""
-    return hashlib.sha256(settings.sqlalchemy_url.encode()).hexdigest()[:8]
+    from sqlalchemy.engine import make_url
+
+    address = make_url(settings.sqlalchemy_url).render_as_string(hide_password=True)  # no password in it
+    return hashlib.sha256(address.encode()).hexdigest()[:8]
 
 
 def job_name(settings: Settings, run_id: int, attempt: int = 1) -> str:

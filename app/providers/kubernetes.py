@@ -21,9 +21,8 @@ if TYPE_CHECKING:
 INSTALL_LABEL = "tuneboard.dev/installation"
 RUN_LABEL = "tuneboard.dev/run"
 KEEP_FINISHED_SECONDS = 3600  # a finished Job (and its pod's log) stays this long for the page to show
-# a waiting pod's reasons that are the scheduler's or the kubelet's verdict, not a passing state
+TIMEOUT = 30.0  # seconds the API server has to answer a call (the dispatcher never hangs on one)
 PREEMPTED = ("Evicted", "Preempting")  # a pod's reasons when the cluster took its node back
-STUCK = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError"}
 
 
 class KubernetesError(SlurmError):
@@ -55,21 +54,23 @@ def manifest(
         if value is not None:
             resources["requests"][key] = value
             resources["limits"][key] = value
+    settings = {"TUNEBOARD_DATA_DIR": "/tmp/tuneboard"} | env  # the operator's may move the data
     container: dict[str, Any] = {
         "name": "worker",
         "image": provider.image,
         "command": [provider.python or "python", "-m", "app.cli", "worker", "--run", str(run_id)],
-        "env": [{"name": key, "value": value} for key, value in sorted(env.items())]
-        + [{"name": "TUNEBOARD_DATA_DIR", "value": "/tmp/tuneboard"}],
+        "env": [{"name": key, "value": value} for key, value in sorted(settings.items())],
+        "envFrom": [{"secretRef": {"name": provider.secret}}],
         "resources": {key: value for key, value in resources.items() if value},
     }
-    if provider.secret:
-        container["envFrom"] = [{"secretRef": {"name": provider.secret}}]
+    container = merged(container, provider.container_template)
     pod: dict[str, Any] = {
         "restartPolicy": "Never",
         "terminationGracePeriodSeconds": provider.warning_seconds,
         "containers": [container],
     }
+    if provider.time_limit_seconds is not None:  # counted from the pod's start on a node, not its wait
+        pod["activeDeadlineSeconds"] = provider.time_limit_seconds
     if provider.node_selector:
         pod["nodeSelector"] = dict(provider.node_selector)
     if provider.tolerations:
@@ -82,8 +83,6 @@ def manifest(
         "ttlSecondsAfterFinished": KEEP_FINISHED_SECONDS,
         "template": {"metadata": {"labels": labels}, "spec": pod},
     }
-    if provider.time_limit_seconds is not None:
-        spec["activeDeadlineSeconds"] = provider.time_limit_seconds
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -93,29 +92,47 @@ def manifest(
 
 
 def validate(job: dict[str, Any]) -> None:
-    """The manifest against the Kubernetes API's schema (kubernetes-validate); ValueError with the first
-    problem."""
+    """The manifest against the Kubernetes API's schema (kubernetes-validate), and as the official
+    client's models read it (quantities as strings, say); ValueError with the first problem."""
     import kubernetes_validate
+    import pydantic
+    from kubernetes import client as k8s
 
     try:
         kubernetes_validate.validate(job, kubernetes_validate.latest_version(), strict=True)
     except kubernetes_validate.ValidationError as exc:
         where = ".".join(str(part) for part in exc.path) or "the Job"
         raise ValueError(f"{where}: {exc.message}") from None
+    try:
+        k8s.V1Job.from_dict(job)
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ValueError(f"{where}: {first['msg']} (the Kubernetes client reads it so)") from None
+
+
+_clients: dict[tuple[str | None, bool], Any] = {}  # one per kubeconfig context (credential plugins are slow)
 
 
 def api(provider: KubernetesProvider):
     """A client for the provider's cluster: the pod's own service account inside a cluster, else the
-    kubeconfig's context."""
+    kubeconfig's context; made once per context."""
     from kubernetes import client, config
 
+    key = (provider.context, provider.in_cluster)
+    if key in _clients:
+        return _clients[key]
     try:
         if provider.in_cluster:
-            config.load_incluster_config()
-            return client.ApiClient()
-        return config.new_client_from_config(context=provider.context)
+            configuration = client.Configuration()
+            config.load_incluster_config(client_configuration=configuration)
+            made = client.ApiClient(configuration)
+        else:
+            made = config.new_client_from_config(context=provider.context)
     except Exception as exc:  # noqa: BLE001 - every failure becomes its sentence
         raise KubernetesError(f"its configuration cannot be loaded ({exc})", unreachable=True) from None
+    _clients[key] = made
+    return made
 
 
 def _failed(exc: Exception) -> KubernetesError:
@@ -128,20 +145,25 @@ def _failed(exc: Exception) -> KubernetesError:
             said = json.loads(exc.body or "{}").get("message") or exc.reason
         except ValueError:
             said = exc.reason
-        return KubernetesError(
-            f"{said} (HTTP {exc.status})", unreachable=exc.status is None or exc.status >= 500
-        )
+        busy = exc.status is None or exc.status >= 500 or exc.status == 429  # asked again at the next beat
+        return KubernetesError(f"{said} (HTTP {exc.status})", unreachable=busy)
     return KubernetesError(f"the API server did not answer ({type(exc).__name__}: {exc})", unreachable=True)
 
 
 def submit(client, job: dict[str, Any]) -> str:
-    """Create the Job; its name is its id here."""
+    """Create the Job; its name is its id here. A 409 means a call that timed out created it already."""
     from kubernetes import client as k8s
+    from kubernetes.client.exceptions import ApiException
 
+    body = k8s.V1Job.from_dict(job)
+    assert body is not None
     try:
-        body = k8s.V1Job.from_dict(job)
-        assert body is not None
-        k8s.BatchV1Api(client).create_namespaced_job(job["metadata"]["namespace"], body)
+        k8s.BatchV1Api(client).create_namespaced_job(
+            job["metadata"]["namespace"], body, _request_timeout=TIMEOUT
+        )
+    except ApiException as exc:
+        if exc.status != 409:
+            raise _failed(exc) from None
     except Exception as exc:  # noqa: BLE001
         raise _failed(exc) from None
     return str(job["metadata"]["name"])
@@ -153,8 +175,16 @@ def poll(client, namespace: str, install: str, names: list[str]) -> dict[str, Jo
 
     selector = f"{INSTALL_LABEL}={install}"
     try:
-        jobs = k8s.BatchV1Api(client).list_namespaced_job(namespace, label_selector=selector).items
-        pods = k8s.CoreV1Api(client).list_namespaced_pod(namespace, label_selector=selector).items
+        jobs = (
+            k8s.BatchV1Api(client)
+            .list_namespaced_job(namespace, label_selector=selector, _request_timeout=TIMEOUT)
+            .items
+        )
+        pods = (
+            k8s.CoreV1Api(client)
+            .list_namespaced_pod(namespace, label_selector=selector, _request_timeout=TIMEOUT)
+            .items
+        )
     except Exception as exc:  # noqa: BLE001
         raise _failed(exc) from None
     by_job: dict[str, Any] = {}
@@ -171,19 +201,31 @@ def poll(client, namespace: str, install: str, names: list[str]) -> dict[str, Jo
 
 
 def _state(job, pod) -> JobState:
-    """A Job and its pod in the words the run page uses for any scheduler's job."""
+    """A Job and its pod in the words the run page uses for any scheduler's job. A Job the cluster gave up
+    on (its time limit, an eviction) is not ended while its pod still stops: its worker is handing the
+    run back, and a new Job must not race it."""
     status = job.status
     node = pod.spec.node_name if pod is not None and pod.spec is not None else None
+    stopping = bool(status.active or getattr(status, "terminating", None))
+    pod_reason = pod.status.reason if pod is not None and pod.status is not None else None
+    disrupted = (
+        pod is not None
+        and pod.status is not None
+        and any(c.type == "DisruptionTarget" and c.status == "True" for c in pod.status.conditions or [])
+    )
     for condition in status.conditions or []:
         if condition.status != "True":
             continue
         if condition.type in ("Complete", "SuccessCriteriaMet"):
             return JobState("COMPLETED", None, node)
         if condition.type in ("Failed", "FailureTarget"):
-            if condition.reason == "DeadlineExceeded":
-                return JobState("TIMEOUT", condition.reason, node)
-            evicted = pod is not None and pod.status is not None and pod.status.reason in PREEMPTED
-            return JobState("PREEMPTED" if evicted else "FAILED", condition.reason, node)
+            if stopping:
+                return JobState("STOPPING", condition.reason, node)
+            if condition.reason == "DeadlineExceeded" or pod_reason == "DeadlineExceeded":
+                return JobState("TIMEOUT", "DeadlineExceeded", node)
+            if disrupted or pod_reason in PREEMPTED:
+                return JobState("PREEMPTED", pod_reason or "DisruptionTarget", node)
+            return JobState("FAILED", condition.reason, node)
         if condition.type == "Suspended":
             return JobState("SUSPENDED", condition.reason, node)
     if pod is None or pod.status is None or pod.status.phase == "Pending":
@@ -195,15 +237,14 @@ def _state(job, pod) -> JobState:
             for container in pod.status.container_statuses or []:
                 waiting = container.state.waiting if container.state else None
                 if waiting is not None and waiting.reason:
-                    reason = waiting.reason
-        if reason in STUCK:
-            return JobState("FAILED", reason, node)
+                    reason = waiting.reason  # ImagePullBackOff…: the kubelet keeps trying; the page says so
         return JobState("PENDING", reason, node)
     if pod.status.phase == "Running":
         return JobState("RUNNING", None, node)
     if pod.status.phase == "Succeeded":
         return JobState("COMPLETED", None, node)
-    return JobState("FAILED", pod.status.reason, node)
+    # a pod that ended before its Job says so: the Job's own condition decides at the next look
+    return JobState("STOPPING", pod_reason, node)
 
 
 def find(client, namespace: str, name: str) -> str | None:
@@ -212,7 +253,7 @@ def find(client, namespace: str, name: str) -> str | None:
     from kubernetes.client.exceptions import ApiException
 
     try:
-        job = k8s.BatchV1Api(client).read_namespaced_job(name, namespace)
+        job = k8s.BatchV1Api(client).read_namespaced_job(name, namespace, _request_timeout=TIMEOUT)
     except ApiException as exc:
         if exc.status == 404:
             return None
@@ -229,7 +270,9 @@ def cancel(client, namespace: str, name: str) -> None:
     from kubernetes.client.exceptions import ApiException
 
     try:
-        k8s.BatchV1Api(client).delete_namespaced_job(name, namespace, propagation_policy="Background")
+        k8s.BatchV1Api(client).delete_namespaced_job(
+            name, namespace, propagation_policy="Background", _request_timeout=TIMEOUT
+        )
     except ApiException as exc:
         if exc.status != 404:  # gone already
             raise _failed(exc) from None

@@ -19,7 +19,13 @@ from app.web import render
 router = APIRouter()
 LOG_SHOWN = 256 * 1024  # the end of a job's log the page shows
 
-BADGES = {"PENDING": "queued", "RUNNING": "running", "COMPLETED": "succeeded", "CANCELLED": "cancelled"}
+BADGES = {
+    "PENDING": "queued",
+    "RUNNING": "running",
+    "STOPPING": "running",
+    "COMPLETED": "succeeded",
+    "CANCELLED": "cancelled",
+}
 # Slurm's most common reasons for a waiting job, in words
 REASONS = {
     "Resources": "the resources it asked for are in use",
@@ -36,6 +42,8 @@ REASONS = {
     "ImagePullBackOff": "the image cannot be pulled",
     "ErrImagePull": "the image cannot be pulled",
     "ContainerCreating": "its container is being created",
+    "DeadlineExceeded": "its time limit came",
+    "PreemptionByScheduler": "the cluster gave its node to another job",
 }
 
 
