@@ -224,14 +224,24 @@ def modelscope_cache_entries() -> list[ModelEntry]:
         for folder in base.glob("*/*"):
             if "--" not in folder.parent.name and folder.is_dir():
                 found.setdefault(f"{folder.parent.name}/{folder.name.replace('___', '.')}", folder)
+    try:  # the folders' checks are remembered until one of them changes (a file arriving renames into it)
+        stamped = tuple(sorted((repo_id, str(p), p.stat().st_mtime_ns) for repo_id, p in found.items()))
+    except OSError:
+        return []
+    return list(_check_modelscope_snapshots(stamped))
+
+
+@lru_cache(maxsize=4)
+def _check_modelscope_snapshots(stamped: tuple[tuple[str, str, int], ...]) -> tuple[ModelEntry, ...]:
     entries = []
-    for repo_id, snapshot in sorted(found.items(), key=lambda item: item[0].lower()):
+    for repo_id, folder, _ in sorted(stamped, key=lambda item: item[0].lower()):
+        snapshot = Path(folder)
         arriving = next(snapshot.rglob("*.incomplete"), None) is not None
         if arriving or not (is_model_folder(snapshot) and _is_causal_lm(snapshot)) or links_out(snapshot):
             continue
         model_id = fetched_model_id("modelscope", repo_id)
         entries.append(ModelEntry(model_id, f"{repo_id} (ModelScope)", "modelscope-cache", snapshot))
-    return entries
+    return tuple(entries)
 
 
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # the architectures Tuneboard trains

@@ -60,8 +60,15 @@ def site_name(url: str) -> str:
 
 
 def cache_dir() -> Path:
-    """ModelScope's cache (MODELSCOPE_CACHE, else ~/.cache/modelscope)."""
-    return Path(_config().cache_dir)
+    """ModelScope's cache (MODELSCOPE_CACHE, else ~/.cache/modelscope), by the client's own default for
+    it, without making a whole configuration (that reads and mends its credentials file: the model list
+    asks for the cache on every page)."""
+    from dataclasses import fields
+
+    from modelscope_hub import HubConfig
+
+    default = next(f.default_factory for f in fields(HubConfig) if f.name == "cache_dir")
+    return Path(default())  # type: ignore[operator]
 
 
 def snapshot_folder(repo_id: str, revision: str) -> Path:

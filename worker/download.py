@@ -70,8 +70,8 @@ def run_download(
             alone = not downloads.others_active(
                 session=session, download_id=download.id, repo_id=download.repo_id
             )
-        if alone and download.source != MODELSCOPE:  # ModelScope's client resumes its partial files
-            drop_partial_files(download.repo_id)
+        if alone:
+            drop_partial_files(download.source, download.repo_id)
     if ended.code == 0:
         status, error = downloads.SUCCEEDED, None
     elif ended.code == CANCELLED or cancelled.is_set():
@@ -85,10 +85,13 @@ def run_download(
     log.info("download %d %s%s", download.id, status, f": {error}" if error else "")
 
 
-def drop_partial_files(repo_id: str) -> None:
-    """The partly written files a stopped transfer leaves in the cache (the client starts a file it did not
-    finish again from its beginning in a later call, under another name); files that arrived whole stay,
-    and the next download fetches only the others."""
+def drop_partial_files(source: str, repo_id: str) -> None:
+    """The partly written files a stopped transfer leaves in the Hugging Face cache (the client starts a
+    file it did not finish again from its beginning in a later call, under another name); files that
+    arrived whole stay, and the next download fetches only the others. ModelScope's client resumes its
+    partial files: they stay."""
+    if source == MODELSCOPE:
+        return
     blobs = repo_folder(repo_id) / "blobs"
     for partial in blobs.glob("*.incomplete"):
         partial.unlink(missing_ok=True)
@@ -148,10 +151,7 @@ def fetch(settings: Settings, db: Database, download_id: int, worker_id: str) ->
     here = sum(size for name, size in row_files.items() if (snapshot / name).is_file())
     report = reporter(db, download_id, worker_id, already=here)
     report(0, force=True)
-    if source == MODELSCOPE:
-        folder = from_modelscope(url, repo_id, commit, files, token_for(settings, url), report)
-    else:
-        folder = from_hub(url, repo_id, revision, commit, files, token_for(settings, url), report)
+    folder = transfer(source, url, repo_id, revision, commit, files, token_for(settings, url), report)
     missing = [name for name in files if not (folder / name).is_file()]
     if missing or not is_model_folder(folder):
         raise FileUnusable(
@@ -161,6 +161,22 @@ def fetch(settings: Settings, db: Database, download_id: int, worker_id: str) ->
     report.already = 0
     report(sum((folder / name).stat().st_size for name in files), force=True)
     return folder
+
+
+def transfer(
+    source: str,
+    url: str,
+    repo_id: str,
+    revision: str,
+    commit: str,
+    files: list[str],
+    token: str | bool | None,
+    report,
+) -> Path:
+    """The files from the source's hub into its cache; the snapshot folder."""
+    if source == MODELSCOPE:
+        return from_modelscope(url, repo_id, commit, files, token, report)
+    return from_hub(url, repo_id, revision, commit, files, token, report)
 
 
 def from_hub(
@@ -274,19 +290,13 @@ def fetch_for_run(
     token = token_for(settings, found.endpoint) or None
     try:
         report(0, force=True)
-        if source == MODELSCOPE:
-            folder = from_modelscope(found.endpoint, repo_id, found.commit, list(found.files), token, report)
-        else:
-            folder = from_hub(
-                found.endpoint, repo_id, found.commit, found.commit, list(found.files), token, report
-            )
+        commit = found.commit
+        folder = transfer(source, found.endpoint, repo_id, commit, commit, list(found.files), token, report)
     except Cancelled:
-        if source != MODELSCOPE:
-            drop_partial_files(repo_id)
+        drop_partial_files(source, repo_id)
         return f"The transfer of {repo_id} to this worker was stopped.", None
     except Exception as exc:  # noqa: BLE001 - every failure becomes its sentence
-        if source != MODELSCOPE:
-            drop_partial_files(repo_id)
+        drop_partial_files(source, repo_id)
         why = sentence(exc, found.endpoint, repo_id, found.commit, source)
         return f"This worker could not fetch {repo_id}: {why}", None
     if not is_model_folder(folder):

@@ -36,6 +36,7 @@ from app.models import FINISHED, ClusterJob, JobAttempt, Run, RunStatus, utcnow
 from app.providers import slurm
 from app.providers.backends import Backend, backend
 from app.providers.config import Provider, ProviderProblem, load, providers_file
+from app.runs.folder import file_tail
 
 log = logging.getLogger("tuneboard.providers")
 MAX_FAILED_JOBS = 3  # jobs that failed the run (failed, or ended before their worker took it): it fails
@@ -258,12 +259,7 @@ def failed_jobs(session, run_id: int) -> list[ClusterJob]:
 
 
 def _log_tail(path: str | None, lines: int = 5) -> str:
-    if not path:
-        return ""
-    try:
-        tail = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
-    except OSError:
-        return ""
+    tail = file_tail(Path(path), 64_000).splitlines()[-lines:] if path else []
     return ("\n" + "\n".join(tail)) if tail else ""
 
 

@@ -14,6 +14,7 @@ from fastapi.responses import HTMLResponse, PlainTextResponse
 from app.deps import RunId, SessionDep, SettingsDep, get_run_or_404
 from app.models import ClusterJob, Run, utcnow
 from app.providers.config import ProviderProblem, load
+from app.runs.folder import file_tail
 from app.web import render
 
 router = APIRouter()
@@ -131,7 +132,4 @@ def cluster_log(run_id: RunId, job_id: str, settings: SettingsDep, session: Sess
     log = _readable_log(settings, job.log) if job is not None and job.log else None
     if log is None:
         raise HTTPException(404, f"This server cannot read the log of job {job_id[:40]} of run {run_id}.")
-    with log.open("rb") as f:
-        size = f.seek(0, 2)
-        f.seek(max(0, size - LOG_SHOWN))
-        return PlainTextResponse(f.read().decode("utf-8", errors="replace"))
+    return PlainTextResponse(file_tail(log, LOG_SHOWN))

@@ -64,6 +64,16 @@ def step_of(path: Path) -> int | None:
     return int(number) if path.name.startswith(CHECKPOINT_PREFIX) and number.isdigit() else None
 
 
+def file_tail(path: Path, most: int) -> str:
+    """The last `most` bytes of a file, as text ("" when it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - most))
+            return f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
 @dataclass(frozen=True)
 class RunFolder:
     path: Path
@@ -142,13 +152,7 @@ class RunFolder:
 
     def tail(self, lines: int = 40) -> str:
         """The last lines of the log (reading at most its last 64 kB)."""
-        try:
-            with open(self.log, "rb") as f:
-                f.seek(max(0, self.log.stat().st_size - 64_000))
-                text = f.read().decode("utf-8", errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return "\n".join(file_tail(self.log, 64_000).splitlines()[-lines:])
 
     def store_checkpoint(self, step: int, source: IO[bytes], keep: set[int] | None = None) -> Checkpoint:
         """A whole checkpoint received as a tar stream: unpacked beside the others, marked complete, then
