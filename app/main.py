@@ -17,7 +17,6 @@ from app.config import PROJECT_ROOT, Settings, get_settings
 from app.datasets import jobs
 from app.db import Database
 from app.errors import alert_fragment, error_kind, openai_error, problem
-from app.providers.config import providers_file
 from app.providers.dispatch import Dispatcher
 from app.routes import (
     artifacts_api,
@@ -63,12 +62,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        dispatcher = None
-        if providers_file(settings).exists():  # runs go to the clusters it names (app.providers)
-            dispatcher = Dispatcher(settings, app.state.db).start()
+        # it sends runs to the clusters of providers.yaml, looking each heartbeat whether there is one
+        dispatcher = Dispatcher(settings, app.state.db).start()
         yield
-        if dispatcher is not None:
-            dispatcher.close()
+        dispatcher.close()
         jobs.stop_all()
         await app.state.feeds.close()
         app.state.db.dispose()
