@@ -51,8 +51,9 @@ def _config(url: str | None = None, token: str | bool | None = None):
 
 def endpoint() -> str:
     """The ModelScope site this server downloads from: modelscope.cn, or the one MODELSCOPE_ENDPOINT
-    names."""
-    return str(_config().endpoint).rstrip("/")
+    names. (No token: the client would read its credentials file for one; the Models page asks every second
+    while a download runs.)"""
+    return str(_config(token=False).endpoint).rstrip("/")
 
 
 def site_name(url: str) -> str:
